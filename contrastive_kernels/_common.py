@@ -1,0 +1,118 @@
+"""Small pieces shared by the spec and every backend: option names, the Mixing config, the
+random draws of hard-negative mixing, and label bitsets.
+
+Nothing here depends on a backend, so `reference.py` and the streaming backends consume the very
+same random draws and label encodings.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import torch
+
+SIMILARITIES = ("dot", "cosine", "l2")
+REDUCTIONS = ("mean", "sum", "none")
+BACKENDS = ("auto", "reference", "chunked", "triton", "cuda", "cpu")
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+NORM_EPS = 1e-12  # the eps of torch.nn.functional.normalize: x / max(||x||, eps)
+
+
+@dataclasses.dataclass(frozen=True)
+class Mixing:
+    """MoCHi hard-negative mixing, the config for ``info_nce(mixing=...)``.
+
+    For each query row, take its ``n_hard`` most similar queue rows (by dot product, as
+    ``topk_similarity`` defaults to), then synthesize ``n_synthetic`` points
+    ``normalize(a*n_x + (1-a)*n_y)`` (a ~ U(0,1)) and ``n_query_synthetic`` points
+    ``normalize(b*q + (1-b)*n_y)`` (b ~ U(0, 0.5)) and use them as extra negatives without a
+    gradient. ``generator`` (a ``torch.Generator``) makes the draws reproducible; see
+    ``draw_mixing`` for the order in which they are taken.
+    """
+
+    n_hard: int
+    n_synthetic: int
+    n_query_synthetic: int = 0
+    generator: Optional[torch.Generator] = None
+
+    def __post_init__(self):
+        for name in ("n_hard", "n_synthetic", "n_query_synthetic"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"Mixing.{name} must be an int, got {type(value).__name__}")
+        if self.n_hard < 1:
+            raise ValueError(f"Mixing.n_hard must be >= 1, got {self.n_hard}")
+        if self.n_synthetic < 0 or self.n_query_synthetic < 0:
+            raise ValueError(
+                "Mixing.n_synthetic and Mixing.n_query_synthetic must be >= 0, got "
+                f"{self.n_synthetic} and {self.n_query_synthetic}")
+        if self.generator is not None and not isinstance(self.generator, torch.Generator):
+            raise TypeError(
+                f"Mixing.generator must be a torch.Generator or None, got {type(self.generator).__name__}")
+
+    @property
+    def n_total(self) -> int:
+        return self.n_synthetic + self.n_query_synthetic
+
+
+@dataclasses.dataclass(frozen=True)
+class MixingDraws:
+    """The random numbers of one mixing call, on the query's device.
+
+    pair_index (B, s, 2) and query_index (B, s') are positions into a row of ``hard_index``
+    (0 <= position < n_hard); alpha (B, s) ~ U(0, 1); query_weight (B, s') ~ U(0, 0.5).
+    """
+
+    pair_index: torch.Tensor
+    alpha: torch.Tensor
+    query_index: torch.Tensor
+    query_weight: torch.Tensor
+
+
+def draw_mixing(batch: int, n_hard: int, n_synthetic: int, n_query_synthetic: int,
+                generator: Optional[torch.Generator], device: torch.device) -> MixingDraws:
+    """Draw the random numbers of hard-negative mixing, in the documented order.
+
+    The contract, shared by every backend: on the generator's device (the default generator of
+    ``device`` when ``generator`` is None), first ONE call
+    ``torch.randint(0, n_hard, (batch, 2*s + s'), generator=g)`` whose columns are
+    [x positions (s) | y positions (s) | query-mix y positions (s')], then ONE call
+    ``torch.rand((batch, s + s'), generator=g)`` whose columns are [a (s) | 2*b (s')]. The draws are
+    then moved to ``device``. A CPU generator therefore gives the same synthetic points whether the
+    query lives on the CPU or a GPU.
+    """
+    s, sq = n_synthetic, n_query_synthetic
+    gen_device = generator.device if generator is not None else torch.device(device)
+    idx = torch.randint(0, n_hard, (batch, 2 * s + sq), generator=generator, device=gen_device)
+    uni = torch.rand((batch, s + sq), generator=generator, device=gen_device, dtype=torch.float32)
+    idx, uni = idx.to(device), uni.to(device)
+    return MixingDraws(
+        pair_index=torch.stack([idx[:, :s], idx[:, s:2 * s]], dim=-1),
+        alpha=uni[:, :s],
+        query_index=idx[:, 2 * s:],
+        query_weight=uni[:, s:] * 0.5,
+    )
+
+
+def pack_multi_hot(labels: torch.Tensor) -> torch.Tensor:
+    """(B, C) multi-hot labels (nonzero = has the label) -> (B, ceil(C/64)) int64 bitsets.
+
+    Two rows share a label iff ``(bits_a & bits_b) != 0`` in some word; kernels test that instead
+    of forming a B x B label-overlap matrix.
+    """
+    b, c = labels.shape
+    words = max(1, (c + 63) // 64)
+    hot = torch.zeros(b, words * 64, dtype=torch.int64, device=labels.device)
+    hot[:, :c] = (labels != 0).to(torch.int64)
+    shifts = torch.arange(64, device=labels.device, dtype=torch.int64)
+    # distinct powers of two: their sum is their bitwise OR (bit 63 wraps to the sign, harmlessly)
+    return (hot.view(b, words, 64) << shifts).sum(-1)
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype statistics and losses are kept in: fp32, or fp64 for fp64 inputs."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def to_acc(x: torch.Tensor) -> torch.Tensor:
+    return x.to(acc_dtype(x.dtype))

@@ -1,0 +1,239 @@
+"""Every loss written once, over the backend's streaming op.
+
+A fused backend implements four family ops (see ``reference.lse_stats`` for the spec of the
+first one); this module turns them into the public losses, so that the formulas live in one place
+and autograd carries the gradients of everything that is cheap (temperature / logit_scale, the
+cosine and l2 transforms, the own logits of positives and extra negatives):
+
+- ``lse_stats(q, k, row_scale, col_scale, row_bias, col_bias, *, gammas, exclude, q_labels,
+  k_labels, want_col_lse)`` -> (row_lse (G,B), pos_sum (B,), pos_count (B,), col_lse (N,))
+- ``topk(query, bank, k, *, similarity, exclude_index, query_labels, bank_labels)``
+  -> (values fp32 (M,k), indices int64 (M,k)); exclude_index is (M,) or (M, E), -1 = none
+- ``mix(query, negatives, hard_index, draws)`` -> synthetic points (B, s+s', D)
+- ``mixed_dots(q, mix_query, negatives, hard_index, draws)`` -> <q_i, h_it> (B, s+s') fp32 with
+  h = mix(mix_query, negatives, hard_index, draws), with a gradient to q only (the synthetic
+  points are constants, as in MoCHi)
+
+Similarities become the affine form of ``lse_stats``, l_ij = a_i b_j <q_i,k_j> + c_i + d_j, with
+scale = 1/T (or CLIP's logit_scale):
+  dot:    a = scale,               b = 1
+  cosine: a = scale / |q_i|,       b = 1 / |k_j|
+  l2:     a = 2 scale, c = -scale |q_i|^2, d = -scale |k_j|^2     (-|q-k|^2 expanded)
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+
+from . import reference
+from ._common import NORM_EPS, Mixing, acc_dtype, draw_mixing, pack_multi_hot, to_acc
+
+
+class Side(NamedTuple):
+    """One side's terms of the affine logit form: scale (n,) fp32 and bias (n,) fp32 or None."""
+
+    scale: Optional[torch.Tensor]
+    bias: Optional[torch.Tensor]
+
+
+def _inv_norm(x: torch.Tensor) -> torch.Tensor:
+    return 1.0 / to_acc(x).norm(dim=-1).clamp(min=NORM_EPS)
+
+
+def row_side(x: torch.Tensor, similarity: str, scale: torch.Tensor) -> Side:
+    """The query side carries the temperature: a = scale (x 1/|q| for cosine, x 2 for l2)."""
+    n = x.shape[0]
+    if similarity == "dot":
+        return Side(scale.expand(n).contiguous(), None)
+    if similarity == "cosine":
+        return Side(scale * _inv_norm(x), None)
+    return Side((2 * scale).expand(n).contiguous(), -scale * to_acc(x).pow(2).sum(-1))
+
+
+def col_side(x: torch.Tensor, similarity: str, scale: torch.Tensor) -> Side:
+    if similarity == "dot":
+        return Side(None, None)
+    if similarity == "cosine":
+        return Side(_inv_norm(x), None)
+    return Side(None, -scale * to_acc(x).pow(2).sum(-1))
+
+
+def paired_logits(q: torch.Tensor, rows: Side, k: torch.Tensor, similarity: str,
+                  scale: torch.Tensor) -> torch.Tensor:
+    """l_i = a_i b_i <q_i, k_i> + c_i + d_i for paired rows (B, D) x (B, D) -> (B,), or
+    (B, D) x (B, S, D) -> (B, S); fp32. The column terms come from k itself."""
+    cols = col_side(k.reshape(-1, k.shape[-1]), similarity, scale)
+    qf = to_acc(q)
+    if k.dim() == 3:
+        dot = torch.einsum("bd,bsd->bs", qf, to_acc(k))
+        a = rows.scale[:, None]
+        c = rows.bias[:, None] if rows.bias is not None else None
+    else:
+        dot = (qf * to_acc(k)).sum(-1)
+        a, c = rows.scale, rows.bias
+    out = dot * a
+    if cols.scale is not None:
+        out = out * cols.scale.view(dot.shape)
+    if c is not None:
+        out = out + c
+    if cols.bias is not None:
+        out = out + cols.bias.view(dot.shape)
+    return out
+
+
+def _scale(value, like: torch.Tensor) -> torch.Tensor:
+    """A positive float or 0-dim tensor -> 0-dim tensor in the accumulation dtype of ``like``, on
+    its device (keeps autograd)."""
+    dtype = acc_dtype(like.dtype)
+    if torch.is_tensor(value):
+        return value.to(device=like.device, dtype=dtype)
+    return torch.tensor(float(value), dtype=dtype, device=like.device)
+
+
+def _logsumexp_rows(parts):
+    """log sum exp over a list of (B,) log-sum-exp terms."""
+    if len(parts) == 1:
+        return parts[0]
+    return torch.logsumexp(torch.stack(parts), 0)
+
+
+def synthetic_logits(ops, query, rows: Side, mix_query, bank, hard, mixing: Mixing, scale):
+    """Logits of MoCHi's synthetic negatives without forming them: u = <q, h> from
+    ``ops.mixed_dots`` (h mixes rows of ``bank`` picked by ``hard``, and ``mix_query``); the
+    synthetic points are unit vectors, so cosine uses a = scale/|q| and l2 adds
+    d = -scale * |h|^2 = -scale."""
+    draws = draw_mixing(query.shape[0], mixing.n_hard, mixing.n_synthetic,
+                        mixing.n_query_synthetic, mixing.generator, query.device)
+    u = ops.mixed_dots(query, mix_query, bank, hard, draws)
+    logits = u * rows.scale[:, None]
+    if rows.bias is not None:
+        logits = logits + rows.bias[:, None] - scale
+    return logits
+
+
+def _finish(l_pos, parts, own, n_neg, tau_plus, beta, temperature, positive_in_parts):
+    """Combine streamed LSE parts (each (G, B)) and own logits (each (B, S)) into per-row losses.
+
+    Cross-entropy: parts hold gamma = 1 over negatives (and the positive when it is a streamed
+    column); DCL/HCL: parts hold gammas (1+beta, beta) over negatives only."""
+    if tau_plus == 0.0 and beta == 0.0:
+        terms = [p[0] for p in parts] + [torch.logsumexp(o, 1) for o in own]
+        if not positive_in_parts:
+            terms.append(l_pos)
+        return _logsumexp_rows(terms) - l_pos
+    if n_neg == 0:
+        return torch.zeros_like(l_pos)
+    lse_hi = _logsumexp_rows([p[0] for p in parts] + [torch.logsumexp((1 + beta) * o, 1) for o in own])
+    lse_lo = _logsumexp_rows([p[1] for p in parts] + [torch.logsumexp(beta * o, 1) for o in own])
+    return reference.debiased_nce_from_stats(l_pos, lse_hi - lse_lo, n_neg, tau_plus, temperature)
+
+
+def info_nce(ops, query, positive_key, queue=None, *, temperature, similarity, in_batch_negatives,
+             tau_plus, beta, extra_negatives, mixing, reduction):
+    b = query.shape[0]
+    scale = 1.0 / _scale(temperature, query)
+    rows = row_side(query, similarity, scale)
+    pos_cols = col_side(positive_key, similarity, scale)
+    l_pos = paired_logits(query, rows, positive_key, similarity, scale)
+    debiased = tau_plus != 0.0 or beta != 0.0
+    gammas = (1.0 + beta, beta) if debiased else (1.0,)
+    parts, own, n_neg = [], [], 0
+    if in_batch_negatives:
+        # cross-entropy keeps the positive (column i) in the sum; DCL/HCL sums negatives only
+        exclude = torch.arange(b, device=query.device)[:, None] if debiased else None
+        parts.append(ops.lse_stats(query, positive_key, rows.scale, pos_cols.scale, rows.bias,
+                                   pos_cols.bias, gammas=gammas, exclude=exclude)[0])
+        n_neg += b - 1
+    if queue is not None and queue.shape[0] > 0:
+        cols = col_side(queue, similarity, scale)
+        parts.append(ops.lse_stats(query, queue, rows.scale, cols.scale, rows.bias, cols.bias,
+                                   gammas=gammas)[0])
+        n_neg += queue.shape[0]
+    if extra_negatives is not None and extra_negatives.shape[1] > 0:
+        own.append(paired_logits(query, rows, extra_negatives, similarity, scale))
+        n_neg += extra_negatives.shape[1]
+    if mixing is not None and mixing.n_total > 0:
+        # hard negatives by dot product, as DESIGN.md fixes for info_nce(mixing=)
+        hard = ops.topk(query.detach(), queue.detach(), mixing.n_hard, similarity="dot",
+                        exclude_index=None, query_labels=None, bank_labels=None)[1]
+        own.append(synthetic_logits(ops, query, rows, query.detach(), queue.detach(), hard,
+                                    mixing, scale))
+        n_neg += mixing.n_total
+    loss = _finish(l_pos, parts, own, n_neg, tau_plus, beta, temperature,
+                   positive_in_parts=in_batch_negatives and not debiased)
+    return reference.reduce_loss(loss, reduction)
+
+
+def nt_xent(ops, z1, z2, *, temperature, similarity, tau_plus, beta, mixing, reduction):
+    b = z1.shape[0]
+    z = torch.cat([z1, z2], 0)
+    scale = 1.0 / _scale(temperature, z)
+    rows, cols = row_side(z, similarity, scale), col_side(z, similarity, scale)
+    idx = torch.arange(2 * b, device=z.device)
+    partner = (idx + b) % (2 * b)
+    self_and_partner = torch.stack([idx, partner], 1)
+    l_pos = paired_logits(z, rows, z[partner], similarity, scale)
+    debiased = tau_plus != 0.0 or beta != 0.0
+    gammas = (1.0 + beta, beta) if debiased else (1.0,)
+    parts = [ops.lse_stats(z, z, rows.scale, cols.scale, rows.bias, cols.bias, gammas=gammas,
+                           exclude=self_and_partner if debiased else idx[:, None])[0]]
+    own, n_neg = [], 2 * b - 2
+    if mixing is not None and mixing.n_total > 0:
+        unit = torch.nn.functional.normalize(z.detach(), dim=-1, eps=NORM_EPS)
+        hard = ops.topk(unit, unit, mixing.n_hard, similarity="dot", exclude_index=self_and_partner,
+                        query_labels=None, bank_labels=None)[1]
+        own.append(synthetic_logits(ops, z, rows, unit, unit, hard, mixing, scale))
+        n_neg += mixing.n_total
+    loss = _finish(l_pos, parts, own, n_neg, tau_plus, beta, temperature, positive_in_parts=True)
+    return reference.reduce_loss(loss, reduction)
+
+
+def clip_loss(ops, image_features, text_features, logit_scale, *, similarity, reduction):
+    scale = _scale(logit_scale, image_features)
+    rows = row_side(image_features, similarity, scale)
+    cols = col_side(text_features, similarity, scale)
+    row_lse, _, _, col_lse = ops.lse_stats(image_features, text_features, rows.scale, cols.scale,
+                                           rows.bias, cols.bias, gammas=(1.0,), want_col_lse=True)
+    diagonal = paired_logits(image_features, rows, text_features, similarity, scale)
+    per_pair = 0.5 * ((row_lse[0] - diagonal) + (col_lse - diagonal))
+    return reference.reduce_loss(per_pair, reduction)
+
+
+def sup_con(ops, features, labels, *, temperature, similarity, reduction):
+    b = features.shape[0]
+    scale = 1.0 / _scale(temperature, features)
+    rows, cols = row_side(features, similarity, scale), col_side(features, similarity, scale)
+    lab = labels.long() if labels.dim() == 1 else pack_multi_hot(labels)
+    self_index = torch.arange(b, device=features.device)[:, None]
+    row_lse, pos_sum, pos_count, _ = ops.lse_stats(
+        features, features, rows.scale, cols.scale, rows.bias, cols.bias, gammas=(1.0,),
+        exclude=self_index, q_labels=lab, k_labels=lab)
+    has_pos = pos_count > 0
+    loss = row_lse[0] - pos_sum / pos_count.clamp(min=1)
+    return reference.reduce_loss(loss, reduction, keep=has_pos)
+
+
+def multi_positive_info_nce(ops, query, keys, positive_index, queue=None, *, temperature,
+                            similarity, reduction):
+    scale = 1.0 / _scale(temperature, query)
+    rows = row_side(query, similarity, scale)
+    key_cols = col_side(keys, similarity, scale)
+    parts = [ops.lse_stats(query, keys, rows.scale, key_cols.scale, rows.bias, key_cols.bias,
+                           gammas=(1.0,))[0][0]]
+    if queue is not None and queue.shape[0] > 0:
+        cols = col_side(queue, similarity, scale)
+        parts.append(ops.lse_stats(query, queue, rows.scale, cols.scale, rows.bias, cols.bias,
+                                   gammas=(1.0,))[0][0])
+    lse = _logsumexp_rows(parts)
+    valid = positive_index >= 0
+    pidx = positive_index.clamp(min=0)
+    n_keys = keys.shape[0]
+    picked = keys[pidx.clamp(max=n_keys - 1)]  # (B, P, D); positives may also be queue rows
+    if queue is not None and queue.shape[0] > 0:
+        in_queue = (pidx >= n_keys)[..., None]
+        picked = torch.where(in_queue, queue[(pidx - n_keys).clamp(min=0, max=queue.shape[0] - 1)], picked)
+    l_pos = paired_logits(query, rows, picked, similarity, scale)  # (B, P)
+    n_pos = valid.sum(1)
+    loss = lse - torch.where(valid, l_pos, torch.zeros_like(l_pos)).sum(1) / n_pos.clamp(min=1)
+    return reference.reduce_loss(loss, reduction, keep=n_pos > 0)

@@ -1,0 +1,170 @@
+"""Modules over the functional API: losses that hold their options, CLIP's learnable logit scale,
+and MoCo's queue."""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import functional
+from ._common import NORM_EPS, Mixing
+
+
+def _temperature(module: nn.Module, temperature, learnable: bool):
+    """Store the temperature: a float, a given tensor (kept as is, e.g. an nn.Parameter), or a
+    learnable parameter initialized at ``temperature``."""
+    if learnable:
+        module.temperature = nn.Parameter(torch.tensor(float(temperature)))
+    elif isinstance(temperature, nn.Parameter):
+        module.temperature = temperature
+    else:
+        module.temperature = temperature
+
+
+class InfoNCELoss(nn.Module):
+    """``info_nce`` as a module: ``loss = InfoNCELoss(temperature=0.2)(query, positive_key, queue)``.
+
+    ``learnable_temperature=True`` makes the temperature an ``nn.Parameter``."""
+
+    def __init__(self, temperature=0.07, *, similarity="dot", in_batch_negatives=None,
+                 tau_plus=0.0, beta=0.0, mixing: Optional[Mixing] = None, reduction="mean",
+                 backend="auto", group=None, learnable_temperature=False):
+        super().__init__()
+        _temperature(self, temperature, learnable_temperature)
+        self.similarity, self.in_batch_negatives = similarity, in_batch_negatives
+        self.tau_plus, self.beta, self.mixing = tau_plus, beta, mixing
+        self.reduction, self.backend, self.group = reduction, backend, group
+
+    def forward(self, query, positive_key, queue=None, extra_negatives=None):
+        return functional.info_nce(
+            query, positive_key, queue, temperature=self.temperature, similarity=self.similarity,
+            in_batch_negatives=self.in_batch_negatives, tau_plus=self.tau_plus, beta=self.beta,
+            extra_negatives=extra_negatives, mixing=self.mixing, reduction=self.reduction,
+            backend=self.backend, group=self.group)
+
+
+class NTXentLoss(nn.Module):
+    """``nt_xent`` (SimCLR) as a module: ``NTXentLoss(temperature=0.5)(z1, z2)``."""
+
+    def __init__(self, temperature=0.5, *, similarity="cosine", tau_plus=0.0, beta=0.0,
+                 mixing: Optional[Mixing] = None, reduction="mean", backend="auto", group=None,
+                 learnable_temperature=False):
+        super().__init__()
+        _temperature(self, temperature, learnable_temperature)
+        self.similarity, self.tau_plus, self.beta, self.mixing = similarity, tau_plus, beta, mixing
+        self.reduction, self.backend, self.group = reduction, backend, group
+
+    def forward(self, z1, z2):
+        return functional.nt_xent(z1, z2, temperature=self.temperature, similarity=self.similarity,
+                                  tau_plus=self.tau_plus, beta=self.beta, mixing=self.mixing,
+                                  reduction=self.reduction, backend=self.backend, group=self.group)
+
+
+class SupConLoss(nn.Module):
+    """``sup_con`` as a module: ``SupConLoss(temperature=0.1)(features, labels)``."""
+
+    def __init__(self, temperature=0.07, *, similarity="cosine", reduction="mean", backend="auto",
+                 group=None, learnable_temperature=False):
+        super().__init__()
+        _temperature(self, temperature, learnable_temperature)
+        self.similarity, self.reduction, self.backend, self.group = similarity, reduction, backend, group
+
+    def forward(self, features, labels):
+        return functional.sup_con(features, labels, temperature=self.temperature,
+                                  similarity=self.similarity, reduction=self.reduction,
+                                  backend=self.backend, group=self.group)
+
+
+class ClipLoss(nn.Module):
+    """CLIP's symmetric loss with a learnable logit scale, kept as its log
+    (``log_logit_scale``, initialized to log(1/0.07)); the scale used is
+    ``exp(log_logit_scale)`` clamped at ``max_logit_scale`` (100, as CLIP does)."""
+
+    def __init__(self, init_logit_scale=1 / 0.07, *, max_logit_scale=100.0, learnable=True,
+                 similarity="dot", reduction="mean", backend="auto", group=None):
+        super().__init__()
+        if not (init_logit_scale > 0 and max_logit_scale > 0):
+            raise ValueError(f"init_logit_scale and max_logit_scale must be > 0, got "
+                             f"{init_logit_scale} and {max_logit_scale}")
+        log_scale = torch.tensor(math.log(init_logit_scale))
+        if learnable:
+            self.log_logit_scale = nn.Parameter(log_scale)
+        else:
+            self.register_buffer("log_logit_scale", log_scale)
+        self.max_logit_scale = float(max_logit_scale)
+        self.similarity, self.reduction, self.backend, self.group = similarity, reduction, backend, group
+
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        return self.log_logit_scale.exp().clamp(max=self.max_logit_scale)
+
+    def forward(self, image_features, text_features):
+        return functional.clip_loss(image_features, text_features, self.logit_scale,
+                                    similarity=self.similarity, reduction=self.reduction,
+                                    backend=self.backend, group=self.group)
+
+
+class MoCoQueue(nn.Module):
+    """MoCo's queue of negative keys: a ring buffer of ``size`` rows of ``dim`` features.
+
+    ``queue.keys`` (or ``queue()``) is the (size, dim) tensor to pass as ``info_nce(queue=...)``;
+    ``queue.enqueue(keys)`` writes the newest keys over the oldest, wrapping around. Both are
+    buffers: ``state_dict`` / ``load_state_dict`` round-trip them and ``.to()`` moves them.
+    Initialized, as MoCo does, with random unit vectors. Call ``enqueue`` after ``backward``
+    (the loss may have saved the queue for its backward pass). With ``group`` set, ``enqueue``
+    gathers the keys of every rank first so that all ranks keep identical queues.
+    """
+
+    def __init__(self, size: int, dim: int, *, dtype=torch.float32, device=None, group=None,
+                 normalize: bool = True):
+        super().__init__()
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ValueError(f"size must be a positive int, got {size!r}")
+        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+            raise ValueError(f"dim must be a positive int, got {dim!r}")
+        init = torch.randn(size, dim, device=device)
+        if normalize:
+            init = F.normalize(init, dim=1, eps=NORM_EPS)
+        self.register_buffer("keys", init.to(dtype))
+        self.register_buffer("ptr", torch.zeros((), dtype=torch.long, device=device))
+        self.register_buffer("filled", torch.zeros((), dtype=torch.long, device=device))
+        self.group = group
+        self.normalize = normalize
+
+    @property
+    def size(self) -> int:
+        return self.keys.shape[0]
+
+    def forward(self) -> torch.Tensor:
+        return self.keys
+
+    @torch.no_grad()
+    def enqueue(self, keys: torch.Tensor) -> None:
+        if not torch.is_tensor(keys) or keys.dim() != 2 or keys.shape[1] != self.keys.shape[1]:
+            shape = tuple(keys.shape) if torch.is_tensor(keys) else type(keys).__name__
+            raise ValueError(f"keys must be (n, {self.keys.shape[1]}), got {shape}")
+        if not keys.is_floating_point():
+            raise TypeError(f"keys must be floating point, got dtype {keys.dtype}")
+        if self.group is not None:
+            from . import distributed
+
+            keys = distributed.all_gather_rows(keys.detach(), self.group)
+        keys = keys.detach().to(device=self.keys.device, dtype=self.keys.dtype)
+        n = keys.shape[0]
+        if n == 0:
+            return
+        if n >= self.size:  # only the newest `size` keys survive
+            keys, n = keys[-self.size:], self.size
+        start = int(self.ptr)
+        first = min(n, self.size - start)
+        self.keys[start:start + first] = keys[:first]
+        if first < n:
+            self.keys[:n - first] = keys[first:]
+        self.ptr.fill_((start + n) % self.size)
+        self.filled.fill_(min(self.size, int(self.filled) + n))
+
+    def extra_repr(self) -> str:
+        return f"size={self.size}, dim={self.keys.shape[1]}, dtype={self.keys.dtype}"
