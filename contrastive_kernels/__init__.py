@@ -3,7 +3,7 @@
 Large-negative InfoNCE without the B x K logits, exact top-k mining over big banks, and
 hard-negative mixing, behind one functional API (see README.md and DESIGN.md)."""
 from . import nn
-from ._common import Mixing
+from ._common import Mixing, TopK
 from .functional import (
     BackendUnavailableError,
     available_backends,
@@ -22,6 +22,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BackendUnavailableError",
     "Mixing",
+    "TopK",
     "available_backends",
     "clip_loss",
     "info_nce",

@@ -7,7 +7,7 @@ same random draws and label encodings.
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -16,6 +16,13 @@ REDUCTIONS = ("mean", "sum", "none")
 BACKENDS = ("auto", "reference", "chunked", "triton", "cuda", "cpu")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 NORM_EPS = 1e-12  # the eps of torch.nn.functional.normalize: x / max(||x||, eps)
+
+
+class TopK(NamedTuple):
+    """What ``topk_similarity`` returns: ``values`` (M, k) and int64 ``indices`` (M, k)."""
+
+    values: "torch.Tensor"
+    indices: "torch.Tensor"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 
 from . import losses, reference
-from ._common import BACKENDS, FLOAT_DTYPES, REDUCTIONS, SIMILARITIES, Mixing, draw_mixing
+from ._common import BACKENDS, FLOAT_DTYPES, REDUCTIONS, SIMILARITIES, Mixing, TopK, draw_mixing
 
 # --------------------------------------------------------------------------------------------
 # backends
@@ -122,7 +122,8 @@ def _like(name, x, ref_name, ref, same_rows=False, allow_host=False):
     if x.dtype != ref.dtype:
         raise TypeError(f"{name} has dtype {x.dtype} but {ref_name} has {ref.dtype}; cast them to "
                         "one dtype")
-    if x.device != ref.device and not (allow_host and x.device.type == "cpu"):
+    host_bank = allow_host and x.device.type == "cpu" and ref.device.type == "cuda"
+    if x.device != ref.device and not host_bank:
         raise ValueError(f"{name} is on {x.device} but {ref_name} is on {ref.device}; move them to "
                          "one device")
     if x.shape[-1] != ref.shape[-1]:
@@ -432,7 +433,7 @@ def topk_similarity(query, bank, k, *, similarity="dot", exclude_index=None, que
                     bank_labels=None, exclude_same_label=False, backend="auto"):
     """Exact top-k bank rows per query by similarity (largest first; ties: lower index first)
     without forming the (M, N) score matrix. Returns (values in the query's dtype, int64 indices),
-    each (M, k). ``bank`` may stay on the host while ``query`` is on a GPU (streamed in chunks)."""
+    each (M, k), as a named tuple (``.values``, ``.indices``). ``bank`` may stay on the host while ``query`` is on a GPU (streamed in chunks)."""
     _features("query", query)
     _features("bank", bank)
     _like("bank", bank, "query", query, allow_host=True)
@@ -468,7 +469,7 @@ def topk_similarity(query, bank, k, *, similarity="dot", exclude_index=None, que
                                          exclude_same_label=exclude_same_label)
     values, indices = ops.topk(query, bank, k, similarity=similarity, exclude_index=exclude_index,
                                query_labels=query_labels, bank_labels=bank_labels)
-    return values.to(query.dtype), indices
+    return TopK(values.to(query.dtype), indices)
 
 
 def mine_semantic_positives(embeddings, k, threshold, *, similarity="cosine", backend="auto"):

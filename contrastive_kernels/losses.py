@@ -123,7 +123,7 @@ def _finish(l_pos, parts, own, n_neg, tau_plus, beta, temperature, positive_in_p
             terms.append(l_pos)
         return _logsumexp_rows(terms) - l_pos
     if n_neg == 0:
-        return torch.zeros_like(l_pos)
+        return l_pos * 0.0
     lse_hi = _logsumexp_rows([p[0] for p in parts] + [torch.logsumexp((1 + beta) * o, 1) for o in own])
     lse_lo = _logsumexp_rows([p[1] for p in parts] + [torch.logsumexp(beta * o, 1) for o in own])
     return reference.debiased_nce_from_stats(l_pos, lse_hi - lse_lo, n_neg, tau_plus, temperature)

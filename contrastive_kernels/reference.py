@@ -16,7 +16,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from ._common import NORM_EPS, Mixing, MixingDraws, draw_mixing, to_acc
+from ._common import NORM_EPS, Mixing, MixingDraws, TopK, draw_mixing, to_acc
 
 # --------------------------------------------------------------------------------------------
 # similarities
@@ -87,7 +87,7 @@ def debiased_nce_from_stats(l_pos, log_ratio, n, tau_plus, temperature):
     cannot overflow. N = 0 gives loss 0.
     """
     if n == 0:
-        return torch.zeros_like(l_pos)
+        return l_pos * 0.0  # no negatives: loss 0, still attached to the graph
     m = torch.maximum(log_ratio, l_pos)
     pos = torch.exp(l_pos - m)
     ng = n * (torch.exp(log_ratio - m) - tau_plus * pos) / (1 - tau_plus)
@@ -235,7 +235,7 @@ def topk_similarity(query, bank, k, *, similarity="dot", exclude_index=None, que
         excluded |= query_labels.to(query.device)[:, None] == bank_labels.to(query.device)[None, :]
     scores = scores.masked_fill(excluded, -math.inf)
     values, indices = torch.sort(scores, dim=1, descending=True, stable=True)
-    return values[:, :k].to(query.dtype), indices[:, :k]
+    return TopK(values[:, :k].to(query.dtype), indices[:, :k])
 
 
 def mine_semantic_positives(embeddings, k, threshold, *, similarity="cosine"):

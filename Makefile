@@ -1,0 +1,36 @@
+# The two commands of README.md: `make demo` (the main job) and `make test`.
+PY ?= python3
+PIP ?= $(PY) -m pip
+export PYTHONUNBUFFERED := 1
+
+.PHONY: install test test-gpu test-slow demo bench bench-gpu clean
+
+# Installs what the project needs on a fresh machine: torch only if missing (pinned CPU wheel
+# where there is no GPU), then this package and its test/demo extras against that torch.
+install:
+	PY=$(PY) bash scripts/ensure_torch.sh
+	$(PIP) install --no-build-isolation -q -e ".[test,demo]"
+
+# CPU test suite (CI): every backend against reference.py; Triton runs through its interpreter.
+test: install
+	TRITON_INTERPRET=1 $(PY) -m pytest -m "not gpu and not slow" -q
+
+# The long CPU tests left out of `make test`.
+test-slow: install
+	TRITON_INTERPRET=1 $(PY) -m pytest -m "slow and not gpu" -q
+
+# On the GPU machine: the suite on CUDA (big shapes, bf16, opcheck, torch.compile).
+test-gpu:
+	$(PY) -m pytest -m gpu -q -rs
+
+demo: install
+	$(PY) -m contrastive_kernels.bench --preset cpu --out benchmarks/results/cpu
+
+bench: install
+	$(PY) -m contrastive_kernels.bench --preset cpu --out benchmarks/results/cpu
+
+bench-gpu:
+	$(PY) -m contrastive_kernels.bench --preset gpu --out benchmarks/results/gpu
+
+clean:
+	rm -rf build dist *.egg-info .pytest_cache .hypothesis

@@ -1,0 +1,67 @@
+"""Comparing a backend with reference.py: forward value and every gradient.
+
+The tolerance policy of DESIGN.md: the fp64 reference is the truth; a backend run in fp64 must
+match it closely, and a backend run in a lower precision may err at most twice as much as the
+eager reference run in that same precision (plus a small floor).
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, Iterable
+
+import torch
+
+
+def evaluate(fn: Callable, tensors: Dict[str, torch.Tensor], grad_names: Iterable[str],
+             backend: str, dtype: torch.dtype):
+    """Run ``fn(backend=..., **tensors cast to dtype)`` and return [output, *gradients].
+
+    A non-scalar output is reduced with fixed unequal row weights so that every row's gradient
+    is checked, not just their sum."""
+    grad_names = list(grad_names)
+    local = {}
+    for name, t in tensors.items():
+        x = t.detach().to(dtype) if t.is_floating_point() else t
+        if name in grad_names:
+            x.requires_grad_(True)
+        local[name] = x
+    out = fn(backend=backend, **local)
+    if out.dim() == 0:
+        scalar = out
+    else:
+        scalar = (out * torch.linspace(0.5, 1.5, out.shape[0], dtype=out.dtype, device=out.device)).sum()
+    needs = [local[n] for n in grad_names]
+    grads = torch.autograd.grad(scalar, needs, allow_unused=True) if needs else ()
+    grads = [torch.zeros_like(x) if g is None else g for g, x in zip(grads, needs)]
+    return [out.detach()] + [g.detach() for g in grads]
+
+
+def check_backend(fn: Callable, tensors: Dict[str, torch.Tensor], grad_names, backend: str,
+                  dtype=torch.float32, floor=1e-5):
+    """Assert that ``backend`` matches the reference (value and every gradient) at ``dtype``."""
+    grad_names = list(grad_names)
+    ref64 = evaluate(fn, tensors, grad_names, "reference", torch.float64)
+    got = evaluate(fn, tensors, grad_names, backend, dtype)
+    names = ["value"] + [f"d/d{n}" for n in grad_names]
+    for name, g, r in zip(names, got, ref64):
+        assert g.shape == r.shape, f"{backend} {name}: shape {tuple(g.shape)} != reference {tuple(r.shape)}"
+    if dtype == torch.float64:
+        for name, g, r in zip(names, got, ref64):
+            scale = 1.0 + r.abs().max().item() if r.numel() else 1.0
+            err = (g - r).abs().max().item() if r.numel() else 0.0
+            assert err <= 1e-7 * scale, f"{backend} {name}: max error {err:.3g} vs fp64 reference (scale {scale:.3g})"
+        return
+    same = evaluate(fn, tensors, grad_names, "reference", dtype)
+    for name, g, s, r in zip(names, got, same, ref64):
+        if r.numel() == 0:
+            continue
+        assert torch.isfinite(g.float()).all() == torch.isfinite(r).all(), f"{backend} {name}: finiteness differs"
+        err = (g.double() - r).abs().max().item()
+        err_ref = (s.double() - r).abs().max().item()
+        scale = 1.0 + r.abs().max().item()
+        assert err <= 2 * err_ref + floor * scale, (
+            f"{backend} {name} at {dtype}: error {err:.3g} vs fp64 reference exceeds twice the eager "
+            f"reference's {err_ref:.3g} + floor {floor * scale:.3g}")
+
+
+def unit(*shape, dtype=torch.float64, generator=None):
+    return torch.nn.functional.normalize(torch.randn(*shape, dtype=dtype, generator=generator), dim=-1)

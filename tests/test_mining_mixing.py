@@ -1,0 +1,171 @@
+"""Mining (top-k, semantic positives) and hard-negative mixing through the public API, on every
+backend: against the reference, FAISS and the explicit MoCHi path of DESIGN.md."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import contrastive_kernels as ck
+from contrastive_kernels import chunked
+
+from conftest import FUSED_BACKENDS
+
+ALL = ["reference", *FUSED_BACKENDS]
+
+
+@pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize("similarity", ["dot", "cosine", "l2"])
+def test_topk_against_faiss(backend, similarity):
+    faiss = pytest.importorskip("faiss")
+    torch.manual_seed(0)
+    q, bank = torch.randn(33, 24), torch.randn(2000, 24)
+    k = 17
+    if similarity == "l2":
+        index = faiss.IndexFlatL2(24)
+        index.add(bank.numpy())
+        dist, idx = index.search(q.numpy(), k)
+        want = -torch.from_numpy(dist)
+    else:
+        qq, bb = (F.normalize(q, dim=1), F.normalize(bank, dim=1)) if similarity == "cosine" else (q, bank)
+        index = faiss.IndexFlatIP(24)
+        index.add(bb.numpy())
+        dist, idx = index.search(qq.numpy(), k)
+        want = torch.from_numpy(dist)
+    values, indices = ck.topk_similarity(q, bank, k, similarity=similarity, backend=backend)
+    assert values.dtype == torch.float32 and indices.dtype == torch.int64
+    assert torch.allclose(values, want, rtol=1e-4, atol=1e-4)
+    assert (indices == torch.from_numpy(idx)).float().mean() > 0.99
+
+
+@pytest.mark.parametrize("backend", ALL)
+def test_topk_limits_and_exclusions(backend):
+    q, bank = torch.randn(6, 5), torch.randn(30, 5)
+    rows = torch.arange(6)
+    # k = N, k = 1, k = N after exclusions
+    for k in (1, 30):
+        v, i = ck.topk_similarity(q, bank, k, backend=backend)
+        assert i.shape == (6, k) and (v[:, :-1] >= v[:, 1:]).all()
+    v, i = ck.topk_similarity(q, bank, 29, exclude_index=rows, backend=backend)
+    assert not (i == rows[:, None]).any()
+    labels_q, labels_b = torch.tensor([0, 1, 2, 0, 1, 2]), torch.arange(30) % 3
+    v, i = ck.topk_similarity(q, bank, 19, exclude_index=rows, query_labels=labels_q,
+                              bank_labels=labels_b, exclude_same_label=True, backend=backend)
+    assert not (labels_b[i] == labels_q[:, None]).any() and not (i == rows[:, None]).any()
+    assert torch.allclose(v, ck.topk_similarity(q, bank, 19, exclude_index=rows, query_labels=labels_q,
+                                                bank_labels=labels_b, exclude_same_label=True,
+                                                backend="reference")[0])
+
+
+@pytest.mark.parametrize("backend", ALL)
+def test_topk_half_precision_values_in_input_dtype(backend):
+    q, bank = torch.randn(4, 16).half(), torch.randn(100, 16).half()
+    v, i = ck.topk_similarity(q, bank, 5, backend=backend)
+    assert v.dtype == torch.float16
+    exact = (q.float() @ bank.float().T).gather(1, i)
+    assert torch.allclose(v.float(), exact, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("backend", ALL)
+def test_mine_semantic_positives(backend):
+    torch.manual_seed(0)
+    centers = F.normalize(torch.randn(10, 16), dim=1)
+    emb = centers.repeat_interleave(20, 0) + 0.05 * torch.randn(200, 16)
+    pairs, scores = ck.mine_semantic_positives(emb, 5, 0.9, backend=backend)
+    assert pairs.dtype == torch.int64 and pairs.shape[1] == 2 and scores.shape == (pairs.shape[0],)
+    assert (pairs[:, 0] != pairs[:, 1]).all() and (scores >= 0.9).all()
+    assert (pairs[:, 0] // 20 == pairs[:, 1] // 20).all()  # same cluster
+    key = pairs[:, 0].double() * 10 - scores.double()
+    assert (key[1:] >= key[:-1]).all()  # by i, then descending score
+    want_pairs, want_scores = ck.mine_semantic_positives(emb, 5, 0.9, backend="reference")
+    assert torch.equal(pairs, want_pairs) and torch.allclose(scores, want_scores, atol=1e-6)
+
+
+def test_mine_large_set_in_blocks():
+    """Query blocks and bank chunks both smaller than the set."""
+    torch.manual_seed(1)
+    emb = torch.randn(5000, 8)
+    old = chunked.memory_budget()
+    chunked.set_memory_budget(1 << 20)
+    try:
+        pairs, scores = ck.mine_semantic_positives(emb, 3, 0.8, backend="chunked")
+    finally:
+        chunked.set_memory_budget(old)
+    want_pairs, want_scores = ck.mine_semantic_positives(emb, 3, 0.8, backend="reference")
+    assert pairs.shape == want_pairs.shape
+    assert (pairs == want_pairs).all(1).float().mean() > 0.999
+
+
+@pytest.mark.parametrize("backend", ALL)
+def test_mix_hard_negatives_statistics(backend):
+    torch.manual_seed(0)
+    q = F.normalize(torch.randn(8, 12), dim=1).requires_grad_()
+    neg = F.normalize(torch.randn(50, 12), dim=1)
+    hard = ck.topk_similarity(q.detach(), neg, 10, backend=backend)[1]
+    out = ck.mix_hard_negatives(q, neg, hard, 6, 4, generator=torch.Generator().manual_seed(0),
+                                backend=backend)
+    assert out.shape == (8, 10, 12) and not out.requires_grad
+    assert torch.allclose(out.norm(dim=-1), torch.ones(8, 10), atol=1e-5)
+    for i in range(8):
+        hard_rows = neg[hard[i]]
+        for t in range(6):  # in the cone of two of the row's hard negatives
+            found = False
+            for x in range(10):
+                for y in range(10):
+                    basis = torch.stack([hard_rows[x], hard_rows[y]], 1)
+                    coef = torch.linalg.lstsq(basis, out[i, t, :, None]).solution[:, 0]
+                    if torch.allclose(basis @ coef, out[i, t], atol=1e-4) and (coef >= -1e-5).all():
+                        found = True
+                        break
+                if found:
+                    break
+            assert found, (i, t)
+        for t in range(6, 10):  # query weight below one half
+            ok = False
+            for y in range(10):
+                basis = torch.stack([q[i].detach(), hard_rows[y]], 1)
+                coef = torch.linalg.lstsq(basis, out[i, t, :, None]).solution[:, 0]
+                if torch.allclose(basis @ coef, out[i, t], atol=1e-4) and (coef >= -1e-5).all():
+                    ok = coef[0] / coef.sum() < 0.5
+                    break
+            assert ok, (i, t)
+
+
+@pytest.mark.parametrize("backend", ALL)
+def test_mixing_generator_reproducibility(backend):
+    q, neg = torch.randn(4, 6), torch.randn(20, 6)
+    hard = torch.randint(0, 20, (4, 5))
+    run = lambda seed: ck.mix_hard_negatives(q, neg, hard, 3, 2,
+                                             generator=torch.Generator().manual_seed(seed),
+                                             backend=backend)
+    assert torch.equal(run(0), run(0)) and not torch.equal(run(0), run(1))
+    torch.manual_seed(5)
+    a = ck.mix_hard_negatives(q, neg, hard, 3, 2, backend=backend)
+    torch.manual_seed(5)
+    assert torch.equal(a, ck.mix_hard_negatives(q, neg, hard, 3, 2, backend=backend))
+    assert torch.equal(run(0), ck.mix_hard_negatives(q, neg, hard, 3, 2, backend="reference",
+                                                     generator=torch.Generator().manual_seed(0)))
+
+
+@pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize("similarity", ["dot", "cosine", "l2"])
+@pytest.mark.parametrize("estimator", [(0.0, 0.0), (0.1, 0.5)])
+def test_fused_mixing_equals_explicit_path(backend, similarity, estimator):
+    """DESIGN.md: info_nce(mixing=Mixing(n, s, s', g)) equals extra_negatives=mix_hard_negatives(
+    query.detach(), queue, topk_similarity(query.detach(), queue, n).indices, s, s', g)."""
+    torch.manual_seed(0)
+    tau_plus, beta = estimator
+    q = F.normalize(torch.randn(6, 16, dtype=torch.float64), dim=1).requires_grad_()
+    k = F.normalize(torch.randn(6, 16, dtype=torch.float64), dim=1).requires_grad_()
+    queue = F.normalize(torch.randn(64, 16, dtype=torch.float64), dim=1)
+    fused = ck.info_nce(q, k, queue, temperature=0.1, similarity=similarity, tau_plus=tau_plus,
+                        beta=beta, mixing=ck.Mixing(12, 8, 4, torch.Generator().manual_seed(9)),
+                        backend=backend)
+    hard = ck.topk_similarity(q.detach(), queue, 12, backend=backend).indices
+    synthetic = ck.mix_hard_negatives(q.detach(), queue, hard, 8, 4,
+                                      generator=torch.Generator().manual_seed(9), backend=backend)
+    explicit = ck.info_nce(q, k, queue, temperature=0.1, similarity=similarity, tau_plus=tau_plus,
+                           beta=beta, extra_negatives=synthetic, backend=backend)
+    g_fused = torch.autograd.grad(fused, [q, k])
+    g_explicit = torch.autograd.grad(explicit, [q, k])
+    assert torch.allclose(fused, explicit, rtol=1e-10)
+    for a, b in zip(g_fused, g_explicit):
+        assert torch.allclose(a, b, rtol=1e-9, atol=1e-12)

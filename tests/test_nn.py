@@ -1,0 +1,83 @@
+"""The modules: options forwarded to the functional API, CLIP's learnable logit scale, and the
+MoCo queue's ring buffer, state_dict round trip and device moves."""
+import math
+
+import pytest
+import torch
+
+import contrastive_kernels as ck
+
+
+def test_modules_equal_functional():
+    q, k, queue = torch.randn(5, 8), torch.randn(5, 8), torch.randn(20, 8)
+    labels = torch.tensor([0, 1, 0, 1, 1])
+    assert torch.equal(ck.nn.InfoNCELoss(0.2, similarity="cosine", tau_plus=0.1)(q, k, queue),
+                       ck.info_nce(q, k, queue, temperature=0.2, similarity="cosine", tau_plus=0.1))
+    assert torch.equal(ck.nn.NTXentLoss(0.3)(q, k), ck.nt_xent(q, k, temperature=0.3))
+    assert torch.equal(ck.nn.SupConLoss(0.1)(q, labels), ck.sup_con(q, labels, temperature=0.1))
+    clip = ck.nn.ClipLoss()
+    assert torch.equal(clip(q, k), ck.clip_loss(q, k, 1 / 0.07))
+
+
+def test_learnable_temperature_gets_a_gradient():
+    loss_fn = ck.nn.InfoNCELoss(0.5, learnable_temperature=True)
+    assert isinstance(loss_fn.temperature, torch.nn.Parameter)
+    loss = loss_fn(torch.randn(4, 6), torch.randn(4, 6), torch.randn(9, 6))
+    loss.backward()
+    assert loss_fn.temperature.grad is not None and loss_fn.temperature.grad != 0
+
+
+def test_clip_loss_scale_init_clamp_and_gradient():
+    clip = ck.nn.ClipLoss()
+    assert math.isclose(float(clip.log_logit_scale.detach()), math.log(1 / 0.07), rel_tol=1e-6)
+    img, txt = torch.randn(6, 4), torch.randn(6, 4)
+    clip(img, txt).backward()
+    assert clip.log_logit_scale.grad is not None and clip.log_logit_scale.grad != 0
+    with torch.no_grad():
+        clip.log_logit_scale.fill_(math.log(500.0))
+    assert float(clip.logit_scale) == 100.0
+    clip.log_logit_scale.grad = None
+    clip(img, txt).backward()
+    assert clip.log_logit_scale.grad == 0  # clamped: no push beyond 100
+    frozen = ck.nn.ClipLoss(10.0, learnable=False)
+    assert not any(True for _ in frozen.parameters())
+
+
+def test_moco_queue_ring_buffer():
+    torch.manual_seed(0)
+    queue = ck.nn.MoCoQueue(5, 3)
+    assert torch.allclose(queue.keys.norm(dim=1), torch.ones(5))
+    a = torch.arange(9.0).view(3, 3)
+    queue.enqueue(a)
+    assert torch.equal(queue.keys[:3], a) and int(queue.ptr) == 3
+    b = 100 + torch.arange(12.0).view(4, 3)
+    queue.enqueue(b)  # wraps: 2 rows at the end, 2 at the start
+    assert torch.equal(queue.keys[3:], b[:2]) and torch.equal(queue.keys[:2], b[2:])
+    assert int(queue.ptr) == 2 and int(queue.filled) == 5
+    big = -torch.arange(21.0).view(7, 3)
+    queue.enqueue(big)  # more than the queue holds: only the newest 5 survive
+    assert sorted(queue.keys[:, 0].tolist()) == sorted(big[-5:, 0].tolist())
+    assert int(queue.ptr) == 2
+
+
+def test_moco_queue_state_dict_round_trip_and_to():
+    queue = ck.nn.MoCoQueue(6, 4, dtype=torch.float64)
+    queue.enqueue(torch.randn(4, 4))
+    state = queue.state_dict()
+    fresh = ck.nn.MoCoQueue(6, 4, dtype=torch.float64)
+    fresh.load_state_dict(state)
+    assert torch.equal(fresh.keys, queue.keys) and int(fresh.ptr) == int(queue.ptr)
+    moved = fresh.to(torch.float32).to("meta")
+    assert moved.keys.device.type == "meta" and moved.keys.dtype == torch.float32
+    assert moved.ptr.dtype == torch.long  # integer buffers keep their dtype
+
+
+def test_moco_queue_used_as_negatives_then_enqueued():
+    torch.manual_seed(0)
+    queue = ck.nn.MoCoQueue(32, 8)
+    q = torch.randn(4, 8, requires_grad=True)
+    k = torch.nn.functional.normalize(torch.randn(4, 8), dim=1)
+    loss = ck.info_nce(q, k, queue.keys, temperature=0.2)
+    loss.backward()
+    queue.enqueue(k)
+    assert torch.equal(queue.keys[:4], k)
