@@ -15,7 +15,7 @@ so backward is O(B D) with no second pass over the keys (4 B K D flops in all in
 high word, the complement of the bank index in the low word), so merging chunks is exact and ties
 resolve to the lower index whatever torch.topk does with equal values.
 
-The budget: ``CK_CHUNK_MB`` (environment, default 64) or ``set_memory_budget(bytes)``.
+The budget: ``CK_CHUNK_MB`` (environment, default 32) or ``set_memory_budget(bytes)``.
 """
 from __future__ import annotations
 
@@ -29,8 +29,8 @@ from . import reference
 from ._common import MixingDraws, acc_dtype
 
 NAME = "chunked"
-_budget_bytes = int(float(os.environ.get("CK_CHUNK_MB", "64")) * 2**20)
-_LIVE_TEMPORARIES = 6  # (rows x chunk) buffers alive at once in the loops below
+_budget_bytes = int(float(os.environ.get("CK_CHUNK_MB", "32")) * 2**20)
+_LIVE_TEMPORARIES = 4  # (rows x chunk) buffers alive at once in the loops below
 
 
 def available(device: torch.device) -> Optional[str]:
@@ -63,15 +63,16 @@ def chunk_size(rows: int, total: int, itemsize: int = 4, temporaries: int = _LIV
 
 
 def _chunk_logits(qf, kc, a, b, c, d, j0, j1):
-    dot = qf @ kc.T
-    logits = dot * a[:, None]
+    """l = a_i b_j <q_i, k_j> + c_i + d_j for one column chunk, built in place in one buffer."""
+    logits = qf @ kc.T
+    logits.mul_(a[:, None])
     if b is not None:
-        logits = logits * b[None, j0:j1]
+        logits.mul_(b[None, j0:j1])
     if c is not None:
-        logits = logits + c[:, None]
+        logits.add_(c[:, None])
     if d is not None:
-        logits = logits + d[None, j0:j1]
-    return dot, logits
+        logits.add_(d[None, j0:j1])
+    return logits
 
 
 def _chunk_valid(exclude, j0, j1, device):
@@ -115,39 +116,36 @@ class _LseStats(torch.autograd.Function):
         col_lse = torch.empty(n if want_col_lse else 0, dtype=acc, device=dev)
         if row_only:
             e_key = torch.zeros((n_g, bsz, q.shape[1]), dtype=acc, device=dev)
-            e_dot = torch.zeros((n_g, bsz), dtype=acc, device=dev)
             p_key = torch.zeros((bsz, q.shape[1]), dtype=acc, device=dev)
-            p_dot = torch.zeros(bsz, dtype=acc, device=dev)
         step = chunk_size(bsz, n, torch.finfo(acc).bits // 8)
         for j0 in range(0, n, step):
             j1 = min(n, j0 + step)
             kc = k[j0:j1].to(device=dev, dtype=acc)
-            dot, logits = _chunk_logits(qf, kc, a, b, c, d, j0, j1)
+            logits = _chunk_logits(qf, kc, a, b, c, d, j0, j1)
             valid = _chunk_valid(exclude, j0, j1, dev)
             bk = kc * b[j0:j1, None] if (row_only and b is not None) else kc
             for g, gamma in enumerate(gammas):
-                z = _masked(gamma * logits, valid, -math.inf)
+                z = logits if gamma == 1.0 else gamma * logits
+                z = _masked(z, valid, -math.inf)
                 new_max = torch.maximum(run_max[g], z.amax(1))
                 shift = torch.where(new_max == -math.inf, torch.zeros_like(new_max), new_max)
                 rescale = torch.exp(run_max[g] - shift)
                 p = torch.exp(z - shift[:, None])
+                del z
                 run_sum[g] = run_sum[g] * rescale + p.sum(1)
                 run_max[g] = new_max
                 if row_only:
                     e_key[g] = e_key[g] * rescale[:, None] + p @ bk
-                    bdot = dot * b[None, j0:j1] if b is not None else dot
-                    e_dot[g] = e_dot[g] * rescale + (p * bdot).sum(1)
+                del p
             positive = _chunk_positive(q_labels, k_labels, j0, j1, valid)
             if positive is not None:
                 pos_sum += _masked(logits, positive, 0.0).sum(1)
                 pos_count += positive.sum(1).to(acc)
                 if row_only:
-                    pf = positive.to(acc)
-                    p_key += pf @ bk
-                    bdot = dot * b[None, j0:j1] if b is not None else dot
-                    p_dot += (pf * bdot).sum(1)
+                    p_key += positive.to(acc) @ bk
             if want_col_lse:
                 col_lse[j0:j1] = torch.logsumexp(_masked(logits, valid, -math.inf), 0)
+            del logits
         row_lse = run_max + torch.log(run_sum)
         ctx.gammas, ctx.row_only, ctx.want_col_lse = tuple(gammas), row_only, want_col_lse
         ctx.has_labels = q_labels is not None
@@ -156,8 +154,7 @@ class _LseStats(torch.autograd.Function):
             live = run_sum > 0
             denom = torch.where(live, run_sum, torch.ones_like(run_sum))
             e_key = torch.where(live[..., None], e_key / denom[..., None], torch.zeros_like(e_key))
-            e_dot = torch.where(live, e_dot / denom, torch.zeros_like(e_dot))
-            ctx.save_for_backward(a, e_key, e_dot, live.to(acc), p_key, p_dot, pos_count)
+            ctx.save_for_backward(qf, a, e_key, live.to(acc), p_key, pos_count)
         else:
             ctx.save_for_backward(q, k, a, b, c, d, exclude, q_labels, k_labels, row_lse, col_lse)
         ctx.mark_non_differentiable(pos_count)
@@ -168,15 +165,14 @@ class _LseStats(torch.autograd.Function):
         need = ctx.needs_input_grad
         gammas = ctx.gammas
         if ctx.row_only:
-            a, e_key, e_dot, live, p_key, p_dot, pos_count = ctx.saved_tensors
+            qf, a, e_key, live, p_key, pos_count = ctx.saved_tensors
             w = torch.stack([d_row[g] * gammas[g] for g in range(len(gammas))])  # (G, B)
-            g_key = (w[..., None] * e_key).sum(0)
-            g_dot = (w * e_dot).sum(0)
+            g_key = (w[..., None] * e_key).sum(0)  # sum_j G_ij b_j k_j
             g_sum = (w * live).sum(0)
             if ctx.has_labels:
                 g_key = g_key + d_pos[:, None] * p_key
-                g_dot = g_dot + d_pos * p_dot
                 g_sum = g_sum + d_pos * pos_count
+            g_dot = (qf * g_key).sum(1)  # sum_j G_ij b_j <q_i, k_j>
             dq = (a[:, None] * g_key).to(ctx.in_dtypes[0]) if need[0] else None
             da = g_dot.to(ctx.in_dtypes[2]) if need[2] else None
             dc = g_sum.to(ctx.in_dtypes[4]) if need[4] else None
@@ -187,18 +183,17 @@ class _LseStats(torch.autograd.Function):
         bsz, n = q.shape[0], k.shape[0]
         dev = q.device
         qf = q.to(acc)
-        dq = torch.zeros_like(qf) if need[0] else None
+        g_key = torch.zeros_like(qf) if (need[0] or need[2]) else None
         dk = torch.zeros((n, k.shape[1]), dtype=acc, device=dev) if need[1] else None
-        da = torch.zeros(bsz, dtype=acc, device=dev) if need[2] else None
         db = torch.zeros(n, dtype=acc, device=dev) if need[3] else None
         dc = torch.zeros(bsz, dtype=acc, device=dev) if need[4] else None
         dd = torch.zeros(n, dtype=acc, device=dev) if need[5] else None
-        aq = qf * a[:, None] if need[1] else None
+        aq = qf * a[:, None] if (need[1] or need[3]) else None
         step = chunk_size(bsz, n, torch.finfo(acc).bits // 8)
         for j0 in range(0, n, step):
             j1 = min(n, j0 + step)
             kc = k[j0:j1].to(device=dev, dtype=acc)
-            dot, logits = _chunk_logits(qf, kc, a, b, c, d, j0, j1)
+            logits = _chunk_logits(qf, kc, a, b, c, d, j0, j1)
             valid = _chunk_valid(exclude, j0, j1, dev)
             grad = torch.zeros_like(logits)
             for g, gamma in enumerate(gammas):
@@ -206,26 +201,27 @@ class _LseStats(torch.autograd.Function):
                     grad += (d_row[g] * gamma)[:, None] * torch.exp(gamma * logits - row_lse[g][:, None])
             if ctx.want_col_lse:
                 grad += d_col[None, j0:j1] * torch.exp(logits - col_lse[None, j0:j1])
+            del logits
             positive = _chunk_positive(q_labels, k_labels, j0, j1, valid)
             if positive is not None:
                 grad += d_pos[:, None] * positive.to(acc)
             grad = _masked(grad, valid, 0.0)
-            grad_b = grad * b[None, j0:j1] if b is not None else grad
-            if dq is not None:
-                dq += grad_b @ kc
-            if da is not None:
-                da += (grad_b * dot).sum(1)
             if dc is not None:
                 dc += grad.sum(1)
-            if dk is not None:
-                dk_c = grad.T @ aq
-                dk[j0:j1] = dk_c * b[j0:j1, None] if b is not None else dk_c
-            if db is not None:
-                db[j0:j1] = (grad * dot * a[:, None]).sum(0)
             if dd is not None:
                 dd[j0:j1] = grad.sum(0)
-        if dq is not None:
-            dq = (dq * a[:, None]).to(ctx.in_dtypes[0])
+            if dk is not None or db is not None:
+                h = grad.T @ aq  # sum_i G_ij a_i q_i
+                if db is not None:
+                    db[j0:j1] = (h * kc).sum(1)
+                if dk is not None:
+                    dk[j0:j1] = h * b[j0:j1, None] if b is not None else h
+            if b is not None:
+                grad.mul_(b[None, j0:j1])
+            if g_key is not None:
+                g_key += grad @ kc  # sum_j G_ij b_j k_j
+        da = (qf * g_key).sum(1) if need[2] else None  # sum_j G_ij b_j <q_i, k_j>
+        dq = g_key * a[:, None] if need[0] else None
         out = [dq, dk, da, db, dc, dd]
         out = [t.to(dt) if t is not None else None for t, dt in zip(out, ctx.in_dtypes)]
         return (*out, None, None, None, None, None, None)

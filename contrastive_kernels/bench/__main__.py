@@ -1,0 +1,143 @@
+"""python -m contrastive_kernels.bench: time forward+backward and peak memory of every backend on
+shape presets, next to the eager reference and the practical matmul peak.
+
+  python -m contrastive_kernels.bench                       # the CPU preset (MoCo and QK shapes)
+  python -m contrastive_kernels.bench --preset gpu          # every GPU preset (on a CUDA device)
+  python -m contrastive_kernels.bench --preset moco --backends reference,compile,triton
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+from .cases import DTYPES, PRESETS, Case
+from .measure import matmul_tflops, measure_in_process, measure_isolated, memory_limit
+from .report import environment, markdown, plot, write_csv
+
+
+def _default_backends(device: str):
+    import contrastive_kernels as ck
+
+    names = ["reference"]
+    if device.startswith("cuda"):
+        names.append("compile")
+    names += [n for n, why in ck.available_backends(device).items()
+              if why is None and n != "reference"]
+    return names
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m contrastive_kernels.bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="cpu", help=f"one of {', '.join(PRESETS)} (default cpu); "
+                   "several separated by commas")
+    p.add_argument("--backends", default=None,
+                   help="comma-separated: reference, compile, chunked, triton, cpu, cuda "
+                        "(default: reference + every available backend; compile on GPUs)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--dtype", default=None, help="override the presets' dtypes: fp32, fp16, bf16")
+    p.add_argument("--repeats", type=int, default=5, help="timed steps per measurement")
+    p.add_argument("--timeout", type=float, default=900.0, help="seconds per CPU measurement")
+    p.add_argument("--out", default=None, help="folder for results.csv, results.md, *.png, results.json")
+    p.add_argument("--no-isolate", action="store_true",
+                   help="measure CPU cases in this process (peak memory is then only indicative)")
+    p.add_argument("--list", action="store_true", help="list the presets and exit")
+    args = p.parse_args(argv)
+    for preset in args.preset.split(","):
+        if preset not in PRESETS:
+            p.error(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
+    if args.dtype is not None and args.dtype not in DTYPES:
+        p.error(f"unknown dtype {args.dtype!r}; choose from {', '.join(DTYPES)}")
+    if args.repeats < 1:
+        p.error("--repeats must be >= 1")
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error("--device cuda was asked for but torch sees no CUDA device")
+    return args
+
+
+def run(args) -> list:
+    from tqdm import tqdm
+
+    cases = [c for preset in args.preset.split(",") for c in PRESETS[preset]]
+    if args.dtype:
+        cases = list(dict.fromkeys(Case(c.op, c.shape, args.dtype, c.label) for c in cases))
+    backends = args.backends.split(",") if args.backends else _default_backends(args.device)
+    cpu = not args.device.startswith("cuda")
+    mm_cache = {}
+    rows = []
+    limit = memory_limit(args.device)
+    bar = tqdm([(c, b) for c in cases for b in backends], desc="bench", unit="run", file=sys.stderr)
+    for c, backend in bar:
+        bar.set_postfix_str(f"{c.label or c.op} {c.shape_str} {c.dtype} {backend}")
+        row = {"label": c.label, "op": c.op, "shape": c.shape_str, "dtype": c.dtype,
+               "device": args.device, "backend": backend, "negatives": c.negatives,
+               "fixed": " ".join(f"{k}={v}" for k, v in c.shape if k not in ("K", "N") or c.op == "clip")}
+        if backend in ("reference", "compile") and c.eager_bytes() > limit:
+            row["note"] = f"skipped: eager needs ~{c.eager_bytes() / 2**30:.0f} GiB"
+            rows.append(row)
+            continue
+        if cpu and not args.no_isolate:
+            result = measure_isolated(c, backend, args.device, args.repeats, args.timeout)
+        else:
+            try:
+                result = measure_in_process(c, backend, args.device, args.repeats)
+            except Exception as exc:  # a backend that fails on this shape: reported, not fatal
+                result = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
+            if not cpu:
+                torch.cuda.empty_cache()
+        if "error" in result:
+            row["note"] = result["error"]
+            rows.append(row)
+            continue
+        if c.dtype not in mm_cache:
+            size = 2048 if cpu else 8192
+            mm_cache[c.dtype] = matmul_tflops(args.device, c.dtype, size, size, size)
+        row.update(result)
+        row["eff_tflops"] = c.flops / (result["median_ms"] * 1e-3) / 1e12
+        row["mm_tflops"] = mm_cache[c.dtype]
+        row["pct_of_mm"] = 100.0 * row["eff_tflops"] / row["mm_tflops"]
+        row["peak_extra_mib"] = result["peak_extra_bytes"] / 2**20
+        rows.append(row)
+    # ratios against the eager reference of the same case
+    eager = {(r["op"], r["shape"], r["dtype"]): r for r in rows
+             if r["backend"] == "reference" and not r.get("note")}
+    for r in rows:
+        e = eager.get((r["op"], r["shape"], r["dtype"]))
+        if e is not None and not r.get("note"):
+            r["speedup_vs_eager"] = e["median_ms"] / r["median_ms"]
+            r["memory_vs_eager"] = r["peak_extra_mib"] / max(e["peak_extra_mib"], 1e-9)
+    return rows
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.list:
+        for name, cases in PRESETS.items():
+            print(f"{name}: " + "; ".join(f"{c.op} {c.shape_str} {c.dtype}" for c in cases))
+        return 0
+    rows = run(args)
+    env = environment(args.device)
+    cpu = not args.device.startswith("cuda")
+    table = markdown(rows, env, cpu)
+    print(table)
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        write_csv(rows, os.path.join(args.out, "results.csv"))
+        with open(os.path.join(args.out, "results.md"), "w") as f:
+            f.write(table)
+        with open(os.path.join(args.out, "results.json"), "w") as f:
+            json.dump({"environment": env, "rows": rows}, f, indent=1, default=str)
+        for path in plot(rows, args.out, cpu):
+            print(f"wrote {path}")
+        print(f"wrote {args.out}/results.csv, results.md, results.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,160 @@
+"""Benchmark cases: what is run (op, shape, dtype), its FLOP model, and how to build one step.
+
+FLOP models (DESIGN.md, fixed so that less recomputation shows as more speed):
+  bank mode (queue without gradient) 6*B*K*D; in-batch with gradients to both sides 8*B*N*D;
+  symmetric CLIP 8*N*N*D; top-k 2*M*N*D. A mixing case counts its bank-mode loss only.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    op: str              # info_nce_bank | info_nce_in_batch | clip | nt_xent | topk | mixing
+    shape: Tuple[Tuple[str, int], ...]
+    dtype: str = "fp32"
+    label: str = ""      # the preset's name for it (moco, qk, ...)
+
+    @property
+    def dims(self) -> Dict[str, int]:
+        return dict(self.shape)
+
+    @property
+    def shape_str(self) -> str:
+        return " ".join(f"{k}={v}" for k, v in self.shape)
+
+    @property
+    def flops(self) -> float:
+        d = self.dims
+        if self.op in ("info_nce_bank", "mixing"):
+            return 6.0 * d["B"] * d["K"] * d["D"]
+        if self.op == "info_nce_in_batch":
+            return 8.0 * d["B"] * d["B"] * d["D"]
+        if self.op == "clip":
+            return 8.0 * d["N"] * d["N"] * d["D"]
+        if self.op == "nt_xent":
+            n = 2 * d["B"]
+            return 8.0 * n * n * d["D"]
+        if self.op == "topk":
+            return 2.0 * d["M"] * d["N"] * d["D"]
+        raise ValueError(self.op)
+
+    @property
+    def negatives(self) -> int:
+        """The x axis of the plots: negatives per row (or bank rows for top-k)."""
+        d = self.dims
+        return d.get("K") or d.get("N") or 2 * d.get("B", 0)
+
+    def eager_bytes(self) -> int:
+        """Rough extra memory of the eager reference (the score matrix and its copies), used to
+        skip cases that cannot fit."""
+        d = self.dims
+        item = 4  # logits are upcast to fp32
+        if self.op in ("info_nce_bank", "mixing"):
+            return 5 * d["B"] * d["K"] * item
+        if self.op == "info_nce_in_batch":
+            return 6 * d["B"] * d["B"] * item
+        if self.op == "clip":
+            return 8 * d["N"] * d["N"] * item
+        if self.op == "nt_xent":
+            return 8 * (2 * d["B"]) ** 2 * item
+        if self.op == "topk":
+            return 3 * d["M"] * d["N"] * item
+        return 0
+
+
+def case(op, dtype="fp32", label="", **shape) -> Case:
+    return Case(op, tuple(shape.items()), dtype, label)
+
+
+PRESETS: Dict[str, List[Case]] = {
+    # the CPU table of README.md: MoCo and QK shapes, fp32
+    "cpu": [case("info_nce_bank", B=256, K=65536, D=128, label="moco"),
+            case("info_nce_bank", B=256, K=2**20, D=128, label="qk")],
+    "cpu-sweep": [case("info_nce_bank", B=256, K=k, D=128, label="sweep")
+                  for k in (4096, 16384, 65536, 262144, 2**20)],
+    "cpu-quick": [case("info_nce_bank", B=64, K=8192, D=32, label="quick"),
+                  case("clip", N=512, D=32, label="quick"),
+                  case("topk", M=64, N=16384, D=32, k=16, label="quick")],
+    "moco": [case("info_nce_bank", dt, B=256, K=65536, D=128, label="moco") for dt in ("bf16", "fp32")],
+    "qk": [case("info_nce_bank", "bf16", B=b, K=2**20, D=d, label="qk") for b in (1024, 4096) for d in (128, 256)],
+    "clip": [case("clip", "bf16", N=n, D=d, label="clip") for n in (16384, 32768, 65536) for d in (512, 768)],
+    "simclr": [case("nt_xent", "bf16", B=4096, D=128, label="simclr")],
+    "mining": [case("topk", dt, M=8192, N=n, D=128, k=kk, label="mining")
+               for dt in ("fp16", "bf16", "fp32") for n in (2**20, 2**22) for kk in (16, 128, 1024)],
+    "mixing": [case("mixing", "bf16", B=256, K=k, D=128, n_hard=1024, s=512, s_q=256, label="mochi")
+               for k in (65536, 2**20)],
+    "gpu-sweep": [case("info_nce_bank", "bf16", B=1024, K=k, D=128, label="sweep")
+                  for k in (16384, 65536, 262144, 2**20, 2**22)],
+}
+PRESETS["gpu"] = (PRESETS["moco"] + PRESETS["qk"] + PRESETS["clip"] + PRESETS["simclr"]
+                  + PRESETS["mixing"] + PRESETS["gpu-sweep"])
+
+
+def _unit(rows, dim, gen, dtype, device, requires_grad=False):
+    x = F.normalize(torch.randn(rows, dim, generator=gen), dim=1).to(device=device, dtype=dtype)
+    return x.requires_grad_(requires_grad)
+
+
+def build_step(c: Case, backend: str, device: str) -> Tuple[Callable[[], None], List[torch.Tensor]]:
+    """A zero-argument callable running one forward (+ backward) of case ``c`` with ``backend``
+    ("compile" = torch.compile of the eager reference), and the input tensors it uses."""
+    import contrastive_kernels as ck
+    from contrastive_kernels import reference
+
+    gen = torch.Generator().manual_seed(0)
+    dtype, d = DTYPES[c.dtype], c.dims
+
+    def api(fn, **kw):
+        if backend == "compile":
+            ref = getattr(reference, fn.__name__)
+            return torch.compile(functools.partial(ref, **kw), dynamic=False)
+        return functools.partial(fn, backend=backend, **kw)
+
+    if c.op in ("info_nce_bank", "mixing"):
+        q = _unit(d["B"], d["D"], gen, dtype, device, True)
+        k = _unit(d["B"], d["D"], gen, dtype, device)
+        queue = _unit(d["K"], d["D"], gen, dtype, device)
+        kw = dict(temperature=0.07)
+        if c.op == "mixing":
+            kw["mixing"] = ck.Mixing(d["n_hard"], d["s"], d["s_q"], torch.Generator(device).manual_seed(0))
+        fn = api(ck.info_nce, **kw)
+        return _train_step(lambda: fn(q, k, queue), [q]), [q, k, queue]
+    if c.op == "info_nce_in_batch":
+        q = _unit(d["B"], d["D"], gen, dtype, device, True)
+        k = _unit(d["B"], d["D"], gen, dtype, device, True)
+        fn = api(ck.info_nce, temperature=0.07)
+        return _train_step(lambda: fn(q, k), [q, k]), [q, k]
+    if c.op == "clip":
+        img = _unit(d["N"], d["D"], gen, dtype, device, True)
+        txt = _unit(d["N"], d["D"], gen, dtype, device, True)
+        scale = torch.tensor(1 / 0.07, device=device, requires_grad=True)
+        fn = api(ck.clip_loss)
+        return _train_step(lambda: fn(img, txt, scale), [img, txt, scale]), [img, txt]
+    if c.op == "nt_xent":
+        z1 = _unit(d["B"], d["D"], gen, dtype, device, True)
+        z2 = _unit(d["B"], d["D"], gen, dtype, device, True)
+        fn = api(ck.nt_xent, temperature=0.1)
+        return _train_step(lambda: fn(z1, z2), [z1, z2]), [z1, z2]
+    if c.op == "topk":
+        q = _unit(d["M"], d["D"], gen, dtype, device)
+        bank = _unit(d["N"], d["D"], gen, dtype, device)
+        fn = api(ck.topk_similarity)
+        return (lambda: fn(q, bank, d["k"])), [q, bank]
+    raise ValueError(f"unknown op {c.op}")
+
+
+def _train_step(forward: Callable[[], torch.Tensor], leaves: List[torch.Tensor]):
+    def step():
+        for t in leaves:
+            t.grad = None
+        forward().backward()
+    return step

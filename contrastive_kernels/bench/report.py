@@ -1,0 +1,136 @@
+"""Results out: CSV, a markdown table naming the machine and versions, and PNG plots of
+throughput and memory against the number of negatives."""
+from __future__ import annotations
+
+import csv
+import datetime
+import os
+import platform
+from collections import defaultdict
+from typing import Dict, List
+
+import torch
+
+COLUMNS = ["label", "op", "shape", "dtype", "device", "backend", "median_ms", "min_ms", "max_ms",
+           "eff_tflops", "mm_tflops", "pct_of_mm", "peak_extra_mib", "speedup_vs_eager",
+           "memory_vs_eager", "note"]
+
+
+def environment(device: str) -> Dict[str, str]:
+    env = {"date": datetime.date.today().isoformat(), "torch": torch.__version__,
+           "python": platform.python_version()}
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except ImportError:
+        env["triton"] = "not installed"
+    if device.startswith("cuda"):
+        env["device"] = torch.cuda.get_device_name()
+        env["cuda"] = torch.version.cuda or "?"
+    else:
+        name = platform.processor() or "cpu"
+        try:
+            for line in open("/proc/cpuinfo"):
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+        except OSError:
+            pass
+        env["device"] = f"{name}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}"
+    return env
+
+
+def _fmt(value, digits=3):
+    if value is None or value == "":
+        return ""
+    if isinstance(value, float):
+        if value == 0:
+            return "0"
+        return f"{value:.{digits}g}" if abs(value) < 1e4 else f"{value:.0f}"
+    return str(value)
+
+
+def write_csv(rows: List[Dict], path: str) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: row.get(k, "") for k in COLUMNS})
+
+
+def markdown(rows: List[Dict], env: Dict[str, str], cpu: bool) -> str:
+    unit = "GFLOP/s" if cpu else "TFLOP/s"
+    scale = 1e3 if cpu else 1.0
+    head = ", ".join(f"{k} {v}" for k, v in env.items())
+    lines = [f"Measured on {head}.", "",
+             f"| case | shape | dtype | backend | median ms (min-max) | eff. {unit} | % of mm | "
+             f"peak extra MiB | speed-up vs eager | memory vs eager |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r.get("note"):
+            lines.append(f"| {r['label'] or r['op']} | {r['shape']} | {r['dtype']} | {r['backend']} | "
+                         f"{r['note']} | | | | | |")
+            continue
+        eff = r["eff_tflops"] * scale
+        lines.append(
+            f"| {r['label'] or r['op']} | {r['shape']} | {r['dtype']} | {r['backend']} | "
+            f"{_fmt(r['median_ms'])} ({_fmt(r['min_ms'])}-{_fmt(r['max_ms'])}) | {_fmt(eff)} | "
+            f"{_fmt(r.get('pct_of_mm'), 2)} | {_fmt(r['peak_extra_mib'])} | "
+            f"{_fmt(r.get('speedup_vs_eager'), 3)} | {_fmt(r.get('memory_vs_eager'), 3)} |")
+    mm = sorted({(r["dtype"], r.get("mm_tflops")) for r in rows if r.get("mm_tflops")})
+    if mm:
+        lines += ["", "Practical matmul peak measured in the same run (torch.mm, "
+                  + ("2048x2048x2048" if cpu else "8192x8192x8192") + "): "
+                  + ", ".join(f"{dt} {_fmt(v * scale)} {unit}" for dt, v in mm) + "."]
+    lines += ["", "Effective throughput uses DESIGN.md's FLOP models (bank mode 6BKD, in-batch 8BND, "
+              "CLIP 8N^2D, top-k 2MND); speed-up and memory are relative to the eager reference "
+              "(`backend=\"reference\"`) in the same run; peak extra memory excludes the inputs."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: List[Dict], out_dir: str, cpu: bool) -> List[str]:
+    """One PNG per (op, dtype, fixed dims) group measured at several numbers of negatives."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    groups = defaultdict(list)
+    for r in rows:
+        if r.get("note"):
+            continue
+        groups[(r["op"], r["dtype"], r["fixed"])].append(r)
+    paths = []
+    for (op, dtype, fixed), members in groups.items():
+        if len({m["negatives"] for m in members}) < 2:
+            continue
+        fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4))
+        by_backend = defaultdict(list)
+        for m in members:
+            by_backend[m["backend"]].append(m)
+        for backend, ms in sorted(by_backend.items()):
+            ms.sort(key=lambda m: m["negatives"])
+            x = [m["negatives"] for m in ms]
+            ax_t.plot(x, [m["eff_tflops"] * (1e3 if cpu else 1) for m in ms], marker="o", label=backend)
+            ax_m.plot(x, [max(m["peak_extra_mib"], 1e-3) for m in ms], marker="o", label=backend)
+        mm = [m["mm_tflops"] for m in members if m.get("mm_tflops")]
+        if mm:
+            ax_t.axhline(mm[0] * (1e3 if cpu else 1), color="gray", ls="--", label="torch.mm peak")
+        for ax in (ax_t, ax_m):
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("negatives per row (K)" if op != "topk" else "bank rows (N)")
+            ax.grid(alpha=0.3)
+            ax.legend()
+        ax_t.set_ylabel("effective " + ("GFLOP/s" if cpu else "TFLOP/s"))
+        ax_m.set_ylabel("peak extra memory (MiB)")
+        ax_m.set_yscale("log")
+        fig.suptitle(f"{op} {dtype} {fixed}")
+        fig.tight_layout()
+        path = os.path.join(out_dir, f"{op}_{dtype}_{fixed.replace(' ', '_').replace('=', '')}.png")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths

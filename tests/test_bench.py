@@ -1,0 +1,70 @@
+"""The benchmark CLI: its outputs (table, CSV, JSON, plots) and its argument errors."""
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from contrastive_kernels.bench.__main__ import main, parse_args
+from contrastive_kernels.bench.cases import PRESETS, build_step, case
+
+
+def test_bench_cli_writes_every_output(tmp_path, capsys):
+    out = tmp_path / "res"
+    assert main(["--preset", "cpu-quick", "--backends", "reference,chunked", "--repeats", "2",
+                 "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "| case | shape |" in printed and "torch" in printed
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert len(rows) == 2 * len(PRESETS["cpu-quick"])
+    for row in rows:
+        assert row["note"] == "", row
+        assert float(row["median_ms"]) > 0 and float(row["eff_tflops"]) > 0
+        assert float(row["peak_extra_mib"]) >= 0
+        assert float(row["speedup_vs_eager"]) > 0
+    data = json.load(open(out / "results.json"))
+    assert data["environment"]["torch"] and len(data["rows"]) == len(rows)
+    assert (out / "results.md").read_text().startswith("Measured on")
+
+
+def test_bench_sweep_plot(tmp_path):
+    from contrastive_kernels.bench import cases
+
+    cases.PRESETS["tiny-sweep"] = [case("info_nce_bank", B=16, K=k, D=8, label="s") for k in (64, 256)]
+    try:
+        main(["--preset", "tiny-sweep", "--backends", "reference,chunked", "--repeats", "1",
+              "--no-isolate", "--out", str(tmp_path)])
+    finally:
+        del cases.PRESETS["tiny-sweep"]
+    pngs = [p for p in os.listdir(tmp_path) if p.endswith(".png")]
+    assert pngs and os.path.getsize(tmp_path / pngs[0]) > 1000
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--preset", "nope"], "unknown preset"),
+    (["--dtype", "fp8"], "unknown dtype"),
+    (["--repeats", "0"], "--repeats must be >= 1"),
+])
+def test_bench_usage_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        parse_args(argv)
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_failing_backend_is_reported_not_fatal(tmp_path):
+    rows_ok = main(["--preset", "cpu-quick", "--backends", "cuda", "--repeats", "1",
+                    "--out", str(tmp_path)])
+    assert rows_ok == 0
+    rows = list(csv.DictReader(open(tmp_path / "results.csv")))
+    assert all("not available" in r["note"] or "exit" in r["note"] for r in rows)
+
+
+def test_every_preset_case_builds():
+    """Each preset case can build its step (at a tiny size, so this stays fast)."""
+    for name, cases_ in PRESETS.items():
+        for c in cases_:
+            tiny = type(c)(c.op, tuple((k, min(v, 4 if k == "k" else 16)) for k, v in c.shape), "fp32", c.label)
+            step, inputs = build_step(tiny, "chunked", "cpu")
+            step()
