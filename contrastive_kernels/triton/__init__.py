@@ -1,0 +1,49 @@
+"""The Triton backend: one module per kernel family (infonce.py, topk.py, mixing.py), each
+exposing the family ops of ``losses.py``. On CUDA tensors it runs compiled; on CPU tensors only
+through Triton's interpreter (``TRITON_INTERPRET=1`` set before triton is imported), which is
+for correctness tests on small shapes, never for speed."""
+from __future__ import annotations
+
+import importlib
+import os
+from typing import Optional
+
+import torch
+
+import triton  # noqa: F401  (ImportError here marks the backend unavailable)
+
+INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def available(device: torch.device) -> Optional[str]:
+    if device.type == "cuda":
+        if INTERPRETER:
+            return "TRITON_INTERPRET=1 is set: the interpreter runs CPU tensors only"
+        return None if torch.cuda.is_available() else "torch sees no CUDA device"
+    if device.type == "cpu":
+        return None if INTERPRETER else ("Triton runs on CPU tensors only through its interpreter: "
+                                         "set TRITON_INTERPRET=1 before importing triton")
+    return f"Triton does not run on {device.type} tensors"
+
+
+# Family ops not yet written in Triton fall back to the chunked backend (listed in FALLBACKS so
+# that the gap is visible); each kernel module replaces its entry when it lands.
+FALLBACKS = []
+
+
+def _family(module: str, names):
+    try:
+        mod = importlib.import_module(f"{__name__}.{module}")
+        return [getattr(mod, n) for n in names]
+    except ModuleNotFoundError as exc:
+        if exc.name != f"{__name__}.{module}":
+            raise
+        from .. import chunked
+
+        FALLBACKS.extend(names)
+        return [getattr(chunked, n) for n in names]
+
+
+(lse_stats,) = _family("infonce", ["lse_stats"])
+(topk,) = _family("topk", ["topk"])
+mix, mixed_dots = _family("mixing", ["mix", "mixed_dots"])
