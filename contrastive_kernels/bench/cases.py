@@ -99,6 +99,30 @@ PRESETS["gpu"] = (PRESETS["moco"] + PRESETS["qk"] + PRESETS["clip"] + PRESETS["s
                   + PRESETS["mixing"] + PRESETS["gpu-sweep"])
 
 
+# Outside candidates (Inf-CL, FAISS, a hand-written torch top-k, ...): name -> builder(case, device)
+# returning a step callable, or None when the candidate does not support the case. Modules
+# bench/baselines_*.py register themselves with ``register_baseline``.
+BASELINES: Dict[str, Callable[[Case, str], Optional[Callable[[], None]]]] = {}
+
+
+def register_baseline(name: str):
+    def deco(builder):
+        BASELINES[name] = builder
+        return builder
+    return deco
+
+
+def _load_baselines():
+    import importlib
+    import pkgutil
+
+    from contrastive_kernels import bench
+
+    for info in pkgutil.iter_modules(bench.__path__):
+        if info.name.startswith("baselines_"):
+            importlib.import_module(f"contrastive_kernels.bench.{info.name}")
+
+
 def _unit(rows, dim, gen, dtype, device, requires_grad=False):
     x = F.normalize(torch.randn(rows, dim, generator=gen), dim=1).to(device=device, dtype=dtype)
     return x.requires_grad_(requires_grad)
@@ -110,6 +134,12 @@ def build_step(c: Case, backend: str, device: str) -> Tuple[Callable[[], None], 
     import contrastive_kernels as ck
     from contrastive_kernels import reference
 
+    _load_baselines()
+    if backend in BASELINES:
+        step = BASELINES[backend](c, device)
+        if step is None:
+            raise NotImplementedError(f"{backend} does not support {c.op}")
+        return step, []
     gen = torch.Generator().manual_seed(0)
     dtype, d = DTYPES[c.dtype], c.dims
 
