@@ -7,8 +7,10 @@
   row maximum: the GEMM floor that the fused selection is measured against.
 - ``faiss-gpu``: FAISS's brute-force GPU search (``faiss.knn_gpu``, the engine behind
   ``GpuIndexFlatIP``/``GpuIndexFlatL2``) on the same torch tensors, when a FAISS build with GPU
-  support imports; fp32 and fp16 inputs (no bf16). On the project's GPU machine (torch 2.11 +
-  CUDA 13, no package index) it needs a wheel carried there; see README's benchmark notes.
+  support imports; fp32 and fp16 inputs (no bf16). Not on the project's GPU machine (torch 2.11 +
+  CUDA 13, no package index): faiss-gpu-cu13-cuvs (cp312, 81 MB) is the only CUDA 13 build and
+  also needs the libcuvs/libraft/librmm-cu13 wheels; faiss-gpu / faiss-gpu-cu12 need the CUDA 12
+  runtime and cuBLAS wheels. Without it the row's note says why.
 """
 from __future__ import annotations
 
@@ -27,13 +29,17 @@ def _inputs(c: Case, device: str):
     gen = torch.Generator().manual_seed(0)
     dtype = DTYPES[c.dtype]
     q = F.normalize(torch.randn(d["M"], d["D"], generator=gen), dim=1).to(device=device, dtype=dtype)
-    bank = _bank(d["N"], d["D"], dtype, device if c.op == "topk" else "cpu", gen)
+    if c.op == "topk_host":
+        from .cases import host_bank
+
+        return q, host_bank(d["N"], d["D"], dtype, device), d["k"]
+    bank = _bank(d["N"], d["D"], dtype, device, gen)
     return q, bank, d["k"]
 
 
-def _bank(n, dim, dtype, device, gen, rows=1 << 20):
+def _bank(n, dim, dtype, device, gen, rows=1 << 20, pinned=False):
     """Unit rows, built in slices (a 50M-row host bank never exists in fp32)."""
-    bank = torch.empty((n, dim), dtype=dtype, device=device)
+    bank = torch.empty((n, dim), dtype=dtype, device=device, pin_memory=pinned)
     for j0 in range(0, n, rows):
         j1 = min(n, j0 + rows)
         bank[j0:j1] = F.normalize(torch.randn(j1 - j0, dim, generator=gen), dim=1).to(dtype)
@@ -90,8 +96,9 @@ def faiss_gpu_available():
 def _faiss_gpu(c: Case, device: str):
     if c.op != "topk" or not device.startswith("cuda") or c.dtype == "bf16":
         return None
-    if faiss_gpu_available() is not None:
-        return None
+    why = faiss_gpu_available()
+    if why is not None:  # reported in the row's note
+        raise RuntimeError(why)
     import faiss
     import faiss.contrib.torch_utils  # noqa: F401  (lets faiss take torch tensors)
 
