@@ -904,7 +904,7 @@ def _aot_spec(dtype, mode, sim, e, labels, x, d=128, cc=9):
                "baux_ptr", "bl_ptr", "out_ptr", "cnt_ptr", "redo_ptr", "stride_qm", "stride_bv"]
     return {"kernel": _topk_tile_kernel, "signature": sig, "constexprs": const,
             "divisible_by_16": aligned, "num_warps": warps, "num_stages": stages, "arch_major": cc,
-            "name": f"topk_{['filter', 'dense', 'gemm'][mode]}_{str(dtype)[6:]}_{['dot', 'cos', 'l2'][sim]}"
+            "name": f"topk_{['filter', 'dense', 'gemm', 'tilemax'][mode]}_{str(dtype)[6:]}_{['dot', 'cos', 'l2'][sim]}"
                     f"_E{e}{'_lab' if labels else ''}_X{x}_D{d}_cc{cc}"}
 
 
@@ -917,7 +917,8 @@ AOT_SPECS = [
         + [_aot_spec(torch.bfloat16, MODE_FILTER, 1, 2, True, 2, cc=cc),
            _aot_spec(torch.float16, MODE_FILTER, 0, 1, False, 2, d=768, cc=cc)]
         + [_aot_spec(dt, MODE_DENSE, 2, 1, True, 1, cc=cc) for dt in (torch.float16, torch.float32)]
-        + [_aot_spec(dt, MODE_GEMM_ONLY, 0, 0, False, 1, cc=cc) for dt in (torch.float16, torch.float32)])
+        + [_aot_spec(dt, MODE_GEMM_ONLY, 0, 0, False, 1, cc=cc) for dt in (torch.float16, torch.float32)]
+        + [_aot_spec(dt, MODE_TILEMAX, 1, 1, True, 1, cc=cc) for dt in (torch.float16, torch.float32)])
 ] + [{"kernel": _sq_norm_kernel, "signature": {"x_ptr": "*bf16", "out_ptr": "*fp32", "n": "i32",
                                               "stride": "i32", "D": "constexpr", "BR": "constexpr",
                                               "BD": "constexpr"},
