@@ -34,3 +34,13 @@ bench-gpu:
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache .hypothesis
+
+# Triton top-k: ahead-of-time compile report for sm_80/sm_90 (no GPU needed), and on the GPU
+# machine the top-k timings (kernel vs its GEMM floor, torch.mm+torch.topk, FAISS if present).
+.PHONY: aot-topk bench-topk-gpu
+aot-topk:
+	$(PY) scripts/triton_aot_topk.py --arch 80,90
+
+bench-topk-gpu:
+	$(PY) scripts/bench_topk_gpu.py --out benchmarks/results/gpu-topk
+	$(PY) -m contrastive_kernels.bench --preset mining,mining-host --backends triton,torch-topk,gemm-only,faiss-gpu --out benchmarks/results/gpu-mining
