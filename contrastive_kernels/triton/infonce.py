@@ -1,0 +1,898 @@
+"""Triton kernels for the streaming op behind every InfoNCE-family loss (``lse_stats``).
+
+The op (spec: ``reference.lse_stats``). With the logits of a (row block x key block) tile
+
+    l_ij = a_i * b_j * <q_i, k_j> + c_i + d_j          (a = row_scale, b = col_scale,
+                                                         c = row_bias,  d = col_bias)
+
+valid_ij = (j not in exclude[i]) and pos_ij = valid_ij and (labels of i and j match: equal int
+labels, or int64 bitsets with a common bit), the forward pass returns
+
+    row_lse[g, i] = log sum_{j valid} exp(gamma_g l_ij)      for 1 or 2 gammas
+    pos_sum[i]    = sum_{j pos} l_ij,   pos_count[i] = #{j pos}
+    col_lse[j]    = log sum_{i valid} exp(l_ij)              (symmetric CLIP only)
+
+and the backward pass, with G_ij = valid_ij * (sum_g dR_gi gamma_g exp(gamma_g l_ij - R_gi)
++ dP_i pos_ij + dC_j exp(l_ij - C_j)),
+
+    dq_i = a_i sum_j G_ij b_j k_j              d a_i = <q_i, sum_j G_ij b_j k_j>   d c_i = sum_j G_ij
+    dk_j = b_j sum_i G_ij a_i q_i              d b_j = <k_j, sum_i G_ij a_i q_i>   d d_j = sum_i G_ij
+
+Kernels (all statistics and accumulators fp32, fp64 for fp64 inputs; tiles of q and k go through
+``tl.dot`` in the input dtype, fp32 inputs with 3xTF32 unless TF32 matmuls are allowed):
+
+``_lse_fwd_kernel``  grid (row groups, key splits), flash-decoding style. A program walks the
+    tiles of its rectangle (its rows x its key range), keeping per-row online (max, sum) pairs in
+    registers:  m' = max(m, max_j z_ij),  s' = s exp(m - m') + sum_j exp(z_ij - m')  (z = gamma l,
+    -inf where invalid). It writes one partial (m, s) per (split, row) -- and partial label sums.
+    Column statistics (CLIP) come from the SAME pass over the tiles: per (row group, column) the
+    program updates a running (max, sum) pair in global memory once per tile (each pair is owned by
+    one program, so no atomics; a CTA barrier after each row block orders its own writes and
+    reads). Row-only mode (only the query side needs gradients: MoCo queue, frozen bank) also
+    accumulates E_i = sum_j exp(l_ij - m_i) b_j k_j like the output of attention with the keys as
+    values, so that backward is O(B D):  dq_i = a_i w_i E_i / s_i  with w_i = dR_i (4 B K D flops
+    in all instead of 6).
+``_row_merge_kernel`` / ``_col_merge_kernel``  merge the partials of the splits / row groups:
+    M = max_s m_s, S = sum_s s_s exp(m_s - M), lse = M + log S (and E = sum_s exp(m_s - M) E_s / S).
+``_lse_bwd_q_kernel``  grid (row blocks, key splits): recomputes the tiles of a row block, forms
+    G and accumulates sum_j G_ij b_j k_j (registers) and sum_j G_ij; partials per split.
+``_lse_bwd_k_kernel``  grid (key blocks, row splits): the transpose, sum_i G_ij a_i q_i and
+    sum_i G_ij. With FUSED_DQ it also adds each tile's G b K into the query-side accumulator with
+    fp32 atomics, so that dQ and dK come from ONE recompute (8 N^2 D flops for symmetric CLIP
+    instead of 10); used unless ``torch.use_deterministic_algorithms(True)`` is on, in which case
+    the two deterministic kernels run.
+``_grad_finish_kernel``  sums the split partials and applies the scales: dx = scale * acc,
+    d scale = <x, acc>, d bias = sum.
+
+fp16 tiles of G are scaled by their per-row (per-column) max before the cast to fp16, so that
+small weights do not flush to zero; bf16 needs no scaling. Feature dims up to 256 keep q (k) tiles
+and the accumulators in registers; larger D loops over 128-wide chunks of the features and keeps
+the accumulators in the program's own slice of the partial buffers (read-modify-write, ordered by
+a CTA barrier).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Optional, Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+# Widest feature dim kept in registers (q/k tiles, accumulators); wider D is chunked.
+MAX_REG_D = 256
+CHUNK_D = 128
+# Every tile config's BLOCK_M / BLOCK_N divides these (row groups and key splits are multiples).
+ALIGN_M, ALIGN_N = (16, 32) if INTERPRETER else (128, 128)
+
+_NEG_INF = float("-inf")
+
+
+# ------------------------------------------------------------------------------------------------
+# tile helpers (inlined into the kernels)
+# ------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _tile_logits(Q, K, A, BS, CB, DB, EXCL, QL, KL, q, k, rows, cols, row_ok, col_ok,
+                 D, stride_q, stride_k, n_words,
+                 HAS_B: tl.constexpr, HAS_C: tl.constexpr, HAS_D: tl.constexpr,
+                 N_EXCL: tl.constexpr, LABELS: tl.constexpr, PREC: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                 D_CHUNKS: tl.constexpr):
+    """(l, valid, pos) of the tile rows x cols (int64 indices). q (BLOCK_M, BLOCK_D) and
+    k (BLOCK_N, BLOCK_D) are the resident tiles when D_CHUNKS == 1 (else unused)."""
+    acc_ty = A.dtype.element_ty
+    if D_CHUNKS == 1:
+        s = tl.dot(q, tl.trans(k), input_precision=PREC, out_dtype=acc_ty)
+    else:
+        s = tl.zeros([BLOCK_M, BLOCK_N], dtype=acc_ty)
+        for c in range(D_CHUNKS):
+            dd = c * BLOCK_D + tl.arange(0, BLOCK_D)
+            dm = dd < D
+            qc = tl.load(Q + rows[:, None] * stride_q + dd[None, :],
+                         mask=row_ok[:, None] & dm[None, :], other=0.0)
+            kc = tl.load(K + cols[:, None] * stride_k + dd[None, :],
+                         mask=col_ok[:, None] & dm[None, :], other=0.0)
+            s = tl.dot(qc, tl.trans(kc), s, input_precision=PREC, out_dtype=acc_ty)
+    a = tl.load(A + rows, mask=row_ok, other=0.0)
+    l = s * a[:, None]
+    if HAS_B:
+        l = l * tl.load(BS + cols, mask=col_ok, other=0.0)[None, :]
+    if HAS_C:
+        l = l + tl.load(CB + rows, mask=row_ok, other=0.0)[:, None]
+    if HAS_D:
+        l = l + tl.load(DB + cols, mask=col_ok, other=0.0)[None, :]
+    valid = row_ok[:, None] & col_ok[None, :]
+    for e in tl.static_range(N_EXCL):
+        ex = tl.load(EXCL + rows * N_EXCL + e, mask=row_ok, other=-1)
+        valid = valid & (cols[None, :] != ex[:, None])
+    pos = valid
+    if LABELS == 1:
+        ql = tl.load(QL + rows, mask=row_ok, other=0)
+        kl = tl.load(KL + cols, mask=col_ok, other=0)
+        pos = valid & (ql[:, None] == kl[None, :])
+    if LABELS == 2:
+        hit = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+        for w in range(n_words):
+            qw = tl.load(QL + rows * n_words + w, mask=row_ok, other=0)
+            kw = tl.load(KL + cols * n_words + w, mask=col_ok, other=0)
+            hit = hit | ((qw[:, None] & kw[None, :]) != 0).to(tl.int32)
+        pos = valid & (hit != 0)
+    return l, valid, pos
+
+
+@triton.jit
+def _grad_tile(l, valid, pos, r0, w0, r1, w1, dp, cl, dc, g0, g1,
+               N_GAMMA: tl.constexpr, LABELS: tl.constexpr, WANT_COL: tl.constexpr):
+    """G_ij = valid * (w0_i exp(g0 l - r0_i) [+ w1_i exp(g1 l - r1_i)] [+ dp_i pos_ij]
+    [+ dc_j exp(l - cl_j)]) with w = dR * gamma."""
+    g = w0[:, None] * tl.exp(tl.where(valid, g0 * l - r0[:, None], _NEG_INF))
+    if N_GAMMA == 2:
+        g += w1[:, None] * tl.exp(tl.where(valid, g1 * l - r1[:, None], _NEG_INF))
+    if LABELS != 0:
+        g += tl.where(pos, dp[:, None], 0.0)
+    if WANT_COL:
+        g += dc[None, :] * tl.exp(tl.where(valid, l - cl[None, :], _NEG_INF))
+    return tl.where(valid, g, 0.0)
+
+
+@triton.jit
+def _dot_rows(g, k, SCALE_G: tl.constexpr, PREC: tl.constexpr):
+    """g (M, N) @ k (N, D) in the dtype of k, fp32/fp64 out. With SCALE_G each row of g is
+    divided by its max |g| before the cast (fp16: no underflow) and multiplied back after."""
+    acc_ty = g.dtype
+    if SCALE_G:
+        gmax = tl.max(tl.abs(g), 1)
+        gmax = tl.where(gmax > 0, gmax, 1.0)
+        h = (g / gmax[:, None]).to(k.dtype)
+        return tl.dot(h, k, input_precision=PREC, out_dtype=acc_ty) * gmax[:, None]
+    else:
+        return tl.dot(g.to(k.dtype), k, input_precision=PREC, out_dtype=acc_ty)
+
+
+@triton.jit
+def _dot_cols(g, q, SCALE_G: tl.constexpr, PREC: tl.constexpr):
+    """g^T (N, M) @ q (M, D), with per-column scaling of g under SCALE_G."""
+    acc_ty = g.dtype
+    if SCALE_G:
+        gmax = tl.max(tl.abs(g), 0)
+        gmax = tl.where(gmax > 0, gmax, 1.0)
+        h = (g / gmax[None, :]).to(q.dtype)
+        return tl.dot(tl.trans(h), q, input_precision=PREC, out_dtype=acc_ty) * gmax[:, None]
+    else:
+        return tl.dot(tl.trans(g.to(q.dtype)), q, input_precision=PREC, out_dtype=acc_ty)
+
+
+# ------------------------------------------------------------------------------------------------
+# autotuning
+# ------------------------------------------------------------------------------------------------
+
+
+def _configs(kind: str):
+    if INTERPRETER:
+        return [triton.Config({"BLOCK_M": ALIGN_M, "BLOCK_N": ALIGN_N}, num_warps=1, num_stages=1)]
+    shapes = {
+        # (BLOCK_M, BLOCK_N, num_warps, num_stages)
+        "fwd": [(128, 64, 8, 3), (128, 128, 8, 3), (64, 128, 4, 3), (64, 64, 4, 4), (64, 32, 4, 2)],
+        "bwd": [(128, 64, 8, 3), (64, 128, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2), (64, 32, 4, 2)],
+    }[kind]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+            for m, n, w, s in shapes]
+
+
+_KEY = ["D", "rows_per_group", "cols_per_split", "HAS_B", "HAS_C", "HAS_D", "N_EXCL", "LABELS",
+        "N_GAMMA", "WANT_COL", "PREC", "BLOCK_D", "D_CHUNKS"]
+
+
+# ------------------------------------------------------------------------------------------------
+# forward
+# ------------------------------------------------------------------------------------------------
+
+
+@triton.autotune(configs=_configs("fwd"), key=_KEY + ["ROW_ONLY"])
+@triton.jit
+def _lse_fwd_kernel(Q, K, A, BS, CB, DB, EXCL, QL, KL, GAM,
+                  ROW_M, ROW_S, POS_P, CNT_P, COL_M, COL_S, ROW_E,
+                  B, N, D, stride_q, stride_k, n_words, rows_per_group, cols_per_split,
+                  HAS_B: tl.constexpr, HAS_C: tl.constexpr, HAS_D: tl.constexpr,
+                  N_EXCL: tl.constexpr, LABELS: tl.constexpr, N_GAMMA: tl.constexpr,
+                  WANT_COL: tl.constexpr, ROW_ONLY: tl.constexpr, PREC: tl.constexpr,
+                  BLOCK_D: tl.constexpr, D_CHUNKS: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    rg = tl.program_id(0)
+    sp = tl.program_id(1)
+    acc_ty = A.dtype.element_ty
+    row_lo = rg * rows_per_group
+    row_hi = tl.minimum(row_lo + rows_per_group, B)
+    col_lo = sp * cols_per_split
+    col_hi = tl.minimum(col_lo + cols_per_split, N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    g0 = tl.load(GAM).to(acc_ty)
+    g1 = g0
+    if N_GAMMA == 2:
+        g1 = tl.load(GAM + 1).to(acc_ty)
+    for i0 in range(row_lo, row_hi, BLOCK_M):
+        rows = (i0 + offs_m).to(tl.int64)
+        row_ok = rows < row_hi
+        q = 0.0
+        if D_CHUNKS == 1:
+            q = tl.load(Q + rows[:, None] * stride_q + offs_d[None, :],
+                        mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        m0 = tl.full([BLOCK_M], _NEG_INF, acc_ty)
+        s0 = tl.zeros([BLOCK_M], dtype=acc_ty)
+        m1 = tl.full([BLOCK_M], _NEG_INF, acc_ty)
+        s1 = tl.zeros([BLOCK_M], dtype=acc_ty)
+        psum = tl.zeros([BLOCK_M], dtype=acc_ty)
+        pcnt = tl.zeros([BLOCK_M], dtype=acc_ty)
+        e_acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=acc_ty)
+        for j0 in range(col_lo, col_hi, BLOCK_N):
+            cols = (j0 + offs_n).to(tl.int64)
+            col_ok = cols < col_hi
+            k = 0.0
+            if D_CHUNKS == 1:
+                k = tl.load(K + cols[:, None] * stride_k + offs_d[None, :],
+                            mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+            l, valid, pos = _tile_logits(Q, K, A, BS, CB, DB, EXCL, QL, KL, q, k, rows, cols,
+                                         row_ok, col_ok, D, stride_q, stride_k, n_words,
+                                         HAS_B, HAS_C, HAS_D, N_EXCL, LABELS, PREC,
+                                         BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS)
+            z = tl.where(valid, l * g0, _NEG_INF)
+            m_new = tl.maximum(m0, tl.max(z, 1))
+            shift = tl.where(m_new == _NEG_INF, 0.0, m_new)
+            alpha = tl.exp(m0 - shift)
+            p = tl.exp(z - shift[:, None])
+            s0 = s0 * alpha + tl.sum(p, 1)
+            m0 = m_new
+            if ROW_ONLY:
+                if HAS_B:
+                    p = p * tl.load(BS + cols, mask=col_ok, other=0.0)[None, :]
+                e_acc = e_acc * alpha[:, None] + tl.dot(p.to(k.dtype), k, input_precision=PREC,
+                                                        out_dtype=acc_ty)
+            if N_GAMMA == 2:
+                z = tl.where(valid, l * g1, _NEG_INF)
+                m_new = tl.maximum(m1, tl.max(z, 1))
+                shift = tl.where(m_new == _NEG_INF, 0.0, m_new)
+                s1 = s1 * tl.exp(m1 - shift) + tl.sum(tl.exp(z - shift[:, None]), 1)
+                m1 = m_new
+            if LABELS != 0:
+                psum += tl.sum(tl.where(pos, l, 0.0), 1)
+                pcnt += tl.sum(pos.to(acc_ty), 1)
+            if WANT_COL:
+                # running (max, sum) of this row group for these columns; fresh at its first row block
+                zc = tl.where(valid, l, _NEG_INF)
+                c_ptr = rg.to(tl.int64) * N + cols
+                keep = col_ok & ((offs_n * 0 + i0) != row_lo)
+                cm = tl.load(COL_M + c_ptr, mask=keep, other=_NEG_INF)
+                cs = tl.load(COL_S + c_ptr, mask=keep, other=0.0)
+                cm_new = tl.maximum(cm, tl.max(zc, 0))
+                cshift = tl.where(cm_new == _NEG_INF, 0.0, cm_new)
+                cs = cs * tl.exp(cm - cshift) + tl.sum(tl.exp(zc - cshift[None, :]), 0)
+                tl.store(COL_M + c_ptr, cm_new, mask=col_ok)
+                tl.store(COL_S + c_ptr, cs, mask=col_ok)
+        if WANT_COL:
+            tl.debug_barrier()  # this row block's column updates, before the next block reads them
+        out = (sp * N_GAMMA).to(tl.int64) * B + rows
+        tl.store(ROW_M + out, m0, mask=row_ok)
+        tl.store(ROW_S + out, s0, mask=row_ok)
+        if N_GAMMA == 2:
+            tl.store(ROW_M + out + B, m1, mask=row_ok)
+            tl.store(ROW_S + out + B, s1, mask=row_ok)
+        if LABELS != 0:
+            tl.store(POS_P + sp.to(tl.int64) * B + rows, psum, mask=row_ok)
+            tl.store(CNT_P + sp.to(tl.int64) * B + rows, pcnt, mask=row_ok)
+        if ROW_ONLY:
+            e_ptr = ROW_E + (sp.to(tl.int64) * B + rows)[:, None] * D + offs_d[None, :]
+            tl.store(e_ptr, e_acc, mask=row_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _log_total(mx, tot):
+    """mx + log(tot): -inf for an empty sum (without evaluating log 0), NaN stays NaN."""
+    return tl.where(tot == 0, _NEG_INF, mx + tl.log(tl.where(tot == 0, 1.0, tot)))
+
+
+@triton.jit
+def _row_merge_kernel(ROW_M, ROW_S, POS_P, CNT_P, ROW_E, OUT_LSE, OUT_POS, OUT_CNT, OUT_E,
+                      S, B, D, N_GAMMA: tl.constexpr, LABELS: tl.constexpr,
+                      ROW_ONLY: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Merge the (m, s) partials of S key splits: lse = M + log sum_s s_s exp(m_s - M); label
+    sums add up; with ROW_ONLY the normalized E = sum_s exp(m_s - M) E_s / sum."""
+    rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+    row_ok = rows < B
+    acc_ty = OUT_LSE.dtype.element_ty
+    for g in tl.static_range(N_GAMMA):
+        mx = tl.full([BLOCK_R], _NEG_INF, acc_ty)
+        tot = tl.zeros([BLOCK_R], dtype=acc_ty)
+        for s in range(S):
+            ptr = (s * N_GAMMA + g) * B + rows
+            m = tl.load(ROW_M + ptr, mask=row_ok, other=_NEG_INF)
+            t = tl.load(ROW_S + ptr, mask=row_ok, other=0.0)
+            new = tl.maximum(mx, m)
+            shift = tl.where(new == _NEG_INF, 0.0, new)
+            tot = tot * tl.exp(mx - shift) + t * tl.exp(m - shift)
+            mx = new
+        tl.store(OUT_LSE + g * B + rows, _log_total(mx, tot), mask=row_ok)
+        if ROW_ONLY and g == 0:
+            offs_d = tl.arange(0, BLOCK_D)
+            d_ok = offs_d < D
+            shift = tl.where(mx == _NEG_INF, 0.0, mx)
+            inv = tl.where(tot > 0, 1.0 / tl.where(tot > 0, tot, 1.0), 0.0)
+            e = tl.zeros([BLOCK_R, BLOCK_D], dtype=acc_ty)
+            for s in range(S):
+                m = tl.load(ROW_M + s * N_GAMMA * B + rows, mask=row_ok, other=_NEG_INF)
+                w = tl.exp(m - shift) * inv
+                part = tl.load(ROW_E + (s * B + rows)[:, None] * D + offs_d[None, :],
+                               mask=row_ok[:, None] & d_ok[None, :] & (w > 0)[:, None], other=0.0)
+                e += w[:, None] * part
+            tl.store(OUT_E + rows[:, None] * D + offs_d[None, :], e,
+                     mask=row_ok[:, None] & d_ok[None, :])
+    if LABELS != 0:
+        ps = tl.zeros([BLOCK_R], dtype=acc_ty)
+        pc = tl.zeros([BLOCK_R], dtype=acc_ty)
+        for s in range(S):
+            ps += tl.load(POS_P + s * B + rows, mask=row_ok, other=0.0)
+            pc += tl.load(CNT_P + s * B + rows, mask=row_ok, other=0.0)
+        tl.store(OUT_POS + rows, ps, mask=row_ok)
+        tl.store(OUT_CNT + rows, pc, mask=row_ok)
+
+
+@triton.jit
+def _col_merge_kernel(COL_M, COL_S, OUT, R, N, BLOCK: tl.constexpr):
+    """col_lse[j] = merge over the R row groups of their (max, sum) pairs."""
+    cols = (tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
+    ok = cols < N
+    acc_ty = OUT.dtype.element_ty
+    mx = tl.full([BLOCK], _NEG_INF, acc_ty)
+    tot = tl.zeros([BLOCK], dtype=acc_ty)
+    for r in range(R):
+        m = tl.load(COL_M + r * N + cols, mask=ok, other=_NEG_INF)
+        t = tl.load(COL_S + r * N + cols, mask=ok, other=0.0)
+        new = tl.maximum(mx, m)
+        shift = tl.where(new == _NEG_INF, 0.0, new)
+        tot = tot * tl.exp(mx - shift) + t * tl.exp(m - shift)
+        mx = new
+    tl.store(OUT + cols, _log_total(mx, tot), mask=ok)
+
+
+# ------------------------------------------------------------------------------------------------
+# backward
+# ------------------------------------------------------------------------------------------------
+
+
+@triton.autotune(configs=_configs("bwd"), key=_KEY + ["SCALE_G"])
+@triton.jit
+def _lse_bwd_q_kernel(Q, K, A, BS, CB, DB, EXCL, QL, KL, GAM, ROW_LSE, D_ROW, D_POS, COL_LSE, D_COL,
+                    DQ_P, GS_P, B, N, D, stride_q, stride_k, n_words, rows_per_group, cols_per_split,
+                    HAS_B: tl.constexpr, HAS_C: tl.constexpr, HAS_D: tl.constexpr,
+                    N_EXCL: tl.constexpr, LABELS: tl.constexpr, N_GAMMA: tl.constexpr,
+                    WANT_COL: tl.constexpr, SCALE_G: tl.constexpr, PREC: tl.constexpr,
+                    BLOCK_D: tl.constexpr, D_CHUNKS: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Query side: per split sp, DQ_P[sp, i] = sum_j G_ij b_j k_j and GS_P[sp, i] = sum_j G_ij."""
+    rg = tl.program_id(0)
+    sp = tl.program_id(1)
+    acc_ty = A.dtype.element_ty
+    row_lo = rg * rows_per_group
+    row_hi = tl.minimum(row_lo + rows_per_group, B)
+    col_lo = sp * cols_per_split
+    col_hi = tl.minimum(col_lo + cols_per_split, N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    g0 = tl.load(GAM).to(acc_ty)
+    g1 = g0
+    if N_GAMMA == 2:
+        g1 = tl.load(GAM + 1).to(acc_ty)
+    for i0 in range(row_lo, row_hi, BLOCK_M):
+        rows = (i0 + offs_m).to(tl.int64)
+        row_ok = rows < row_hi
+        q = 0.0
+        if D_CHUNKS == 1:
+            q = tl.load(Q + rows[:, None] * stride_q + offs_d[None, :],
+                        mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        r0 = tl.load(ROW_LSE + rows, mask=row_ok, other=0.0)
+        w0 = tl.load(D_ROW + rows, mask=row_ok, other=0.0) * g0
+        r1 = r0
+        w1 = w0
+        if N_GAMMA == 2:
+            r1 = tl.load(ROW_LSE + B + rows, mask=row_ok, other=0.0)
+            w1 = tl.load(D_ROW + B + rows, mask=row_ok, other=0.0) * g1
+        dp = w0
+        if LABELS != 0:
+            dp = tl.load(D_POS + rows, mask=row_ok, other=0.0)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=acc_ty)
+        gs = tl.zeros([BLOCK_M], dtype=acc_ty)
+        out_rows = sp.to(tl.int64) * B + rows
+        for j0 in range(col_lo, col_hi, BLOCK_N):
+            cols = (j0 + offs_n).to(tl.int64)
+            col_ok = cols < col_hi
+            k = 0.0
+            if D_CHUNKS == 1:
+                k = tl.load(K + cols[:, None] * stride_k + offs_d[None, :],
+                            mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+            l, valid, pos = _tile_logits(Q, K, A, BS, CB, DB, EXCL, QL, KL, q, k, rows, cols,
+                                         row_ok, col_ok, D, stride_q, stride_k, n_words,
+                                         HAS_B, HAS_C, HAS_D, N_EXCL, LABELS, PREC,
+                                         BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS)
+            cl = r0
+            dc = r0
+            if WANT_COL:
+                cl = tl.load(COL_LSE + cols, mask=col_ok, other=0.0)
+                dc = tl.load(D_COL + cols, mask=col_ok, other=0.0)
+            g = _grad_tile(l, valid, pos, r0, w0, r1, w1, dp, cl, dc, g0, g1, N_GAMMA, LABELS, WANT_COL)
+            gs += tl.sum(g, 1)
+            if HAS_B:
+                g = g * tl.load(BS + cols, mask=col_ok, other=0.0)[None, :]
+            if D_CHUNKS == 1:
+                acc += _dot_rows(g, k, SCALE_G, PREC)
+            else:
+                for c in range(D_CHUNKS):
+                    dd = c * BLOCK_D + offs_d
+                    dm = dd < D
+                    kc = tl.load(K + cols[:, None] * stride_k + dd[None, :],
+                                 mask=col_ok[:, None] & dm[None, :], other=0.0)
+                    ptr = DQ_P + out_rows[:, None] * D + dd[None, :]
+                    msk = row_ok[:, None] & dm[None, :]
+                    old = tl.load(ptr, mask=msk & ((offs_m * 0 + j0) != col_lo)[:, None], other=0.0)
+                    tl.store(ptr, old + _dot_rows(g, kc, SCALE_G, PREC), mask=msk)
+                tl.debug_barrier()
+        if D_CHUNKS == 1:
+            tl.store(DQ_P + out_rows[:, None] * D + offs_d[None, :], acc,
+                     mask=row_ok[:, None] & d_ok[None, :])
+        tl.store(GS_P + out_rows, gs, mask=row_ok)
+
+
+@triton.autotune(configs=_configs("bwd"), key=_KEY + ["SCALE_G", "FUSED_DQ"],
+                 reset_to_zero=["DQ_A", "GS_A"])
+@triton.jit
+def _lse_bwd_k_kernel(Q, K, A, BS, CB, DB, EXCL, QL, KL, GAM, ROW_LSE, D_ROW, D_POS, COL_LSE, D_COL,
+                    DK_P, CS_P, DQ_A, GS_A, B, N, D, stride_q, stride_k, n_words,
+                    rows_per_group, cols_per_split,
+                    HAS_B: tl.constexpr, HAS_C: tl.constexpr, HAS_D: tl.constexpr,
+                    N_EXCL: tl.constexpr, LABELS: tl.constexpr, N_GAMMA: tl.constexpr,
+                    WANT_COL: tl.constexpr, SCALE_G: tl.constexpr, FUSED_DQ: tl.constexpr,
+                    PREC: tl.constexpr, BLOCK_D: tl.constexpr, D_CHUNKS: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Key side: per row split sp, DK_P[sp, j] = sum_i G_ij a_i q_i and CS_P[sp, j] = sum_i G_ij.
+    Grid (key groups, row splits): here cols_per_split is the key-group width and rows_per_group
+    the row-split height. FUSED_DQ: also DQ_A[i] += sum_j G_ij b_j k_j, GS_A[i] += sum_j G_ij
+    (fp32 atomics; D_CHUNKS == 1 only)."""
+    cg = tl.program_id(0)
+    sp = tl.program_id(1)
+    acc_ty = A.dtype.element_ty
+    col_lo = cg * cols_per_split
+    col_hi = tl.minimum(col_lo + cols_per_split, N)
+    row_lo = sp * rows_per_group
+    row_hi = tl.minimum(row_lo + rows_per_group, B)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    g0 = tl.load(GAM).to(acc_ty)
+    g1 = g0
+    if N_GAMMA == 2:
+        g1 = tl.load(GAM + 1).to(acc_ty)
+    for j0 in range(col_lo, col_hi, BLOCK_N):
+        cols = (j0 + offs_n).to(tl.int64)
+        col_ok = cols < col_hi
+        k = 0.0
+        if D_CHUNKS == 1:
+            k = tl.load(K + cols[:, None] * stride_k + offs_d[None, :],
+                        mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+        cl = tl.zeros([BLOCK_N], dtype=acc_ty)
+        dc = cl
+        if WANT_COL:
+            cl = tl.load(COL_LSE + cols, mask=col_ok, other=0.0)
+            dc = tl.load(D_COL + cols, mask=col_ok, other=0.0)
+        bj = cl
+        if HAS_B:
+            bj = tl.load(BS + cols, mask=col_ok, other=0.0)
+        acc = tl.zeros([BLOCK_N, BLOCK_D], dtype=acc_ty)
+        cs = tl.zeros([BLOCK_N], dtype=acc_ty)
+        out_cols = sp.to(tl.int64) * N + cols
+        for i0 in range(row_lo, row_hi, BLOCK_M):
+            rows = (i0 + offs_m).to(tl.int64)
+            row_ok = rows < row_hi
+            q = 0.0
+            if D_CHUNKS == 1:
+                q = tl.load(Q + rows[:, None] * stride_q + offs_d[None, :],
+                            mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+            r0 = tl.load(ROW_LSE + rows, mask=row_ok, other=0.0)
+            w0 = tl.load(D_ROW + rows, mask=row_ok, other=0.0) * g0
+            r1 = r0
+            w1 = w0
+            if N_GAMMA == 2:
+                r1 = tl.load(ROW_LSE + B + rows, mask=row_ok, other=0.0)
+                w1 = tl.load(D_ROW + B + rows, mask=row_ok, other=0.0) * g1
+            dp = w0
+            if LABELS != 0:
+                dp = tl.load(D_POS + rows, mask=row_ok, other=0.0)
+            l, valid, pos = _tile_logits(Q, K, A, BS, CB, DB, EXCL, QL, KL, q, k, rows, cols,
+                                         row_ok, col_ok, D, stride_q, stride_k, n_words,
+                                         HAS_B, HAS_C, HAS_D, N_EXCL, LABELS, PREC,
+                                         BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS)
+            g = _grad_tile(l, valid, pos, r0, w0, r1, w1, dp, cl, dc, g0, g1, N_GAMMA, LABELS, WANT_COL)
+            cs += tl.sum(g, 0)
+            if FUSED_DQ:
+                tl.atomic_add(GS_A + rows, tl.sum(g, 1), mask=row_ok)
+                gb = g
+                if HAS_B:
+                    gb = g * bj[None, :]
+                tl.atomic_add(DQ_A + rows[:, None] * D + offs_d[None, :], _dot_rows(gb, k, SCALE_G, PREC),
+                              mask=row_ok[:, None] & d_ok[None, :])
+            ga = g * tl.load(A + rows, mask=row_ok, other=0.0)[:, None]
+            if D_CHUNKS == 1:
+                acc += _dot_cols(ga, q, SCALE_G, PREC)
+            else:
+                for c in range(D_CHUNKS):
+                    dd = c * BLOCK_D + offs_d
+                    dm = dd < D
+                    qc = tl.load(Q + rows[:, None] * stride_q + dd[None, :],
+                                 mask=row_ok[:, None] & dm[None, :], other=0.0)
+                    ptr = DK_P + out_cols[:, None] * D + dd[None, :]
+                    msk = col_ok[:, None] & dm[None, :]
+                    old = tl.load(ptr, mask=msk & ((offs_n * 0 + i0) != row_lo)[:, None], other=0.0)
+                    tl.store(ptr, old + _dot_cols(ga, qc, SCALE_G, PREC), mask=msk)
+                tl.debug_barrier()
+        if D_CHUNKS == 1:
+            tl.store(DK_P + out_cols[:, None] * D + offs_d[None, :], acc,
+                     mask=col_ok[:, None] & d_ok[None, :])
+        tl.store(CS_P + out_cols, cs, mask=col_ok)
+
+
+@triton.jit
+def _grad_finish_kernel(ACC, GS, X, SC, DX, DSC, DBI, S, n, D, stride_x,
+                        HAS_SC: tl.constexpr, WANT_DX: tl.constexpr, WANT_DSC: tl.constexpr,
+                        WANT_DBI: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+                        D_CHUNKS: tl.constexpr):
+    """acc = sum_s ACC[s]: DX = SC * acc (in the dtype of DX), DSC = <X, acc>, DBI = sum_s GS[s]."""
+    rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+    row_ok = rows < n
+    acc_ty = ACC.dtype.element_ty
+    sc = tl.zeros([BLOCK_R], dtype=acc_ty) + 1.0
+    if HAS_SC:
+        sc = tl.load(SC + rows, mask=row_ok, other=0.0)
+    dsc = tl.zeros([BLOCK_R], dtype=acc_ty)
+    if WANT_DX or WANT_DSC:
+        for c in range(D_CHUNKS):
+            dd = c * BLOCK_D + tl.arange(0, BLOCK_D)
+            msk = row_ok[:, None] & (dd < D)[None, :]
+            tot = tl.zeros([BLOCK_R, BLOCK_D], dtype=acc_ty)
+            for s in range(S):
+                tot += tl.load(ACC + (s * n + rows)[:, None] * D + dd[None, :], mask=msk, other=0.0)
+            if WANT_DX:
+                tl.store(DX + rows[:, None] * D + dd[None, :],
+                         (tot * sc[:, None]).to(DX.dtype.element_ty), mask=msk)
+            if WANT_DSC:
+                x = tl.load(X + rows[:, None] * stride_x + dd[None, :], mask=msk, other=0.0)
+                dsc += tl.sum(x.to(acc_ty) * tot, 1)
+    if WANT_DSC:
+        tl.store(DSC + rows, dsc, mask=row_ok)
+    if WANT_DBI:
+        gs = tl.zeros([BLOCK_R], dtype=acc_ty)
+        for s in range(S):
+            gs += tl.load(GS + s * n + rows, mask=row_ok, other=0.0)
+        tl.store(DBI + rows, gs, mask=row_ok)
+
+
+# ------------------------------------------------------------------------------------------------
+# host side: plans, launches, the family op
+# ------------------------------------------------------------------------------------------------
+
+try:  # torch >= 2.6: kernels launched through wrap_triton are visible to torch.compile
+    from torch.library import wrap_triton
+except ImportError:  # pragma: no cover
+    def wrap_triton(kernel):
+        return kernel
+
+# Per-split work below which splitting the key axis further only adds merge traffic.
+MIN_SPLIT_COLS = 1024
+MIN_SPLIT_ROWS = 1024
+_plan_overrides: dict = {}
+
+
+@contextlib.contextmanager
+def plan_override(**kw):
+    """Force parts of the launch plan (tests, tuning experiments): ``fwd=(rows_per_group,
+    cols_per_split)``, ``q=(rows, cols)``, ``k=(rows, cols)`` (each a multiple of the tile),
+    ``max_reg_d`` / ``chunk_d`` (feature-dim chunking), ``fused`` (bool: the atomic dQ path)."""
+    old = dict(_plan_overrides)
+    _plan_overrides.update(kw)
+    try:
+        yield
+    finally:
+        _plan_overrides.clear()
+        _plan_overrides.update(old)
+
+
+_sm_counts: dict = {}
+
+
+def _n_sm(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _sm_counts:
+        _sm_counts[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _sm_counts[idx]
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _precision(dtype: torch.dtype) -> str:
+    """tl.dot input precision: fp32 tiles use 3xTF32 (fp32-like accuracy on tensor cores) unless
+    the user allowed TF32 matmuls; other dtypes are exact products."""
+    if dtype == torch.float32 and not INTERPRETER:
+        return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "tf32x3"
+    return "ieee"
+
+
+def _d_blocks(d: int):
+    """(BLOCK_D, D_CHUNKS): the whole feature dim in registers up to MAX_REG_D, else chunks."""
+    max_reg = _plan_overrides.get("max_reg_d", MAX_REG_D)
+    if d <= max_reg:
+        return max(16, triton.next_power_of_2(d)), 1
+    chunk = _plan_overrides.get("chunk_d", CHUNK_D)
+    return chunk, triton.cdiv(d, chunk)
+
+
+def row_only_supported(d: int, n_gamma: int, has_labels: bool) -> bool:
+    """The forward accumulation of E needs the feature dim in registers and one gamma, no labels
+    (the MoCo / QK bank case); otherwise the row-only case uses the recompute backward."""
+    return _d_blocks(d)[1] == 1 and n_gamma == 1 and not has_labels
+
+
+def _split(n: int, align: int, parts: int):
+    """Cut n into at most ``parts`` pieces of a width that is a multiple of ``align``:
+    (width, count), every piece non-empty."""
+    blocks = max(1, triton.cdiv(n, align))
+    parts = max(1, min(parts, blocks))
+    width = triton.cdiv(blocks, parts) * align
+    return width, max(1, triton.cdiv(n, width))
+
+
+def _fwd_plan(b: int, n: int, want_col: bool, device):
+    """(rows_per_group, R, cols_per_split, S) of the forward grid (R, S)."""
+    if "fwd" in _plan_overrides:
+        rows, cols = _plan_overrides["fwd"]
+        return (*_split(b, rows, triton.cdiv(b, rows)), *_split(n, cols, triton.cdiv(n, cols)))
+    if INTERPRETER:  # two tiles per group / split: exercises both the loops and the merges
+        return (*_split(b, 2 * ALIGN_M, b), *_split(n, 2 * ALIGN_N, n))
+    target = 2 * _n_sm(device)
+    n_rb, n_cb = triton.cdiv(b, ALIGN_M), triton.cdiv(n, ALIGN_N)
+    if want_col:  # a balanced rectangle per program: R x N column partials stay small
+        r = int(round((target * n_rb / max(1, n_cb)) ** 0.5))
+        r = max(1, min(n_rb, r))
+    else:
+        r = n_rb
+    s = max(1, min(triton.cdiv(target, r), triton.cdiv(n, MIN_SPLIT_COLS)))
+    return (*_split(b, ALIGN_M, r), *_split(n, ALIGN_N, s))
+
+
+def _bwd_plan(side: str, b: int, n: int, device):
+    """Query side: (rows_per_group, R, cols_per_split, S) of grid (R, S); key side: (rows per
+    split, S, cols per group, C) of grid (C, S)."""
+    if side in _plan_overrides:
+        rows, cols = _plan_overrides[side]
+        return (*_split(b, rows, triton.cdiv(b, rows)), *_split(n, cols, triton.cdiv(n, cols)))
+    if INTERPRETER:
+        if side == "q":
+            return (*_split(b, ALIGN_M, b), *_split(n, 2 * ALIGN_N, n))
+        return (*_split(b, 2 * ALIGN_M, b), *_split(n, ALIGN_N, n))
+    target = 2 * _n_sm(device)
+    if side == "q":
+        r = triton.cdiv(b, ALIGN_M)
+        s = max(1, min(triton.cdiv(target, r), triton.cdiv(n, MIN_SPLIT_COLS)))
+        return (*_split(b, ALIGN_M, r), *_split(n, ALIGN_N, s))
+    c = triton.cdiv(n, ALIGN_N)
+    s = max(1, min(triton.cdiv(target, c), triton.cdiv(b, MIN_SPLIT_ROWS)))
+    return (*_split(b, ALIGN_M, s), *_split(n, ALIGN_N, c))
+
+
+def _label_mode(q_labels) -> tuple:
+    if q_labels is None:
+        return 0, 1
+    if q_labels.dim() == 1:
+        return 1, 1
+    return 2, q_labels.shape[1]
+
+
+def forward_outputs(q, k, gammas, want_col_lse, row_only):
+    """Empty outputs of the forward op (also its fake kernel): row_lse (G, B), pos_sum (B,),
+    pos_count (B,), col_lse (N,) or (0,), row_e (B, D) or (0, D) -- all in the accumulation dtype."""
+    acc = _acc_dtype(q.dtype)
+    b, d = q.shape
+    n = k.shape[0]
+    new = lambda *shape: q.new_empty(shape, dtype=acc)  # noqa: E731
+    return (new(len(gammas), b), new(b), new(b), new(n if want_col_lse else 0),
+            new(b if row_only else 0, d))
+
+
+def backward_outputs(q, k, row_scale, col_scale, row_bias, col_bias, need):
+    """Empty gradients of the backward op (also its fake kernel), each in its input's dtype;
+    gradients not asked for are empty (0,) tensors."""
+    like = (q, k, row_scale, col_scale, row_bias, col_bias)
+    out = []
+    for t, wanted in zip(like, need):
+        if wanted and t is not None:
+            out.append(torch.empty_like(t, memory_format=torch.contiguous_format))
+        else:
+            out.append(q.new_empty((0,), dtype=_acc_dtype(q.dtype)))
+    return tuple(out)
+
+
+def _prep(q, k, row_scale, col_scale, row_bias, col_bias, gammas, exclude, q_labels, k_labels):
+    acc = _acc_dtype(q.dtype)
+    q = q.contiguous()
+    k = k.contiguous()
+    vec = lambda t: t.to(acc).contiguous() if t is not None else None  # noqa: E731
+    a, b, c, d = vec(row_scale), vec(col_scale), vec(row_bias), vec(col_bias)
+    gam = torch.tensor([float(g) for g in gammas] + [0.0] * (2 - len(gammas)), dtype=acc,
+                       device=q.device)
+    excl = exclude.to(torch.int64).contiguous() if exclude is not None else None
+    ql = q_labels.to(torch.int64).contiguous() if q_labels is not None else None
+    kl = k_labels.to(torch.int64).contiguous() if k_labels is not None else None
+    return q, k, a, b, c, d, gam, excl, ql, kl
+
+
+def _flags(q, b, c, d, excl, ql, gammas):
+    labels, n_words = _label_mode(ql)
+    block_d, d_chunks = _d_blocks(q.shape[1])
+    flags = dict(HAS_B=b is not None, HAS_C=c is not None, HAS_D=d is not None,
+                 N_EXCL=excl.shape[1] if excl is not None else 0, LABELS=labels,
+                 N_GAMMA=len(gammas), PREC=_precision(q.dtype), BLOCK_D=block_d, D_CHUNKS=d_chunks)
+    return flags, n_words
+
+
+def lse_forward(q, k, row_scale, col_scale, row_bias, col_bias, gammas, exclude, q_labels, k_labels,
+                want_col_lse, row_only):
+    """Host side of the forward op: see the module docstring. Returns (row_lse, pos_sum, pos_count,
+    col_lse, row_e); row_e is the normalized E of the row-only mode ((0, D) otherwise)."""
+    if len(gammas) not in (1, 2):
+        raise ValueError(f"the Triton lse_stats supports 1 or 2 gammas, got {len(gammas)}")
+    row_lse, pos_sum, pos_count, col_lse, row_e = forward_outputs(q, k, gammas, want_col_lse, row_only)
+    bsz, dim = q.shape
+    n = k.shape[0]
+    if n == 0:
+        return (torch.full_like(row_lse, _NEG_INF), torch.zeros_like(pos_sum),
+                torch.zeros_like(pos_count), col_lse, torch.zeros_like(row_e))
+    q, k, a, b, c, d, gam, excl, ql, kl = _prep(q, k, row_scale, col_scale, row_bias, col_bias,
+                                                gammas, exclude, q_labels, k_labels)
+    flags, n_words = _flags(q, b, c, d, excl, ql, gammas)
+    if row_only and flags["D_CHUNKS"] != 1:
+        raise ValueError("row_only needs the feature dim in registers (see row_only_supported)")
+    rows, n_rg, cols, n_sp = _fwd_plan(bsz, n, want_col_lse, q.device)
+    n_g = len(gammas)
+    acc = row_lse.dtype
+    part = lambda *shape: q.new_empty(shape, dtype=acc)  # noqa: E731
+    row_m, row_s = part(n_sp, n_g, bsz), part(n_sp, n_g, bsz)
+    labels = flags["LABELS"] != 0
+    pos_p, cnt_p = (part(n_sp, bsz), part(n_sp, bsz)) if labels else (a, a)
+    col_m, col_s = (part(n_rg, n), part(n_rg, n)) if want_col_lse else (a, a)
+    e_p = part(n_sp, bsz, dim) if row_only else a
+    wrap_triton(_lse_fwd_kernel)[(n_rg, n_sp)](
+        q, k, a, b if b is not None else a, c if c is not None else a, d if d is not None else a,
+        excl if excl is not None else ql if ql is not None else a, ql if ql is not None else a,
+        kl if kl is not None else a, gam,
+        row_m, row_s, pos_p, cnt_p, col_m, col_s, e_p,
+        bsz, n, dim, q.stride(0), k.stride(0), n_words, rows, cols,
+        WANT_COL=want_col_lse, ROW_ONLY=row_only, **flags)
+    block_r = 32 if (row_only or INTERPRETER) else 128
+    wrap_triton(_row_merge_kernel)[(triton.cdiv(bsz, block_r),)](
+        row_m, row_s, pos_p, cnt_p, e_p, row_lse, pos_sum if labels else row_lse,
+        pos_count if labels else row_lse, row_e if row_only else row_lse, n_sp, bsz, dim,
+        N_GAMMA=n_g, LABELS=flags["LABELS"], ROW_ONLY=row_only, BLOCK_R=block_r,
+        BLOCK_D=flags["BLOCK_D"])
+    if not labels:
+        pos_sum, pos_count = torch.zeros_like(pos_sum), torch.zeros_like(pos_count)
+    if want_col_lse:
+        block_c = 64 if INTERPRETER else 256
+        wrap_triton(_col_merge_kernel)[(triton.cdiv(n, block_c),)](col_m, col_s, col_lse, n_rg, n,
+                                                                     BLOCK=block_c)
+    return row_lse, pos_sum, pos_count, col_lse, row_e
+
+
+def lse_backward(d_row, d_pos, d_col, q, k, row_scale, col_scale, row_bias, col_bias, gammas,
+                 exclude, q_labels, k_labels, row_lse, col_lse, need, fused):
+    """Host side of the backward op (recompute path): gradients of (q, k, row_scale, col_scale,
+    row_bias, col_bias) for the entries of ``need`` (others are empty). ``fused``: dQ and dK from
+    one recompute with atomics (nondeterministic summation order) when both sides are needed."""
+    outs = list(backward_outputs(q, k, row_scale, col_scale, row_bias, col_bias, need))
+    bsz, dim = q.shape
+    n = k.shape[0]
+    need_q = need[0] or need[2] or need[4]
+    need_k = need[1] or need[3] or need[5]
+    if n == 0 or not (need_q or need_k):
+        return tuple(o.zero_() if o.numel() else o for o in outs)
+    q, k, a, b, c, d, gam, excl, ql, kl = _prep(q, k, row_scale, col_scale, row_bias, col_bias,
+                                                gammas, exclude, q_labels, k_labels)
+    flags, n_words = _flags(q, b, c, d, excl, ql, gammas)
+    acc = a.dtype
+    want_col = col_lse.numel() > 0
+    labels = flags["LABELS"] != 0
+    d_row = d_row.to(acc).contiguous()
+    d_pos = d_pos.to(acc).contiguous() if labels else a
+    d_col = d_col.to(acc).contiguous() if want_col else a
+    row_lse = row_lse.contiguous()
+    col_lse = col_lse.contiguous() if want_col else a
+    fused = bool(fused and need_q and need_k and flags["D_CHUNKS"] == 1
+                 and _plan_overrides.get("fused", True))
+    scale_g = q.dtype == torch.float16
+    common = (q, k, a, b if b is not None else a, c if c is not None else a,
+              d if d is not None else a, excl if excl is not None else a,
+              ql if ql is not None else a, kl if kl is not None else a, gam,
+              row_lse, d_row, d_pos, col_lse, d_col)
+    part = lambda *shape: q.new_empty(shape, dtype=acc)  # noqa: E731
+    dq_p = gs_p = None
+    n_q = 1
+    if need_q and not fused:
+        rows, n_rg, cols, n_q = _bwd_plan("q", bsz, n, q.device)
+        dq_p, gs_p = part(n_q, bsz, dim), part(n_q, bsz)
+        wrap_triton(_lse_bwd_q_kernel)[(n_rg, n_q)](
+            *common, dq_p, gs_p, bsz, n, dim, q.stride(0), k.stride(0), n_words, rows, cols,
+            WANT_COL=want_col, SCALE_G=scale_g, **flags)
+    if need_k:
+        rows, n_k, cols, n_cg = _bwd_plan("k", bsz, n, q.device)
+        dk_p, cs_p = part(n_k, n, dim), part(n_k, n)
+        if fused:
+            dq_p = torch.zeros((1, bsz, dim), dtype=acc, device=q.device)
+            gs_p = torch.zeros((1, bsz), dtype=acc, device=q.device)
+            dq_a, gs_a = dq_p, gs_p
+        else:
+            dq_a = gs_a = torch.zeros((1,), dtype=acc, device=q.device)
+        wrap_triton(_lse_bwd_k_kernel)[(n_cg, n_k)](
+            *common, dk_p, cs_p, dq_a, gs_a, bsz, n, dim, q.stride(0), k.stride(0), n_words,
+            rows, cols, WANT_COL=want_col, SCALE_G=scale_g, FUSED_DQ=fused, **flags)
+        _finish(dk_p, cs_p, k, b, outs, (1, 3, 5), need, n_k, n, dim)
+    if need_q:
+        _finish(dq_p, gs_p, q, a, outs, (0, 2, 4), need, n_q, bsz, dim)
+    return tuple(outs)
+
+
+def _finish(acc_p, sum_p, x, scale, outs, slots, need, n_parts, n, dim):
+    """Sum the split partials into the gradients of x, its scale and its bias (slots in outs)."""
+    i_x, i_sc, i_bi = slots
+    acc = acc_p.dtype
+    want_dx, want_dsc, want_dbi = need[i_x], need[i_sc] and scale is not None, need[i_bi]
+    dx = outs[i_x] if want_dx else acc_p
+    dsc = outs[i_sc] if (want_dsc and outs[i_sc].dtype == acc) else (
+        x.new_empty((n,), dtype=acc) if want_dsc else acc_p)
+    dbi = outs[i_bi] if (want_dbi and outs[i_bi].dtype == acc) else (
+        x.new_empty((n,), dtype=acc) if want_dbi else acc_p)
+    block_d = min(max(16, triton.next_power_of_2(dim)), 128)
+    block_r = 16 if INTERPRETER else 32
+    wrap_triton(_grad_finish_kernel)[(triton.cdiv(n, block_r),)](
+        acc_p, sum_p, x, scale if scale is not None else acc_p, dx, dsc, dbi, n_parts, n, dim,
+        x.stride(0), HAS_SC=scale is not None, WANT_DX=want_dx, WANT_DSC=want_dsc,
+        WANT_DBI=want_dbi, BLOCK_R=block_r, BLOCK_D=block_d, D_CHUNKS=triton.cdiv(dim, block_d))
+    if want_dsc and dsc is not outs[i_sc]:
+        outs[i_sc] = dsc.to(outs[i_sc].dtype)
+    if want_dbi and dbi is not outs[i_bi]:
+        outs[i_bi] = dbi.to(outs[i_bi].dtype)
+
+
+def lse_stats(q, k, row_scale, col_scale=None, row_bias=None, col_bias=None, *,
+              gammas: Sequence[float] = (1.0,), exclude=None, q_labels=None, k_labels=None,
+              want_col_lse=False):
+    """``reference.lse_stats`` with the kernels above, through the custom op
+    ``contrastive_kernels::triton_lse_fwd`` (see ``contrastive_kernels.ops``)."""
+    from .. import ops
+
+    key_side = any(t is not None and t.requires_grad for t in (k, col_scale, col_bias))
+    query_side = any(t is not None and t.requires_grad for t in (q, row_scale, row_bias))
+    row_only = (torch.is_grad_enabled() and query_side and not key_side and not want_col_lse
+                and row_only_supported(q.shape[1], len(gammas), q_labels is not None))
+    out = ops.triton_lse_fwd(q, k, row_scale, col_scale, row_bias, col_bias,
+                             [float(g) for g in gammas], exclude, q_labels, k_labels,
+                             bool(want_col_lse), bool(row_only))
+    return out[0], out[1], out[2], out[3]
