@@ -62,13 +62,14 @@ import triton.language as tl
 
 INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-# Widest feature dim kept in registers (q/k tiles, accumulators); wider D is chunked.
-MAX_REG_D = 256
+# Widest feature dim whose q / k tiles and accumulators stay resident (bytes per row of a tile:
+# 256 features of fp16/bf16, 128 of fp32, 64 of fp64); wider D loops over CHUNK_D-wide chunks.
+MAX_REG_D_BYTES = 512
 CHUNK_D = 128
 # Every tile config's BLOCK_M / BLOCK_N divides these (row groups and key splits are multiples).
 ALIGN_M, ALIGN_N = (16, 32) if INTERPRETER else (128, 128)
 
-_NEG_INF = float("-inf")
+_NEG_INF = tl.constexpr(float("-inf"))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -637,19 +638,21 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee"
 
 
-def _d_blocks(d: int):
-    """(BLOCK_D, D_CHUNKS): the whole feature dim in registers up to MAX_REG_D, else chunks."""
-    max_reg = _plan_overrides.get("max_reg_d", MAX_REG_D)
+def _d_blocks(d: int, dtype: torch.dtype):
+    """(BLOCK_D, D_CHUNKS): the whole feature dim resident up to MAX_REG_D_BYTES per row, else
+    chunks of CHUNK_D (of MAX_REG_D_BYTES / itemsize when that is smaller)."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    max_reg = _plan_overrides.get("max_reg_d", MAX_REG_D_BYTES // itemsize)
     if d <= max_reg:
         return max(16, triton.next_power_of_2(d)), 1
-    chunk = _plan_overrides.get("chunk_d", CHUNK_D)
+    chunk = _plan_overrides.get("chunk_d", min(CHUNK_D, max(16, MAX_REG_D_BYTES // itemsize)))
     return chunk, triton.cdiv(d, chunk)
 
 
-def row_only_supported(d: int, n_gamma: int, has_labels: bool) -> bool:
-    """The forward accumulation of E needs the feature dim in registers and one gamma, no labels
+def row_only_supported(d: int, dtype: torch.dtype, n_gamma: int, has_labels: bool) -> bool:
+    """The forward accumulation of E needs the feature dim resident and one gamma, no labels
     (the MoCo / QK bank case); otherwise the row-only case uses the recompute backward."""
-    return _d_blocks(d)[1] == 1 and n_gamma == 1 and not has_labels
+    return _d_blocks(d, dtype)[1] == 1 and n_gamma == 1 and not has_labels
 
 
 def _split(n: int, align: int, parts: int):
@@ -747,7 +750,7 @@ def _prep(q, k, row_scale, col_scale, row_bias, col_bias, gammas, exclude, q_lab
 
 def _flags(q, b, c, d, excl, ql, gammas):
     labels, n_words = _label_mode(ql)
-    block_d, d_chunks = _d_blocks(q.shape[1])
+    block_d, d_chunks = _d_blocks(q.shape[1], q.dtype)
     flags = dict(HAS_B=b is not None, HAS_C=c is not None, HAS_D=d is not None,
                  N_EXCL=excl.shape[1] if excl is not None else 0, LABELS=labels,
                  N_GAMMA=len(gammas), PREC=_precision(q.dtype), BLOCK_D=block_d, D_CHUNKS=d_chunks)
@@ -764,7 +767,7 @@ def lse_forward(q, k, row_scale, col_scale, row_bias, col_bias, gammas, exclude,
     bsz, dim = q.shape
     n = k.shape[0]
     if n == 0:
-        return (torch.full_like(row_lse, _NEG_INF), torch.zeros_like(pos_sum),
+        return (torch.full_like(row_lse, float("-inf")), torch.zeros_like(pos_sum),
                 torch.zeros_like(pos_count), col_lse, torch.zeros_like(row_e))
     q, k, a, b, c, d, gam, excl, ql, kl = _prep(q, k, row_scale, col_scale, row_bias, col_bias,
                                                 gammas, exclude, q_labels, k_labels)
@@ -891,8 +894,118 @@ def lse_stats(q, k, row_scale, col_scale=None, row_bias=None, col_bias=None, *,
     key_side = any(t is not None and t.requires_grad for t in (k, col_scale, col_bias))
     query_side = any(t is not None and t.requires_grad for t in (q, row_scale, row_bias))
     row_only = (torch.is_grad_enabled() and query_side and not key_side and not want_col_lse
-                and row_only_supported(q.shape[1], len(gammas), q_labels is not None))
+                and row_only_supported(q.shape[1], q.dtype, len(gammas), q_labels is not None))
     out = ops.triton_lse_fwd(q, k, row_scale, col_scale, row_bias, col_bias,
                              [float(g) for g in gammas], exclude, q_labels, k_labels,
                              bool(want_col_lse), bool(row_only))
     return out[0], out[1], out[2], out[3]
+
+
+# ------------------------------------------------------------------------------------------------
+# ahead-of-time compile specs (scripts/triton_aot_check.py): representative signatures of every
+# kernel above, compiled for sm_80 / sm_90 without a GPU to catch compile errors and report
+# registers and spills. "{dt}" is replaced by each dtype of "dtypes"; a callable constexpr gets
+# the dtype name. "configs": None = every autotune config of the kernel, else a list of
+# (num_warps, num_stages, extra constexprs).
+# ------------------------------------------------------------------------------------------------
+
+_I32 = ("B", "N", "D", "S", "R", "n", "stride_q", "stride_k", "stride_x", "n_words",
+        "rows_per_group", "cols_per_split")
+
+
+def jit_function(kernel):
+    """The @triton.jit function under @triton.autotune / @triton.heuristics wrappers."""
+    from triton.runtime.autotuner import Autotuner, Heuristics
+
+    while isinstance(kernel, (Autotuner, Heuristics)):
+        kernel = kernel.fn
+    return kernel
+
+
+def _aot_signature(kernel, overrides):
+    fn = jit_function(kernel)
+    if not hasattr(fn, "params"):  # the interpreter's InterpretedFunction: no compile specs
+        return {}
+    sig = {}
+    for i, name in enumerate(fn.arg_names):
+        if fn.params[i].is_constexpr:
+            sig[name] = "constexpr"
+        elif name in overrides:
+            sig[name] = overrides[name]
+        elif name in _I32:
+            sig[name] = "i32"
+        elif name in ("EXCL", "QL", "KL"):
+            sig[name] = "*i64"
+        else:
+            sig[name] = "*{acc}"
+    return sig
+
+
+def _prec_of(dt):
+    return "tf32x3" if dt == "fp32" else "ieee"
+
+
+def _scale_of(dt):
+    return dt == "fp16"
+
+
+_TORCH_DT = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
+             "fp64": torch.float64}
+
+
+def _variant(name, kernel, d, dtypes, **constexprs):
+    """A spec for feature dim ``d``: BLOCK_D / D_CHUNKS as the host would choose per dtype."""
+    consts = dict(PREC=_prec_of, **constexprs)
+    consts["BLOCK_D"] = lambda dt: _d_blocks(d, _TORCH_DT[dt])[0]
+    consts["D_CHUNKS"] = lambda dt: _d_blocks(d, _TORCH_DT[dt])[1]
+    return dict(name=f"{name},D={d}]", kernel=kernel, dtypes=dtypes, constexprs=consts,
+                signature=_aot_signature(kernel, {"Q": "*{dt}", "K": "*{dt}"}))
+
+
+def _aot_specs():
+    lowp = ("fp32", "fp16", "bf16")
+    fwd = dict(HAS_B=False, HAS_C=False, HAS_D=False, N_EXCL=0, LABELS=0, N_GAMMA=1,
+               WANT_COL=False, ROW_ONLY=False)
+    bwd = dict(HAS_B=True, HAS_C=False, HAS_D=False, N_EXCL=0, LABELS=0, N_GAMMA=1,
+               WANT_COL=False, SCALE_G=_scale_of)
+    k_fwd, k_q, k_k = _lse_fwd_kernel, _lse_bwd_q_kernel, _lse_bwd_k_kernel
+    specs = [
+        _variant("lse_fwd[bank,row_only", k_fwd, 128, lowp, **{**fwd, "ROW_ONLY": True}),
+        _variant("lse_fwd[bank,row_only", k_fwd, 256, ("bf16",), **{**fwd, "ROW_ONLY": True}),
+        _variant("lse_fwd[bank,row_only", k_fwd, 64, ("fp64",), **{**fwd, "ROW_ONLY": True}),
+        _variant("lse_fwd[bank,recompute", k_fwd, 256, lowp, **fwd),
+        _variant("lse_fwd[clip,col_lse,cosine", k_fwd, 512, lowp, **{**fwd, "HAS_B": True,
+                                                                       "WANT_COL": True}),
+        _variant("lse_fwd[supcon+dcl,bits,2 gammas,l2", k_fwd, 128, lowp + ("fp64",),
+                 **{**fwd, "HAS_C": True, "HAS_D": True, "N_EXCL": 2, "LABELS": 2, "N_GAMMA": 2}),
+        _variant("lse_bwd_q[clip+labels,2 gammas", k_q, 128, lowp + ("fp64",),
+                 **{**bwd, "WANT_COL": True, "LABELS": 1, "N_GAMMA": 2, "N_EXCL": 1}),
+        _variant("lse_bwd_q[queue", k_q, 768, lowp, **bwd),
+        _variant("lse_bwd_k[clip,fused dQ", k_k, 128, ("fp16", "bf16"),
+                 **{**bwd, "WANT_COL": True, "FUSED_DQ": True}),
+        _variant("lse_bwd_k[clip,fused dQ", k_k, 64, ("fp32", "fp64"),
+                 **{**bwd, "WANT_COL": True, "FUSED_DQ": True}),
+        _variant("lse_bwd_k[supcon,bits", k_k, 256, lowp,
+                 **{**bwd, "LABELS": 2, "N_EXCL": 1, "FUSED_DQ": False}),
+        _variant("lse_bwd_k[clip", k_k, 512, lowp, **{**bwd, "WANT_COL": True, "FUSED_DQ": False}),
+        dict(name="row_merge[row_only,D=256]", kernel=_row_merge_kernel, dtypes=("fp32",),
+             signature=_aot_signature(_row_merge_kernel, {}),
+             constexprs=dict(N_GAMMA=1, LABELS=0, ROW_ONLY=True, BLOCK_R=32, BLOCK_D=256),
+             configs=[(4, 1, {})]),
+        dict(name="row_merge[2 gammas,labels]", kernel=_row_merge_kernel, dtypes=("fp32",),
+             signature=_aot_signature(_row_merge_kernel, {}),
+             constexprs=dict(N_GAMMA=2, LABELS=1, ROW_ONLY=False, BLOCK_R=128, BLOCK_D=128),
+             configs=[(4, 1, {})]),
+        dict(name="col_merge", kernel=_col_merge_kernel, dtypes=("fp32",),
+             signature=_aot_signature(_col_merge_kernel, {}), constexprs=dict(BLOCK=256),
+             configs=[(4, 1, {})]),
+        dict(name="grad_finish", kernel=_grad_finish_kernel, dtypes=lowp,
+             signature=_aot_signature(_grad_finish_kernel, {"X": "*{dt}", "DX": "*{dt}"}),
+             constexprs=dict(HAS_SC=True, WANT_DX=True, WANT_DSC=True, WANT_DBI=True, BLOCK_R=32,
+                             BLOCK_D=128, D_CHUNKS=6),
+             configs=[(4, 1, {})]),
+    ]
+    return specs
+
+
+AOT_SPECS = _aot_specs()
