@@ -7,7 +7,6 @@ accumulation against the recompute backward, the chunked feature-dim path, the f
 and the deterministic backward, and the custom ops (schemas, fake kernels, autograd
 registration). On CPU these run through Triton's interpreter, so the shapes are small.
 """
-import math
 
 import pytest
 import torch
@@ -15,7 +14,7 @@ import torch
 import contrastive_kernels as ck
 from contrastive_kernels import functional, reference
 from contrastive_kernels._common import pack_multi_hot
-from _helpers import check_backend, evaluate, unit
+from _helpers import check_backend, check_low_precision
 
 DEVICE = torch.device("cpu")
 _why = functional.backend_unavailable_reason("triton", DEVICE)
@@ -29,7 +28,7 @@ else:  # pragma: no cover
 
 # interpreter tiles are 16 x 32: B, N not multiples of them, D not a power of two
 B, N, D = 19, 45, 24
-FP16_QUANTUM = 2.0 ** -10  # one fp16 ulp at 1.0: the input rounding no kernel can undo
+FP16_QUANTUM = 2.0 ** -10  # one fp16 ulp at 1.0
 
 
 def _features(n, d, seed, scale=1.0):
@@ -100,22 +99,9 @@ def test_losses_fp32(fn, tensors, grads):
 
 @pytest.mark.parametrize("fn,tensors,grads", LOSS_CASES)
 def test_losses_fp16_twice_eager(fn, tensors, grads):
-    """DESIGN's rule in fp16 (the floor is one fp16 ulp: the rounding of the inputs themselves,
-    which a single eager run can undo by luck on a given element) and, sharper, the same rule
-    against the fp64 reference evaluated on the fp16-rounded inputs, where only arithmetic
-    error remains: there the kernels must be at least half as accurate as eager fp16."""
-    check_backend(fn, tensors, grads, "triton", torch.float16, floor=FP16_QUANTUM)
-    rounded = {k: (v.to(torch.float16).double() if v.is_floating_point() else v)
-               for k, v in tensors.items()}
-    exact = evaluate(fn, rounded, grads, "reference", torch.float64)
-    got = evaluate(fn, tensors, grads, "triton", torch.float16)
-    eager = evaluate(fn, tensors, grads, "reference", torch.float16)
-    for name, g, e, r in zip(["value"] + grads, got, eager, exact):
-        assert torch.isfinite(g.float()).all(), name
-        err = (g.double() - r).abs().max().item()
-        err_eager = (e.double() - r).abs().max().item()
-        scale = 1.0 + r.abs().max().item()
-        assert err <= 2 * err_eager + 1e-5 * scale, (name, err, err_eager)
+    """DESIGN's rule in fp16 (see _helpers.check_low_precision: against the fp64 reference with an
+    fp16-ulp floor, and against the fp64 reference on the rounded inputs with a 1e-5 floor)."""
+    check_low_precision(fn, tensors, grads, "triton", torch.float16, FP16_QUANTUM)
 
 
 # ------------------------------------------------------------------------------------------------

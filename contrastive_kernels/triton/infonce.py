@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import struct
 from typing import Optional, Sequence
 
 import torch
@@ -178,12 +179,35 @@ def _configs(kind: str):
         return [triton.Config({"BLOCK_M": ALIGN_M, "BLOCK_N": ALIGN_N}, num_warps=1, num_stages=1)]
     shapes = {
         # (BLOCK_M, BLOCK_N, num_warps, num_stages)
-        "fwd": [(128, 64, 8, 3), (128, 128, 8, 3), (64, 128, 4, 3), (64, 64, 4, 4), (64, 32, 4, 2)],
+        "fwd": [(128, 64, 8, 3), (128, 128, 8, 3), (64, 128, 4, 3), (64, 64, 4, 3), (64, 32, 4, 2)],
         "bwd": [(128, 64, 8, 3), (64, 128, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2), (64, 32, 4, 2)],
     }[kind]
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
             for m, n, w, s in shapes]
 
+
+# Autotuning on (default): every config is timed once per key. Off (CK_TRITON_AUTOTUNE=0 or
+# set_autotune(False), e.g. for correctness tests): the first config that fits every variant.
+_AUTOTUNE = os.environ.get("CK_TRITON_AUTOTUNE", "1") != "0"
+_DEFAULT_TILE = (64, 64)
+
+
+def set_autotune(enabled: bool) -> None:
+    """Time every tile config on the first call of each shape key (True), or use one default."""
+    global _AUTOTUNE
+    _AUTOTUNE = bool(enabled)
+
+
+def _prune(configs, named_args, **kwargs):
+    if _AUTOTUNE or len(configs) == 1:
+        return configs
+    for c in configs:
+        if (c.kwargs.get("BLOCK_M"), c.kwargs.get("BLOCK_N")) == _DEFAULT_TILE:
+            return [c]
+    return configs[-1:]
+
+
+_PRUNE = {"early_config_prune": _prune}
 
 _KEY = ["D", "rows_per_group", "cols_per_split", "HAS_B", "HAS_C", "HAS_D", "N_EXCL", "LABELS",
         "N_GAMMA", "WANT_COL", "PREC", "BLOCK_D", "D_CHUNKS"]
@@ -194,9 +218,9 @@ _KEY = ["D", "rows_per_group", "cols_per_split", "HAS_B", "HAS_C", "HAS_D", "N_E
 # ------------------------------------------------------------------------------------------------
 
 
-@triton.autotune(configs=_configs("fwd"), key=_KEY + ["ROW_ONLY"])
+@triton.autotune(configs=_configs("fwd"), key=_KEY + ["ROW_ONLY"], prune_configs_by=_PRUNE)
 @triton.jit
-def _lse_fwd_kernel(Q, K, A, BS, CB, DB, EXCL, QL, KL, GAM,
+def _lse_fwd_kernel(Q, K, A, BS, CB, DB, EXCL, QL, KL, g0_hi, g0_lo, g1_hi, g1_lo,
                   ROW_M, ROW_S, POS_P, CNT_P, COL_M, COL_S, ROW_E,
                   B, N, D, stride_q, stride_k, n_words, rows_per_group, cols_per_split,
                   HAS_B: tl.constexpr, HAS_C: tl.constexpr, HAS_D: tl.constexpr,
@@ -215,10 +239,9 @@ def _lse_fwd_kernel(Q, K, A, BS, CB, DB, EXCL, QL, KL, GAM,
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
-    g0 = tl.load(GAM).to(acc_ty)
-    g1 = g0
-    if N_GAMMA == 2:
-        g1 = tl.load(GAM + 1).to(acc_ty)
+    zero = tl.zeros([], dtype=acc_ty)
+    g0 = (g0_hi + zero) + (g0_lo + zero)  # gammas as fp32 pairs: ~48-bit exact for fp64
+    g1 = (g1_hi + zero) + (g1_lo + zero)
     for i0 in range(row_lo, row_hi, BLOCK_M):
         rows = (i0 + offs_m).to(tl.int64)
         row_ok = rows < row_hi
@@ -367,9 +390,9 @@ def _col_merge_kernel(COL_M, COL_S, OUT, R, N, BLOCK: tl.constexpr):
 # ------------------------------------------------------------------------------------------------
 
 
-@triton.autotune(configs=_configs("bwd"), key=_KEY + ["SCALE_G"])
+@triton.autotune(configs=_configs("bwd"), key=_KEY + ["SCALE_G"], prune_configs_by=_PRUNE)
 @triton.jit
-def _lse_bwd_q_kernel(Q, K, A, BS, CB, DB, EXCL, QL, KL, GAM, ROW_LSE, D_ROW, D_POS, COL_LSE, D_COL,
+def _lse_bwd_q_kernel(Q, K, A, BS, CB, DB, EXCL, QL, KL, g0_hi, g0_lo, g1_hi, g1_lo, ROW_LSE, D_ROW, D_POS, COL_LSE, D_COL,
                     DQ_P, GS_P, B, N, D, stride_q, stride_k, n_words, rows_per_group, cols_per_split,
                     HAS_B: tl.constexpr, HAS_C: tl.constexpr, HAS_D: tl.constexpr,
                     N_EXCL: tl.constexpr, LABELS: tl.constexpr, N_GAMMA: tl.constexpr,
@@ -388,10 +411,9 @@ def _lse_bwd_q_kernel(Q, K, A, BS, CB, DB, EXCL, QL, KL, GAM, ROW_LSE, D_ROW, D_
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
-    g0 = tl.load(GAM).to(acc_ty)
-    g1 = g0
-    if N_GAMMA == 2:
-        g1 = tl.load(GAM + 1).to(acc_ty)
+    zero = tl.zeros([], dtype=acc_ty)
+    g0 = (g0_hi + zero) + (g0_lo + zero)  # gammas as fp32 pairs: ~48-bit exact for fp64
+    g1 = (g1_hi + zero) + (g1_lo + zero)
     for i0 in range(row_lo, row_hi, BLOCK_M):
         rows = (i0 + offs_m).to(tl.int64)
         row_ok = rows < row_hi
@@ -452,9 +474,9 @@ def _lse_bwd_q_kernel(Q, K, A, BS, CB, DB, EXCL, QL, KL, GAM, ROW_LSE, D_ROW, D_
 
 
 @triton.autotune(configs=_configs("bwd"), key=_KEY + ["SCALE_G", "FUSED_DQ"],
-                 reset_to_zero=["DQ_A", "GS_A"])
+                 reset_to_zero=["DQ_A", "GS_A"], prune_configs_by=_PRUNE)
 @triton.jit
-def _lse_bwd_k_kernel(Q, K, A, BS, CB, DB, EXCL, QL, KL, GAM, ROW_LSE, D_ROW, D_POS, COL_LSE, D_COL,
+def _lse_bwd_k_kernel(Q, K, A, BS, CB, DB, EXCL, QL, KL, g0_hi, g0_lo, g1_hi, g1_lo, ROW_LSE, D_ROW, D_POS, COL_LSE, D_COL,
                     DK_P, CS_P, DQ_A, GS_A, B, N, D, stride_q, stride_k, n_words,
                     rows_per_group, cols_per_split,
                     HAS_B: tl.constexpr, HAS_C: tl.constexpr, HAS_D: tl.constexpr,
@@ -477,10 +499,9 @@ def _lse_bwd_k_kernel(Q, K, A, BS, CB, DB, EXCL, QL, KL, GAM, ROW_LSE, D_ROW, D_
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
-    g0 = tl.load(GAM).to(acc_ty)
-    g1 = g0
-    if N_GAMMA == 2:
-        g1 = tl.load(GAM + 1).to(acc_ty)
+    zero = tl.zeros([], dtype=acc_ty)
+    g0 = (g0_hi + zero) + (g0_lo + zero)  # gammas as fp32 pairs: ~48-bit exact for fp64
+    g1 = (g1_hi + zero) + (g1_lo + zero)
     for j0 in range(col_lo, col_hi, BLOCK_N):
         cols = (j0 + offs_n).to(tl.int64)
         col_ok = cols < col_hi
@@ -740,8 +761,10 @@ def _prep(q, k, row_scale, col_scale, row_bias, col_bias, gammas, exclude, q_lab
     k = k.contiguous()
     vec = lambda t: t.to(acc).contiguous() if t is not None else None  # noqa: E731
     a, b, c, d = vec(row_scale), vec(col_scale), vec(row_bias), vec(col_bias)
-    gam = torch.tensor([float(g) for g in gammas] + [0.0] * (2 - len(gammas)), dtype=acc,
-                       device=q.device)
+    gam = []  # each gamma as an exact fp32 pair (hi, lo): scalar kernel arguments, no H2D copy
+    for g in list(gammas) + [0.0] * (2 - len(gammas)):
+        hi = struct.unpack("f", struct.pack("f", float(g)))[0]
+        gam += [hi, float(g) - hi]
     excl = exclude.to(torch.int64).contiguous() if exclude is not None else None
     ql = q_labels.to(torch.int64).contiguous() if q_labels is not None else None
     kl = k_labels.to(torch.int64).contiguous() if k_labels is not None else None
@@ -750,7 +773,7 @@ def _prep(q, k, row_scale, col_scale, row_bias, col_bias, gammas, exclude, q_lab
 
 def _flags(q, b, c, d, excl, ql, gammas):
     labels, n_words = _label_mode(ql)
-    block_d, d_chunks = _d_blocks(q.shape[1], q.dtype)
+    block_d, d_chunks = _d_blocks(int(q.shape[1]), q.dtype)
     flags = dict(HAS_B=b is not None, HAS_C=c is not None, HAS_D=d is not None,
                  N_EXCL=excl.shape[1] if excl is not None else 0, LABELS=labels,
                  N_GAMMA=len(gammas), PREC=_precision(q.dtype), BLOCK_D=block_d, D_CHUNKS=d_chunks)
@@ -764,8 +787,7 @@ def lse_forward(q, k, row_scale, col_scale, row_bias, col_bias, gammas, exclude,
     if len(gammas) not in (1, 2):
         raise ValueError(f"the Triton lse_stats supports 1 or 2 gammas, got {len(gammas)}")
     row_lse, pos_sum, pos_count, col_lse, row_e = forward_outputs(q, k, gammas, want_col_lse, row_only)
-    bsz, dim = q.shape
-    n = k.shape[0]
+    bsz, dim, n = int(q.shape[0]), int(q.shape[1]), int(k.shape[0])  # launch plans need ints
     if n == 0:
         return (torch.full_like(row_lse, float("-inf")), torch.zeros_like(pos_sum),
                 torch.zeros_like(pos_count), col_lse, torch.zeros_like(row_e))
@@ -786,7 +808,7 @@ def lse_forward(q, k, row_scale, col_scale, row_bias, col_bias, gammas, exclude,
     wrap_triton(_lse_fwd_kernel)[(n_rg, n_sp)](
         q, k, a, b if b is not None else a, c if c is not None else a, d if d is not None else a,
         excl if excl is not None else ql if ql is not None else a, ql if ql is not None else a,
-        kl if kl is not None else a, gam,
+        kl if kl is not None else a, *gam,
         row_m, row_s, pos_p, cnt_p, col_m, col_s, e_p,
         bsz, n, dim, q.stride(0), k.stride(0), n_words, rows, cols,
         WANT_COL=want_col_lse, ROW_ONLY=row_only, **flags)
@@ -811,8 +833,7 @@ def lse_backward(d_row, d_pos, d_col, q, k, row_scale, col_scale, row_bias, col_
     row_bias, col_bias) for the entries of ``need`` (others are empty). ``fused``: dQ and dK from
     one recompute with atomics (nondeterministic summation order) when both sides are needed."""
     outs = list(backward_outputs(q, k, row_scale, col_scale, row_bias, col_bias, need))
-    bsz, dim = q.shape
-    n = k.shape[0]
+    bsz, dim, n = int(q.shape[0]), int(q.shape[1]), int(k.shape[0])  # launch plans need ints
     need_q = need[0] or need[2] or need[4]
     need_k = need[1] or need[3] or need[5]
     if n == 0 or not (need_q or need_k):
@@ -833,7 +854,7 @@ def lse_backward(d_row, d_pos, d_col, q, k, row_scale, col_scale, row_bias, col_
     scale_g = q.dtype == torch.float16
     common = (q, k, a, b if b is not None else a, c if c is not None else a,
               d if d is not None else a, excl if excl is not None else a,
-              ql if ql is not None else a, kl if kl is not None else a, gam,
+              ql if ql is not None else a, kl if kl is not None else a, *gam,
               row_lse, d_row, d_pos, col_lse, d_col)
     part = lambda *shape: q.new_empty(shape, dtype=acc)  # noqa: E731
     dq_p = gs_p = None
@@ -911,6 +932,7 @@ def lse_stats(q, k, row_scale, col_scale=None, row_bias=None, col_bias=None, *,
 
 _I32 = ("B", "N", "D", "S", "R", "n", "stride_q", "stride_k", "stride_x", "n_words",
         "rows_per_group", "cols_per_split")
+_F32 = ("g0_hi", "g0_lo", "g1_hi", "g1_lo")
 
 
 def jit_function(kernel):
@@ -934,6 +956,8 @@ def _aot_signature(kernel, overrides):
             sig[name] = overrides[name]
         elif name in _I32:
             sig[name] = "i32"
+        elif name in _F32:
+            sig[name] = "fp32"
         elif name in ("EXCL", "QL", "KL"):
             sig[name] = "*i64"
         else:
