@@ -9,6 +9,8 @@ Each module of ``contrastive_kernels.triton`` may expose ``AOT_SPECS``: a list o
                 each dtype of ``dtypes`` and "{acc}" for its accumulation dtype (fp64 for fp64,
                 else fp32)
     constexprs  {name: value or callable(dtype name) -> value}
+    divisible   optional names of int arguments divisible by 16 (default: DIVISIBLE); pointers
+                are always taken as 16-byte aligned, as the launcher specializes them
     dtypes      tuple of dtype names (fp32, fp16, bf16, fp64)
     configs     optional [(num_warps, num_stages, {extra constexprs})]; default: every config of
                 the autotuned kernel
@@ -46,6 +48,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+# int arguments that are multiples of 16 in the launches being modeled (feature dims and strides
+# of the specs are multiples of 16; plan widths are multiples of 128); a spec may override this
+DIVISIBLE = ("D", "stride_q", "stride_k", "stride_x", "rows_per_group", "cols_per_split")
 SMEM_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
 ACC = {"fp64": "fp64"}
 
@@ -145,8 +150,12 @@ def _compile_one(job, only):
     row = {"module": mod, "name": spec["name"], "dtype": dt, "arch": arch, "warps": num_warps,
            "stages": num_stages, "meta": " ".join(f"{k}={v}" for k, v in extra.items())}
     t0 = time.time()
+    # what the launcher specializes at run time: 16-byte aligned pointers and ints divisible by 16
+    divisible = set(spec.get("divisible", DIVISIBLE))
+    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
+             if name in sig and (sig[name].startswith("*") or name in divisible)}
     try:
-        src = ASTSource(fn=fn, signature=sig, constexprs=consts)
+        src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
         compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                                   options={"num_warps": num_warps, "num_stages": num_stages})
     except Exception as exc:  # noqa: BLE001 - reported, the script fails at the end

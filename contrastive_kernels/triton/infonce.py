@@ -143,6 +143,69 @@ def _grad_tile(l, valid, pos, r0, w0, r1, w1, dp, cl, dc, g0, g1,
 
 
 @triton.jit
+def _tile_logits_t(Q, K, A, BS, CB, DB, EXCL, QL, KL, q, k, rows, cols, row_ok, col_ok,
+                   D, stride_q, stride_k, n_words,
+                   HAS_B: tl.constexpr, HAS_C: tl.constexpr, HAS_D: tl.constexpr,
+                   N_EXCL: tl.constexpr, LABELS: tl.constexpr, PREC: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                   D_CHUNKS: tl.constexpr):
+    """``_tile_logits`` transposed: (l^T, valid^T, pos^T) of shape (BLOCK_N, BLOCK_M), so that the
+    key-side products G^T @ q take G^T as the left operand without a transpose."""
+    acc_ty = A.dtype.element_ty
+    if D_CHUNKS == 1:
+        s = tl.dot(k, tl.trans(q), input_precision=PREC, out_dtype=acc_ty)
+    else:
+        s = tl.zeros([BLOCK_N, BLOCK_M], dtype=acc_ty)
+        for c in range(D_CHUNKS):
+            dd = c * BLOCK_D + tl.arange(0, BLOCK_D)
+            dm = dd < D
+            qc = tl.load(Q + rows[:, None] * stride_q + dd[None, :],
+                         mask=row_ok[:, None] & dm[None, :], other=0.0)
+            kc = tl.load(K + cols[:, None] * stride_k + dd[None, :],
+                         mask=col_ok[:, None] & dm[None, :], other=0.0)
+            s = tl.dot(kc, tl.trans(qc), s, input_precision=PREC, out_dtype=acc_ty)
+    a = tl.load(A + rows, mask=row_ok, other=0.0)
+    l = s * a[None, :]
+    if HAS_B:
+        l = l * tl.load(BS + cols, mask=col_ok, other=0.0)[:, None]
+    if HAS_C:
+        l = l + tl.load(CB + rows, mask=row_ok, other=0.0)[None, :]
+    if HAS_D:
+        l = l + tl.load(DB + cols, mask=col_ok, other=0.0)[:, None]
+    valid = col_ok[:, None] & row_ok[None, :]
+    for e in tl.static_range(N_EXCL):
+        ex = tl.load(EXCL + rows * N_EXCL + e, mask=row_ok, other=-1)
+        valid = valid & (cols[:, None] != ex[None, :])
+    pos = valid
+    if LABELS == 1:
+        ql = tl.load(QL + rows, mask=row_ok, other=0)
+        kl = tl.load(KL + cols, mask=col_ok, other=0)
+        pos = valid & (kl[:, None] == ql[None, :])
+    if LABELS == 2:
+        hit = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.int32)
+        for w in range(n_words):
+            qw = tl.load(QL + rows * n_words + w, mask=row_ok, other=0)
+            kw = tl.load(KL + cols * n_words + w, mask=col_ok, other=0)
+            hit = hit | ((kw[:, None] & qw[None, :]) != 0).to(tl.int32)
+        pos = valid & (hit != 0)
+    return l, valid, pos
+
+
+@triton.jit
+def _grad_tile_t(l, valid, pos, r0, w0, r1, w1, dp, cl, dc, g0, g1,
+                 N_GAMMA: tl.constexpr, LABELS: tl.constexpr, WANT_COL: tl.constexpr):
+    """``_grad_tile`` on the transposed tile: G^T (keys x rows)."""
+    g = w0[None, :] * tl.exp(tl.where(valid, g0 * l - r0[None, :], _NEG_INF))
+    if N_GAMMA == 2:
+        g += w1[None, :] * tl.exp(tl.where(valid, g1 * l - r1[None, :], _NEG_INF))
+    if LABELS != 0:
+        g += tl.where(pos, dp[None, :], 0.0)
+    if WANT_COL:
+        g += dc[:, None] * tl.exp(tl.where(valid, l - cl[:, None], _NEG_INF))
+    return tl.where(valid, g, 0.0)
+
+
+@triton.jit
 def _dot_rows(g, k, SCALE_G: tl.constexpr, PREC: tl.constexpr):
     """g (M, N) @ k (N, D) in the dtype of k, fp32/fp64 out. With SCALE_G each row of g is
     divided by its max |g| before the cast (fp16: no underflow) and multiplied back after."""
@@ -177,17 +240,22 @@ def _dot_cols(g, q, SCALE_G: tl.constexpr, PREC: tl.constexpr):
 def _configs(kind: str):
     if INTERPRETER:
         return [triton.Config({"BLOCK_M": ALIGN_M, "BLOCK_N": ALIGN_N}, num_warps=1, num_stages=1)]
+    # (BLOCK_M, BLOCK_N, num_warps, num_stages), chosen from scripts/triton_aot_check.py's sm_90
+    # register / spill report: configs that spill on the common variants are left out
     shapes = {
-        # (BLOCK_M, BLOCK_N, num_warps, num_stages)
-        "fwd": [(128, 64, 8, 3), (128, 128, 8, 3), (64, 128, 4, 3), (64, 64, 4, 3), (64, 32, 4, 2)],
-        "bwd": [(128, 64, 8, 3), (64, 128, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2), (64, 32, 4, 2)],
+        "fwd": [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 8, 3), (64, 32, 8, 3), (64, 64, 4, 3),
+                (64, 32, 4, 2)],
+        "bwd_q": [(128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 8, 3), (64, 32, 4, 3), (64, 32, 4, 2)],
+        # key side: BLOCK_N is the M of its products (G^T @ q): wgmma wants it >= 64
+        "bwd_k": [(32, 128, 8, 3), (64, 64, 8, 3), (32, 128, 8, 2), (32, 64, 4, 3), (32, 64, 4, 2)],
     }[kind]
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
             for m, n, w, s in shapes]
 
 
 # Autotuning on (default): every config is timed once per key. Off (CK_TRITON_AUTOTUNE=0 or
-# set_autotune(False), e.g. for correctness tests): the first config that fits every variant.
+# set_autotune(False), e.g. for correctness tests): the first 64 x 64 config of each list, which
+# fits the shared memory of every variant and dtype on sm_80 / sm_90.
 _AUTOTUNE = os.environ.get("CK_TRITON_AUTOTUNE", "1") != "0"
 _DEFAULT_TILE = (64, 64)
 
@@ -390,7 +458,7 @@ def _col_merge_kernel(COL_M, COL_S, OUT, R, N, BLOCK: tl.constexpr):
 # ------------------------------------------------------------------------------------------------
 
 
-@triton.autotune(configs=_configs("bwd"), key=_KEY + ["SCALE_G"], prune_configs_by=_PRUNE)
+@triton.autotune(configs=_configs("bwd_q"), key=_KEY + ["SCALE_G"], prune_configs_by=_PRUNE)
 @triton.jit
 def _lse_bwd_q_kernel(Q, K, A, BS, CB, DB, EXCL, QL, KL, g0_hi, g0_lo, g1_hi, g1_lo, ROW_LSE, D_ROW, D_POS, COL_LSE, D_COL,
                     DQ_P, GS_P, B, N, D, stride_q, stride_k, n_words, rows_per_group, cols_per_split,
@@ -473,7 +541,7 @@ def _lse_bwd_q_kernel(Q, K, A, BS, CB, DB, EXCL, QL, KL, g0_hi, g0_lo, g1_hi, g1
         tl.store(GS_P + out_rows, gs, mask=row_ok)
 
 
-@triton.autotune(configs=_configs("bwd"), key=_KEY + ["SCALE_G", "FUSED_DQ"],
+@triton.autotune(configs=_configs("bwd_k"), key=_KEY + ["SCALE_G", "FUSED_DQ"],
                  reset_to_zero=["DQ_A", "GS_A"], prune_configs_by=_PRUNE)
 @triton.jit
 def _lse_bwd_k_kernel(Q, K, A, BS, CB, DB, EXCL, QL, KL, g0_hi, g0_lo, g1_hi, g1_lo, ROW_LSE, D_ROW, D_POS, COL_LSE, D_COL,
@@ -537,22 +605,23 @@ def _lse_bwd_k_kernel(Q, K, A, BS, CB, DB, EXCL, QL, KL, g0_hi, g0_lo, g1_hi, g1
             dp = w0
             if LABELS != 0:
                 dp = tl.load(D_POS + rows, mask=row_ok, other=0.0)
-            l, valid, pos = _tile_logits(Q, K, A, BS, CB, DB, EXCL, QL, KL, q, k, rows, cols,
-                                         row_ok, col_ok, D, stride_q, stride_k, n_words,
-                                         HAS_B, HAS_C, HAS_D, N_EXCL, LABELS, PREC,
-                                         BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS)
-            g = _grad_tile(l, valid, pos, r0, w0, r1, w1, dp, cl, dc, g0, g1, N_GAMMA, LABELS, WANT_COL)
-            cs += tl.sum(g, 0)
+            lt, valid, pos = _tile_logits_t(Q, K, A, BS, CB, DB, EXCL, QL, KL, q, k, rows, cols,
+                                            row_ok, col_ok, D, stride_q, stride_k, n_words,
+                                            HAS_B, HAS_C, HAS_D, N_EXCL, LABELS, PREC,
+                                            BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS)
+            gt = _grad_tile_t(lt, valid, pos, r0, w0, r1, w1, dp, cl, dc, g0, g1, N_GAMMA, LABELS,
+                              WANT_COL)  # G^T: (keys, rows)
+            cs += tl.sum(gt, 1)
             if FUSED_DQ:
-                tl.atomic_add(GS_A + rows, tl.sum(g, 1), mask=row_ok)
-                gb = g
+                tl.atomic_add(GS_A + rows, tl.sum(gt, 0), mask=row_ok)
+                gbt = gt
                 if HAS_B:
-                    gb = g * bj[None, :]
-                tl.atomic_add(DQ_A + rows[:, None] * D + offs_d[None, :], _dot_rows(gb, k, SCALE_G, PREC),
-                              mask=row_ok[:, None] & d_ok[None, :])
-            ga = g * tl.load(A + rows, mask=row_ok, other=0.0)[:, None]
+                    gbt = gt * bj[:, None]
+                tl.atomic_add(DQ_A + rows[:, None] * D + offs_d[None, :],
+                              _dot_cols(gbt, k, SCALE_G, PREC), mask=row_ok[:, None] & d_ok[None, :])
+            gat = gt * tl.load(A + rows, mask=row_ok, other=0.0)[None, :]
             if D_CHUNKS == 1:
-                acc += _dot_cols(ga, q, SCALE_G, PREC)
+                acc += _dot_rows(gat, q, SCALE_G, PREC)
             else:
                 for c in range(D_CHUNKS):
                     dd = c * BLOCK_D + offs_d
@@ -562,7 +631,7 @@ def _lse_bwd_k_kernel(Q, K, A, BS, CB, DB, EXCL, QL, KL, g0_hi, g0_lo, g1_hi, g1
                     ptr = DK_P + out_cols[:, None] * D + dd[None, :]
                     msk = col_ok[:, None] & dm[None, :]
                     old = tl.load(ptr, mask=msk & ((offs_n * 0 + i0) != row_lo)[:, None], other=0.0)
-                    tl.store(ptr, old + _dot_cols(ga, qc, SCALE_G, PREC), mask=msk)
+                    tl.store(ptr, old + _dot_rows(gat, qc, SCALE_G, PREC), mask=msk)
                 tl.debug_barrier()
         if D_CHUNKS == 1:
             tl.store(DK_P + out_cols[:, None] * D + offs_d[None, :], acc,
