@@ -28,7 +28,7 @@ else:  # pragma: no cover
 
 # interpreter tiles are 16 x 32: B, N not multiples of them, D not a power of two
 B, N, D = 19, 45, 24
-FP16_QUANTUM = 2.0 ** -10  # one fp16 ulp at 1.0
+QUANTUM = {torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7}  # one ulp at 1.0
 
 
 def _features(n, d, seed, scale=1.0):
@@ -97,11 +97,14 @@ def test_losses_fp32(fn, tensors, grads):
     check_backend(fn, tensors, grads, "triton", torch.float32)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("fn,tensors,grads", LOSS_CASES)
-def test_losses_fp16_twice_eager(fn, tensors, grads):
-    """DESIGN's rule in fp16 (see _helpers.check_low_precision: against the fp64 reference with an
-    fp16-ulp floor, and against the fp64 reference on the rounded inputs with a 1e-5 floor)."""
-    check_low_precision(fn, tensors, grads, "triton", torch.float16, FP16_QUANTUM)
+def test_losses_half_precision_twice_eager(fn, tensors, grads, dtype):
+    """DESIGN's rule in fp16 / bf16 (see _helpers.check_low_precision: against the fp64 reference
+    with a floor of one ulp, and against the fp64 reference on the rounded inputs with a 1e-5
+    floor). Under the interpreter bf16 tiles go through fp32 (its bf16 tl.dot is unusable): this
+    checks the bf16 handling around the products, the GPU suite the tensor-core products."""
+    check_low_precision(fn, tensors, grads, "triton", dtype, QUANTUM[dtype])
 
 
 # ------------------------------------------------------------------------------------------------

@@ -828,6 +828,10 @@ def _prep(q, k, row_scale, col_scale, row_bias, col_bias, gammas, exclude, q_lab
     acc = _acc_dtype(q.dtype)
     q = q.contiguous()
     k = k.contiguous()
+    if INTERPRETER and q.dtype == torch.bfloat16:
+        # the interpreter's tl.dot multiplies bf16 bit patterns, not values: on CPU tensors bf16
+        # tiles go through fp32 (exact upcast; the compiled kernels use bf16 tensor cores)
+        q, k = q.float(), k.float()
     vec = lambda t: t.to(acc).contiguous() if t is not None else None  # noqa: E731
     a, b, c, d = vec(row_scale), vec(col_scale), vec(row_bias), vec(col_bias)
     gam = []  # each gamma as an exact fp32 pair (hi, lo): scalar kernel arguments, no H2D copy
