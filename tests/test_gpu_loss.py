@@ -6,14 +6,13 @@ past 2^31 elements), torch.library.opcheck, torch.compile(fullgraph=True) throug
 kernels, reproducibility, and extra memory linear in B + K.
 """
 import math
-import os
 
 import pytest
 import torch
 
 import contrastive_kernels as ck
-from contrastive_kernels import chunked, functional, reference
-from _helpers import check_backend, check_low_precision, evaluate
+from contrastive_kernels import chunked, functional
+from _helpers import check_backend, check_low_precision
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]

@@ -55,7 +55,7 @@ from __future__ import annotations
 import contextlib
 import os
 import struct
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 import triton
@@ -875,9 +875,12 @@ def lse_forward(q, k, row_scale, col_scale, row_bias, col_bias, gammas, exclude,
     part = lambda *shape: q.new_empty(shape, dtype=acc)  # noqa: E731
     row_m, row_s = part(n_sp, n_g, bsz), part(n_sp, n_g, bsz)
     labels = flags["LABELS"] != 0
-    pos_p, cnt_p = (part(n_sp, bsz), part(n_sp, bsz)) if labels else (a, a)
-    col_m, col_s = (part(n_rg, n), part(n_rg, n)) if want_col_lse else (a, a)
-    e_p = part(n_sp, bsz, dim) if row_only else a
+    # outputs a variant does not write get a scratch buffer, never an input: torch.compile's
+    # mutation analysis must not see an input passed where the kernel may store
+    scratch = part(1)
+    pos_p, cnt_p = (part(n_sp, bsz), part(n_sp, bsz)) if labels else (scratch, scratch)
+    col_m, col_s = (part(n_rg, n), part(n_rg, n)) if want_col_lse else (scratch, scratch)
+    e_p = part(n_sp, bsz, dim) if row_only else scratch
     wrap_triton(_lse_fwd_kernel)[(n_rg, n_sp)](
         q, k, a, b if b is not None else a, c if c is not None else a, d if d is not None else a,
         excl if excl is not None else ql if ql is not None else a, ql if ql is not None else a,
