@@ -844,9 +844,11 @@ def _prep(q, k, row_scale, col_scale, row_bias, col_bias, gammas, exclude, q_lab
     return q, k, a, b, c, d, gam, excl, ql, kl
 
 
-def _flags(q, b, c, d, excl, ql, gammas):
+def _flags(q, in_dtype, b, c, d, excl, ql, gammas):
+    """Constexprs of a launch; tile widths follow the caller's dtype ``in_dtype`` (q itself may
+    have been upcast for the interpreter)."""
     labels, n_words = _label_mode(ql)
-    block_d, d_chunks = _d_blocks(int(q.shape[1]), q.dtype)
+    block_d, d_chunks = _d_blocks(int(q.shape[1]), in_dtype)
     flags = dict(HAS_B=b is not None, HAS_C=c is not None, HAS_D=d is not None,
                  N_EXCL=excl.shape[1] if excl is not None else 0, LABELS=labels,
                  N_GAMMA=len(gammas), PREC=_precision(q.dtype), BLOCK_D=block_d, D_CHUNKS=d_chunks)
@@ -864,9 +866,10 @@ def lse_forward(q, k, row_scale, col_scale, row_bias, col_bias, gammas, exclude,
     if n == 0:
         return (torch.full_like(row_lse, float("-inf")), torch.zeros_like(pos_sum),
                 torch.zeros_like(pos_count), col_lse, torch.zeros_like(row_e))
+    in_dtype = q.dtype
     q, k, a, b, c, d, gam, excl, ql, kl = _prep(q, k, row_scale, col_scale, row_bias, col_bias,
                                                 gammas, exclude, q_labels, k_labels)
-    flags, n_words = _flags(q, b, c, d, excl, ql, gammas)
+    flags, n_words = _flags(q, in_dtype, b, c, d, excl, ql, gammas)
     if row_only and flags["D_CHUNKS"] != 1:
         raise ValueError("row_only needs the feature dim in registers (see row_only_supported)")
     rows, n_rg, cols, n_sp = _fwd_plan(bsz, n, want_col_lse, q.device)
@@ -914,9 +917,10 @@ def lse_backward(d_row, d_pos, d_col, q, k, row_scale, col_scale, row_bias, col_
     need_k = need[1] or need[3] or need[5]
     if n == 0 or not (need_q or need_k):
         return tuple(o.zero_() if o.numel() else o for o in outs)
+    in_dtype = q.dtype
     q, k, a, b, c, d, gam, excl, ql, kl = _prep(q, k, row_scale, col_scale, row_bias, col_bias,
                                                 gammas, exclude, q_labels, k_labels)
-    flags, n_words = _flags(q, b, c, d, excl, ql, gammas)
+    flags, n_words = _flags(q, in_dtype, b, c, d, excl, ql, gammas)
     acc = a.dtype
     want_col = col_lse.numel() > 0
     labels = flags["LABELS"] != 0
