@@ -34,3 +34,11 @@ bench-gpu:
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache .hypothesis
+
+# Compile every Triton kernel for sm_80 and sm_90 without a GPU (every autotune config for bf16 and
+# fp32 on sm_90, the fallback config otherwise; --full for all) and report registers / spills
+# (ptxas -v); fails on a compile error or on a kernel variant with no config that fits in shared
+# memory. Needs triton (3.6-3.9), no GPU.
+.PHONY: triton-check
+triton-check:
+	$(PY) scripts/triton_aot_check.py --jobs 2
