@@ -36,19 +36,25 @@ Kernels (all statistics and accumulators fp32, fp64 for fp64 inputs; tiles of q 
     M = max_s m_s, S = sum_s s_s exp(m_s - M), lse = M + log S (and E = sum_s exp(m_s - M) E_s / S).
 ``_lse_bwd_q_kernel``  grid (row blocks, key splits): recomputes the tiles of a row block, forms
     G and accumulates sum_j G_ij b_j k_j (registers) and sum_j G_ij; partials per split.
-``_lse_bwd_k_kernel``  grid (key blocks, row splits): the transpose, sum_i G_ij a_i q_i and
-    sum_i G_ij. With FUSED_DQ it also adds each tile's G b K into the query-side accumulator with
-    fp32 atomics, so that dQ and dK come from ONE recompute (8 N^2 D flops for symmetric CLIP
-    instead of 10); used unless ``torch.use_deterministic_algorithms(True)`` is on, in which case
-    the two deterministic kernels run.
+``_lse_bwd_k_kernel``  grid (key blocks, row splits): recomputes the TRANSPOSED tile
+    l^T = (k q^T) (keys x rows), so that sum_i G_ij a_i q_i = (G^T a) @ q takes G^T as the left
+    operand straight from registers (no transpose; wgmma on sm_90), plus sum_i G_ij. With FUSED_DQ
+    it also adds each tile's (G b) @ k into the query-side accumulator with fp32 atomics, so that
+    dQ and dK come from ONE recompute (8 N^2 D flops for symmetric CLIP instead of 10); used unless
+    ``torch.use_deterministic_algorithms(True)`` is on, in which case the two deterministic
+    kernels run (fixed summation order: bitwise reproducible).
 ``_grad_finish_kernel``  sums the split partials and applies the scales: dx = scale * acc,
     d scale = <x, acc>, d bias = sum.
 
 fp16 tiles of G are scaled by their per-row (per-column) max before the cast to fp16, so that
-small weights do not flush to zero; bf16 needs no scaling. Feature dims up to 256 keep q (k) tiles
-and the accumulators in registers; larger D loops over 128-wide chunks of the features and keeps
-the accumulators in the program's own slice of the partial buffers (read-modify-write, ordered by
-a CTA barrier).
+small weights do not flush to zero; bf16 needs no scaling. Feature dims up to 512 bytes per row
+(256 fp16/bf16 features, 128 fp32, 64 fp64) keep the q (k) tile and the accumulators resident;
+wider D loops over 128-wide chunks of the features and keeps the accumulators in the program's own
+slice of the partial buffers (read-modify-write, ordered by a CTA barrier). Launch plans (how many
+row groups and key splits) come from the SM count (``_fwd_plan`` / ``_bwd_plan``: about two
+programs per SM, at least MIN_SPLIT_COLS keys per split); tile shapes and warps are autotuned per
+shape key among configs chosen with ``scripts/triton_aot_check.py``'s register/spill report.
+All offsets are int64. On CPU tensors the kernels run under Triton's interpreter (tests only).
 """
 from __future__ import annotations
 
