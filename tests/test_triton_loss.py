@@ -355,3 +355,41 @@ def test_compile_fullgraph_through_the_chunked_backend():
     assert torch.allclose(compiled, eager, rtol=1e-5, atol=1e-6)
     for x, y in zip(g_comp, g_eager):
         assert torch.allclose(x, y, rtol=1e-5, atol=1e-6)
+
+
+def test_split_count_tuning(monkeypatch):
+    """The first call of a shape key times the launch plans at SPLIT_WAVES programs per SM and
+    keeps the fastest (the timer is faked here: the interpreter's times mean nothing); the choice
+    is cached, changes the plan, and gives the spec's results; fake tensors never trigger it."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    fastest = {1: 3.0, 2: 2.0, 4: 1.0}
+    timed = []
+
+    def fake_bench(fn):
+        fn()
+        timed.append(infonce._forced_waves)
+        return fastest[infonce._forced_waves]
+
+    monkeypatch.setattr(infonce, "_bench", fake_bench)
+    monkeypatch.setattr(infonce, "_waves_cache", {})
+    b, n, d = 9, 200, 8
+    inputs = _op_inputs(b, n, d)
+    kw = _full_kw(b, n)
+    plans = []
+    real_plan = infonce._fwd_plan
+    monkeypatch.setattr(infonce, "_fwd_plan", lambda *a: plans.append(a[-1]) or real_plan(*a))
+    want = _op_case(reference.lse_stats, inputs, [True] * 6, **kw)
+    with infonce.plan_override(tune_on_cpu=True):
+        got = _op_case(infonce.lse_stats, inputs, [True] * 6, **kw)
+        assert timed == [1, 2, 4, 1, 2, 4]  # forward, then backward
+        assert len(infonce._waves_cache) == 2 and set(infonce._waves_cache.values()) == {4}
+        assert plans[-1] == 4
+        again = _op_case(infonce.lse_stats, inputs, [True] * 6, **kw)
+        assert len(timed) == 6  # cached
+        with FakeTensorMode() as mode:  # traced calls (torch.compile) never time anything
+            fake = mode.from_tensor(inputs[0])
+            assert infonce._waves(("new key",), fake, lambda: timed.append("ran")) == 2
+        assert len(timed) == 6 and len(infonce._waves_cache) == 2
+    _assert_close(got, want)
+    _assert_close(again, want)

@@ -760,14 +760,15 @@ def _split(n: int, align: int, parts: int):
     return width, max(1, triton.cdiv(n, width))
 
 
-def _fwd_plan(b: int, n: int, want_col: bool, device):
-    """(rows_per_group, R, cols_per_split, S) of the forward grid (R, S)."""
+def _fwd_plan(b: int, n: int, want_col: bool, device, waves: int = 2):
+    """(rows_per_group, R, cols_per_split, S) of the forward grid (R, S), about ``waves``
+    programs per SM."""
     if "fwd" in _plan_overrides:
         rows, cols = _plan_overrides["fwd"]
         return (*_split(b, rows, triton.cdiv(b, rows)), *_split(n, cols, triton.cdiv(n, cols)))
-    if INTERPRETER:  # two tiles per group / split: exercises both the loops and the merges
-        return (*_split(b, 2 * ALIGN_M, b), *_split(n, 2 * ALIGN_N, n))
-    target = 2 * _n_sm(device)
+    if INTERPRETER:  # two tiles per group / split by default: exercises the loops and the merges
+        return (*_split(b, 2 * ALIGN_M, b), *_split(n, waves * ALIGN_N, n))
+    target = waves * _n_sm(device)
     n_rb, n_cb = triton.cdiv(b, ALIGN_M), triton.cdiv(n, ALIGN_N)
     if want_col:  # a balanced rectangle per program: R x N column partials stay small
         r = int(round((target * n_rb / max(1, n_cb)) ** 0.5))
@@ -778,17 +779,17 @@ def _fwd_plan(b: int, n: int, want_col: bool, device):
     return (*_split(b, ALIGN_M, r), *_split(n, ALIGN_N, s))
 
 
-def _bwd_plan(side: str, b: int, n: int, device):
+def _bwd_plan(side: str, b: int, n: int, device, waves: int = 2):
     """Query side: (rows_per_group, R, cols_per_split, S) of grid (R, S); key side: (rows per
-    split, S, cols per group, C) of grid (C, S)."""
+    split, S, cols per group, C) of grid (C, S); about ``waves`` programs per SM."""
     if side in _plan_overrides:
         rows, cols = _plan_overrides[side]
         return (*_split(b, rows, triton.cdiv(b, rows)), *_split(n, cols, triton.cdiv(n, cols)))
     if INTERPRETER:
         if side == "q":
-            return (*_split(b, ALIGN_M, b), *_split(n, 2 * ALIGN_N, n))
-        return (*_split(b, 2 * ALIGN_M, b), *_split(n, ALIGN_N, n))
-    target = 2 * _n_sm(device)
+            return (*_split(b, ALIGN_M, b), *_split(n, waves * ALIGN_N, n))
+        return (*_split(b, waves * ALIGN_M, b), *_split(n, ALIGN_N, n))
+    target = waves * _n_sm(device)
     if side == "q":
         r = triton.cdiv(b, ALIGN_M)
         s = max(1, min(triton.cdiv(target, r), triton.cdiv(n, MIN_SPLIT_COLS)))
@@ -796,6 +797,55 @@ def _bwd_plan(side: str, b: int, n: int, device):
     c = triton.cdiv(n, ALIGN_N)
     s = max(1, min(triton.cdiv(target, c), triton.cdiv(b, MIN_SPLIT_ROWS)))
     return (*_split(b, ALIGN_M, s), *_split(n, ALIGN_N, c))
+
+
+# Split-count tuning: on the first eager CUDA call of each shape key the launch plans are timed
+# at SPLIT_WAVES programs per SM (more splits: more parallelism, more partials to merge) and the
+# fastest is kept; traced / captured / CPU calls use the cached choice or the default of 2.
+# CK_TRITON_TUNE_SPLITS=0 turns it off.
+SPLIT_WAVES = (1, 2, 4)
+_TUNE_SPLITS = os.environ.get("CK_TRITON_TUNE_SPLITS", "1") != "0"
+_waves_cache: dict = {}
+_forced_waves = None
+
+
+def _bench(fn) -> float:
+    from triton.testing import do_bench
+
+    return float(do_bench(fn, warmup=10, rep=40))
+
+
+def _can_tune(t: torch.Tensor) -> bool:
+    if not _TUNE_SPLITS or "fwd" in _plan_overrides:
+        return False
+    if t.device.type != "cuda" and not _plan_overrides.get("tune_on_cpu", False):
+        return False
+    from torch._subclasses.fake_tensor import is_fake
+
+    if is_fake(t) or torch.compiler.is_compiling():
+        return False
+    return not (t.device.type == "cuda" and torch.cuda.is_current_stream_capturing())
+
+
+def _waves(key, t: torch.Tensor, run) -> int:
+    """Programs per SM for this shape key: timed once over SPLIT_WAVES (see above)."""
+    global _forced_waves
+    if _forced_waves is not None:
+        return _forced_waves
+    if key in _waves_cache:
+        return _waves_cache[key]
+    if not _can_tune(t):
+        return 2
+    times = {}
+    try:
+        for w in SPLIT_WAVES:
+            _forced_waves = w
+            run()  # first call: compiles and autotunes the tiles of this plan
+            times[w] = _bench(run)
+    finally:
+        _forced_waves = None
+    _waves_cache[key] = min(times, key=times.get)
+    return _waves_cache[key]
 
 
 def _label_mode(q_labels) -> tuple:
@@ -867,6 +917,8 @@ def lse_forward(q, k, row_scale, col_scale, row_bias, col_bias, gammas, exclude,
     col_lse, row_e); row_e is the normalized E of the row-only mode ((0, D) otherwise)."""
     if len(gammas) not in (1, 2):
         raise ValueError(f"the Triton lse_stats supports 1 or 2 gammas, got {len(gammas)}")
+    args = (q, k, row_scale, col_scale, row_bias, col_bias, gammas, exclude, q_labels, k_labels,
+            want_col_lse, row_only)
     row_lse, pos_sum, pos_count, col_lse, row_e = forward_outputs(q, k, gammas, want_col_lse, row_only)
     bsz, dim, n = int(q.shape[0]), int(q.shape[1]), int(k.shape[0])  # launch plans need ints
     if n == 0:
@@ -878,7 +930,9 @@ def lse_forward(q, k, row_scale, col_scale, row_bias, col_bias, gammas, exclude,
     flags, n_words = _flags(q, in_dtype, b, c, d, excl, ql, gammas)
     if row_only and flags["D_CHUNKS"] != 1:
         raise ValueError("row_only needs the feature dim in registers (see row_only_supported)")
-    rows, n_rg, cols, n_sp = _fwd_plan(bsz, n, want_col_lse, q.device)
+    key = ("fwd", bsz, n, dim, str(in_dtype), want_col_lse, row_only, tuple(flags.items()))
+    waves = _waves(key, q, lambda: lse_forward(*args))
+    rows, n_rg, cols, n_sp = _fwd_plan(bsz, n, want_col_lse, q.device, waves)
     n_g = len(gammas)
     acc = row_lse.dtype
     part = lambda *shape: q.new_empty(shape, dtype=acc)  # noqa: E731
@@ -917,6 +971,8 @@ def lse_backward(d_row, d_pos, d_col, q, k, row_scale, col_scale, row_bias, col_
     """Host side of the backward op (recompute path): gradients of (q, k, row_scale, col_scale,
     row_bias, col_bias) for the entries of ``need`` (others are empty). ``fused``: dQ and dK from
     one recompute with atomics (nondeterministic summation order) when both sides are needed."""
+    args = (d_row, d_pos, d_col, q, k, row_scale, col_scale, row_bias, col_bias, gammas, exclude,
+            q_labels, k_labels, row_lse, col_lse, need, fused)
     outs = list(backward_outputs(q, k, row_scale, col_scale, row_bias, col_bias, need))
     bsz, dim, n = int(q.shape[0]), int(q.shape[1]), int(k.shape[0])  # launch plans need ints
     need_q = need[0] or need[2] or need[4]
@@ -938,6 +994,8 @@ def lse_backward(d_row, d_pos, d_col, q, k, row_scale, col_scale, row_bias, col_
     fused = bool(fused and need_q and need_k and flags["D_CHUNKS"] == 1
                  and _plan_overrides.get("fused", True))
     scale_g = q.dtype == torch.float16
+    key = ("bwd", bsz, n, dim, str(in_dtype), tuple(need), fused, want_col, tuple(flags.items()))
+    waves = _waves(key, q, lambda: lse_backward(*args))
     common = (q, k, a, b if b is not None else a, c if c is not None else a,
               d if d is not None else a, excl if excl is not None else a,
               ql if ql is not None else a, kl if kl is not None else a, *gam,
@@ -946,13 +1004,13 @@ def lse_backward(d_row, d_pos, d_col, q, k, row_scale, col_scale, row_bias, col_
     dq_p = gs_p = None
     n_q = 1
     if need_q and not fused:
-        rows, n_rg, cols, n_q = _bwd_plan("q", bsz, n, q.device)
+        rows, n_rg, cols, n_q = _bwd_plan("q", bsz, n, q.device, waves)
         dq_p, gs_p = part(n_q, bsz, dim), part(n_q, bsz)
         wrap_triton(_lse_bwd_q_kernel)[(n_rg, n_q)](
             *common, dq_p, gs_p, bsz, n, dim, q.stride(0), k.stride(0), n_words, rows, cols,
             WANT_COL=want_col, SCALE_G=scale_g, **flags)
     if need_k:
-        rows, n_k, cols, n_cg = _bwd_plan("k", bsz, n, q.device)
+        rows, n_k, cols, n_cg = _bwd_plan("k", bsz, n, q.device, waves)
         dk_p, cs_p = part(n_k, n, dim), part(n_k, n)
         if fused:
             dq_p = torch.zeros((1, bsz, dim), dtype=acc, device=q.device)
