@@ -44,3 +44,11 @@ aot-topk:
 bench-topk-gpu:
 	$(PY) scripts/bench_topk_gpu.py --out benchmarks/results/gpu-topk
 	$(PY) -m contrastive_kernels.bench --preset mining,mining-host --backends triton,torch-topk,gemm-only,faiss-gpu --out benchmarks/results/gpu-mining
+
+# Compile every Triton kernel for sm_80 and sm_90 without a GPU (every autotune config for bf16 and
+# fp32 on sm_90, the fallback config otherwise; --full for all) and report registers / spills
+# (ptxas -v); fails on a compile error or on a kernel variant with no config that fits in shared
+# memory. Needs triton (3.6-3.9), no GPU.
+.PHONY: triton-check
+triton-check:
+	$(PY) scripts/triton_aot_check.py --jobs 2
