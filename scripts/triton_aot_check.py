@@ -9,11 +9,15 @@ Each module of ``contrastive_kernels.triton`` may expose ``AOT_SPECS``: a list o
                 each dtype of ``dtypes`` and "{acc}" for its accumulation dtype (fp64 for fp64,
                 else fp32)
     constexprs  {name: value or callable(dtype name) -> value}
-    divisible   optional names of int arguments divisible by 16 (default: DIVISIBLE); pointers
-                are always taken as 16-byte aligned, as the launcher specializes them
-    dtypes      tuple of dtype names (fp32, fp16, bf16, fp64)
-    configs     optional [(num_warps, num_stages, {extra constexprs})]; default: every config of
-                the autotuned kernel
+    divisible   optional names of int arguments divisible by 16 (default: DIVISIBLE; also read
+                from ``divisible_by_16``); pointers are always taken as 16-byte aligned, as the
+                launcher specializes them
+    dtypes      tuple of dtype names (fp32, fp16, bf16, fp64); default: the signature as given
+    configs     optional [(num_warps, num_stages, {extra constexprs})]; or ``num_warps`` and
+                ``num_stages`` for one plain (non-autotuned) launch config; default: every config
+                of the autotuned kernel
+    arch_major  optional: compile this spec only for targets of that major version (its tiles
+                were chosen for that architecture, as the launcher does)
 
 and this script compiles each (spec, dtype, config) for every target (default sm_80 and sm_90)
 through ``triton.compile`` and runs ptxas -v on the PTX to report registers, spills and shared
@@ -80,10 +84,14 @@ def _jobs(specs, archs, full):
         kernel = spec["kernel"]
         if spec.get("configs") is not None:
             configs = [(w, s, dict(extra)) for w, s, extra in spec["configs"]]
+        elif "num_warps" in spec:
+            configs = [(spec["num_warps"], spec.get("num_stages", 3), {})]
         else:
             configs = [(c.num_warps, c.num_stages, dict(c.kwargs)) for c in kernel.configs]
         for dt in spec.get("dtypes", ("fp32",)):
             for arch in archs:
+                if "arch_major" in spec and arch // 10 != spec["arch_major"]:
+                    continue
                 every = full or (arch >= 90 and dt in FULL_DTYPES)
                 for ci, cfg in enumerate(configs):
                     if every or ci == len(configs) - 1:
@@ -151,7 +159,7 @@ def _compile_one(job, only):
            "stages": num_stages, "meta": " ".join(f"{k}={v}" for k, v in extra.items())}
     t0 = time.time()
     # what the launcher specializes at run time: 16-byte aligned pointers and ints divisible by 16
-    divisible = set(spec.get("divisible", DIVISIBLE))
+    divisible = set(spec.get("divisible", spec.get("divisible_by_16", DIVISIBLE)))
     attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
              if name in sig and (sig[name].startswith("*") or name in divisible)}
     try:
