@@ -76,8 +76,8 @@ PRESETS = {
     "digits": Augment(),
     "light": Augment(rotation=10.0, scale=(0.9, 1.1), shift=1.0, contrast=0.2, brightness=0.05,
                      noise=0.03, cutout=2, cutout_p=0.3),
-    "copy": Augment(rotation=20.0, scale=(0.8, 1.3), shift=2.0, flip_p=0.5, contrast=0.4,
-                    brightness=0.15, noise=0.08, cutout=4, cutout_p=0.5),
+    "copy": Augment(rotation=12.0, scale=(0.9, 1.2), shift=1.5, flip_p=0.5, contrast=0.3,
+                    brightness=0.1, noise=0.05, cutout=4, cutout_p=0.3),
     "none": Augment(rotation=0.0, scale=(1.0, 1.0), shift=0.0, contrast=0.0, brightness=0.0,
                     noise=0.0, cutout=0, cutout_p=0.0),
 }

@@ -96,7 +96,8 @@ def compare(args) -> int:
     atomic_write_json(summary, os.path.join(args.out, "compare.json"))
     plot_compare({n: m["loss"] for n, m in runs.items()}, os.path.join(args.out, "loss_compare.png"),
                  f"{args.method} on {args.data}: " + " vs ".join(
-                     f"{n} ({runs[n]['impl_resolved']})" for n in names))
+                     f"{n} ({runs[n]['impl_resolved']})" for n in names),
+                 lockstep={n: lockstep["lockstep_trace"]["loss_diff"][n] for n in others})
     print(text, flush=True)
     print(f"wrote {os.path.join(args.out, 'compare.md')}, compare.json, loss_compare.png",
           file=sys.stderr)

@@ -22,7 +22,7 @@ METHOD_DEFAULTS: Dict[str, Dict] = {
     "supcon":     dict(steps=400, batch_size=256, temperature=0.1, similarity="cosine", lr=2e-3),
     "spp":        dict(steps=600, batch_size=256, temperature=0.2, similarity="cosine", lr=2e-3),
     "qk":         dict(steps=800, batch_size=256, temperature=0.1, similarity="dot", lr=2e-3),
-    "multilabel": dict(steps=600, batch_size=128, temperature=0.1, similarity="cosine", lr=2e-3),
+    "multilabel": dict(steps=400, batch_size=128, temperature=0.1, similarity="cosine", lr=2e-3),
 }
 
 # flags that do not change the computation: a run may be resumed with different values
@@ -185,8 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default 100)")
     g.add_argument("--label-ratio", type=_float_in(0, 1, low_open=True), default=0.3,
                    help="multilabel: labelled fraction of the training images (default 0.3)")
-    g.add_argument("--pseudo-threshold", type=_float_in(-1, 1), default=0.6,
-                   help="multilabel: class score cos(f_c, E_c) for a confident pseudo-label")
+    g.add_argument("--pseudo-quantile", type=_float_in(0, 1), default=1.0,
+                   help="multilabel: a pseudo-label's class score must exceed this quantile of "
+                        "the batch's labelled negatives' scores (default 1: all of them)")
     g.add_argument("--pseudo-warmup", type=_nonnegative_int, default=100,
                    help="multilabel: steps before pseudo-labels are used (default 100)")
     g = p.add_argument_group("model and data")

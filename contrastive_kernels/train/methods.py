@@ -550,13 +550,22 @@ class QKIteration(Method):
 class MultiLabel(Method):
     """Label-wise alignment for semi-supervised multi-label learning (after Fan et al. 2024) on
     two-item composites. ``LabelWiseModel`` gives one feature f_{i,c} per image i and class c
-    (class embeddings E attend over the feature map). Rows of the loss are f_{i,c} (view 1) for
-    every label c of image i; keys are E and the view-2 features f'_{j,c} of the same (image,
-    label) rows; the positives of row (i, c) are E_c and every f'_{j,c} with the same label c
-    (its own second view included): ``multi_positive_info_nce``. Labels: the true ones on a
-    labelled fraction --label-ratio of the training set, confident pseudo-labels (class score
-    cos(f'_{i,c}, E_c) >= --pseudo-threshold, after --pseudo-warmup steps) on the rest.
-    Evaluation: mAP of the class scores on held-out composites and multi-label kNN top-1."""
+    (the class embeddings E attend over the feature map); the class score is cos(f_{i,c}, E_c).
+    Two ``multi_positive_info_nce`` terms over the images whose labels are known:
+
+    - label to image: for every label c of image i, row f_{i,c} (view 1) against the keys E and
+      the view-2 features f'_{j,c'} of all (image, label) rows of the batch; its positives are
+      E_c and every f'_{j,c} with the same label c (its own second view included);
+    - image to label: row E_c against every label-wise feature f_{j,c'} of the batch; its
+      positives are the f_{j,c} of the images that have label c. This ranks, for each class, the
+      images that have it above those that do not: what the class scores (and mAP) need.
+
+    Labels: the true ones on a labelled fraction --label-ratio of the training set; after
+    --pseudo-warmup steps, an unlabelled image joins with confident pseudo-labels: the classes
+    whose score (on its second view, no gradient) exceeds the class's threshold, the
+    --pseudo-quantile quantile of the scores of the batch's labelled images without the class
+    (its other classes count as absent). Evaluation: mAP of the class scores on held-out composites, multi-label
+    kNN top-1, and the pseudo-labels' precision and recall on the unlabelled training images."""
 
     name = "multilabel"
     augmentation = "light"
@@ -578,14 +587,28 @@ class MultiLabel(Method):
     def feature_fn(self):
         return self.net.features
 
-    def positive_index(self, classes: torch.Tensor, c: int) -> torch.Tensor:
-        """Row r (class classes[r]) -> [class c's key, C + every row with that class], -1 padded."""
-        r = classes.shape[0]
-        same = classes.view(r, 1) == classes.view(1, r)                  # (R, R)
+    def thresholds(self, scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Per-class pseudo-label thresholds from labelled images: the --pseudo-quantile
+        quantile of the scores of the labelled images that lack the class (1 = their maximum:
+        a pseudo-positive outscores every labelled negative). inf where there is none."""
+        out = torch.full((scores.shape[1],), math.inf, device=scores.device)
+        for c in range(scores.shape[1]):
+            neg = scores[labels[:, c] == 0, c]
+            if neg.numel():
+                out[c] = torch.quantile(neg.float(), self.cfg.pseudo_quantile)
+        return out
+
+    @staticmethod
+    def positive_index(groups: torch.Tensor, offset: int, first=None) -> torch.Tensor:
+        """Row r -> [first[r] (if given), offset + every row s with groups[s] == groups[r]],
+        padded with -1."""
+        r = groups.shape[0]
+        same = groups.view(r, 1) == groups.view(1, r)                    # (R, R)
         width = int(same.sum(1).max()) if r else 0
         order = torch.argsort((~same).to(torch.int8), dim=1, stable=True)[:, :width]
-        members = torch.where(torch.gather(same, 1, order), order + c, torch.full_like(order, -1))
-        return torch.cat([classes.view(r, 1), members], 1)
+        members = torch.where(torch.gather(same, 1, order), order + offset,
+                              torch.full_like(order, -1))
+        return members if first is None else torch.cat([first.view(r, 1), members], 1)
 
     def train_step(self, idx, step):
         cfg, c = self.cfg, self.data.num_classes
@@ -594,24 +617,37 @@ class MultiLabel(Method):
         feats = self.model(torch.cat([self.view(x), self.view(x)]))
         f1, f2 = feats[:b], feats[b:]
         targets = self.data.train_y[idx].clone().to(self.device)
-        unlabelled = (~self.labelled[idx]).to(self.device)
+        known = self.labelled[idx].to(self.device)
         if step >= cfg.pseudo_warmup:
             with torch.no_grad():
                 scores = (F.normalize(f2, dim=-1) * F.normalize(self.net.class_embed, dim=-1)).sum(-1)
-                pseudo = (scores >= cfg.pseudo_threshold).float()
-            targets[unlabelled] = pseudo[unlabelled]
-            self.pseudo_used += int(pseudo[unlabelled].sum())
-        else:
-            targets[unlabelled] = 0.0
+                pseudo = (scores > self.thresholds(scores[known], targets[known])).float()
+            confident = ~known & (pseudo.sum(1) > 0)
+            targets[~known] = pseudo[~known]
+            known = known | confident
+            self.pseudo_used += int(pseudo[confident].sum())
+        targets = targets[known]
+        f1, f2 = f1[known], f2[known]
         img, cls = torch.nonzero(targets > 0, as_tuple=True)
         if img.numel() == 0:  # no known or confident label in the batch: nothing to align
             loss = feats.sum() * 0.0
             self.step_optimizer(self.optimizers["model"], loss)
             return loss.detach()
-        query = f1[img, cls]
-        keys = torch.cat([self.net.class_embed, f2[img, cls]])
-        loss = self.contrast(ck.multi_positive_info_nce, query, keys,
-                             self.positive_index(cls, c).to(self.device))
+        mpi = ck.multi_positive_info_nce
+        # label to image: rows f_{i,c}; keys [E; f'_{rows}]
+        label_to_image = self.contrast(
+            mpi, f1[img, cls], torch.cat([self.net.class_embed, f2[img, cls]]),
+            self.positive_index(cls, c, first=cls).to(self.device))
+        # image to label: rows E; keys every f_{j,c'} (index j*C + c'); positives the images with c
+        u = targets.shape[0]
+        flat_pos = torch.nonzero(targets.t() > 0)                        # (P, 2): (class, image)
+        counts = torch.bincount(flat_pos[:, 0], minlength=c)
+        width = int(counts.max())
+        positives = torch.full((c, width), -1, dtype=torch.long, device=self.device)
+        slot = torch.arange(len(flat_pos), device=self.device) - (torch.cumsum(counts, 0) - counts)[flat_pos[:, 0]]
+        positives[flat_pos[:, 0], slot] = flat_pos[:, 1] * c + flat_pos[:, 0]
+        image_to_label = self.contrast(mpi, self.net.class_embed, f1.reshape(u * c, -1), positives)
+        loss = label_to_image + image_to_label
         self.step_optimizer(self.optimizers["model"], loss)
         return loss.detach()
 
@@ -632,7 +668,12 @@ class MultiLabel(Method):
                                                      self.data.test_y)
         # pseudo-label quality on the unlabelled training images
         unl = ~self.labelled
-        pred = self.class_scores(self.data.train_x[unl]) >= self.cfg.pseudo_threshold
+        if not unl.any():
+            out["pseudo_precision"] = out["pseudo_recall"] = None
+            return out
+        thr = self.thresholds(self.class_scores(self.data.train_x[self.labelled]),
+                              self.data.train_y[self.labelled])
+        pred = self.class_scores(self.data.train_x[unl]) > thr
         truth = self.data.train_y[unl] > 0
         out["pseudo_precision"] = float((pred & truth).sum() / pred.sum().clamp(min=1))
         out["pseudo_recall"] = float((pred & truth).sum() / truth.sum().clamp(min=1))

@@ -88,6 +88,9 @@ class LabelWiseModel(nn.Module):
         super().__init__()
         self.backbone = ConvBackbone(in_shape, width, feat_dim)
         channels = self.backbone.map_shape[0]
+        # a 3x3 context layer widens the receptive field of each location to a whole digit
+        self.context = nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1, bias=False),
+                                     nn.GroupNorm(_groups(channels), channels), nn.ReLU())
         self.keys = nn.Conv2d(channels, dim, 1)
         self.values = nn.Conv2d(channels, dim, 1)
         self.class_embed = nn.Parameter(torch.randn(num_classes, dim) / math.sqrt(dim))
@@ -99,7 +102,7 @@ class LabelWiseModel(nn.Module):
 
     def forward(self, x):
         """(B, C, D) per-class features."""
-        fmap = self.backbone.feature_map(x)
+        fmap = self.context(self.backbone.feature_map(x))
         k = self.keys(fmap).flatten(2)       # (B, D, L)
         v = self.values(fmap).flatten(2)     # (B, D, L)
         attn = torch.softmax(torch.einsum("cd,bdl->bcl", self.class_embed, k) / math.sqrt(self.dim), -1)

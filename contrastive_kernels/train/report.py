@@ -56,8 +56,10 @@ def relative_differences(a: List[float], b: List[float]) -> List[float]:
     return [abs(x - y) / max(abs(y), 1e-12) for x, y in zip(a, b)]
 
 
-def plot_compare(curves: Dict[str, List[float]], path: str, title: str) -> None:
-    """All loss curves on one axes; below, each curve's relative difference to the first."""
+def plot_compare(curves: Dict[str, List[float]], path: str, title: str,
+                 lockstep: Dict[str, List[float]] = None) -> None:
+    """All loss curves on one axes; below, each curve's relative difference to the first
+    (free-running) and, when given, the lockstep per-call relative loss differences."""
     plt = _pyplot()
     names = list(curves)
     fig, (ax, ax2) = plt.subplots(2, 1, figsize=(7, 6), sharex=True,
@@ -73,7 +75,10 @@ def plot_compare(curves: Dict[str, List[float]], path: str, title: str) -> None:
     for i, name in enumerate(names[1:], 1):
         rel = relative_differences(curves[name], base)
         ax2.plot(range(1, len(rel) + 1), [max(r, 1e-10) for r in rel], styles[i % 4], lw=0.8,
-                 label=f"|{name} - {names[0]}| / |{names[0]}|")
+                 label=f"free-running: |{name} - {names[0]}| / |{names[0]}|")
+    for i, (name, rel) in enumerate((lockstep or {}).items(), 1):
+        ax2.plot(range(1, len(rel) + 1), [max(r, 1e-10) for r in rel], lw=0.8, color=f"C{i + 2}",
+                 label=f"lockstep: same inputs, {name} vs {names[0]}")
     ax2.set_yscale("log")
     ax2.axhline(1e-3, color="gray", lw=0.8, ls="--")
     ax2.set_xlabel("step")

@@ -295,7 +295,14 @@ class Trainer:
             for opt in self.method.optimizers.values():
                 for group in opt.param_groups:
                     group["lr"] = lr
-            loss = float(self.method.train_step(idx, self.step))
+            loss = self.method.train_step(idx, self.step)
+            if self.group is not None:  # the whole-batch loss: the mean of the ranks' losses
+                import torch.distributed as dist
+
+                loss = loss.detach().clone()
+                dist.all_reduce(loss, op=dist.ReduceOp.SUM, group=self.group)
+                loss = loss / self.world
+            loss = float(loss)
             step_time += time.perf_counter() - t
             steps_here += 1
             self.losses.append(loss)
@@ -353,6 +360,7 @@ class Trainer:
             "dataset": self.data.describe(),
             **self.method.summary(),
             "lockstep": None if self.method.lockstep is None else self.method.lockstep.summary(),
+            "lockstep_trace": None if self.method.lockstep is None else self.method.lockstep.state_dict(),
             "config": training_config(cfg),
         }
         ckpt.atomic_write_json(metrics, os.path.join(cfg.out, "metrics.json"))
@@ -363,11 +371,18 @@ class Trainer:
 
 
 def run(cfg) -> Dict:
-    trainer = Trainer(cfg)
+    """One run; the process-wide torch settings it changes (deterministic algorithms, thread
+    count) are restored afterwards, so that it can be called from a larger program or a test."""
+    saved = (torch.are_deterministic_algorithms_enabled(),
+             torch.is_deterministic_algorithms_warn_only_enabled(), torch.get_num_threads())
+    trainer = None
     try:
+        trainer = Trainer(cfg)
         return trainer.run()
     finally:
-        if trainer.group is not None:
+        torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+        torch.set_num_threads(saved[2])
+        if trainer is not None and trainer.group is not None:
             import torch.distributed as dist
 
             if dist.is_initialized():
