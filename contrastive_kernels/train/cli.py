@@ -22,11 +22,14 @@ def _error(message: str) -> int:
     return 2
 
 
-def _environment(device: str) -> str:
+def _environment(device: str, threads: int) -> str:
     from contrastive_kernels.bench.report import environment
 
     env = environment(device)
-    return f"{env['device']}, torch {env['torch']}, Python {env['python']}"
+    where = env["device"].split(", torch threads")[0]
+    if not device.startswith("cuda"):
+        where += f", torch threads {threads}"
+    return f"{where}, torch {env['torch']}, Python {env['python']}"
 
 
 def _run_child(base: List[str], impl: str, out: str, extra: List[str] = ()) -> Optional[Dict]:
@@ -86,7 +89,7 @@ def compare(args) -> int:
                  "within_tolerance": lockstep["lockstep"][n]["max_rel_loss_diff"] <= tol
                  and lockstep["lockstep"][n]["max_rel_grad_diff"] <= tol} for n in others}
     reproducible = lockstep["loss"] == runs[first]["loss"]
-    text = compare_markdown(runs, free, check, reproducible, _environment(args.device))
+    text = compare_markdown(runs, free, check, reproducible, _environment(args.device, args.threads))
     atomic_write_bytes(os.path.join(args.out, "compare.md"), text.encode())
     summary = {"impls": names, "free_running": free, "lockstep": check,
                "lockstep_run_reproduces_first_run": reproducible, "tolerance": tol,

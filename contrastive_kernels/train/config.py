@@ -26,8 +26,7 @@ METHOD_DEFAULTS: Dict[str, Dict] = {
 }
 
 # flags that do not change the computation: a run may be resumed with different values
-NON_TRAINING_KEYS = {"resume", "checkpoint_every", "out", "progress", "compare", "threads",
-                     "eval_init"}
+NON_TRAINING_KEYS = {"resume", "checkpoint_every", "out", "progress", "compare", "eval_init"}
 
 DESCRIPTION = """\
 Reference training loop of contrastive_kernels: contrastive methods on small real (scikit-learn
@@ -127,8 +126,11 @@ def parse_shadow(text: str) -> List[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m contrastive_kernels.train", description=DESCRIPTION,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m contrastive_kernels.train", description=DESCRIPTION,
+        usage="%(prog)s [--method METHOD] [--data DATA] [--impl IMPL] [--compare IMPL,IMPL] "
+              "[--steps N] [--out DIR] [--resume] [options] (--help lists them all)",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     a("--method", choices=METHODS, default="moco", help="training method (default moco)")
     a("--data", choices=DATASETS, default="digits",
@@ -206,8 +208,10 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("run")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
-    g.add_argument("--threads", type=_positive_int, default=None,
-                   help="torch CPU threads (default: torch's choice)")
+    g.add_argument("--threads", type=_positive_int, default=1,
+                   help="torch CPU threads (default 1: the models are tiny, so intra-op threads "
+                        "gain little and slow down badly when the cores are shared); part of "
+                        "the run's config, since it may change the rounding")
     g.add_argument("--out", default=None, help="output folder (default runs/<method>)")
     g.add_argument("--checkpoint-every", type=_nonnegative_int, default=100,
                    help="steps between checkpoints; 0 = only at the end (default 100)")

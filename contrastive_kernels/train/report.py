@@ -82,7 +82,7 @@ def plot_compare(curves: Dict[str, List[float]], path: str, title: str,
     ax2.set_yscale("log")
     ax2.axhline(1e-3, color="gray", lw=0.8, ls="--")
     ax2.set_xlabel("step")
-    ax2.set_ylabel("relative difference")
+    ax2.set_ylabel("relative difference\n(0 drawn at 1e-10)")
     ax2.grid(alpha=0.3)
     ax2.legend(fontsize=8)
     fig.tight_layout()

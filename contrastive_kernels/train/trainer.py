@@ -7,7 +7,8 @@ current permutation and the position in it). A checkpoint taken after step t hol
 optimizers, method state (MoCo queue, QK bank, ...), every RNG state (torch CPU/CUDA, numpy,
 python ``random``, the generators), the data order, the step and the losses so far. Resuming
 restores all of it and continues at step t + 1, so its loss list equals an uninterrupted run's
-bit for bit on the CPU (same thread count). ``torch.use_deterministic_algorithms(True)`` is on.
+bit for bit on the CPU (same thread count). ``torch.use_deterministic_algorithms(True)`` is on
+(on CUDA with warn_only: ops without a deterministic kernel warn instead of failing).
 """
 from __future__ import annotations
 
@@ -166,9 +167,10 @@ class Trainer:
             self.device = torch.device(cfg.device)
         for impl in [cfg.impl, *(cfg.shadow_impl or [])]:
             check_impl(impl, str(self.device))
-        if cfg.threads is not None:
-            torch.set_num_threads(cfg.threads)
-        torch.use_deterministic_algorithms(True)
+        torch.set_num_threads(cfg.threads)
+        # CPU: strict (an op without a deterministic implementation would raise); CUDA: the
+        # deterministic implementations where they exist, a warning for the ops that have none
+        torch.use_deterministic_algorithms(True, warn_only=self.device.type == "cuda")
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = False
         torch.manual_seed(cfg.seed)
