@@ -320,6 +320,9 @@ def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
     (["--qk-switch", "x"], "expected a positive number of steps"),
     (["--device", "tpu"], "--device must be cpu, cuda or cuda:N"),
     (["--label-ratio", "0"], "expected a value in (0"),
+    (["--method", "simclr", "--mixing", "8,4", "--distributed"], "not supported with --distributed"),
+    (["--shadow-impl", "chunked", "--distributed"], "single-process check"),
+    (["--threads", "0"], "expected a positive integer"),
 ])
 def test_usage_errors_exit_2_with_a_message(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:
@@ -362,12 +365,17 @@ def test_distributed_needs_torchrun(tmp_path, capsys, monkeypatch):
     assert "torchrun" in capsys.readouterr().err
 
 
-def test_distributed_two_processes(tmp_path):
-    """torchrun with 2 CPU processes (gloo): sharded batches, DDP, group= in the loss and the
-    MoCo queue. Skipped while the losses' group= support is not there yet."""
+@pytest.mark.parametrize("extra", [["--method", "moco", "--mixing", "16,4,2"],
+                                   ["--method", "spp"], ["--method", "multilabel"]],
+                         ids=["moco-mixing", "spp", "multilabel"])
+def test_distributed_two_processes(tmp_path, extra):
+    """torchrun with 2 CPU processes (gloo): sharded batches, DDP, group= in the losses and the
+    MoCo queue (spp: global positive indices; multilabel: local losses). Skipped while the
+    losses' group= support is not there yet."""
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "contrastive_kernels.train", "--distributed", *tiny(steps=4), "--out", str(out)]
+           "-m", "contrastive_kernels.train", "--distributed", *tiny(*extra, steps=4),
+           "--out", str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     if proc.returncode != 0 and "NotImplementedError" in proc.stdout + proc.stderr:

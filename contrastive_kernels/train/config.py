@@ -253,6 +253,9 @@ def resolve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> argpar
         parser.error("--tau-plus/--beta apply to --method moco or simclr")
     if args.compose and args.method != "clip":
         parser.error("--compose applies to --method clip")
+    if args.distributed and args.method == "simclr" and args.mixing is not None:
+        parser.error("--mixing with --method simclr is not supported with --distributed "
+                     "(nt_xent(group=) has no mixing)")
     if args.shadow_impl is not None and args.distributed:
         parser.error("--shadow-impl is a single-process check; leave out --distributed")
     if args.compare is not None and args.distributed:

@@ -128,14 +128,15 @@ class Method:
             return fn(*args, **kw)
         return self.lockstep.call(fn, args, kw)
 
-    def wrap(self, module: nn.Module) -> nn.Module:
+    def wrap(self, module: nn.Module, find_unused_parameters: bool = False) -> nn.Module:
         """DDP under --distributed (gradients averaged over ranks), else the module itself."""
         if self.ctx.group is None:
             return module
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [self.device.index] if self.device.type == "cuda" else None
-        return DistributedDataParallel(module, device_ids=ids)
+        return DistributedDataParallel(module, device_ids=ids,
+                                       find_unused_parameters=find_unused_parameters)
 
     def view(self, x: torch.Tensor, aug=None) -> torch.Tensor:
         """An augmented view (drawn on the CPU from the "augment" generator), on the device."""
@@ -424,7 +425,8 @@ class SemanticPositivePairs(Method):
         xp = self.data.train_x[self.partners(idx)]
         z1, z2, zp = self.model(torch.cat([self.view(x), self.view(x), self.view(xp)])).chunk(3)
         rows = torch.arange(b, device=self.device)
-        positives = torch.stack([rows, rows + b], 1)
+        # under group= the keys of all ranks are the columns, in rank order (2b per rank)
+        positives = torch.stack([rows, rows + b], 1) + self.ctx.rank * 2 * b
         mpi = ck.multi_positive_info_nce
         loss = 0.5 * (self.contrast(mpi, z1, torch.cat([z2, zp]), positives)
                       + self.contrast(mpi, z2, torch.cat([z1, zp]), positives))
@@ -570,12 +572,20 @@ class MultiLabel(Method):
     name = "multilabel"
     augmentation = "light"
 
+    def loss_kwargs(self, **extra):
+        # no group=: both terms mix keys shared by all ranks (the class embeddings) with rows whose
+        # number differs per rank, which group= does not cover; under --distributed each rank's
+        # loss is its local one and DDP averages the gradients
+        return dict(temperature=self.cfg.temperature, similarity=self.cfg.similarity,
+                    backend=self.cfg.impl, group=None, **extra)
+
     def __init__(self, ctx):
         super().__init__(ctx)
         cfg = self.cfg
         self.net = LabelWiseModel(self.data.image_shape, self.data.num_classes, cfg.width,
                                   cfg.feat_dim, cfg.embed_dim).to(self.device)
-        self.model = self.wrap(self.net)
+        # the backbone's linear head only serves kNN evaluation: unused by the training forward
+        self.model = self.wrap(self.net, find_unused_parameters=True)
         self.modules = {"model": self.net}
         self.optimizers = {"model": _optimizer(self.net.parameters(), cfg)}
         n = len(self.data.train_x)
