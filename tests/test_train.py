@@ -108,6 +108,12 @@ def test_metrics_json_content(tmp_path):
     assert m["resumed_from_step"] is None and m["steps_this_process"] == 6
 
 
+def test_epochs_set_the_number_of_steps(tmp_path):
+    argv = [a for a in tiny("--batch-size", "64") if a not in ("--steps", "6")]
+    m = run_main(argv + ["--epochs", "0.25"], tmp_path)
+    assert m["steps"] == len(m["loss"]) == -(-0.25 * 1437 // 64)  # ceil(epochs * train / batch)
+
+
 def test_eval_init_is_recorded(tmp_path):
     argv = [a for a in tiny() if a != "--no-eval-init"]
     m = run_main(argv, tmp_path)

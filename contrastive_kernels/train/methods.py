@@ -50,8 +50,8 @@ class Lockstep:
     difference (training is chaotic: a 1-ulp change grows to the step-to-step noise of the
     loss); this check measures the backends' own difference along the whole trajectory."""
 
-    def __init__(self, impl: str, shadows: List[str], mixing_generator: torch.Generator):
-        self.impl, self.shadows, self.generator = impl, list(shadows), mixing_generator
+    def __init__(self, shadows: List[str], mixing_generator: torch.Generator):
+        self.shadows, self.generator = list(shadows), mixing_generator
         self.loss_diff = {name: [] for name in self.shadows}
         self.grad_diff = {name: [] for name in self.shadows}
 
@@ -113,7 +113,7 @@ class Method:
         self.modules: Dict[str, nn.Module] = {}
         self.optimizers: Dict[str, torch.optim.Optimizer] = {}
         shadows = getattr(self.cfg, "shadow_impl", None)
-        self.lockstep = Lockstep(self.cfg.impl, shadows, self.gen["mixing"]) if shadows else None
+        self.lockstep = Lockstep(shadows, self.gen["mixing"]) if shadows else None
 
     # -- helpers -------------------------------------------------------------------------------
     def loss_kwargs(self, **extra):
@@ -153,7 +153,8 @@ class Method:
         raise NotImplementedError
 
     def extra_state(self) -> Dict:
-        """Method state beyond modules and optimizers (queues, banks, mined pairs)."""
+        """Method state beyond modules and optimizers (queue, bank, counters); what a method
+        derives deterministically from the data at start-up (mined pairs) is not saved."""
         return {}
 
     def load_extra_state(self, state: Dict) -> None:
