@@ -23,8 +23,9 @@ test-slow: install
 test-gpu:
 	$(PY) -m pytest -m gpu -q -rs
 
+# The main job: the default training run (MoCo on digits) with eager and fused losses side by side.
 demo: install
-	$(PY) -m contrastive_kernels.bench --preset cpu --out benchmarks/results/cpu
+	$(PY) -m contrastive_kernels.train --compare reference,auto --out runs/demo
 
 bench: install
 	$(PY) -m contrastive_kernels.bench --preset cpu --out benchmarks/results/cpu
