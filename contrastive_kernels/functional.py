@@ -11,6 +11,7 @@ ops of ``losses.py`` and is chosen by ``resolve_backend`` (``backend="auto"`` us
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import math
 import numbers
 from typing import Optional
@@ -84,6 +85,16 @@ def resolve_backend(backend: str, family: str, device: torch.device):
         if backend_unavailable_reason(name, device) is None:
             return _module(name)
     return _module("chunked")
+
+
+def _preload():
+    """Import the backend modules that are cheap to import, now rather than at the first call:
+    torch.compile cannot trace an import, so a first call under torch.compile(fullgraph=True)
+    must find its backend already loaded. Backends needing a compiled extension load on first use
+    (or through ``available_backends``)."""
+    _module("chunked")
+    if importlib.util.find_spec("triton") is not None:
+        _module("triton")
 
 
 def available_backends(device="cpu"):
@@ -518,3 +529,6 @@ def mix_hard_negatives(query, negatives, hard_index, n_synthetic, n_query_synthe
     draws = draw_mixing(query.shape[0], hard_index.shape[1], n_synthetic, n_query_synthetic,
                         generator, query.device)
     return ops.mix(query, negatives, hard_index, draws)
+
+
+_preload()

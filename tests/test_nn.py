@@ -81,3 +81,26 @@ def test_moco_queue_used_as_negatives_then_enqueued():
     loss.backward()
     queue.enqueue(k)
     assert torch.equal(queue.keys[:4], k)
+
+
+def test_compile_fullgraph_on_first_call_in_a_fresh_process():
+    """torch.compile cannot trace an import: the first call of a loss under
+    torch.compile(fullgraph=True) must find its backend module already loaded."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import torch, contrastive_kernels as ck
+        q = torch.randn(8, 16, requires_grad=True)
+        k, queue = torch.randn(8, 16), torch.randn(64, 16)
+        f = torch.compile(lambda q, k, queue: ck.info_nce(q, k, queue, backend="chunked"),
+                          fullgraph=True, backend="aot_eager")
+        got = f(q, k, queue)
+        want = ck.info_nce(q, k, queue, backend="reference")
+        assert torch.allclose(got, want, rtol=1e-5), (got, want)
+        got.backward()
+        print("ok")
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-2000:]
