@@ -46,7 +46,11 @@ Strategies (``group_strategy=``)
 - ``"gather"``: all-gather the keys with a gradient that is reduce-scattered in backward (summed
   over the ranks, each rank keeping its own rows), then run the ordinary backend on the local rows
   against all N keys (self / partner exclusions offset by the rank's row offset). Per rank: memory
-  O(N D) (the gathered keys and their gradient), compute B x N x D.
+  O(N D) (the gathered keys and their gradient), compute B x N x D. CLIP gathers the texts only:
+  the backend's pass of the local images against all texts also yields every text's column LSE
+  over the local images (N floats), and those partial statistics are merged across the ranks in
+  log-sum-exp form (a max all-reduce and a reduce-scatter of N floats; backward all-gathers the
+  owners' column gradients, N floats), so each direction costs one pass, not two.
 - ``"ring"``: the key shards travel around the ring (rank r sends to r+1 and receives from r-1)
   with ``torch.distributed.batch_isend_irecv``; while the next shard is in flight the backend's
   ``lse_stats`` runs on the shard in hand and the per-row statistics merge exactly in log-sum-exp
@@ -252,6 +256,20 @@ def raise_everywhere(group, op: str, exc: BaseException) -> None:
 # collectives
 # --------------------------------------------------------------------------------------------
 
+# bytes this process has sent for group= (the benchmark reports them next to the formulas):
+# point-to-point messages exactly; an all-gather / reduce-scatter of n bytes per rank as the
+# (W - 1) * n a ring algorithm sends
+TRAFFIC = {"p2p": 0, "collective": 0}
+
+
+def reset_traffic():
+    TRAFFIC.update(p2p=0, collective=0)
+
+
+def _count(kind, nbytes):
+    TRAFFIC[kind] += int(nbytes)
+
+
 # torch 2.13 renames the tensor collectives (*_single); older versions (the GPU machine's 2.11) only
 # have the *_tensor names
 _all_gather_into = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -268,6 +286,7 @@ class _GatherRows(torch.autograd.Function):
         x = x.contiguous()
         out = x.new_empty((world * x.shape[0], *x.shape[1:]))
         _all_gather_into(out, x, group)
+        _count("collective", (world - 1) * x.numel() * x.element_size())
         return out
 
     @staticmethod
@@ -276,6 +295,7 @@ class _GatherRows(torch.autograd.Function):
         grad = grad.contiguous()
         out = grad.new_empty((grad.shape[0] // ctx.world, *grad.shape[1:]))
         _reduce_scatter_into(out, grad, group=ctx.group)
+        _count("collective", (ctx.world - 1) * out.numel() * out.element_size())
         return out, None, None
 
 
@@ -289,6 +309,7 @@ def gather_rows(x: torch.Tensor, group, world: int) -> torch.Tensor:
     x = x.detach().contiguous()
     out = x.new_empty((world * x.shape[0], *x.shape[1:]))
     _all_gather_into(out, x, group)
+    _count("collective", (world - 1) * x.numel() * x.element_size())
     return out
 
 
@@ -312,6 +333,45 @@ def all_gather_rows(keys: torch.Tensor, group) -> torch.Tensor:
     out = padded.new_empty((w * most, keys.shape[1]))
     _all_gather_into(out, padded, group)
     return torch.cat([out[r * most:r * most + n] for r, n in enumerate(rows)], 0)
+
+
+class _MergeColLse(torch.autograd.Function):
+    """Each rank has the column LSE of all N keys over its own rows (N,); every rank gets its own
+    keys' column LSE over the rows of all ranks (B,): log sum_r exp(partial_r), computed as a max
+    all-reduce and a reduce-scatter of exp(partial - max). Backward: d partial_r =
+    dC * exp(partial_r - C) for every key (the owners' dC and C all-gathered: N floats)."""
+
+    @staticmethod
+    def forward(ctx, partial, group, world, rank):
+        top = partial.detach().clone()
+        dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
+        top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+        terms = torch.exp(partial - top).contiguous()
+        n = partial.shape[0] // world
+        summed = terms.new_empty(n)
+        _reduce_scatter_into(summed, terms, group=group)
+        own = torch.log(summed) + top[rank * n:(rank + 1) * n]
+        every = own.new_empty(partial.shape[0])
+        _all_gather_into(every, own.contiguous(), group)
+        _count("collective", (world - 1) * n * own.element_size() * 4)  # max, sum, gather
+        ctx.group, ctx.world = group, world
+        ctx.save_for_backward(partial, every)
+        return own
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        partial, every = ctx.saved_tensors
+        grads = grad.new_empty(partial.shape[0])
+        _all_gather_into(grads, grad.contiguous(), ctx.group)
+        _count("collective", (ctx.world - 1) * grad.numel() * grad.element_size())
+        return grads * _share(every, partial), None, None, None
+
+
+def _merge_col_lse(partial, group, world, rank):
+    if world == 1:
+        return partial
+    return _MergeColLse.apply(partial, group, world, rank)
 
 
 def _all_reduce_sum(x: torch.Tensor, group) -> torch.Tensor:
@@ -338,6 +398,7 @@ class _Ring:
                for i, t in enumerate(sends)]
         ops += [dist.P2POp(dist.irecv, t, self.prev, self.group, tag + i)
                 for i, t in enumerate(recvs)]
+        _count("p2p", sum(t.numel() * t.element_size() for t in sends))
         return dist.batch_isend_irecv(ops) if ops else []
 
     def circulate(self, static: Sequence[torch.Tensor], compute, merge):
@@ -352,26 +413,26 @@ class _Ring:
         dynamic = None
         for t in range(world):
             shard = (self.rank - t) % world
-            sends, recvs = [], []
-            upcoming = None
-            if t < world - 1:
-                upcoming = [torch.empty_like(x) for x in current]
-                sends += current
-                recvs += upcoming
+            upcoming = [torch.empty_like(x) for x in current] if t < world - 1 else None
             incoming = None
             if t >= 1 and dynamic is not None:
                 incoming = [torch.empty_like(x) for x in dynamic]
-            works = self._start(sends, recvs, 0)
+            works = self._start(current if upcoming is not None else [], upcoming or [], 0)
             if incoming is not None:  # separate tags: static and dynamic never cross-match
                 works += self._start(dynamic, incoming, 64)
             partial = compute(shard, current)
             for w in works:
                 w.wait()
+            # drop every reference to what was sent before the next buffers are allocated: a
+            # rank holds two shards (the one in hand and the next) and one dynamic payload
+            del works
             if partial is not None:
                 partial = [p.contiguous() for p in partial]
                 dynamic = partial if t == 0 else merge(incoming, partial)
+            del partial, incoming
             if upcoming is not None:
                 current = upcoming
+            del upcoming
         if dynamic is not None and world > 1:  # the last hop: home to the owner
             home = [torch.empty_like(x) for x in dynamic]
             for w in self._start(dynamic, home, 64):
@@ -453,7 +514,8 @@ class _RingStats(torch.autograd.Function):
             return [col.to(acc)] if want_col_lse else None
 
         static = [t for t, p in zip((k, b, d, k_labels), present) if p]
-        col = ring.circulate(static, compute, lambda got, part: [torch.logaddexp(got[0], part[0])])
+        col = ring.circulate(  # merged into the received buffer, which is ours
+            static, compute, lambda got, part: [torch.logaddexp(got[0], part[0], out=got[0])])
         col_lse = col[0] if want_col_lse else q.new_empty(0, dtype=acc)
         pair = state["pair"] if pairs is not None else q.new_empty(0, dtype=acc)
         ctx.ring, ctx.ops, ctx.gammas, ctx.want_col_lse = ring, ops, gammas, want_col_lse
@@ -531,7 +593,7 @@ class _RingStats(torch.autograd.Function):
         if want_col_lse:
             static += [col_lse, d_col.to(acc)]
         key_grads = ring.circulate(static, compute,
-                                   lambda got, part: [x + y for x, y in zip(got, part)])
+                                   lambda got, part: [x.add_(y) for x, y in zip(got, part)])
         key_grads = iter(key_grads or [])
         outs_k = []
         for t, want in zip((k, b, d), key_need):
@@ -599,21 +661,22 @@ class _Setup:
                 self.ring, self.ops, tuple(gammas), want_col_lse, q, rows.scale, rows.bias, k,
                 cols.scale, cols.bias, q_labels, k_labels, exclude, pairs)
             return row, pos, count, col, (pair if pairs is not None else None)
-        if want_col_lse:
-            raise RuntimeError("internal: the gather strategy computes no column statistics")
         keys = gather_rows(k, self.group, self.world)
         labels = gather_rows(k_labels, self.group, self.world) if k_labels is not None else None
         cols = losses.col_side(keys, similarity, scale)
         if exclude is not None:
             exclude = exclude + self.rank * k.shape[0]
-        row, pos, count, _ = self.ops.lse_stats(q, keys, rows.scale, cols.scale, rows.bias,
-                                                cols.bias, gammas=tuple(gammas), exclude=exclude,
-                                                q_labels=q_labels, k_labels=labels)
+        row, pos, count, col = self.ops.lse_stats(q, keys, rows.scale, cols.scale, rows.bias,
+                                                  cols.bias, gammas=tuple(gammas),
+                                                  exclude=exclude, q_labels=q_labels,
+                                                  k_labels=labels, want_col_lse=want_col_lse)
+        if want_col_lse:  # every key's column LSE over the local rows -> the own keys' over all
+            col = _merge_col_lse(col, self.group, self.world, self.rank)
         pair = None
         if pairs is not None:
             picked = losses.paired_logits(q, rows, keys[pairs.clamp(min=0)], similarity, scale)
             pair = torch.where(pairs >= 0, picked, torch.zeros_like(picked))
-        return row, pos, count, None, pair
+        return row, pos, count, (col if want_col_lse else None), pair
 
     def reduce(self, loss, reduction, keep=None):
         """The local loss of the convention (module docstring)."""
@@ -751,17 +814,12 @@ def clip_loss(image_features, text_features, logit_scale, *, similarity, reducti
     scale = losses._scale(logit_scale, image_features)
     img_rows = losses.row_side(image_features, similarity, scale)
     diagonal = losses.paired_logits(image_features, img_rows, text_features, similarity, scale)
-    if run.strategy == "ring":
-        # one pass: local images against circulating texts; each text shard's column LSE over
-        # every rank's images follows it around the ring
-        row, _, _, col, _ = run.stats(image_features, img_rows, text_features, similarity, scale,
+    # one pass of the local images against the texts of every rank; each text's column LSE over
+    # the images of every rank comes from merging the ranks' partial column statistics (ring:
+    # they follow the text shard around; gather: a reduce-scatter of N floats)
+    row, _, _, txt_lse, _ = run.stats(image_features, img_rows, text_features, similarity, scale,
                                       want_col_lse=True)
-        img_lse, txt_lse = row[0], col
-    else:
-        txt_rows = losses.row_side(text_features, similarity, scale)
-        img_lse = run.stats(image_features, img_rows, text_features, similarity, scale)[0][0]
-        txt_lse = run.stats(text_features, txt_rows, image_features, similarity, scale)[0][0]
-    per_pair = 0.5 * ((img_lse - diagonal) + (txt_lse - diagonal))
+    per_pair = 0.5 * ((row[0] - diagonal) + (txt_lse - diagonal))
     return run.reduce(per_pair, reduction)
 
 

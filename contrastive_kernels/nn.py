@@ -27,7 +27,10 @@ def _temperature(module: nn.Module, temperature, learnable: bool):
 class InfoNCELoss(nn.Module):
     """``info_nce`` as a module: ``loss = InfoNCELoss(temperature=0.2)(query, positive_key, queue)``.
 
-    ``learnable_temperature=True`` makes the temperature an ``nn.Parameter``."""
+    ``learnable_temperature=True`` makes the temperature an ``nn.Parameter``. ``group`` /
+    ``group_strategy`` ("gather" or "ring"): the distributed convention of
+    ``contrastive_kernels.distributed`` (put the module inside the DDP model so that a learnable
+    temperature is averaged like the other parameters)."""
 
     def __init__(self, temperature=0.07, *, similarity="dot", in_batch_negatives=None,
                  tau_plus=0.0, beta=0.0, mixing: Optional[Mixing] = None, reduction="mean",

@@ -182,7 +182,35 @@ def ddp_nt_xent_ring(rank, world, group):
         0.4, learnable_temperature=True, group=grp, group_strategy="ring"))
 
 
-SCENARIOS = {f.__name__: f for f in [
+def traffic(rank, world, group):
+    """Bytes this rank sends in one forward+backward step, for comparison with the formulas of
+    contrastive_kernels.bench.distributed.comm_bytes."""
+    from contrastive_kernels import distributed as ckd
+
+    out = {}
+    for loss, similarity, strategy, dtype in [
+            ("info_nce", "cosine", "gather", torch.float32), ("info_nce", "dot", "ring", torch.float32),
+            ("info_nce", "l2", "ring", torch.bfloat16), ("info_nce", "cosine", "ring", torch.float64),
+            ("clip_loss", "cosine", "gather", torch.float32), ("clip_loss", "dot", "ring", torch.bfloat16),
+            ("nt_xent", "cosine", "ring", torch.float32), ("nt_xent", "dot", "gather", torch.float16),
+            ("sup_con", "cosine", "ring", torch.float32), ("sup_con", "l2", "gather", torch.float32)]:
+        x, y = _x(3, 5, dtype).requires_grad_(True), _x(3, 5, dtype, seed=1).requires_grad_(True)
+        kw = dict(similarity=similarity, group=group, group_strategy=strategy)
+        ckd.reset_traffic()
+        if loss == "info_nce":
+            value = ck.info_nce(x, y, **kw)
+        elif loss == "clip_loss":
+            value = ck.clip_loss(x, y, 10.0, **kw)
+        elif loss == "nt_xent":
+            value = ck.nt_xent(x, y, **kw)
+        else:
+            value = ck.sup_con(x, torch.arange(3) % 2, **kw)
+        value.backward()
+        out[(loss, similarity, strategy, str(dtype))] = ckd.TRAFFIC["p2p"] + ckd.TRAFFIC["collective"]
+    return out
+
+
+SCENARIOS = {f.__name__: f for f in [traffic, 
     mismatch_dim, mismatch_dtype, uneven_rows, uneven_keys, local_failure, local_failure_shape,
     different_options, different_strategies, different_functions, requires_grad_mismatch,
     label_width_mismatch, bad_group_type, nt_xent_mixing, moco_bad_keys, moco_dtype_mismatch,

@@ -268,7 +268,7 @@ ERRORS = {  # scenario: (exception type on the ranks that did not fail locally, 
     "moco_dtype_mismatch": ("ValueError", ["keys dtype differs"]),
 }
 LOCAL_FAILURES = {"local_failure": 1, "local_failure_shape": 0, "moco_bad_keys": 0}
-WORKING = ["after_errors_still_in_sync", "moco_queue", "ddp_info_nce_gather", "ddp_info_nce_ring",
+WORKING = ["after_errors_still_in_sync", "traffic", "moco_queue", "ddp_info_nce_gather", "ddp_info_nce_ring",
            "ddp_clip_ring", "ddp_clip_gather", "ddp_nt_xent_ring"]
 
 _scenario_results = {}
@@ -323,6 +323,24 @@ def test_moco_queue_is_identical_on_every_rank(scenarios):
         assert filled == int(expected.filled)
 
 
+def test_bytes_sent_match_the_formulas(scenarios):
+    """The communication volume of README's table (bench.distributed.comm_bytes) is what the
+    code sends, byte for byte, for every loss, both strategies, every dtype size."""
+    from contrastive_kernels.bench.distributed import comm_bytes
+
+    world, ranks = scenarios
+    for res in ranks:
+        measured = res["traffic"]["value"]
+        assert len(measured) == 10
+        for (loss, similarity, strategy, dtype), sent in measured.items():
+            itemsize = getattr(torch, dtype.replace("torch.", "")).itemsize
+            rows = 6 if loss == "nt_xent" else 3
+            expected = comm_bytes(loss, strategy, rows, world, 5, itemsize, similarity,
+                                  label_bytes=8 if loss == "sup_con" else 0,
+                                  acc_itemsize=8 if itemsize == 8 else 4)
+            assert sent == expected, (loss, similarity, strategy, dtype, sent, expected)
+
+
 @pytest.mark.parametrize("name", [n for n in WORKING if n.startswith("ddp_")])
 def test_ddp_follows_the_whole_batch(scenarios, name):
     """Two SGD steps of DDP(encoder + loss with group=) end at the parameters (encoder,
@@ -373,3 +391,24 @@ def test_modules_forward_group_strategy():
     assert ck.nn.SupConLoss(group_strategy="ring")(q, torch.arange(3)).isfinite()
     with pytest.raises(ValueError, match="group_strategy"):
         ck.nn.InfoNCELoss(group_strategy="all")(q, q)
+
+
+@pytest.mark.slow
+def test_ring_memory_does_not_grow_with_the_world():
+    """Fixed local batch, growing world: the ring's extra peak memory per rank stays flat (two
+    shards and one partial key gradient in hand), the gather strategy's grows with the global
+    batch (the gathered keys and their gradient). Measured as bench.distributed does."""
+    from contrastive_kernels.bench.distributed import run_config
+
+    peak = {}
+    for strategy in STRATEGIES:
+        for world in (2, 4):
+            spec = {"loss": "info_nce", "strategy": strategy, "world": world, "N": 512 * world,
+                    "D": 512, "dtype": "fp32", "backend": "chunked", "repeats": 0, "threads": 1,
+                    "chunk_mb": 4}
+            res = run_config(spec, timeout=300)
+            assert "ranks" in res, res
+            peak[strategy, world] = max(r["peak_extra_bytes"] for r in res["ranks"])
+    shard = 512 * 512 * 4
+    assert peak["ring", 4] <= peak["ring", 2] + 2 * shard, peak
+    assert peak["gather", 4] >= peak["gather", 2] + 4 * shard, peak
