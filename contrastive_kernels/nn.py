@@ -13,6 +13,35 @@ from . import functional
 from ._common import NORM_EPS, Mixing
 
 
+class _Shared:
+    """A reference that copy / deepcopy share instead of copying (a process group cannot be
+    copied: a deep copy of a loss module or queue, e.g. MoCo's key encoder, keeps the group)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value):
+        self.value = value
+
+    def __copy__(self):
+        return self
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+class _GroupAttribute:
+    """The ``group`` attribute of the modules, stored as a ``_Shared`` reference."""
+
+    def __get__(self, obj, objtype=None):
+        if obj is None:
+            return self
+        ref = obj.__dict__.get("_group_ref")
+        return None if ref is None else ref.value
+
+    def __set__(self, obj, value):
+        obj.__dict__["_group_ref"] = _Shared(value)
+
+
 def _temperature(module: nn.Module, temperature, learnable: bool):
     """Store the temperature: a float, a given tensor (kept as is, e.g. an nn.Parameter), or a
     learnable parameter initialized at ``temperature``."""
@@ -31,6 +60,8 @@ class InfoNCELoss(nn.Module):
     ``group_strategy`` ("gather" or "ring"): the distributed convention of
     ``contrastive_kernels.distributed`` (put the module inside the DDP model so that a learnable
     temperature is averaged like the other parameters)."""
+
+    group = _GroupAttribute()
 
     def __init__(self, temperature=0.07, *, similarity="dot", in_batch_negatives=None,
                  tau_plus=0.0, beta=0.0, mixing: Optional[Mixing] = None, reduction="mean",
@@ -53,6 +84,8 @@ class InfoNCELoss(nn.Module):
 class NTXentLoss(nn.Module):
     """``nt_xent`` (SimCLR) as a module: ``NTXentLoss(temperature=0.5)(z1, z2)``."""
 
+    group = _GroupAttribute()
+
     def __init__(self, temperature=0.5, *, similarity="cosine", tau_plus=0.0, beta=0.0,
                  mixing: Optional[Mixing] = None, reduction="mean", backend="auto", group=None,
                  learnable_temperature=False, group_strategy="gather"):
@@ -72,6 +105,8 @@ class NTXentLoss(nn.Module):
 class SupConLoss(nn.Module):
     """``sup_con`` as a module: ``SupConLoss(temperature=0.1)(features, labels)``."""
 
+    group = _GroupAttribute()
+
     def __init__(self, temperature=0.07, *, similarity="cosine", reduction="mean", backend="auto",
                  group=None, learnable_temperature=False, group_strategy="gather"):
         super().__init__()
@@ -90,6 +125,8 @@ class ClipLoss(nn.Module):
     """CLIP's symmetric loss with a learnable logit scale, kept as its log
     (``log_logit_scale``, initialized to log(1/0.07)); the scale used is
     ``exp(log_logit_scale)`` clamped at ``max_logit_scale`` (100, as CLIP does)."""
+
+    group = _GroupAttribute()
 
     def __init__(self, init_logit_scale=1 / 0.07, *, max_logit_scale=100.0, learnable=True,
                  similarity="dot", reduction="mean", backend="auto", group=None,
@@ -128,6 +165,8 @@ class MoCoQueue(nn.Module):
     (the loss may have saved the queue for its backward pass). With ``group`` set, ``enqueue``
     gathers the keys of every rank first so that all ranks keep identical queues.
     """
+
+    group = _GroupAttribute()
 
     def __init__(self, size: int, dim: int, *, dtype=torch.float32, device=None, group=None,
                  normalize: bool = True):

@@ -104,6 +104,15 @@ def after_errors_still_in_sync(rank, world, group):
     return float(total)
 
 
+def deepcopy_keeps_the_group(rank, world, group):
+    """A deep copy of a loss module or queue (MoCo copies its encoder) shares the process group,
+    which cannot be copied, and still works."""
+    loss = copy.deepcopy(ck.nn.InfoNCELoss(0.2, group=group, group_strategy="ring"))
+    queue = copy.deepcopy(ck.nn.MoCoQueue(4, 6, group=group))
+    queue.enqueue(_x(1, seed=rank))
+    return [loss.group is group, queue.group is group, float(loss(_x(3), _x(3, seed=2)))]
+
+
 def moco_queue(rank, world, group):
     """Uneven enqueue sizes (rank r enqueues r + 1 rows), wrapping around: every rank's queue is
     the same, the keys of all ranks in rank order."""
@@ -214,7 +223,7 @@ SCENARIOS = {f.__name__: f for f in [traffic,
     mismatch_dim, mismatch_dtype, uneven_rows, uneven_keys, local_failure, local_failure_shape,
     different_options, different_strategies, different_functions, requires_grad_mismatch,
     label_width_mismatch, bad_group_type, nt_xent_mixing, moco_bad_keys, moco_dtype_mismatch,
-    after_errors_still_in_sync, moco_queue, ddp_info_nce_gather, ddp_info_nce_ring, ddp_clip_ring,
+    after_errors_still_in_sync, deepcopy_keeps_the_group, moco_queue, ddp_info_nce_gather, ddp_info_nce_ring, ddp_clip_ring,
     ddp_clip_gather, ddp_nt_xent_ring]}
 
 

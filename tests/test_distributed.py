@@ -268,7 +268,7 @@ ERRORS = {  # scenario: (exception type on the ranks that did not fail locally, 
     "moco_dtype_mismatch": ("ValueError", ["keys dtype differs"]),
 }
 LOCAL_FAILURES = {"local_failure": 1, "local_failure_shape": 0, "moco_bad_keys": 0}
-WORKING = ["after_errors_still_in_sync", "traffic", "moco_queue", "ddp_info_nce_gather", "ddp_info_nce_ring",
+WORKING = ["after_errors_still_in_sync", "traffic", "deepcopy_keeps_the_group", "moco_queue", "ddp_info_nce_gather", "ddp_info_nce_ring",
            "ddp_clip_ring", "ddp_clip_gather", "ddp_nt_xent_ring"]
 
 _scenario_results = {}
@@ -304,6 +304,14 @@ def test_ranks_stay_in_sync_after_errors(scenarios):
     world, ranks = scenarios
     values = [res["after_errors_still_in_sync"]["value"] for res in ranks]
     assert all(v == values[0] for v in values)
+
+
+def test_deepcopy_of_modules_keeps_the_group(scenarios):
+    world, ranks = scenarios
+    values = [res["deepcopy_keeps_the_group"]["value"] for res in ranks]
+    for v in values:
+        assert v[0] is True and v[1] is True
+    assert all(v[2] == values[0][2] for v in values)  # same inputs on every rank
 
 
 def test_moco_queue_is_identical_on_every_rank(scenarios):
