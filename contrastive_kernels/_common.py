@@ -14,6 +14,7 @@ import torch
 SIMILARITIES = ("dot", "cosine", "l2")
 REDUCTIONS = ("mean", "sum", "none")
 BACKENDS = ("auto", "reference", "chunked", "triton", "cuda", "cpu")
+GROUP_STRATEGIES = ("gather", "ring")  # how group= reaches the other ranks' keys (distributed.py)
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 NORM_EPS = 1e-12  # the eps of torch.nn.functional.normalize: x / max(||x||, eps)
 

@@ -10,16 +10,19 @@ ops of ``losses.py`` and is chosen by ``resolve_backend`` (``backend="auto"`` us
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import math
 import numbers
+import threading
 from typing import Optional
 
 import torch
 
 from . import losses, reference
-from ._common import BACKENDS, FLOAT_DTYPES, REDUCTIONS, SIMILARITIES, Mixing, TopK, draw_mixing
+from ._common import (BACKENDS, FLOAT_DTYPES, GROUP_STRATEGIES, REDUCTIONS, SIMILARITIES, Mixing,
+                      TopK, draw_mixing)
 
 # --------------------------------------------------------------------------------------------
 # backends
@@ -245,12 +248,41 @@ def _labels(name, labels, rows, device):
     return labels
 
 
-def _group(group):
+_routing = threading.local()
+
+
+def _group(group, group_strategy="gather"):
+    """None, or the checked process group; called once every local check has passed."""
+    _choice("group_strategy", group_strategy, GROUP_STRATEGIES)
     if group is None:
         return None
     from . import distributed
 
-    return distributed.check_group(group)
+    group = distributed.check_group(group)
+    _routing.checked = True
+    return group
+
+
+def _agree_on_bad_input(fn):
+    """With group=, a rank whose arguments fail the local checks tells the other ranks (which
+    would otherwise wait forever in the first collective) before raising: every rank raises."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        group = kwargs.get("group")
+        if group is None:
+            return fn(*args, **kwargs)
+        _routing.checked = False
+        try:
+            return fn(*args, **kwargs)
+        except (TypeError, ValueError) as exc:
+            if not getattr(_routing, "checked", True):
+                from . import distributed
+
+                distributed.raise_everywhere(group, fn.__name__, exc)
+            raise
+
+    return wrapper
 
 
 # --------------------------------------------------------------------------------------------
@@ -258,15 +290,22 @@ def _group(group):
 # --------------------------------------------------------------------------------------------
 
 
+@_agree_on_bad_input
 def info_nce(query, positive_key, queue=None, *, temperature=0.07, similarity="dot",
              in_batch_negatives=None, tau_plus=0.0, beta=0.0, extra_negatives=None,
-             mixing: Optional[Mixing] = None, reduction="mean", backend="auto", group=None):
+             mixing: Optional[Mixing] = None, reduction="mean", backend="auto", group=None,
+             group_strategy="gather"):
     """InfoNCE with a queue / bank (MoCo, QK), in-batch negatives (SimCLR-style), or both.
 
     Row i's positive is positive_key[i]; negatives: the queue rows (shared, a gradient only if
     the queue requires one), the other rows of positive_key when ``in_batch_negatives`` (default:
     True iff ``queue`` is None), ``extra_negatives[i]`` (B, S, D) and MoCHi's synthetic points
     (``mixing``). ``tau_plus``/``beta`` switch to the DCL/HCL estimator. Returns the fp32 loss.
+
+    ``group`` (a torch.distributed process group): query/positive_key rows are this rank's shard,
+    the in-batch negatives are every rank's positive keys, the queue is replicated; the rank's
+    local loss is returned (see ``contrastive_kernels.distributed``). ``group_strategy``:
+    "gather" (all-gather the keys) or "ring" (pass them around, memory O(local batch)).
     """
     _features("query", query)
     _features("positive_key", positive_key)
@@ -291,13 +330,14 @@ def info_nce(query, positive_key, queue=None, *, temperature=0.07, similarity="d
         if queue is None or queue.shape[0] < mixing.n_hard:
             have = 0 if queue is None else queue.shape[0]
             raise ValueError(f"mixing needs a queue with at least n_hard={mixing.n_hard} rows, got {have}")
-    if _group(group) is not None:
+    if _group(group, group_strategy) is not None:
         from . import distributed
 
         return distributed.info_nce(query, positive_key, queue, temperature=temperature,
                                     similarity=similarity, in_batch_negatives=in_batch_negatives,
                                     tau_plus=tau_plus, beta=beta, extra_negatives=extra_negatives,
-                                    mixing=mixing, reduction=reduction, backend=backend, group=group)
+                                    mixing=mixing, reduction=reduction, backend=backend, group=group,
+                                    group_strategy=group_strategy)
     ops = resolve_backend(backend, "loss", query.device)
     kwargs = dict(temperature=temperature, similarity=similarity,
                   in_batch_negatives=in_batch_negatives, tau_plus=tau_plus, beta=beta,
@@ -307,10 +347,15 @@ def info_nce(query, positive_key, queue=None, *, temperature=0.07, similarity="d
     return losses.info_nce(ops, query, positive_key, queue, **kwargs)
 
 
+@_agree_on_bad_input
 def nt_xent(z1, z2, *, temperature=0.5, similarity="cosine", tau_plus=0.0, beta=0.0,
-            mixing: Optional[Mixing] = None, reduction="mean", backend="auto", group=None):
+            mixing: Optional[Mixing] = None, reduction="mean", backend="auto", group=None,
+            group_strategy="gather"):
     """SimCLR's NT-Xent over the 2B views cat([z1, z2]): each view's positive is its other view,
-    its negatives the other 2B-2 views. "none" returns the (2B,) per-view losses."""
+    its negatives the other 2B-2 views. "none" returns the (2B,) per-view losses.
+
+    With ``group``, the views of every rank are the columns (each view's negatives are the other
+    2N-2 views of the whole batch) and the rank's local loss over its own 2B views is returned."""
     _features("z1", z1)
     _features("z2", z2)
     _like("z2", z2, "z1", z1, same_rows=True)
@@ -327,63 +372,80 @@ def nt_xent(z1, z2, *, temperature=0.5, similarity="cosine", tau_plus=0.0, beta=
                              "negatives of each view (2B-2)")
     kwargs = dict(temperature=temperature, similarity=similarity, tau_plus=tau_plus, beta=beta,
                   mixing=mixing, reduction=reduction)
-    if _group(group) is not None:
+    if _group(group, group_strategy) is not None:
         from . import distributed
 
-        return distributed.nt_xent(z1, z2, **kwargs, backend=backend, group=group)
+        return distributed.nt_xent(z1, z2, **kwargs, backend=backend, group=group,
+                                   group_strategy=group_strategy)
     ops = resolve_backend(backend, "loss", z1.device)
     if ops == "reference":
         return reference.nt_xent(z1, z2, **kwargs)
     return losses.nt_xent(ops, z1, z2, **kwargs)
 
 
+@_agree_on_bad_input
 def clip_loss(image_features, text_features, logit_scale, *, similarity="dot", reduction="mean",
-              backend="auto", group=None):
+              backend="auto", group=None, group_strategy="gather"):
     """CLIP's symmetric loss 0.5 * (CE(scale I T^T, arange) + CE(scale T I^T, arange)), with
     gradients to both feature sets and to ``logit_scale`` (the scale itself, e.g.
-    ``log_scale.exp()``; a float or 0-dim tensor)."""
+    ``log_scale.exp()``; a float or 0-dim tensor).
+
+    With ``group``, each local image is contrasted with the texts of every rank and each local
+    text with the images of every rank; the rank's local loss over its own pairs is returned."""
     _features("image_features", image_features)
     _features("text_features", text_features)
     _like("text_features", text_features, "image_features", image_features, same_rows=True)
     logit_scale = _positive_scalar("logit_scale", logit_scale, image_features.device)
     _common_options(similarity, reduction, backend)
     kwargs = dict(similarity=similarity, reduction=reduction)
-    if _group(group) is not None:
+    if _group(group, group_strategy) is not None:
         from . import distributed
 
         return distributed.clip_loss(image_features, text_features, logit_scale, **kwargs,
-                                     backend=backend, group=group)
+                                     backend=backend, group=group, group_strategy=group_strategy)
     ops = resolve_backend(backend, "loss", image_features.device)
     if ops == "reference":
         return reference.clip_loss(image_features, text_features, logit_scale, **kwargs)
     return losses.clip_loss(ops, image_features, text_features, logit_scale, **kwargs)
 
 
+@_agree_on_bad_input
 def sup_con(features, labels, *, temperature=0.07, similarity="cosine", reduction="mean",
-            backend="auto", group=None):
+            backend="auto", group=None, group_strategy="gather"):
     """Supervised contrastive loss (SupCon L_out). ``labels``: (B,) integer class ids, or (B, C)
     multi-hot (rows are positives when they share any label). Anchors without a positive are left
-    out of the mean (and are 0 under "none")."""
+    out of the mean (and are 0 under "none").
+
+    With ``group``, the anchors are this rank's rows and the candidates the rows (and labels) of
+    every rank; "mean" divides by the number of anchors with a positive averaged over the ranks,
+    so that the mean of the ranks' losses is the whole-batch loss."""
     _features("features", features)
     labels = _labels("labels", labels, features.shape[0], features.device)
     temperature = _positive_scalar("temperature", temperature, features.device)
     _common_options(similarity, reduction, backend)
     kwargs = dict(temperature=temperature, similarity=similarity, reduction=reduction)
-    if _group(group) is not None:
+    if _group(group, group_strategy) is not None:
         from . import distributed
 
-        return distributed.sup_con(features, labels, **kwargs, backend=backend, group=group)
+        return distributed.sup_con(features, labels, **kwargs, backend=backend, group=group,
+                                   group_strategy=group_strategy)
     ops = resolve_backend(backend, "loss", features.device)
     if ops == "reference":
         return reference.sup_con(features, labels, **kwargs)
     return losses.sup_con(ops, features, labels, **kwargs)
 
 
+@_agree_on_bad_input
 def multi_positive_info_nce(query, keys, positive_index, queue=None, *, temperature=0.07,
-                            similarity="dot", reduction="mean", backend="auto", group=None):
+                            similarity="dot", reduction="mean", backend="auto", group=None,
+                            group_strategy="gather"):
     """Multi-positive InfoNCE: row i's loss is the mean over its positives p
     (``positive_index[i]``, -1 = padding; indices count the keys first, then the queue rows) of
-    -log softmax over all keys + queue at p. Rows without a positive are left out of the mean."""
+    -log softmax over all keys + queue at p. Rows without a positive are left out of the mean.
+
+    With ``group``, query rows and keys are both sharded and ``positive_index`` holds global
+    indices: [0, W * K_local) are the keys of every rank in rank order (rank s's key j is
+    s * K_local + j), then the rows of the (replicated) queue."""
     _features("query", query)
     _features("keys", keys)
     _like("keys", keys, "query", query)
@@ -393,7 +455,12 @@ def multi_positive_info_nce(query, keys, positive_index, queue=None, *, temperat
     positive_index = _index_tensor("positive_index", positive_index, 2, rows=query.shape[0])
     if positive_index.device != query.device:
         raise ValueError(f"positive_index is on {positive_index.device} but query is on {query.device}")
-    n_columns = keys.shape[0] + (0 if queue is None else queue.shape[0])
+    n_key_columns = keys.shape[0]
+    if group is not None:  # global indices: the keys of every rank come first
+        from . import distributed
+
+        n_key_columns *= distributed.world_size(distributed.check_group(group))
+    n_columns = n_key_columns + (0 if queue is None else queue.shape[0])
     bad = _index_range("positive_index", positive_index, -1, n_columns)
     temperature = _positive_scalar("temperature", temperature, query.device)
     _common_options(similarity, reduction, backend)
@@ -401,11 +468,12 @@ def multi_positive_info_nce(query, keys, positive_index, queue=None, *, temperat
         positive_index = torch.where((positive_index >= -1) & (positive_index < n_columns),
                                      positive_index, torch.full_like(positive_index, -1))
     kwargs = dict(temperature=temperature, similarity=similarity, reduction=reduction)
-    if _group(group) is not None:
+    if _group(group, group_strategy) is not None:
         from . import distributed
 
         loss = distributed.multi_positive_info_nce(query, keys, positive_index, queue, **kwargs,
-                                                   backend=backend, group=group)
+                                                   backend=backend, group=group,
+                                                   group_strategy=group_strategy)
         return _poison(loss, bad)
     ops = resolve_backend(backend, "loss", query.device)
     if ops == "reference":

@@ -13,6 +13,35 @@ from . import functional
 from ._common import NORM_EPS, Mixing
 
 
+class _Shared:
+    """A reference that copy / deepcopy share instead of copying (a process group cannot be
+    copied: a deep copy of a loss module or queue, e.g. MoCo's key encoder, keeps the group)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value):
+        self.value = value
+
+    def __copy__(self):
+        return self
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+class _GroupAttribute:
+    """The ``group`` attribute of the modules, stored as a ``_Shared`` reference."""
+
+    def __get__(self, obj, objtype=None):
+        if obj is None:
+            return self
+        ref = obj.__dict__.get("_group_ref")
+        return None if ref is None else ref.value
+
+    def __set__(self, obj, value):
+        obj.__dict__["_group_ref"] = _Shared(value)
+
+
 def _temperature(module: nn.Module, temperature, learnable: bool):
     """Store the temperature: a float, a given tensor (kept as is, e.g. an nn.Parameter), or a
     learnable parameter initialized at ``temperature``."""
@@ -27,55 +56,69 @@ def _temperature(module: nn.Module, temperature, learnable: bool):
 class InfoNCELoss(nn.Module):
     """``info_nce`` as a module: ``loss = InfoNCELoss(temperature=0.2)(query, positive_key, queue)``.
 
-    ``learnable_temperature=True`` makes the temperature an ``nn.Parameter``."""
+    ``learnable_temperature=True`` makes the temperature an ``nn.Parameter``. ``group`` /
+    ``group_strategy`` ("gather" or "ring"): the distributed convention of
+    ``contrastive_kernels.distributed`` (put the module inside the DDP model so that a learnable
+    temperature is averaged like the other parameters)."""
+
+    group = _GroupAttribute()
 
     def __init__(self, temperature=0.07, *, similarity="dot", in_batch_negatives=None,
                  tau_plus=0.0, beta=0.0, mixing: Optional[Mixing] = None, reduction="mean",
-                 backend="auto", group=None, learnable_temperature=False):
+                 backend="auto", group=None, learnable_temperature=False, group_strategy="gather"):
         super().__init__()
         _temperature(self, temperature, learnable_temperature)
         self.similarity, self.in_batch_negatives = similarity, in_batch_negatives
         self.tau_plus, self.beta, self.mixing = tau_plus, beta, mixing
         self.reduction, self.backend, self.group = reduction, backend, group
+        self.group_strategy = group_strategy
 
     def forward(self, query, positive_key, queue=None, extra_negatives=None):
         return functional.info_nce(
             query, positive_key, queue, temperature=self.temperature, similarity=self.similarity,
             in_batch_negatives=self.in_batch_negatives, tau_plus=self.tau_plus, beta=self.beta,
             extra_negatives=extra_negatives, mixing=self.mixing, reduction=self.reduction,
-            backend=self.backend, group=self.group)
+            backend=self.backend, group=self.group, group_strategy=self.group_strategy)
 
 
 class NTXentLoss(nn.Module):
     """``nt_xent`` (SimCLR) as a module: ``NTXentLoss(temperature=0.5)(z1, z2)``."""
 
+    group = _GroupAttribute()
+
     def __init__(self, temperature=0.5, *, similarity="cosine", tau_plus=0.0, beta=0.0,
                  mixing: Optional[Mixing] = None, reduction="mean", backend="auto", group=None,
-                 learnable_temperature=False):
+                 learnable_temperature=False, group_strategy="gather"):
         super().__init__()
         _temperature(self, temperature, learnable_temperature)
         self.similarity, self.tau_plus, self.beta, self.mixing = similarity, tau_plus, beta, mixing
         self.reduction, self.backend, self.group = reduction, backend, group
+        self.group_strategy = group_strategy
 
     def forward(self, z1, z2):
         return functional.nt_xent(z1, z2, temperature=self.temperature, similarity=self.similarity,
                                   tau_plus=self.tau_plus, beta=self.beta, mixing=self.mixing,
-                                  reduction=self.reduction, backend=self.backend, group=self.group)
+                                  reduction=self.reduction, backend=self.backend, group=self.group,
+                                  group_strategy=self.group_strategy)
 
 
 class SupConLoss(nn.Module):
     """``sup_con`` as a module: ``SupConLoss(temperature=0.1)(features, labels)``."""
 
+    group = _GroupAttribute()
+
     def __init__(self, temperature=0.07, *, similarity="cosine", reduction="mean", backend="auto",
-                 group=None, learnable_temperature=False):
+                 group=None, learnable_temperature=False, group_strategy="gather"):
         super().__init__()
         _temperature(self, temperature, learnable_temperature)
         self.similarity, self.reduction, self.backend, self.group = similarity, reduction, backend, group
+        self.group_strategy = group_strategy
 
     def forward(self, features, labels):
         return functional.sup_con(features, labels, temperature=self.temperature,
                                   similarity=self.similarity, reduction=self.reduction,
-                                  backend=self.backend, group=self.group)
+                                  backend=self.backend, group=self.group,
+                                  group_strategy=self.group_strategy)
 
 
 class ClipLoss(nn.Module):
@@ -83,8 +126,11 @@ class ClipLoss(nn.Module):
     (``log_logit_scale``, initialized to log(1/0.07)); the scale used is
     ``exp(log_logit_scale)`` clamped at ``max_logit_scale`` (100, as CLIP does)."""
 
+    group = _GroupAttribute()
+
     def __init__(self, init_logit_scale=1 / 0.07, *, max_logit_scale=100.0, learnable=True,
-                 similarity="dot", reduction="mean", backend="auto", group=None):
+                 similarity="dot", reduction="mean", backend="auto", group=None,
+                 group_strategy="gather"):
         super().__init__()
         if not (init_logit_scale > 0 and max_logit_scale > 0):
             raise ValueError(f"init_logit_scale and max_logit_scale must be > 0, got "
@@ -96,6 +142,7 @@ class ClipLoss(nn.Module):
             self.register_buffer("log_logit_scale", log_scale)
         self.max_logit_scale = float(max_logit_scale)
         self.similarity, self.reduction, self.backend, self.group = similarity, reduction, backend, group
+        self.group_strategy = group_strategy
 
     @property
     def logit_scale(self) -> torch.Tensor:
@@ -104,7 +151,8 @@ class ClipLoss(nn.Module):
     def forward(self, image_features, text_features):
         return functional.clip_loss(image_features, text_features, self.logit_scale,
                                     similarity=self.similarity, reduction=self.reduction,
-                                    backend=self.backend, group=self.group)
+                                    backend=self.backend, group=self.group,
+                                    group_strategy=self.group_strategy)
 
 
 class MoCoQueue(nn.Module):
@@ -117,6 +165,8 @@ class MoCoQueue(nn.Module):
     (the loss may have saved the queue for its backward pass). With ``group`` set, ``enqueue``
     gathers the keys of every rank first so that all ranks keep identical queues.
     """
+
+    group = _GroupAttribute()
 
     def __init__(self, size: int, dim: int, *, dtype=torch.float32, device=None, group=None,
                  normalize: bool = True):
@@ -143,14 +193,22 @@ class MoCoQueue(nn.Module):
 
     @torch.no_grad()
     def enqueue(self, keys: torch.Tensor) -> None:
-        if not torch.is_tensor(keys) or keys.dim() != 2 or keys.shape[1] != self.keys.shape[1]:
-            shape = tuple(keys.shape) if torch.is_tensor(keys) else type(keys).__name__
-            raise ValueError(f"keys must be (n, {self.keys.shape[1]}), got {shape}")
-        if not keys.is_floating_point():
-            raise TypeError(f"keys must be floating point, got dtype {keys.dtype}")
+        try:
+            if not torch.is_tensor(keys) or keys.dim() != 2 or keys.shape[1] != self.keys.shape[1]:
+                shape = tuple(keys.shape) if torch.is_tensor(keys) else type(keys).__name__
+                raise ValueError(f"keys must be (n, {self.keys.shape[1]}), got {shape}")
+            if not keys.is_floating_point():
+                raise TypeError(f"keys must be floating point, got dtype {keys.dtype}")
+        except (TypeError, ValueError) as exc:
+            if self.group is not None:  # the other ranks raise too instead of waiting forever
+                from . import distributed
+
+                distributed.raise_everywhere(self.group, "MoCoQueue.enqueue", exc)
+            raise
         if self.group is not None:
             from . import distributed
 
+            # every rank's keys, in rank order: all ranks keep identical queues
             keys = distributed.all_gather_rows(keys.detach(), self.group)
         keys = keys.detach().to(device=self.keys.device, dtype=self.keys.dtype)
         n = keys.shape[0]
