@@ -53,3 +53,13 @@ bench-topk-gpu:
 .PHONY: triton-check
 triton-check:
 	$(PY) scripts/triton_aot_check.py --jobs 2
+
+# Distributed losses on CPU with gloo: per-rank time and peak memory for world 1, 2, 4 (both
+# strategies), and the torchrun DDP example.
+.PHONY: bench-distributed example-ddp
+bench-distributed:
+	$(PY) -m contrastive_kernels.bench.distributed --out benchmarks/results/distributed/fixed_global_batch
+	$(PY) -m contrastive_kernels.bench.distributed --local-batch 1024 --no-single --out benchmarks/results/distributed/fixed_local_batch
+
+example-ddp:
+	torchrun --standalone --nproc_per_node 2 examples/ddp_infonce.py --check
