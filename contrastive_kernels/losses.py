@@ -193,9 +193,10 @@ def clip_loss(ops, image_features, text_features, logit_scale, *, similarity, re
     scale = _scale(logit_scale, image_features)
     rows = row_side(image_features, similarity, scale)
     cols = col_side(text_features, similarity, scale)
+    # the diagonal first: its fp32 copies of the features are freed before the streaming pass
+    diagonal = paired_logits(image_features, rows, text_features, similarity, scale)
     row_lse, _, _, col_lse = ops.lse_stats(image_features, text_features, rows.scale, cols.scale,
                                            rows.bias, cols.bias, gammas=(1.0,), want_col_lse=True)
-    diagonal = paired_logits(image_features, rows, text_features, similarity, scale)
     per_pair = 0.5 * ((row_lse[0] - diagonal) + (col_lse - diagonal))
     return reference.reduce_loss(per_pair, reduction)
 

@@ -42,21 +42,32 @@ class _GroupAttribute:
         obj.__dict__["_group_ref"] = _Shared(value)
 
 
-def _temperature(module: nn.Module, temperature, learnable: bool):
-    """Store the temperature: a float, a given tensor (kept as is, e.g. an nn.Parameter), or a
-    learnable parameter initialized at ``temperature``."""
-    if learnable:
-        module.temperature = nn.Parameter(torch.tensor(float(temperature)))
-    elif isinstance(temperature, nn.Parameter):
-        module.temperature = temperature
-    else:
-        module.temperature = temperature
+class _TemperatureLoss(nn.Module):
+    """A loss module's temperature: the float or tensor given (an nn.Parameter given is
+    registered), or with ``learnable_temperature=True`` the exp of a learnable
+    ``log_temperature`` initialized at log(temperature), so that it stays positive."""
+
+    def _init_temperature(self, temperature, learnable: bool):
+        if learnable:
+            if not (isinstance(temperature, (int, float)) and temperature > 0):
+                raise ValueError(f"a learnable temperature needs a float > 0 to start from, got {temperature!r}")
+            self.log_temperature = nn.Parameter(torch.tensor(math.log(float(temperature))))
+            self._fixed_temperature = None
+        else:
+            self._fixed_temperature = temperature
+
+    @property
+    def temperature(self):
+        if self._fixed_temperature is None:
+            return self.log_temperature.exp()
+        return self._fixed_temperature
 
 
-class InfoNCELoss(nn.Module):
+class InfoNCELoss(_TemperatureLoss):
     """``info_nce`` as a module: ``loss = InfoNCELoss(temperature=0.2)(query, positive_key, queue)``.
 
-    ``learnable_temperature=True`` makes the temperature an ``nn.Parameter``. ``group`` /
+    ``learnable_temperature=True`` learns the temperature (as ``log_temperature``, so it stays
+    positive). ``group`` /
     ``group_strategy`` ("gather" or "ring"): the distributed convention of
     ``contrastive_kernels.distributed`` (put the module inside the DDP model so that a learnable
     temperature is averaged like the other parameters)."""
@@ -67,7 +78,7 @@ class InfoNCELoss(nn.Module):
                  tau_plus=0.0, beta=0.0, mixing: Optional[Mixing] = None, reduction="mean",
                  backend="auto", group=None, learnable_temperature=False, group_strategy="gather"):
         super().__init__()
-        _temperature(self, temperature, learnable_temperature)
+        self._init_temperature(temperature, learnable_temperature)
         self.similarity, self.in_batch_negatives = similarity, in_batch_negatives
         self.tau_plus, self.beta, self.mixing = tau_plus, beta, mixing
         self.reduction, self.backend, self.group = reduction, backend, group
@@ -81,7 +92,7 @@ class InfoNCELoss(nn.Module):
             backend=self.backend, group=self.group, group_strategy=self.group_strategy)
 
 
-class NTXentLoss(nn.Module):
+class NTXentLoss(_TemperatureLoss):
     """``nt_xent`` (SimCLR) as a module: ``NTXentLoss(temperature=0.5)(z1, z2)``."""
 
     group = _GroupAttribute()
@@ -90,7 +101,7 @@ class NTXentLoss(nn.Module):
                  mixing: Optional[Mixing] = None, reduction="mean", backend="auto", group=None,
                  learnable_temperature=False, group_strategy="gather"):
         super().__init__()
-        _temperature(self, temperature, learnable_temperature)
+        self._init_temperature(temperature, learnable_temperature)
         self.similarity, self.tau_plus, self.beta, self.mixing = similarity, tau_plus, beta, mixing
         self.reduction, self.backend, self.group = reduction, backend, group
         self.group_strategy = group_strategy
@@ -102,7 +113,7 @@ class NTXentLoss(nn.Module):
                                   group_strategy=self.group_strategy)
 
 
-class SupConLoss(nn.Module):
+class SupConLoss(_TemperatureLoss):
     """``sup_con`` as a module: ``SupConLoss(temperature=0.1)(features, labels)``."""
 
     group = _GroupAttribute()
@@ -110,7 +121,7 @@ class SupConLoss(nn.Module):
     def __init__(self, temperature=0.07, *, similarity="cosine", reduction="mean", backend="auto",
                  group=None, learnable_temperature=False, group_strategy="gather"):
         super().__init__()
-        _temperature(self, temperature, learnable_temperature)
+        self._init_temperature(temperature, learnable_temperature)
         self.similarity, self.reduction, self.backend, self.group = similarity, reduction, backend, group
         self.group_strategy = group_strategy
 

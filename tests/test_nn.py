@@ -21,10 +21,19 @@ def test_modules_equal_functional():
 
 def test_learnable_temperature_gets_a_gradient():
     loss_fn = ck.nn.InfoNCELoss(0.5, learnable_temperature=True)
-    assert isinstance(loss_fn.temperature, torch.nn.Parameter)
+    assert isinstance(loss_fn.log_temperature, torch.nn.Parameter)
+    assert math.isclose(float(loss_fn.temperature.detach()), 0.5, rel_tol=1e-6)
     loss = loss_fn(torch.randn(4, 6), torch.randn(4, 6), torch.randn(9, 6))
     loss.backward()
-    assert loss_fn.temperature.grad is not None and loss_fn.temperature.grad != 0
+    assert loss_fn.log_temperature.grad is not None and loss_fn.log_temperature.grad != 0
+    # a big step cannot make it negative
+    with torch.no_grad():
+        loss_fn.log_temperature -= 100.0
+    assert float(loss_fn.temperature.detach()) > 0
+    # a given parameter is registered and used as is
+    t = torch.nn.Parameter(torch.tensor(0.3))
+    fixed = ck.nn.NTXentLoss(t)
+    assert any(p is t for p in fixed.parameters()) and fixed.temperature is t
 
 
 def test_clip_loss_scale_init_clamp_and_gradient():

@@ -106,7 +106,10 @@ def measure_isolated(c: Case, backend: str, device: str, repeats: int, timeout: 
     try:
         proc = subprocess.run([sys.executable, "-m", "contrastive_kernels.bench.worker", payload],
                               capture_output=True, text=True, timeout=timeout,
-                              env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                              env={**os.environ, "PYTHONUNBUFFERED": "1",
+                                   # large blocks straight from mmap and back: the peak is the
+                                   # step's own, not glibc's heap growth
+                                   "MALLOC_MMAP_THRESHOLD_": "131072"})
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout:.0f} s"}
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
