@@ -16,6 +16,21 @@ def _ops():
     return torch.ops.contrastive_kernels
 
 
+# Shapes the CUDA kernels take (their tiles of the features must fit in shared memory); others
+# run through the chunked backend on the same device (cuBLAS GEMMs), as does top-k with k > 1024.
+CUDA_LSE_MAX_DIM = {torch.float16: 512, torch.bfloat16: 512, torch.float32: 256, torch.float64: 128}
+CUDA_TOPK_MAX_DIM = 256
+CUDA_TOPK_MAX_K = 1024
+
+
+def _cuda_fallback_lse(q) -> bool:
+    return q.is_cuda and q.shape[1] > CUDA_LSE_MAX_DIM.get(q.dtype, 0)
+
+
+def _cuda_fallback_topk(query, k) -> bool:
+    return query.is_cuda and (k > CUDA_TOPK_MAX_K or query.shape[1] > CUDA_TOPK_MAX_DIM)
+
+
 def lse_stats(q, k, row_scale, col_scale=None, row_bias=None, col_bias=None, *,
               gammas: Sequence[float] = (1.0,), exclude=None, q_labels=None, k_labels=None,
               want_col_lse=False):
@@ -23,6 +38,10 @@ def lse_stats(q, k, row_scale, col_scale=None, row_bias=None, col_bias=None, *,
     registers. When only the query side needs a gradient (a queue or a frozen bank), the forward
     pass also accumulates the softmax-weighted key sums, so backward is O(B D) (row-only mode, as in
     chunked.py); otherwise backward is a second fused pass (lse_bwd)."""
+    if _cuda_fallback_lse(q):
+        return chunked.lse_stats(q, k, row_scale, col_scale, row_bias, col_bias, gammas=gammas,
+                                 exclude=exclude, q_labels=q_labels, k_labels=k_labels,
+                                 want_col_lse=want_col_lse)
     key_side_grad = any(t is not None and t.requires_grad for t in (k, col_scale, col_bias))
     query_side_grad = any(t is not None and t.requires_grad for t in (q, row_scale, row_bias))
     row_only = (torch.is_grad_enabled() and query_side_grad and not key_side_grad
@@ -42,6 +61,9 @@ def topk(query, bank, k, *, similarity="dot", exclude_index=None, query_labels=N
     """Exact top-k (values fp32, int64 indices; ties to the lower index). A bank on another device
     than the query (a host bank for a GPU query) is streamed in chunks, each chunk's top-k merged
     into the running one by packed keys (chunked.pack_keys), which keeps the tie rule exact."""
+    if _cuda_fallback_topk(query, k):
+        return chunked.topk(query, bank, k, similarity=similarity, exclude_index=exclude_index,
+                            query_labels=query_labels, bank_labels=bank_labels)
     if bank.device == query.device:
         return _topk_on_device(query, bank, k, similarity, exclude_index, query_labels, bank_labels)
     n = bank.shape[0]
