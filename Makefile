@@ -5,6 +5,9 @@ export PYTHONUNBUFFERED := 1
 
 NVCC ?= nvcc
 CUDA_CHECK_ARCHS ?= sm_80 sm_90a
+# the half-precision restrictions torch.utils.cpp_extension compiles CUDA sources with
+CUDA_CHECK_FLAGS ?= -std=c++17 -O3 --expt-relaxed-constexpr -D__CUDA_NO_HALF_OPERATORS__ \
+  -D__CUDA_NO_HALF_CONVERSIONS__ -D__CUDA_NO_BFLOAT16_CONVERSIONS__ -D__CUDA_NO_HALF2_OPERATORS__
 # 1 when a C++ compiler exists: the csrc extension must then build (and its backend must load in
 # the tests); 0 where there is none: the pure-Python package installs and tests without it.
 HAVE_CXX := $(shell command -v $${CXX:-c++} >/dev/null 2>&1 && echo 1 || echo 0)
@@ -34,7 +37,7 @@ test: install
 cuda-check:
 	@command -v $(NVCC) >/dev/null || { echo "cuda-check: $(NVCC) not found"; exit 1; }
 	@for arch in $(CUDA_CHECK_ARCHS); do for f in csrc/cuda/kernels_*.cu; do echo "$$arch $$f"; done; done | \
-	  xargs -P $$(nproc) -n 2 sh -c '$(NVCC) -std=c++17 -O3 -arch=$$0 --expt-relaxed-constexpr -Icsrc -c $$1 -o /dev/null && echo "ok  $$0 $$1"' 
+	  xargs -P $$(nproc) -n 2 sh -c '$(NVCC) $(CUDA_CHECK_FLAGS) -arch=$$0 -Icsrc -c $$1 -o /dev/null && echo "ok  $$0 $$1"'
 
 # The long CPU tests left out of `make test`.
 test-slow: install

@@ -59,7 +59,7 @@ __device__ __forceinline__ __half from_acc<__half>(float x) { return __float2hal
 template <>
 __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
 template <typename TO>
-__device__ __forceinline__ TO from_acc_d(double x) { return static_cast<TO>(x); }
+__device__ __forceinline__ TO from_acc(double x) { return static_cast<TO>(x); }  // fp64 stays fp64
 
 // an accumulation-type value rounded through the input dtype (the dtype a point is returned in)
 template <typename TI>
