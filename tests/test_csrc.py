@@ -277,3 +277,18 @@ def test_unavailable_extension_is_explained_and_auto_falls_back():
     """
     proc = _run(code, CK_JIT="0")
     assert proc.returncode == 0 and "raised:" in proc.stdout, proc.stderr[-2000:]
+
+
+@needs_ext
+@pytest.mark.slow
+def test_cpu_extra_memory_at_the_qk_shape():
+    """backend="cpu" at B=256, K=2^20, D=128 (fp32, forward + backward): at most 5% of eager's extra
+    peak memory (each measured in its own process, as the benchmark does)."""
+    from contrastive_kernels.bench.cases import case
+    from contrastive_kernels.bench.measure import measure_isolated
+
+    qk = case("info_nce_bank", B=256, K=2**20, D=128, label="qk")
+    eager = measure_isolated(qk, "reference", "cpu", repeats=0, timeout=600)
+    fused = measure_isolated(qk, "cpu", "cpu", repeats=0, timeout=600)
+    assert "error" not in eager and "error" not in fused, (eager, fused)
+    assert fused["peak_extra_bytes"] <= 0.05 * eager["peak_extra_bytes"]
