@@ -385,6 +385,7 @@ __global__ void __launch_bounds__(kThreads) lse_tile_kernel(LseTileParams<typena
   }
 
   // ---- partial results of this (row tile, column split)
+  __syncthreads();  // Cs complete (and zero-initialized by every thread, also for an empty split)
   const int64_t split = blockIdx.y;
   if (!BWD && p.labels) {  // per-thread partials: reduce over the row's threads (every thread takes part)
     psum = group_sum<TPR>(psum);

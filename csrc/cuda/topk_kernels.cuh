@@ -242,6 +242,7 @@ __global__ void __launch_bounds__(kThreads) topk_tile_kernel(TopkParams p) {
     thrf[r] = __int_as_float(0x7fc00000);  // NaN: everything passes until k are known
   }
   int64_t* my_queue_base = p.queues + split * p.M * KP;
+  __syncthreads();  // cnt / thrf initialized (also for an empty split)
 
   int buf = 0;
   if constexpr (TC) {
