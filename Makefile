@@ -47,8 +47,9 @@ test-slow: install
 test-gpu:
 	$(PY) -m pytest -m gpu -q -rs
 
+# The main job: the default training run (MoCo on digits) with eager and fused losses side by side.
 demo: install
-	$(PY) -m contrastive_kernels.bench --preset cpu --out benchmarks/results/cpu
+	$(PY) -m contrastive_kernels.train --compare reference,auto --out runs/demo
 
 bench: install
 	$(PY) -m contrastive_kernels.bench --preset cpu --out benchmarks/results/cpu
@@ -58,3 +59,21 @@ bench-gpu:
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache .hypothesis contrastive_kernels/_C*.so
+
+# Triton top-k: ahead-of-time compile report for sm_80/sm_90 (no GPU needed), and on the GPU
+# machine the top-k timings (kernel vs its GEMM floor, torch.mm+torch.topk, FAISS if present).
+.PHONY: aot-topk bench-topk-gpu
+aot-topk:
+	$(PY) scripts/triton_aot_topk.py --arch 80,90
+
+bench-topk-gpu:
+	$(PY) scripts/bench_topk_gpu.py --out benchmarks/results/gpu-topk
+	$(PY) -m contrastive_kernels.bench --preset mining,mining-host --backends triton,torch-topk,gemm-only,faiss-gpu --out benchmarks/results/gpu-mining
+
+# Compile every Triton kernel for sm_80 and sm_90 without a GPU (every autotune config for bf16 and
+# fp32 on sm_90, the fallback config otherwise; --full for all) and report registers / spills
+# (ptxas -v); fails on a compile error or on a kernel variant with no config that fits in shared
+# memory. Needs triton (3.6-3.9), no GPU.
+.PHONY: triton-check
+triton-check:
+	$(PY) scripts/triton_aot_check.py --jobs 2

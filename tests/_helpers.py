@@ -65,3 +65,32 @@ def check_backend(fn: Callable, tensors: Dict[str, torch.Tensor], grad_names, ba
 
 def unit(*shape, dtype=torch.float64, generator=None):
     return torch.nn.functional.normalize(torch.randn(*shape, dtype=dtype, generator=generator), dim=-1)
+
+
+def check_low_precision(fn: Callable, tensors: Dict[str, torch.Tensor], grad_names, backend: str,
+                        dtype, quantum: float, floor=1e-5):
+    """The twice-the-eager-error rule for fp16/bf16, in two forms.
+
+    1. DESIGN's rule against the fp64 reference, with a floor of one ulp of ``dtype`` at 1.0
+       (``quantum``): the rounding of the inputs to ``dtype`` is shared by every implementation,
+       and on a single element an eager run can undo it by luck.
+    2. The same rule against the fp64 reference run on the inputs rounded to ``dtype``, where only
+       arithmetic error remains, with the small ``floor``: the backend's arithmetic must be at
+       least half as accurate as eager PyTorch's in that dtype.
+    """
+    grad_names = list(grad_names)
+    check_backend(fn, tensors, grad_names, backend, dtype, floor=quantum)
+    rounded = {k: (v.to(dtype).double() if v.is_floating_point() else v) for k, v in tensors.items()}
+    exact = evaluate(fn, rounded, grad_names, "reference", torch.float64)
+    got = evaluate(fn, tensors, grad_names, backend, dtype)
+    eager = evaluate(fn, tensors, grad_names, "reference", dtype)
+    for name, g, e, r in zip(["value"] + [f"d/d{n}" for n in grad_names], got, eager, exact):
+        if r.numel() == 0:
+            continue
+        assert torch.isfinite(g.float()).all(), f"{backend} {name} at {dtype}: non-finite"
+        err = (g.double() - r).abs().max().item()
+        err_eager = (e.double() - r).abs().max().item()
+        scale = 1.0 + r.abs().max().item()
+        assert err <= 2 * err_eager + floor * scale, (
+            f"{backend} {name} at {dtype} on rounded inputs: error {err:.3g} exceeds twice the eager "
+            f"reference's {err_eager:.3g} + floor {floor * scale:.3g}")

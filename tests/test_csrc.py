@@ -256,6 +256,32 @@ def test_coexists_with_python_ops_in_the_namespace(order):
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-2000:]
 
 
+@needs_ext
+@pytest.mark.parametrize("order", ["triton_ops_first", "extension_first"])
+def test_coexists_with_the_triton_ops_module(order):
+    """The real Triton custom ops (contrastive_kernels/ops.py) and the C++ library, in either order."""
+    first, second = ("import contrastive_kernels.ops as tops", "from contrastive_kernels import _ext; _ext.load()")
+    if order == "extension_first":
+        first, second = second, first
+    code = f"""
+    import torch
+    {first}
+    {second}
+    import contrastive_kernels.ops as tops
+    from contrastive_kernels import _ext
+    assert _ext.unavailable_reason() is None, _ext.unavailable_reason()
+    ops = torch.ops.contrastive_kernels
+    assert all(hasattr(ops, n) for n in ("lse_fwd", "lse_bwd", "topk", "mix", "mixed_dots", "mixed_dots_bwd"))
+    if tops.TRITON_OPS_AVAILABLE:
+        assert hasattr(torch.ops.contrastive_kernels, "triton_lse_fwd")
+    v, i = torch.ops.contrastive_kernels.topk(torch.eye(3), torch.eye(3), 1, "dot", None, None, None)
+    assert i[:, 0].tolist() == [0, 1, 2]
+    print("ok", tops.TRITON_OPS_AVAILABLE)
+    """
+    proc = _run(code, TRITON_INTERPRET="1")
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-2000:]
+
+
 def test_unavailable_extension_is_explained_and_auto_falls_back():
     """Without the compiled module and with JIT off: available() says why and what runs instead."""
     code = """

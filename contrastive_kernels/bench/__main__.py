@@ -15,7 +15,7 @@ import sys
 import torch
 
 from .cases import DTYPES, PRESETS, Case
-from .measure import matmul_tflops, measure_in_process, measure_isolated, memory_limit
+from .measure import h2d_bandwidth, matmul_tflops, measure_in_process, measure_isolated, memory_limit
 from .report import environment, markdown, plot, write_csv
 
 
@@ -103,6 +103,12 @@ def run(args) -> list:
         row["mm_tflops"] = mm_cache[c.dtype]
         row["pct_of_mm"] = 100.0 * row["eff_tflops"] / row["mm_tflops"]
         row["peak_extra_mib"] = result["peak_extra_bytes"] / 2**20
+        if c.op == "topk_host" and not cpu:  # the bank's streaming rate vs the PCIe rate
+            if "h2d" not in mm_cache:
+                mm_cache["h2d"] = h2d_bandwidth(args.device)
+            row["bank_gbps"] = c.bank_bytes() / (result["median_ms"] * 1e-3) / 1e9
+            row["h2d_gbps"] = mm_cache["h2d"]
+            row["pct_of_h2d"] = 100.0 * row["bank_gbps"] / row["h2d_gbps"]
         rows.append(row)
     # ratios against the eager reference of the same case
     eager = {(r["op"], r["shape"], r["dtype"]): r for r in rows

@@ -3,6 +3,9 @@
 FLOP models (DESIGN.md, fixed so that less recomputation shows as more speed):
   bank mode (queue without gradient) 6*B*K*D; in-batch with gradients to both sides 8*B*N*D;
   symmetric CLIP 8*N*N*D; top-k 2*M*N*D. A mixing case counts its bank-mode loss only.
+  ``topk_host`` is top-k with the bank in pinned host memory and the queries on the GPU; its
+  rows also report the bank's streaming rate against the host-to-device bandwidth measured in
+  the same run.
 """
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 @dataclasses.dataclass(frozen=True)
 class Case:
-    op: str              # info_nce_bank | info_nce_in_batch | clip | nt_xent | topk | mixing
+    op: str              # info_nce_bank | info_nce_in_batch | clip | nt_xent | topk | topk_host | mixing
     shape: Tuple[Tuple[str, int], ...]
     dtype: str = "fp32"
     label: str = ""      # the preset's name for it (moco, qk, ...)
@@ -43,7 +46,7 @@ class Case:
         if self.op == "nt_xent":
             n = 2 * d["B"]
             return 8.0 * n * n * d["D"]
-        if self.op == "topk":
+        if self.op in ("topk", "topk_host"):
             return 2.0 * d["M"] * d["N"] * d["D"]
         raise ValueError(self.op)
 
@@ -66,9 +69,14 @@ class Case:
             return 8 * d["N"] * d["N"] * item
         if self.op == "nt_xent":
             return 8 * (2 * d["B"]) ** 2 * item
-        if self.op == "topk":
+        if self.op in ("topk", "topk_host"):
             return 3 * d["M"] * d["N"] * item
         return 0
+
+    def bank_bytes(self) -> int:
+        """Bytes of the bank (what a host-resident bank streams over PCIe per call)."""
+        d = self.dims
+        return d["N"] * d["D"] * torch.finfo(DTYPES[self.dtype]).bits // 8 if "N" in d else 0
 
 
 def case(op, dtype="fp32", label="", **shape) -> Case:
@@ -90,6 +98,9 @@ PRESETS: Dict[str, List[Case]] = {
     "simclr": [case("nt_xent", "bf16", B=4096, D=128, label="simclr")],
     "mining": [case("topk", dt, M=8192, N=n, D=128, k=kk, label="mining")
                for dt in ("fp16", "bf16", "fp32") for n in (2**20, 2**22) for kk in (16, 128, 1024)],
+    # the bank in pinned host memory (50M x 128 fp16 = 12.8 GB), streamed through the GPU
+    "mining-host": [case("topk_host", "fp16", M=m, N=50_000_000, D=128, k=kk, label="mining-host")
+                    for m in (1024, 8192) for kk in (16, 128)],
     "mixing": [case("mixing", "bf16", B=256, K=k, D=128, n_hard=1024, s=512, s_q=256, label="mochi")
                for k in (65536, 2**20)],
     "gpu-sweep": [case("info_nce_bank", "bf16", B=1024, K=k, D=128, label="sweep")
@@ -179,7 +190,31 @@ def build_step(c: Case, backend: str, device: str) -> Tuple[Callable[[], None], 
         bank = _unit(d["N"], d["D"], gen, dtype, device)
         fn = api(ck.topk_similarity)
         return (lambda: fn(q, bank, d["k"])), [q, bank]
+    if c.op == "topk_host":
+        q = _unit(d["M"], d["D"], gen, dtype, device)
+        bank = host_bank(d["N"], d["D"], dtype, device)
+        fn = api(ck.topk_similarity)
+        return (lambda: fn(q, bank, d["k"])), [q]
     raise ValueError(f"unknown op {c.op}")
+
+
+_HOST_BANKS: Dict[Tuple, torch.Tensor] = {}
+
+
+def host_bank(n: int, dim: int, dtype: torch.dtype, device: str) -> torch.Tensor:
+    """The unit-row bank of the host-resident cases, in pinned host memory when ``device`` is a
+    GPU, built once per process (a 50M-row bank takes about a minute) in 1M-row slices."""
+    key = (n, dim, dtype, device.startswith("cuda"))
+    if key not in _HOST_BANKS:
+        _HOST_BANKS.clear()
+        pinned = device.startswith("cuda") and torch.cuda.is_available()
+        bank = torch.empty((n, dim), dtype=dtype, pin_memory=pinned)
+        gen = torch.Generator().manual_seed(1)
+        for j0 in range(0, n, 1 << 20):
+            j1 = min(n, j0 + (1 << 20))
+            bank[j0:j1] = _unit(j1 - j0, dim, gen, dtype, "cpu")
+        _HOST_BANKS[key] = bank
+    return _HOST_BANKS[key]
 
 
 def _train_step(forward: Callable[[], torch.Tensor], leaves: List[torch.Tensor]):

@@ -157,3 +157,20 @@ def memory_limit(device: str) -> int:
         return int(0.8 * avail)
     except (OSError, AttributeError):
         return 8 << 30
+
+
+def h2d_bandwidth(device: str, nbytes: int = 1 << 30, repeats: int = 5) -> float:
+    """Pinned host-to-device copy rate in GB/s (best of ``repeats``), for the host-bank rows."""
+    src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst.copy_(src, non_blocking=True)
+    torch.cuda.synchronize()
+    best = float("inf")
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src, non_blocking=True)
+        end.record()
+        torch.cuda.synchronize()
+        best = min(best, start.elapsed_time(end) * 1e-3)
+    return nbytes / best / 1e9

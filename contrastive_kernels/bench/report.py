@@ -13,7 +13,7 @@ import torch
 
 COLUMNS = ["label", "op", "shape", "dtype", "device", "backend", "median_ms", "min_ms", "max_ms",
            "eff_tflops", "mm_tflops", "pct_of_mm", "peak_extra_mib", "speedup_vs_eager",
-           "memory_vs_eager", "note"]
+           "memory_vs_eager", "bank_gbps", "h2d_gbps", "pct_of_h2d", "note"]
 
 
 def environment(device: str) -> Dict[str, str]:
@@ -83,6 +83,12 @@ def markdown(rows: List[Dict], env: Dict[str, str], cpu: bool) -> str:
         lines += ["", "Practical matmul peak measured in the same run (torch.mm, "
                   + ("2048x2048x2048" if cpu else "8192x8192x8192") + "): "
                   + ", ".join(f"{dt} {_fmt(v * scale)} {unit}" for dt, v in mm) + "."]
+    host = [r for r in rows if r.get("h2d_gbps")]
+    if host:
+        lines += ["", "Host-resident banks (pinned host memory, streamed to the GPU): "
+                  + "; ".join(f"{r['shape']} {r['backend']}: {_fmt(r['bank_gbps'])} GB/s of bank = "
+                              f"{_fmt(r['pct_of_h2d'], 2)}% of the pinned host-to-device rate "
+                              f"{_fmt(r['h2d_gbps'])} GB/s measured in the same run" for r in host) + "."]
     lines += ["", "Effective throughput uses DESIGN.md's FLOP models (bank mode 6BKD, in-batch 8BND, "
               "CLIP 8N^2D, top-k 2MND); speed-up and memory are relative to the eager reference "
               "(`backend=\"reference\"`) in the same run; peak extra memory excludes the inputs."]

@@ -1,0 +1,1179 @@
+"""Triton kernels for the streaming op behind every InfoNCE-family loss (``lse_stats``).
+
+The op (spec: ``reference.lse_stats``). With the logits of a (row block x key block) tile
+
+    l_ij = a_i * b_j * <q_i, k_j> + c_i + d_j          (a = row_scale, b = col_scale,
+                                                         c = row_bias,  d = col_bias)
+
+valid_ij = (j not in exclude[i]) and pos_ij = valid_ij and (labels of i and j match: equal int
+labels, or int64 bitsets with a common bit), the forward pass returns
+
+    row_lse[g, i] = log sum_{j valid} exp(gamma_g l_ij)      for 1 or 2 gammas
+    pos_sum[i]    = sum_{j pos} l_ij,   pos_count[i] = #{j pos}
+    col_lse[j]    = log sum_{i valid} exp(l_ij)              (symmetric CLIP only)
+
+and the backward pass, with G_ij = valid_ij * (sum_g dR_gi gamma_g exp(gamma_g l_ij - R_gi)
++ dP_i pos_ij + dC_j exp(l_ij - C_j)),
+
+    dq_i = a_i sum_j G_ij b_j k_j              d a_i = <q_i, sum_j G_ij b_j k_j>   d c_i = sum_j G_ij
+    dk_j = b_j sum_i G_ij a_i q_i              d b_j = <k_j, sum_i G_ij a_i q_i>   d d_j = sum_i G_ij
+
+Kernels (all statistics and accumulators fp32, fp64 for fp64 inputs; tiles of q and k go through
+``tl.dot`` in the input dtype, fp32 inputs with 3xTF32 unless TF32 matmuls are allowed):
+
+``_lse_fwd_kernel``  grid (row groups, key splits), flash-decoding style. A program walks the
+    tiles of its rectangle (its rows x its key range), keeping per-row online (max, sum) pairs in
+    registers:  m' = max(m, max_j z_ij),  s' = s exp(m - m') + sum_j exp(z_ij - m')  (z = gamma l,
+    -inf where invalid). It writes one partial (m, s) per (split, row) -- and partial label sums.
+    Column statistics (CLIP) come from the SAME pass over the tiles: per (row group, column) the
+    program updates a running (max, sum) pair in global memory once per tile (each pair is owned by
+    one program, so no atomics; a CTA barrier after each row block orders its own writes and
+    reads). Row-only mode (only the query side needs gradients: MoCo queue, frozen bank) also
+    accumulates E_i = sum_j exp(l_ij - m_i) b_j k_j like the output of attention with the keys as
+    values, so that backward is O(B D):  dq_i = a_i w_i E_i / s_i  with w_i = dR_i (4 B K D flops
+    in all instead of 6).
+``_row_merge_kernel`` / ``_col_merge_kernel``  merge the partials of the splits / row groups:
+    M = max_s m_s, S = sum_s s_s exp(m_s - M), lse = M + log S (and E = sum_s exp(m_s - M) E_s / S).
+``_lse_bwd_q_kernel``  grid (row blocks, key splits): recomputes the tiles of a row block, forms
+    G and accumulates sum_j G_ij b_j k_j (registers) and sum_j G_ij; partials per split.
+``_lse_bwd_k_kernel``  grid (key blocks, row splits): recomputes the TRANSPOSED tile
+    l^T = (k q^T) (keys x rows), so that sum_i G_ij a_i q_i = (G^T a) @ q takes G^T as the left
+    operand straight from registers (no transpose; wgmma on sm_90), plus sum_i G_ij. With FUSED_DQ
+    it also adds each tile's (G b) @ k into the query-side accumulator with fp32 atomics, so that
+    dQ and dK come from ONE recompute (8 N^2 D flops for symmetric CLIP instead of 10); used unless
+    ``torch.use_deterministic_algorithms(True)`` is on, in which case the two deterministic
+    kernels run (fixed summation order: bitwise reproducible).
+``_grad_finish_kernel``  sums the split partials and applies the scales: dx = scale * acc,
+    d scale = <x, acc>, d bias = sum.
+
+fp16 tiles of G are scaled by their per-row (per-column) max before the cast to fp16, so that
+small weights do not flush to zero; bf16 needs no scaling. Feature dims up to 512 bytes per row
+(256 fp16/bf16 features, 128 fp32, 64 fp64) keep the q (k) tile and the accumulators resident;
+wider D loops over 128-wide chunks of the features and keeps the accumulators in the program's own
+slice of the partial buffers (read-modify-write, ordered by a CTA barrier). Launch plans (how many
+row groups and key splits) come from the SM count (``_fwd_plan`` / ``_bwd_plan``: about two
+programs per SM, at least MIN_SPLIT_COLS keys per split); tile shapes and warps are autotuned per
+shape key among configs chosen with ``scripts/triton_aot_check.py``'s register/spill report.
+All offsets are int64. On CPU tensors the kernels run under Triton's interpreter (tests only).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import struct
+from typing import Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+# Widest feature dim whose q / k tiles and accumulators stay resident (bytes per row of a tile:
+# 256 features of fp16/bf16, 128 of fp32, 64 of fp64); wider D loops over CHUNK_D-wide chunks.
+MAX_REG_D_BYTES = 512
+CHUNK_D = 128
+# Every tile config's BLOCK_M / BLOCK_N divides these (row groups and key splits are multiples).
+ALIGN_M, ALIGN_N = (16, 32) if INTERPRETER else (128, 128)
+
+_NEG_INF = tl.constexpr(float("-inf"))
+
+
+# ------------------------------------------------------------------------------------------------
+# tile helpers (inlined into the kernels)
+# ------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _tile_logits(Q, K, A, BS, CB, DB, EXCL, QL, KL, q, k, rows, cols, row_ok, col_ok,
+                 D, stride_q, stride_k, n_words,
+                 HAS_B: tl.constexpr, HAS_C: tl.constexpr, HAS_D: tl.constexpr,
+                 N_EXCL: tl.constexpr, LABELS: tl.constexpr, PREC: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                 D_CHUNKS: tl.constexpr):
+    """(l, valid, pos) of the tile rows x cols (int64 indices). q (BLOCK_M, BLOCK_D) and
+    k (BLOCK_N, BLOCK_D) are the resident tiles when D_CHUNKS == 1 (else unused)."""
+    acc_ty = A.dtype.element_ty
+    if D_CHUNKS == 1:
+        s = tl.dot(q, tl.trans(k), input_precision=PREC, out_dtype=acc_ty)
+    else:
+        s = tl.zeros([BLOCK_M, BLOCK_N], dtype=acc_ty)
+        for c in range(D_CHUNKS):
+            dd = c * BLOCK_D + tl.arange(0, BLOCK_D)
+            dm = dd < D
+            qc = tl.load(Q + rows[:, None] * stride_q + dd[None, :],
+                         mask=row_ok[:, None] & dm[None, :], other=0.0)
+            kc = tl.load(K + cols[:, None] * stride_k + dd[None, :],
+                         mask=col_ok[:, None] & dm[None, :], other=0.0)
+            s = tl.dot(qc, tl.trans(kc), s, input_precision=PREC, out_dtype=acc_ty)
+    a = tl.load(A + rows, mask=row_ok, other=0.0)
+    l = s * a[:, None]
+    if HAS_B:
+        l = l * tl.load(BS + cols, mask=col_ok, other=0.0)[None, :]
+    if HAS_C:
+        l = l + tl.load(CB + rows, mask=row_ok, other=0.0)[:, None]
+    if HAS_D:
+        l = l + tl.load(DB + cols, mask=col_ok, other=0.0)[None, :]
+    valid = row_ok[:, None] & col_ok[None, :]
+    for e in tl.static_range(N_EXCL):
+        ex = tl.load(EXCL + rows * N_EXCL + e, mask=row_ok, other=-1)
+        valid = valid & (cols[None, :] != ex[:, None])
+    pos = valid
+    if LABELS == 1:
+        ql = tl.load(QL + rows, mask=row_ok, other=0)
+        kl = tl.load(KL + cols, mask=col_ok, other=0)
+        pos = valid & (ql[:, None] == kl[None, :])
+    if LABELS == 2:
+        hit = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+        for w in range(n_words):
+            qw = tl.load(QL + rows * n_words + w, mask=row_ok, other=0)
+            kw = tl.load(KL + cols * n_words + w, mask=col_ok, other=0)
+            hit = hit | ((qw[:, None] & kw[None, :]) != 0).to(tl.int32)
+        pos = valid & (hit != 0)
+    return l, valid, pos
+
+
+@triton.jit
+def _grad_tile(l, valid, pos, r0, w0, r1, w1, dp, cl, dc, g0, g1,
+               N_GAMMA: tl.constexpr, LABELS: tl.constexpr, WANT_COL: tl.constexpr):
+    """G_ij = valid * (w0_i exp(g0 l - r0_i) [+ w1_i exp(g1 l - r1_i)] [+ dp_i pos_ij]
+    [+ dc_j exp(l - cl_j)]) with w = dR * gamma."""
+    g = w0[:, None] * tl.exp(tl.where(valid, g0 * l - r0[:, None], _NEG_INF))
+    if N_GAMMA == 2:
+        g += w1[:, None] * tl.exp(tl.where(valid, g1 * l - r1[:, None], _NEG_INF))
+    if LABELS != 0:
+        g += tl.where(pos, dp[:, None], 0.0)
+    if WANT_COL:
+        g += dc[None, :] * tl.exp(tl.where(valid, l - cl[None, :], _NEG_INF))
+    return tl.where(valid, g, 0.0)
+
+
+@triton.jit
+def _tile_logits_t(Q, K, A, BS, CB, DB, EXCL, QL, KL, q, k, rows, cols, row_ok, col_ok,
+                   D, stride_q, stride_k, n_words,
+                   HAS_B: tl.constexpr, HAS_C: tl.constexpr, HAS_D: tl.constexpr,
+                   N_EXCL: tl.constexpr, LABELS: tl.constexpr, PREC: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                   D_CHUNKS: tl.constexpr):
+    """``_tile_logits`` transposed: (l^T, valid^T, pos^T) of shape (BLOCK_N, BLOCK_M), so that the
+    key-side products G^T @ q take G^T as the left operand without a transpose."""
+    acc_ty = A.dtype.element_ty
+    if D_CHUNKS == 1:
+        s = tl.dot(k, tl.trans(q), input_precision=PREC, out_dtype=acc_ty)
+    else:
+        s = tl.zeros([BLOCK_N, BLOCK_M], dtype=acc_ty)
+        for c in range(D_CHUNKS):
+            dd = c * BLOCK_D + tl.arange(0, BLOCK_D)
+            dm = dd < D
+            qc = tl.load(Q + rows[:, None] * stride_q + dd[None, :],
+                         mask=row_ok[:, None] & dm[None, :], other=0.0)
+            kc = tl.load(K + cols[:, None] * stride_k + dd[None, :],
+                         mask=col_ok[:, None] & dm[None, :], other=0.0)
+            s = tl.dot(kc, tl.trans(qc), s, input_precision=PREC, out_dtype=acc_ty)
+    a = tl.load(A + rows, mask=row_ok, other=0.0)
+    l = s * a[None, :]
+    if HAS_B:
+        l = l * tl.load(BS + cols, mask=col_ok, other=0.0)[:, None]
+    if HAS_C:
+        l = l + tl.load(CB + rows, mask=row_ok, other=0.0)[None, :]
+    if HAS_D:
+        l = l + tl.load(DB + cols, mask=col_ok, other=0.0)[:, None]
+    valid = col_ok[:, None] & row_ok[None, :]
+    for e in tl.static_range(N_EXCL):
+        ex = tl.load(EXCL + rows * N_EXCL + e, mask=row_ok, other=-1)
+        valid = valid & (cols[:, None] != ex[None, :])
+    pos = valid
+    if LABELS == 1:
+        ql = tl.load(QL + rows, mask=row_ok, other=0)
+        kl = tl.load(KL + cols, mask=col_ok, other=0)
+        pos = valid & (kl[:, None] == ql[None, :])
+    if LABELS == 2:
+        hit = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.int32)
+        for w in range(n_words):
+            qw = tl.load(QL + rows * n_words + w, mask=row_ok, other=0)
+            kw = tl.load(KL + cols * n_words + w, mask=col_ok, other=0)
+            hit = hit | ((kw[:, None] & qw[None, :]) != 0).to(tl.int32)
+        pos = valid & (hit != 0)
+    return l, valid, pos
+
+
+@triton.jit
+def _grad_tile_t(l, valid, pos, r0, w0, r1, w1, dp, cl, dc, g0, g1,
+                 N_GAMMA: tl.constexpr, LABELS: tl.constexpr, WANT_COL: tl.constexpr):
+    """``_grad_tile`` on the transposed tile: G^T (keys x rows)."""
+    g = w0[None, :] * tl.exp(tl.where(valid, g0 * l - r0[None, :], _NEG_INF))
+    if N_GAMMA == 2:
+        g += w1[None, :] * tl.exp(tl.where(valid, g1 * l - r1[None, :], _NEG_INF))
+    if LABELS != 0:
+        g += tl.where(pos, dp[None, :], 0.0)
+    if WANT_COL:
+        g += dc[:, None] * tl.exp(tl.where(valid, l - cl[:, None], _NEG_INF))
+    return tl.where(valid, g, 0.0)
+
+
+@triton.jit
+def _dot_rows(g, k, SCALE_G: tl.constexpr, PREC: tl.constexpr):
+    """g (M, N) @ k (N, D) in the dtype of k, fp32/fp64 out. With SCALE_G each row of g is
+    divided by its max |g| before the cast (fp16: no underflow) and multiplied back after."""
+    acc_ty = g.dtype
+    if SCALE_G:
+        gmax = tl.max(tl.abs(g), 1)
+        gmax = tl.where(gmax > 0, gmax, 1.0)
+        h = (g / gmax[:, None]).to(k.dtype)
+        return tl.dot(h, k, input_precision=PREC, out_dtype=acc_ty) * gmax[:, None]
+    else:
+        return tl.dot(g.to(k.dtype), k, input_precision=PREC, out_dtype=acc_ty)
+
+
+@triton.jit
+def _dot_cols(g, q, SCALE_G: tl.constexpr, PREC: tl.constexpr):
+    """g^T (N, M) @ q (M, D), with per-column scaling of g under SCALE_G."""
+    acc_ty = g.dtype
+    if SCALE_G:
+        gmax = tl.max(tl.abs(g), 0)
+        gmax = tl.where(gmax > 0, gmax, 1.0)
+        h = (g / gmax[None, :]).to(q.dtype)
+        return tl.dot(tl.trans(h), q, input_precision=PREC, out_dtype=acc_ty) * gmax[:, None]
+    else:
+        return tl.dot(tl.trans(g.to(q.dtype)), q, input_precision=PREC, out_dtype=acc_ty)
+
+
+# ------------------------------------------------------------------------------------------------
+# autotuning
+# ------------------------------------------------------------------------------------------------
+
+
+def _configs(kind: str):
+    if INTERPRETER:
+        return [triton.Config({"BLOCK_M": ALIGN_M, "BLOCK_N": ALIGN_N}, num_warps=1, num_stages=1)]
+    # (BLOCK_M, BLOCK_N, num_warps, num_stages), chosen from scripts/triton_aot_check.py's sm_90
+    # register / spill report: configs that spill on the common variants are left out
+    shapes = {
+        "fwd": [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 8, 3), (64, 32, 8, 3), (64, 64, 4, 3),
+                (64, 32, 4, 2)],
+        "bwd_q": [(128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 8, 3), (64, 32, 4, 3), (64, 32, 4, 2)],
+        # key side: BLOCK_N is the M of its products (G^T @ q): wgmma wants it >= 64
+        "bwd_k": [(32, 128, 8, 3), (64, 64, 8, 3), (32, 128, 8, 2), (32, 64, 4, 3), (32, 64, 4, 2)],
+    }[kind]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+            for m, n, w, s in shapes]
+
+
+# Autotuning on (default): every config is timed once per key. Off (CK_TRITON_AUTOTUNE=0 or
+# set_autotune(False), e.g. for correctness tests): the first 64 x 64 config of each list, which
+# fits the shared memory of every variant and dtype on sm_80 / sm_90.
+_AUTOTUNE = os.environ.get("CK_TRITON_AUTOTUNE", "1") != "0"
+_DEFAULT_TILE = (64, 64)
+
+
+def set_autotune(enabled: bool) -> None:
+    """Time every tile config on the first call of each shape key (True), or use one default."""
+    global _AUTOTUNE
+    _AUTOTUNE = bool(enabled)
+
+
+def _prune(configs, named_args, **kwargs):
+    if _AUTOTUNE or len(configs) == 1:
+        return configs
+    for c in configs:
+        if (c.kwargs.get("BLOCK_M"), c.kwargs.get("BLOCK_N")) == _DEFAULT_TILE:
+            return [c]
+    return configs[-1:]
+
+
+_PRUNE = {"early_config_prune": _prune}
+
+_KEY = ["D", "rows_per_group", "cols_per_split", "HAS_B", "HAS_C", "HAS_D", "N_EXCL", "LABELS",
+        "N_GAMMA", "WANT_COL", "PREC", "BLOCK_D", "D_CHUNKS"]
+
+
+# ------------------------------------------------------------------------------------------------
+# forward
+# ------------------------------------------------------------------------------------------------
+
+
+@triton.autotune(configs=_configs("fwd"), key=_KEY + ["ROW_ONLY"], prune_configs_by=_PRUNE)
+@triton.jit
+def _lse_fwd_kernel(Q, K, A, BS, CB, DB, EXCL, QL, KL, g0_hi, g0_lo, g1_hi, g1_lo,
+                  ROW_M, ROW_S, POS_P, CNT_P, COL_M, COL_S, ROW_E,
+                  B, N, D, stride_q, stride_k, n_words, rows_per_group, cols_per_split,
+                  HAS_B: tl.constexpr, HAS_C: tl.constexpr, HAS_D: tl.constexpr,
+                  N_EXCL: tl.constexpr, LABELS: tl.constexpr, N_GAMMA: tl.constexpr,
+                  WANT_COL: tl.constexpr, ROW_ONLY: tl.constexpr, PREC: tl.constexpr,
+                  BLOCK_D: tl.constexpr, D_CHUNKS: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    rg = tl.program_id(0)
+    sp = tl.program_id(1)
+    acc_ty = A.dtype.element_ty
+    row_lo = rg * rows_per_group
+    row_hi = tl.minimum(row_lo + rows_per_group, B)
+    col_lo = sp * cols_per_split
+    col_hi = tl.minimum(col_lo + cols_per_split, N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    zero = tl.zeros([], dtype=acc_ty)
+    g0 = (g0_hi + zero) + (g0_lo + zero)  # gammas as fp32 pairs: ~48-bit exact for fp64
+    g1 = (g1_hi + zero) + (g1_lo + zero)
+    for i0 in range(row_lo, row_hi, BLOCK_M):
+        rows = (i0 + offs_m).to(tl.int64)
+        row_ok = rows < row_hi
+        q = 0.0
+        if D_CHUNKS == 1:
+            q = tl.load(Q + rows[:, None] * stride_q + offs_d[None, :],
+                        mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        m0 = tl.full([BLOCK_M], _NEG_INF, acc_ty)
+        s0 = tl.zeros([BLOCK_M], dtype=acc_ty)
+        m1 = tl.full([BLOCK_M], _NEG_INF, acc_ty)
+        s1 = tl.zeros([BLOCK_M], dtype=acc_ty)
+        psum = tl.zeros([BLOCK_M], dtype=acc_ty)
+        pcnt = tl.zeros([BLOCK_M], dtype=acc_ty)
+        e_acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=acc_ty)
+        for j0 in range(col_lo, col_hi, BLOCK_N):
+            cols = (j0 + offs_n).to(tl.int64)
+            col_ok = cols < col_hi
+            k = 0.0
+            if D_CHUNKS == 1:
+                k = tl.load(K + cols[:, None] * stride_k + offs_d[None, :],
+                            mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+            l, valid, pos = _tile_logits(Q, K, A, BS, CB, DB, EXCL, QL, KL, q, k, rows, cols,
+                                         row_ok, col_ok, D, stride_q, stride_k, n_words,
+                                         HAS_B, HAS_C, HAS_D, N_EXCL, LABELS, PREC,
+                                         BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS)
+            z = tl.where(valid, l * g0, _NEG_INF)
+            m_new = tl.maximum(m0, tl.max(z, 1))
+            shift = tl.where(m_new == _NEG_INF, 0.0, m_new)
+            alpha = tl.exp(m0 - shift)
+            p = tl.exp(z - shift[:, None])
+            s0 = s0 * alpha + tl.sum(p, 1)
+            m0 = m_new
+            if ROW_ONLY:
+                if HAS_B:
+                    p = p * tl.load(BS + cols, mask=col_ok, other=0.0)[None, :]
+                e_acc = e_acc * alpha[:, None] + tl.dot(p.to(k.dtype), k, input_precision=PREC,
+                                                        out_dtype=acc_ty)
+            if N_GAMMA == 2:
+                z = tl.where(valid, l * g1, _NEG_INF)
+                m_new = tl.maximum(m1, tl.max(z, 1))
+                shift = tl.where(m_new == _NEG_INF, 0.0, m_new)
+                s1 = s1 * tl.exp(m1 - shift) + tl.sum(tl.exp(z - shift[:, None]), 1)
+                m1 = m_new
+            if LABELS != 0:
+                psum += tl.sum(tl.where(pos, l, 0.0), 1)
+                pcnt += tl.sum(pos.to(acc_ty), 1)
+            if WANT_COL:
+                # running (max, sum) of this row group for these columns; fresh at its first row block
+                zc = tl.where(valid, l, _NEG_INF)
+                c_ptr = rg.to(tl.int64) * N + cols
+                keep = col_ok & ((offs_n * 0 + i0) != row_lo)
+                cm = tl.load(COL_M + c_ptr, mask=keep, other=_NEG_INF)
+                cs = tl.load(COL_S + c_ptr, mask=keep, other=0.0)
+                cm_new = tl.maximum(cm, tl.max(zc, 0))
+                cshift = tl.where(cm_new == _NEG_INF, 0.0, cm_new)
+                cs = cs * tl.exp(cm - cshift) + tl.sum(tl.exp(zc - cshift[None, :]), 0)
+                tl.store(COL_M + c_ptr, cm_new, mask=col_ok)
+                tl.store(COL_S + c_ptr, cs, mask=col_ok)
+        if WANT_COL:
+            tl.debug_barrier()  # this row block's column updates, before the next block reads them
+        out = (sp * N_GAMMA).to(tl.int64) * B + rows
+        tl.store(ROW_M + out, m0, mask=row_ok)
+        tl.store(ROW_S + out, s0, mask=row_ok)
+        if N_GAMMA == 2:
+            tl.store(ROW_M + out + B, m1, mask=row_ok)
+            tl.store(ROW_S + out + B, s1, mask=row_ok)
+        if LABELS != 0:
+            tl.store(POS_P + sp.to(tl.int64) * B + rows, psum, mask=row_ok)
+            tl.store(CNT_P + sp.to(tl.int64) * B + rows, pcnt, mask=row_ok)
+        if ROW_ONLY:
+            e_ptr = ROW_E + (sp.to(tl.int64) * B + rows)[:, None] * D + offs_d[None, :]
+            tl.store(e_ptr, e_acc, mask=row_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _log_total(mx, tot):
+    """mx + log(tot): -inf for an empty sum (without evaluating log 0), NaN stays NaN."""
+    return tl.where(tot == 0, _NEG_INF, mx + tl.log(tl.where(tot == 0, 1.0, tot)))
+
+
+@triton.jit
+def _row_merge_kernel(ROW_M, ROW_S, POS_P, CNT_P, ROW_E, OUT_LSE, OUT_POS, OUT_CNT, OUT_E,
+                      S, B, D, N_GAMMA: tl.constexpr, LABELS: tl.constexpr,
+                      ROW_ONLY: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Merge the (m, s) partials of S key splits: lse = M + log sum_s s_s exp(m_s - M); label
+    sums add up; with ROW_ONLY the normalized E = sum_s exp(m_s - M) E_s / sum."""
+    rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+    row_ok = rows < B
+    acc_ty = OUT_LSE.dtype.element_ty
+    for g in tl.static_range(N_GAMMA):
+        mx = tl.full([BLOCK_R], _NEG_INF, acc_ty)
+        tot = tl.zeros([BLOCK_R], dtype=acc_ty)
+        for s in range(S):
+            ptr = (s * N_GAMMA + g) * B + rows
+            m = tl.load(ROW_M + ptr, mask=row_ok, other=_NEG_INF)
+            t = tl.load(ROW_S + ptr, mask=row_ok, other=0.0)
+            new = tl.maximum(mx, m)
+            shift = tl.where(new == _NEG_INF, 0.0, new)
+            tot = tot * tl.exp(mx - shift) + t * tl.exp(m - shift)
+            mx = new
+        tl.store(OUT_LSE + g * B + rows, _log_total(mx, tot), mask=row_ok)
+        if ROW_ONLY and g == 0:
+            offs_d = tl.arange(0, BLOCK_D)
+            d_ok = offs_d < D
+            shift = tl.where(mx == _NEG_INF, 0.0, mx)
+            inv = tl.where(tot > 0, 1.0 / tl.where(tot > 0, tot, 1.0), 0.0)
+            e = tl.zeros([BLOCK_R, BLOCK_D], dtype=acc_ty)
+            for s in range(S):
+                m = tl.load(ROW_M + s * N_GAMMA * B + rows, mask=row_ok, other=_NEG_INF)
+                w = tl.exp(m - shift) * inv
+                part = tl.load(ROW_E + (s * B + rows)[:, None] * D + offs_d[None, :],
+                               mask=row_ok[:, None] & d_ok[None, :] & (w > 0)[:, None], other=0.0)
+                e += w[:, None] * part
+            tl.store(OUT_E + rows[:, None] * D + offs_d[None, :], e,
+                     mask=row_ok[:, None] & d_ok[None, :])
+    if LABELS != 0:
+        ps = tl.zeros([BLOCK_R], dtype=acc_ty)
+        pc = tl.zeros([BLOCK_R], dtype=acc_ty)
+        for s in range(S):
+            ps += tl.load(POS_P + s * B + rows, mask=row_ok, other=0.0)
+            pc += tl.load(CNT_P + s * B + rows, mask=row_ok, other=0.0)
+        tl.store(OUT_POS + rows, ps, mask=row_ok)
+        tl.store(OUT_CNT + rows, pc, mask=row_ok)
+
+
+@triton.jit
+def _col_merge_kernel(COL_M, COL_S, OUT, R, N, BLOCK: tl.constexpr):
+    """col_lse[j] = merge over the R row groups of their (max, sum) pairs."""
+    cols = (tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
+    ok = cols < N
+    acc_ty = OUT.dtype.element_ty
+    mx = tl.full([BLOCK], _NEG_INF, acc_ty)
+    tot = tl.zeros([BLOCK], dtype=acc_ty)
+    for r in range(R):
+        m = tl.load(COL_M + r * N + cols, mask=ok, other=_NEG_INF)
+        t = tl.load(COL_S + r * N + cols, mask=ok, other=0.0)
+        new = tl.maximum(mx, m)
+        shift = tl.where(new == _NEG_INF, 0.0, new)
+        tot = tot * tl.exp(mx - shift) + t * tl.exp(m - shift)
+        mx = new
+    tl.store(OUT + cols, _log_total(mx, tot), mask=ok)
+
+
+# ------------------------------------------------------------------------------------------------
+# backward
+# ------------------------------------------------------------------------------------------------
+
+
+@triton.autotune(configs=_configs("bwd_q"), key=_KEY + ["SCALE_G"], prune_configs_by=_PRUNE)
+@triton.jit
+def _lse_bwd_q_kernel(Q, K, A, BS, CB, DB, EXCL, QL, KL, g0_hi, g0_lo, g1_hi, g1_lo, ROW_LSE, D_ROW, D_POS, COL_LSE, D_COL,
+                    DQ_P, GS_P, B, N, D, stride_q, stride_k, n_words, rows_per_group, cols_per_split,
+                    HAS_B: tl.constexpr, HAS_C: tl.constexpr, HAS_D: tl.constexpr,
+                    N_EXCL: tl.constexpr, LABELS: tl.constexpr, N_GAMMA: tl.constexpr,
+                    WANT_COL: tl.constexpr, SCALE_G: tl.constexpr, PREC: tl.constexpr,
+                    BLOCK_D: tl.constexpr, D_CHUNKS: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Query side: per split sp, DQ_P[sp, i] = sum_j G_ij b_j k_j and GS_P[sp, i] = sum_j G_ij."""
+    rg = tl.program_id(0)
+    sp = tl.program_id(1)
+    acc_ty = A.dtype.element_ty
+    row_lo = rg * rows_per_group
+    row_hi = tl.minimum(row_lo + rows_per_group, B)
+    col_lo = sp * cols_per_split
+    col_hi = tl.minimum(col_lo + cols_per_split, N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    zero = tl.zeros([], dtype=acc_ty)
+    g0 = (g0_hi + zero) + (g0_lo + zero)  # gammas as fp32 pairs: ~48-bit exact for fp64
+    g1 = (g1_hi + zero) + (g1_lo + zero)
+    for i0 in range(row_lo, row_hi, BLOCK_M):
+        rows = (i0 + offs_m).to(tl.int64)
+        row_ok = rows < row_hi
+        q = 0.0
+        if D_CHUNKS == 1:
+            q = tl.load(Q + rows[:, None] * stride_q + offs_d[None, :],
+                        mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        r0 = tl.load(ROW_LSE + rows, mask=row_ok, other=0.0)
+        w0 = tl.load(D_ROW + rows, mask=row_ok, other=0.0) * g0
+        r1 = r0
+        w1 = w0
+        if N_GAMMA == 2:
+            r1 = tl.load(ROW_LSE + B + rows, mask=row_ok, other=0.0)
+            w1 = tl.load(D_ROW + B + rows, mask=row_ok, other=0.0) * g1
+        dp = w0
+        if LABELS != 0:
+            dp = tl.load(D_POS + rows, mask=row_ok, other=0.0)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=acc_ty)
+        gs = tl.zeros([BLOCK_M], dtype=acc_ty)
+        out_rows = sp.to(tl.int64) * B + rows
+        for j0 in range(col_lo, col_hi, BLOCK_N):
+            cols = (j0 + offs_n).to(tl.int64)
+            col_ok = cols < col_hi
+            k = 0.0
+            if D_CHUNKS == 1:
+                k = tl.load(K + cols[:, None] * stride_k + offs_d[None, :],
+                            mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+            l, valid, pos = _tile_logits(Q, K, A, BS, CB, DB, EXCL, QL, KL, q, k, rows, cols,
+                                         row_ok, col_ok, D, stride_q, stride_k, n_words,
+                                         HAS_B, HAS_C, HAS_D, N_EXCL, LABELS, PREC,
+                                         BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS)
+            cl = r0
+            dc = r0
+            if WANT_COL:
+                cl = tl.load(COL_LSE + cols, mask=col_ok, other=0.0)
+                dc = tl.load(D_COL + cols, mask=col_ok, other=0.0)
+            g = _grad_tile(l, valid, pos, r0, w0, r1, w1, dp, cl, dc, g0, g1, N_GAMMA, LABELS, WANT_COL)
+            gs += tl.sum(g, 1)
+            if HAS_B:
+                g = g * tl.load(BS + cols, mask=col_ok, other=0.0)[None, :]
+            if D_CHUNKS == 1:
+                acc += _dot_rows(g, k, SCALE_G, PREC)
+            else:
+                for c in range(D_CHUNKS):
+                    dd = c * BLOCK_D + offs_d
+                    dm = dd < D
+                    kc = tl.load(K + cols[:, None] * stride_k + dd[None, :],
+                                 mask=col_ok[:, None] & dm[None, :], other=0.0)
+                    ptr = DQ_P + out_rows[:, None] * D + dd[None, :]
+                    msk = row_ok[:, None] & dm[None, :]
+                    old = tl.load(ptr, mask=msk & ((offs_m * 0 + j0) != col_lo)[:, None], other=0.0)
+                    tl.store(ptr, old + _dot_rows(g, kc, SCALE_G, PREC), mask=msk)
+                tl.debug_barrier()
+        if D_CHUNKS == 1:
+            tl.store(DQ_P + out_rows[:, None] * D + offs_d[None, :], acc,
+                     mask=row_ok[:, None] & d_ok[None, :])
+        tl.store(GS_P + out_rows, gs, mask=row_ok)
+
+
+@triton.autotune(configs=_configs("bwd_k"), key=_KEY + ["SCALE_G", "FUSED_DQ"],
+                 reset_to_zero=["DQ_A", "GS_A"], prune_configs_by=_PRUNE)
+@triton.jit
+def _lse_bwd_k_kernel(Q, K, A, BS, CB, DB, EXCL, QL, KL, g0_hi, g0_lo, g1_hi, g1_lo, ROW_LSE, D_ROW, D_POS, COL_LSE, D_COL,
+                    DK_P, CS_P, DQ_A, GS_A, B, N, D, stride_q, stride_k, n_words,
+                    rows_per_group, cols_per_split,
+                    HAS_B: tl.constexpr, HAS_C: tl.constexpr, HAS_D: tl.constexpr,
+                    N_EXCL: tl.constexpr, LABELS: tl.constexpr, N_GAMMA: tl.constexpr,
+                    WANT_COL: tl.constexpr, SCALE_G: tl.constexpr, FUSED_DQ: tl.constexpr,
+                    PREC: tl.constexpr, BLOCK_D: tl.constexpr, D_CHUNKS: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Key side: per row split sp, DK_P[sp, j] = sum_i G_ij a_i q_i and CS_P[sp, j] = sum_i G_ij.
+    Grid (key groups, row splits): here cols_per_split is the key-group width and rows_per_group
+    the row-split height. FUSED_DQ: also DQ_A[i] += sum_j G_ij b_j k_j, GS_A[i] += sum_j G_ij
+    (fp32 atomics; D_CHUNKS == 1 only)."""
+    cg = tl.program_id(0)
+    sp = tl.program_id(1)
+    acc_ty = A.dtype.element_ty
+    col_lo = cg * cols_per_split
+    col_hi = tl.minimum(col_lo + cols_per_split, N)
+    row_lo = sp * rows_per_group
+    row_hi = tl.minimum(row_lo + rows_per_group, B)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    zero = tl.zeros([], dtype=acc_ty)
+    g0 = (g0_hi + zero) + (g0_lo + zero)  # gammas as fp32 pairs: ~48-bit exact for fp64
+    g1 = (g1_hi + zero) + (g1_lo + zero)
+    for j0 in range(col_lo, col_hi, BLOCK_N):
+        cols = (j0 + offs_n).to(tl.int64)
+        col_ok = cols < col_hi
+        k = 0.0
+        if D_CHUNKS == 1:
+            k = tl.load(K + cols[:, None] * stride_k + offs_d[None, :],
+                        mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+        cl = tl.zeros([BLOCK_N], dtype=acc_ty)
+        dc = cl
+        if WANT_COL:
+            cl = tl.load(COL_LSE + cols, mask=col_ok, other=0.0)
+            dc = tl.load(D_COL + cols, mask=col_ok, other=0.0)
+        bj = cl
+        if HAS_B:
+            bj = tl.load(BS + cols, mask=col_ok, other=0.0)
+        acc = tl.zeros([BLOCK_N, BLOCK_D], dtype=acc_ty)
+        cs = tl.zeros([BLOCK_N], dtype=acc_ty)
+        out_cols = sp.to(tl.int64) * N + cols
+        for i0 in range(row_lo, row_hi, BLOCK_M):
+            rows = (i0 + offs_m).to(tl.int64)
+            row_ok = rows < row_hi
+            q = 0.0
+            if D_CHUNKS == 1:
+                q = tl.load(Q + rows[:, None] * stride_q + offs_d[None, :],
+                            mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+            r0 = tl.load(ROW_LSE + rows, mask=row_ok, other=0.0)
+            w0 = tl.load(D_ROW + rows, mask=row_ok, other=0.0) * g0
+            r1 = r0
+            w1 = w0
+            if N_GAMMA == 2:
+                r1 = tl.load(ROW_LSE + B + rows, mask=row_ok, other=0.0)
+                w1 = tl.load(D_ROW + B + rows, mask=row_ok, other=0.0) * g1
+            dp = w0
+            if LABELS != 0:
+                dp = tl.load(D_POS + rows, mask=row_ok, other=0.0)
+            lt, valid, pos = _tile_logits_t(Q, K, A, BS, CB, DB, EXCL, QL, KL, q, k, rows, cols,
+                                            row_ok, col_ok, D, stride_q, stride_k, n_words,
+                                            HAS_B, HAS_C, HAS_D, N_EXCL, LABELS, PREC,
+                                            BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS)
+            gt = _grad_tile_t(lt, valid, pos, r0, w0, r1, w1, dp, cl, dc, g0, g1, N_GAMMA, LABELS,
+                              WANT_COL)  # G^T: (keys, rows)
+            cs += tl.sum(gt, 1)
+            if FUSED_DQ:
+                tl.atomic_add(GS_A + rows, tl.sum(gt, 0), mask=row_ok)
+                gbt = gt
+                if HAS_B:
+                    gbt = gt * bj[:, None]
+                tl.atomic_add(DQ_A + rows[:, None] * D + offs_d[None, :],
+                              _dot_cols(gbt, k, SCALE_G, PREC), mask=row_ok[:, None] & d_ok[None, :])
+            gat = gt * tl.load(A + rows, mask=row_ok, other=0.0)[None, :]
+            if D_CHUNKS == 1:
+                acc += _dot_rows(gat, q, SCALE_G, PREC)
+            else:
+                for c in range(D_CHUNKS):
+                    dd = c * BLOCK_D + offs_d
+                    dm = dd < D
+                    qc = tl.load(Q + rows[:, None] * stride_q + dd[None, :],
+                                 mask=row_ok[:, None] & dm[None, :], other=0.0)
+                    ptr = DK_P + out_cols[:, None] * D + dd[None, :]
+                    msk = col_ok[:, None] & dm[None, :]
+                    old = tl.load(ptr, mask=msk & ((offs_n * 0 + i0) != row_lo)[:, None], other=0.0)
+                    tl.store(ptr, old + _dot_rows(gat, qc, SCALE_G, PREC), mask=msk)
+                tl.debug_barrier()
+        if D_CHUNKS == 1:
+            tl.store(DK_P + out_cols[:, None] * D + offs_d[None, :], acc,
+                     mask=col_ok[:, None] & d_ok[None, :])
+        tl.store(CS_P + out_cols, cs, mask=col_ok)
+
+
+@triton.jit
+def _grad_finish_kernel(ACC, GS, X, SC, DX, DSC, DBI, S, n, D, stride_x,
+                        HAS_SC: tl.constexpr, WANT_DX: tl.constexpr, WANT_DSC: tl.constexpr,
+                        WANT_DBI: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+                        D_CHUNKS: tl.constexpr):
+    """acc = sum_s ACC[s]: DX = SC * acc (in the dtype of DX), DSC = <X, acc>, DBI = sum_s GS[s]."""
+    rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+    row_ok = rows < n
+    acc_ty = ACC.dtype.element_ty
+    sc = tl.zeros([BLOCK_R], dtype=acc_ty) + 1.0
+    if HAS_SC:
+        sc = tl.load(SC + rows, mask=row_ok, other=0.0)
+    dsc = tl.zeros([BLOCK_R], dtype=acc_ty)
+    if WANT_DX or WANT_DSC:
+        for c in range(D_CHUNKS):
+            dd = c * BLOCK_D + tl.arange(0, BLOCK_D)
+            msk = row_ok[:, None] & (dd < D)[None, :]
+            tot = tl.zeros([BLOCK_R, BLOCK_D], dtype=acc_ty)
+            for s in range(S):
+                tot += tl.load(ACC + (s * n + rows)[:, None] * D + dd[None, :], mask=msk, other=0.0)
+            if WANT_DX:
+                tl.store(DX + rows[:, None] * D + dd[None, :],
+                         (tot * sc[:, None]).to(DX.dtype.element_ty), mask=msk)
+            if WANT_DSC:
+                x = tl.load(X + rows[:, None] * stride_x + dd[None, :], mask=msk, other=0.0)
+                dsc += tl.sum(x.to(acc_ty) * tot, 1)
+    if WANT_DSC:
+        tl.store(DSC + rows, dsc, mask=row_ok)
+    if WANT_DBI:
+        gs = tl.zeros([BLOCK_R], dtype=acc_ty)
+        for s in range(S):
+            gs += tl.load(GS + s * n + rows, mask=row_ok, other=0.0)
+        tl.store(DBI + rows, gs, mask=row_ok)
+
+
+# ------------------------------------------------------------------------------------------------
+# host side: plans, launches, the family op
+# ------------------------------------------------------------------------------------------------
+
+try:  # torch >= 2.6: kernels launched through wrap_triton are visible to torch.compile
+    from torch.library import wrap_triton
+except ImportError:  # pragma: no cover
+    def wrap_triton(kernel):
+        return kernel
+
+# Per-split work below which splitting the key axis further only adds merge traffic.
+MIN_SPLIT_COLS = 1024
+MIN_SPLIT_ROWS = 1024
+_plan_overrides: dict = {}
+
+
+@contextlib.contextmanager
+def plan_override(**kw):
+    """Force parts of the launch plan (tests, tuning experiments): ``fwd=(rows_per_group,
+    cols_per_split)``, ``q=(rows, cols)``, ``k=(rows, cols)`` (each a multiple of the tile),
+    ``max_reg_d`` / ``chunk_d`` (feature-dim chunking), ``fused`` (bool: the atomic dQ path)."""
+    old = dict(_plan_overrides)
+    _plan_overrides.update(kw)
+    try:
+        yield
+    finally:
+        _plan_overrides.clear()
+        _plan_overrides.update(old)
+
+
+_sm_counts: dict = {}
+
+
+def _n_sm(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _sm_counts:
+        _sm_counts[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _sm_counts[idx]
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _precision(dtype: torch.dtype) -> str:
+    """tl.dot input precision: fp32 tiles use 3xTF32 (fp32-like accuracy on tensor cores) unless
+    the user allowed TF32 matmuls; other dtypes are exact products."""
+    if dtype == torch.float32 and not INTERPRETER:
+        return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "tf32x3"
+    return "ieee"
+
+
+def _d_blocks(d: int, dtype: torch.dtype):
+    """(BLOCK_D, D_CHUNKS): the whole feature dim resident up to MAX_REG_D_BYTES per row, else
+    chunks of CHUNK_D (of MAX_REG_D_BYTES / itemsize when that is smaller)."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    max_reg = _plan_overrides.get("max_reg_d", MAX_REG_D_BYTES // itemsize)
+    if d <= max_reg:
+        return max(16, triton.next_power_of_2(d)), 1
+    chunk = _plan_overrides.get("chunk_d", min(CHUNK_D, max(16, MAX_REG_D_BYTES // itemsize)))
+    return chunk, triton.cdiv(d, chunk)
+
+
+def row_only_supported(d: int, dtype: torch.dtype, n_gamma: int, has_labels: bool) -> bool:
+    """The forward accumulation of E needs the feature dim resident and one gamma, no labels
+    (the MoCo / QK bank case); otherwise the row-only case uses the recompute backward."""
+    return _d_blocks(d, dtype)[1] == 1 and n_gamma == 1 and not has_labels
+
+
+def _split(n: int, align: int, parts: int):
+    """Cut n into at most ``parts`` pieces of a width that is a multiple of ``align``:
+    (width, count), every piece non-empty."""
+    blocks = max(1, triton.cdiv(n, align))
+    parts = max(1, min(parts, blocks))
+    width = triton.cdiv(blocks, parts) * align
+    return width, max(1, triton.cdiv(n, width))
+
+
+def _fwd_plan(b: int, n: int, want_col: bool, device, waves: int = 2):
+    """(rows_per_group, R, cols_per_split, S) of the forward grid (R, S), about ``waves``
+    programs per SM."""
+    if "fwd" in _plan_overrides:
+        rows, cols = _plan_overrides["fwd"]
+        return (*_split(b, rows, triton.cdiv(b, rows)), *_split(n, cols, triton.cdiv(n, cols)))
+    if INTERPRETER:  # two tiles per group / split by default: exercises the loops and the merges
+        return (*_split(b, 2 * ALIGN_M, b), *_split(n, waves * ALIGN_N, n))
+    target = waves * _n_sm(device)
+    n_rb, n_cb = triton.cdiv(b, ALIGN_M), triton.cdiv(n, ALIGN_N)
+    if want_col:  # a balanced rectangle per program: R x N column partials stay small
+        r = int(round((target * n_rb / max(1, n_cb)) ** 0.5))
+        r = max(1, min(n_rb, r))
+    else:
+        r = n_rb
+    s = max(1, min(triton.cdiv(target, r), triton.cdiv(n, MIN_SPLIT_COLS)))
+    return (*_split(b, ALIGN_M, r), *_split(n, ALIGN_N, s))
+
+
+def _bwd_plan(side: str, b: int, n: int, device, waves: int = 2):
+    """Query side: (rows_per_group, R, cols_per_split, S) of grid (R, S); key side: (rows per
+    split, S, cols per group, C) of grid (C, S); about ``waves`` programs per SM."""
+    if side in _plan_overrides:
+        rows, cols = _plan_overrides[side]
+        return (*_split(b, rows, triton.cdiv(b, rows)), *_split(n, cols, triton.cdiv(n, cols)))
+    if INTERPRETER:
+        if side == "q":
+            return (*_split(b, ALIGN_M, b), *_split(n, waves * ALIGN_N, n))
+        return (*_split(b, waves * ALIGN_M, b), *_split(n, ALIGN_N, n))
+    target = waves * _n_sm(device)
+    if side == "q":
+        r = triton.cdiv(b, ALIGN_M)
+        s = max(1, min(triton.cdiv(target, r), triton.cdiv(n, MIN_SPLIT_COLS)))
+        return (*_split(b, ALIGN_M, r), *_split(n, ALIGN_N, s))
+    c = triton.cdiv(n, ALIGN_N)
+    s = max(1, min(triton.cdiv(target, c), triton.cdiv(b, MIN_SPLIT_ROWS)))
+    return (*_split(b, ALIGN_M, s), *_split(n, ALIGN_N, c))
+
+
+# Split-count tuning: on the first eager CUDA call of each shape key the launch plans are timed
+# at SPLIT_WAVES programs per SM (more splits: more parallelism, more partials to merge) and the
+# fastest is kept; traced / captured / CPU calls use the cached choice or the default of 2.
+# CK_TRITON_TUNE_SPLITS=0 turns it off.
+SPLIT_WAVES = (1, 2, 4)
+_TUNE_SPLITS = os.environ.get("CK_TRITON_TUNE_SPLITS", "1") != "0"
+_waves_cache: dict = {}
+_forced_waves = None
+
+
+def _bench(fn) -> float:
+    from triton.testing import do_bench
+
+    return float(do_bench(fn, warmup=10, rep=40))
+
+
+def _can_tune(t: torch.Tensor) -> bool:
+    if not _TUNE_SPLITS or "fwd" in _plan_overrides:
+        return False
+    if t.device.type != "cuda" and not _plan_overrides.get("tune_on_cpu", False):
+        return False
+    from torch._subclasses.fake_tensor import is_fake
+
+    if is_fake(t) or torch.compiler.is_compiling():
+        return False
+    return not (t.device.type == "cuda" and torch.cuda.is_current_stream_capturing())
+
+
+def _waves(key, t: torch.Tensor, run) -> int:
+    """Programs per SM for this shape key: timed once over SPLIT_WAVES (see above)."""
+    global _forced_waves
+    if _forced_waves is not None:
+        return _forced_waves
+    if key in _waves_cache:
+        return _waves_cache[key]
+    if not _can_tune(t):
+        return 2
+    times = {}
+    try:
+        for w in SPLIT_WAVES:
+            _forced_waves = w
+            run()  # first call: compiles and autotunes the tiles of this plan
+            times[w] = _bench(run)
+    finally:
+        _forced_waves = None
+    _waves_cache[key] = min(times, key=times.get)
+    return _waves_cache[key]
+
+
+def _label_mode(q_labels) -> tuple:
+    if q_labels is None:
+        return 0, 1
+    if q_labels.dim() == 1:
+        return 1, 1
+    return 2, q_labels.shape[1]
+
+
+def forward_outputs(q, k, gammas, want_col_lse, row_only):
+    """Empty outputs of the forward op (also its fake kernel): row_lse (G, B), pos_sum (B,),
+    pos_count (B,), col_lse (N,) or (0,), row_e (B, D) or (0, D) -- all in the accumulation dtype."""
+    acc = _acc_dtype(q.dtype)
+    b, d = q.shape
+    n = k.shape[0]
+    new = lambda *shape: q.new_empty(shape, dtype=acc)  # noqa: E731
+    return (new(len(gammas), b), new(b), new(b), new(n if want_col_lse else 0),
+            new(b if row_only else 0, d))
+
+
+def backward_outputs(q, k, row_scale, col_scale, row_bias, col_bias, need):
+    """Empty gradients of the backward op (also its fake kernel), each in its input's dtype;
+    gradients not asked for are empty (0,) tensors."""
+    like = (q, k, row_scale, col_scale, row_bias, col_bias)
+    out = []
+    for t, wanted in zip(like, need):
+        if wanted and t is not None:
+            out.append(torch.empty_like(t, memory_format=torch.contiguous_format))
+        else:
+            out.append(q.new_empty((0,), dtype=_acc_dtype(q.dtype)))
+    return tuple(out)
+
+
+def _prep(q, k, row_scale, col_scale, row_bias, col_bias, gammas, exclude, q_labels, k_labels):
+    acc = _acc_dtype(q.dtype)
+    q = q.contiguous()
+    k = k.contiguous()
+    if INTERPRETER and q.dtype == torch.bfloat16:
+        # the interpreter's tl.dot multiplies bf16 bit patterns, not values: on CPU tensors bf16
+        # tiles go through fp32 (exact upcast; the compiled kernels use bf16 tensor cores)
+        q, k = q.float(), k.float()
+    vec = lambda t: t.to(acc).contiguous() if t is not None else None  # noqa: E731
+    a, b, c, d = vec(row_scale), vec(col_scale), vec(row_bias), vec(col_bias)
+    gam = []  # each gamma as an exact fp32 pair (hi, lo): scalar kernel arguments, no H2D copy
+    for g in list(gammas) + [0.0] * (2 - len(gammas)):
+        hi = struct.unpack("f", struct.pack("f", float(g)))[0]
+        gam += [hi, float(g) - hi]
+    excl = exclude.to(torch.int64).contiguous() if exclude is not None else None
+    ql = q_labels.to(torch.int64).contiguous() if q_labels is not None else None
+    kl = k_labels.to(torch.int64).contiguous() if k_labels is not None else None
+    return q, k, a, b, c, d, gam, excl, ql, kl
+
+
+def _flags(q, in_dtype, b, c, d, excl, ql, gammas):
+    """Constexprs of a launch; tile widths follow the caller's dtype ``in_dtype`` (q itself may
+    have been upcast for the interpreter)."""
+    labels, n_words = _label_mode(ql)
+    block_d, d_chunks = _d_blocks(int(q.shape[1]), in_dtype)
+    flags = dict(HAS_B=b is not None, HAS_C=c is not None, HAS_D=d is not None,
+                 N_EXCL=excl.shape[1] if excl is not None else 0, LABELS=labels,
+                 N_GAMMA=len(gammas), PREC=_precision(q.dtype), BLOCK_D=block_d, D_CHUNKS=d_chunks)
+    return flags, n_words
+
+
+def lse_forward(q, k, row_scale, col_scale, row_bias, col_bias, gammas, exclude, q_labels, k_labels,
+                want_col_lse, row_only):
+    """Host side of the forward op: see the module docstring. Returns (row_lse, pos_sum, pos_count,
+    col_lse, row_e); row_e is the normalized E of the row-only mode ((0, D) otherwise)."""
+    if len(gammas) not in (1, 2):
+        raise ValueError(f"the Triton lse_stats supports 1 or 2 gammas, got {len(gammas)}")
+    args = (q, k, row_scale, col_scale, row_bias, col_bias, gammas, exclude, q_labels, k_labels,
+            want_col_lse, row_only)
+    row_lse, pos_sum, pos_count, col_lse, row_e = forward_outputs(q, k, gammas, want_col_lse, row_only)
+    bsz, dim, n = int(q.shape[0]), int(q.shape[1]), int(k.shape[0])  # launch plans need ints
+    if n == 0:
+        return (torch.full_like(row_lse, float("-inf")), torch.zeros_like(pos_sum),
+                torch.zeros_like(pos_count), col_lse, torch.zeros_like(row_e))
+    in_dtype = q.dtype
+    q, k, a, b, c, d, gam, excl, ql, kl = _prep(q, k, row_scale, col_scale, row_bias, col_bias,
+                                                gammas, exclude, q_labels, k_labels)
+    flags, n_words = _flags(q, in_dtype, b, c, d, excl, ql, gammas)
+    if row_only and flags["D_CHUNKS"] != 1:
+        raise ValueError("row_only needs the feature dim in registers (see row_only_supported)")
+    key = ("fwd", bsz, n, dim, str(in_dtype), want_col_lse, row_only, tuple(flags.items()))
+    waves = _waves(key, q, lambda: lse_forward(*args))
+    rows, n_rg, cols, n_sp = _fwd_plan(bsz, n, want_col_lse, q.device, waves)
+    n_g = len(gammas)
+    acc = row_lse.dtype
+    part = lambda *shape: q.new_empty(shape, dtype=acc)  # noqa: E731
+    row_m, row_s = part(n_sp, n_g, bsz), part(n_sp, n_g, bsz)
+    labels = flags["LABELS"] != 0
+    # outputs a variant does not write get a scratch buffer, never an input: torch.compile's
+    # mutation analysis must not see an input passed where the kernel may store
+    scratch = part(1)
+    pos_p, cnt_p = (part(n_sp, bsz), part(n_sp, bsz)) if labels else (scratch, scratch)
+    col_m, col_s = (part(n_rg, n), part(n_rg, n)) if want_col_lse else (scratch, scratch)
+    e_p = part(n_sp, bsz, dim) if row_only else scratch
+    wrap_triton(_lse_fwd_kernel)[(n_rg, n_sp)](
+        q, k, a, b if b is not None else a, c if c is not None else a, d if d is not None else a,
+        excl if excl is not None else ql if ql is not None else a, ql if ql is not None else a,
+        kl if kl is not None else a, *gam,
+        row_m, row_s, pos_p, cnt_p, col_m, col_s, e_p,
+        bsz, n, dim, q.stride(0), k.stride(0), n_words, rows, cols,
+        WANT_COL=want_col_lse, ROW_ONLY=row_only, **flags)
+    block_r = 32 if (row_only or INTERPRETER) else 128
+    wrap_triton(_row_merge_kernel)[(triton.cdiv(bsz, block_r),)](
+        row_m, row_s, pos_p, cnt_p, e_p, row_lse, pos_sum if labels else row_lse,
+        pos_count if labels else row_lse, row_e if row_only else row_lse, n_sp, bsz, dim,
+        N_GAMMA=n_g, LABELS=flags["LABELS"], ROW_ONLY=row_only, BLOCK_R=block_r,
+        BLOCK_D=flags["BLOCK_D"])
+    if not labels:
+        pos_sum, pos_count = torch.zeros_like(pos_sum), torch.zeros_like(pos_count)
+    if want_col_lse:
+        block_c = 64 if INTERPRETER else 256
+        wrap_triton(_col_merge_kernel)[(triton.cdiv(n, block_c),)](col_m, col_s, col_lse, n_rg, n,
+                                                                     BLOCK=block_c)
+    return row_lse, pos_sum, pos_count, col_lse, row_e
+
+
+def lse_backward(d_row, d_pos, d_col, q, k, row_scale, col_scale, row_bias, col_bias, gammas,
+                 exclude, q_labels, k_labels, row_lse, col_lse, need, fused):
+    """Host side of the backward op (recompute path): gradients of (q, k, row_scale, col_scale,
+    row_bias, col_bias) for the entries of ``need`` (others are empty). ``fused``: dQ and dK from
+    one recompute with atomics (nondeterministic summation order) when both sides are needed."""
+    args = (d_row, d_pos, d_col, q, k, row_scale, col_scale, row_bias, col_bias, gammas, exclude,
+            q_labels, k_labels, row_lse, col_lse, need, fused)
+    outs = list(backward_outputs(q, k, row_scale, col_scale, row_bias, col_bias, need))
+    bsz, dim, n = int(q.shape[0]), int(q.shape[1]), int(k.shape[0])  # launch plans need ints
+    need_q = need[0] or need[2] or need[4]
+    need_k = need[1] or need[3] or need[5]
+    if n == 0 or not (need_q or need_k):
+        return tuple(o.zero_() if o.numel() else o for o in outs)
+    in_dtype = q.dtype
+    q, k, a, b, c, d, gam, excl, ql, kl = _prep(q, k, row_scale, col_scale, row_bias, col_bias,
+                                                gammas, exclude, q_labels, k_labels)
+    flags, n_words = _flags(q, in_dtype, b, c, d, excl, ql, gammas)
+    acc = a.dtype
+    want_col = col_lse.numel() > 0
+    labels = flags["LABELS"] != 0
+    d_row = d_row.to(acc).contiguous()
+    d_pos = d_pos.to(acc).contiguous() if labels else a
+    d_col = d_col.to(acc).contiguous() if want_col else a
+    row_lse = row_lse.contiguous()
+    col_lse = col_lse.contiguous() if want_col else a
+    fused = bool(fused and need_q and need_k and flags["D_CHUNKS"] == 1
+                 and _plan_overrides.get("fused", True))
+    scale_g = q.dtype == torch.float16
+    key = ("bwd", bsz, n, dim, str(in_dtype), tuple(need), fused, want_col, tuple(flags.items()))
+    waves = _waves(key, q, lambda: lse_backward(*args))
+    common = (q, k, a, b if b is not None else a, c if c is not None else a,
+              d if d is not None else a, excl if excl is not None else a,
+              ql if ql is not None else a, kl if kl is not None else a, *gam,
+              row_lse, d_row, d_pos, col_lse, d_col)
+    part = lambda *shape: q.new_empty(shape, dtype=acc)  # noqa: E731
+    dq_p = gs_p = None
+    n_q = 1
+    if need_q and not fused:
+        rows, n_rg, cols, n_q = _bwd_plan("q", bsz, n, q.device, waves)
+        dq_p, gs_p = part(n_q, bsz, dim), part(n_q, bsz)
+        wrap_triton(_lse_bwd_q_kernel)[(n_rg, n_q)](
+            *common, dq_p, gs_p, bsz, n, dim, q.stride(0), k.stride(0), n_words, rows, cols,
+            WANT_COL=want_col, SCALE_G=scale_g, **flags)
+    if need_k:
+        rows, n_k, cols, n_cg = _bwd_plan("k", bsz, n, q.device, waves)
+        dk_p, cs_p = part(n_k, n, dim), part(n_k, n)
+        if fused:
+            dq_p = torch.zeros((1, bsz, dim), dtype=acc, device=q.device)
+            gs_p = torch.zeros((1, bsz), dtype=acc, device=q.device)
+            dq_a, gs_a = dq_p, gs_p
+        else:
+            dq_a = gs_a = torch.zeros((1,), dtype=acc, device=q.device)
+        wrap_triton(_lse_bwd_k_kernel)[(n_cg, n_k)](
+            *common, dk_p, cs_p, dq_a, gs_a, bsz, n, dim, q.stride(0), k.stride(0), n_words,
+            rows, cols, WANT_COL=want_col, SCALE_G=scale_g, FUSED_DQ=fused, **flags)
+        _finish(dk_p, cs_p, k, b, outs, (1, 3, 5), need, n_k, n, dim)
+    if need_q:
+        _finish(dq_p, gs_p, q, a, outs, (0, 2, 4), need, n_q, bsz, dim)
+    return tuple(outs)
+
+
+def _finish(acc_p, sum_p, x, scale, outs, slots, need, n_parts, n, dim):
+    """Sum the split partials into the gradients of x, its scale and its bias (slots in outs)."""
+    i_x, i_sc, i_bi = slots
+    acc = acc_p.dtype
+    want_dx, want_dsc, want_dbi = need[i_x], need[i_sc] and scale is not None, need[i_bi]
+    dx = outs[i_x] if want_dx else acc_p
+    dsc = outs[i_sc] if (want_dsc and outs[i_sc].dtype == acc) else (
+        x.new_empty((n,), dtype=acc) if want_dsc else acc_p)
+    dbi = outs[i_bi] if (want_dbi and outs[i_bi].dtype == acc) else (
+        x.new_empty((n,), dtype=acc) if want_dbi else acc_p)
+    block_d = min(max(16, triton.next_power_of_2(dim)), 128)
+    block_r = 16 if INTERPRETER else 32
+    wrap_triton(_grad_finish_kernel)[(triton.cdiv(n, block_r),)](
+        acc_p, sum_p, x, scale if scale is not None else acc_p, dx, dsc, dbi, n_parts, n, dim,
+        x.stride(0), HAS_SC=scale is not None, WANT_DX=want_dx, WANT_DSC=want_dsc,
+        WANT_DBI=want_dbi, BLOCK_R=block_r, BLOCK_D=block_d, D_CHUNKS=triton.cdiv(dim, block_d))
+    if want_dsc and dsc is not outs[i_sc]:
+        outs[i_sc] = dsc.to(outs[i_sc].dtype)
+    if want_dbi and dbi is not outs[i_bi]:
+        outs[i_bi] = dbi.to(outs[i_bi].dtype)
+
+
+def lse_stats(q, k, row_scale, col_scale=None, row_bias=None, col_bias=None, *,
+              gammas: Sequence[float] = (1.0,), exclude=None, q_labels=None, k_labels=None,
+              want_col_lse=False):
+    """``reference.lse_stats`` with the kernels above, through the custom op
+    ``contrastive_kernels::triton_lse_fwd`` (see ``contrastive_kernels.ops``)."""
+    from .. import ops
+
+    key_side = any(t is not None and t.requires_grad for t in (k, col_scale, col_bias))
+    query_side = any(t is not None and t.requires_grad for t in (q, row_scale, row_bias))
+    row_only = (torch.is_grad_enabled() and query_side and not key_side and not want_col_lse
+                and row_only_supported(q.shape[1], q.dtype, len(gammas), q_labels is not None))
+    out = ops.triton_lse_fwd(q, k, row_scale, col_scale, row_bias, col_bias,
+                             [float(g) for g in gammas], exclude, q_labels, k_labels,
+                             bool(want_col_lse), bool(row_only))
+    return out[0], out[1], out[2], out[3]
+
+
+# ------------------------------------------------------------------------------------------------
+# ahead-of-time compile specs (scripts/triton_aot_check.py): representative signatures of every
+# kernel above, compiled for sm_80 / sm_90 without a GPU to catch compile errors and report
+# registers and spills. "{dt}" is replaced by each dtype of "dtypes"; a callable constexpr gets
+# the dtype name. "configs": None = every autotune config of the kernel, else a list of
+# (num_warps, num_stages, extra constexprs).
+# ------------------------------------------------------------------------------------------------
+
+_I32 = ("B", "N", "D", "S", "R", "n", "stride_q", "stride_k", "stride_x", "n_words",
+        "rows_per_group", "cols_per_split")
+_F32 = ("g0_hi", "g0_lo", "g1_hi", "g1_lo")
+
+
+def jit_function(kernel):
+    """The @triton.jit function under @triton.autotune / @triton.heuristics wrappers."""
+    from triton.runtime.autotuner import Autotuner, Heuristics
+
+    while isinstance(kernel, (Autotuner, Heuristics)):
+        kernel = kernel.fn
+    return kernel
+
+
+def _aot_signature(kernel, overrides):
+    fn = jit_function(kernel)
+    if not hasattr(fn, "params"):  # the interpreter's InterpretedFunction: no compile specs
+        return {}
+    sig = {}
+    for i, name in enumerate(fn.arg_names):
+        if fn.params[i].is_constexpr:
+            sig[name] = "constexpr"
+        elif name in overrides:
+            sig[name] = overrides[name]
+        elif name in _I32:
+            sig[name] = "i32"
+        elif name in _F32:
+            sig[name] = "fp32"
+        elif name in ("EXCL", "QL", "KL"):
+            sig[name] = "*i64"
+        else:
+            sig[name] = "*{acc}"
+    return sig
+
+
+def _prec_of(dt):
+    return "tf32x3" if dt == "fp32" else "ieee"
+
+
+def _scale_of(dt):
+    return dt == "fp16"
+
+
+_TORCH_DT = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
+             "fp64": torch.float64}
+
+
+def _variant(name, kernel, d, dtypes, **constexprs):
+    """A spec for feature dim ``d``: BLOCK_D / D_CHUNKS as the host would choose per dtype."""
+    consts = dict(PREC=_prec_of, **constexprs)
+    consts["BLOCK_D"] = lambda dt: _d_blocks(d, _TORCH_DT[dt])[0]
+    consts["D_CHUNKS"] = lambda dt: _d_blocks(d, _TORCH_DT[dt])[1]
+    return dict(name=f"{name},D={d}]", kernel=kernel, dtypes=dtypes, constexprs=consts,
+                signature=_aot_signature(kernel, {"Q": "*{dt}", "K": "*{dt}"}))
+
+
+def _aot_specs():
+    lowp = ("fp32", "fp16", "bf16")
+    fwd = dict(HAS_B=False, HAS_C=False, HAS_D=False, N_EXCL=0, LABELS=0, N_GAMMA=1,
+               WANT_COL=False, ROW_ONLY=False)
+    bwd = dict(HAS_B=True, HAS_C=False, HAS_D=False, N_EXCL=0, LABELS=0, N_GAMMA=1,
+               WANT_COL=False, SCALE_G=_scale_of)
+    k_fwd, k_q, k_k = _lse_fwd_kernel, _lse_bwd_q_kernel, _lse_bwd_k_kernel
+    specs = [
+        _variant("lse_fwd[bank,row_only", k_fwd, 128, lowp, **{**fwd, "ROW_ONLY": True}),
+        _variant("lse_fwd[bank,row_only", k_fwd, 256, ("bf16",), **{**fwd, "ROW_ONLY": True}),
+        _variant("lse_fwd[bank,row_only", k_fwd, 64, ("fp64",), **{**fwd, "ROW_ONLY": True}),
+        _variant("lse_fwd[bank,recompute", k_fwd, 256, lowp, **fwd),
+        _variant("lse_fwd[clip,col_lse,cosine", k_fwd, 512, lowp, **{**fwd, "HAS_B": True,
+                                                                       "WANT_COL": True}),
+        _variant("lse_fwd[supcon+dcl,bits,2 gammas,l2", k_fwd, 128, lowp + ("fp64",),
+                 **{**fwd, "HAS_C": True, "HAS_D": True, "N_EXCL": 2, "LABELS": 2, "N_GAMMA": 2}),
+        _variant("lse_bwd_q[clip+labels,2 gammas", k_q, 128, lowp + ("fp64",),
+                 **{**bwd, "WANT_COL": True, "LABELS": 1, "N_GAMMA": 2, "N_EXCL": 1}),
+        _variant("lse_bwd_q[queue", k_q, 768, lowp, **bwd),
+        _variant("lse_bwd_k[clip,fused dQ", k_k, 128, ("fp16", "bf16"),
+                 **{**bwd, "WANT_COL": True, "FUSED_DQ": True}),
+        _variant("lse_bwd_k[clip,fused dQ", k_k, 64, ("fp32", "fp64"),
+                 **{**bwd, "WANT_COL": True, "FUSED_DQ": True}),
+        _variant("lse_bwd_k[supcon,bits", k_k, 256, lowp,
+                 **{**bwd, "LABELS": 2, "N_EXCL": 1, "FUSED_DQ": False}),
+        _variant("lse_bwd_k[clip", k_k, 512, lowp, **{**bwd, "WANT_COL": True, "FUSED_DQ": False}),
+        dict(name="row_merge[row_only,D=256]", kernel=_row_merge_kernel, dtypes=("fp32",),
+             signature=_aot_signature(_row_merge_kernel, {}),
+             constexprs=dict(N_GAMMA=1, LABELS=0, ROW_ONLY=True, BLOCK_R=32, BLOCK_D=256),
+             configs=[(4, 1, {})]),
+        dict(name="row_merge[2 gammas,labels]", kernel=_row_merge_kernel, dtypes=("fp32",),
+             signature=_aot_signature(_row_merge_kernel, {}),
+             constexprs=dict(N_GAMMA=2, LABELS=1, ROW_ONLY=False, BLOCK_R=128, BLOCK_D=128),
+             configs=[(4, 1, {})]),
+        dict(name="col_merge", kernel=_col_merge_kernel, dtypes=("fp32",),
+             signature=_aot_signature(_col_merge_kernel, {}), constexprs=dict(BLOCK=256),
+             configs=[(4, 1, {})]),
+        dict(name="grad_finish", kernel=_grad_finish_kernel, dtypes=lowp,
+             signature=_aot_signature(_grad_finish_kernel, {"X": "*{dt}", "DX": "*{dt}"}),
+             constexprs=dict(HAS_SC=True, WANT_DX=True, WANT_DSC=True, WANT_DBI=True, BLOCK_R=32,
+                             BLOCK_D=128, D_CHUNKS=6),
+             configs=[(4, 1, {})]),
+    ]
+    return specs
+
+
+AOT_SPECS = _aot_specs()

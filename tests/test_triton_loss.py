@@ -1,0 +1,395 @@
+"""The Triton InfoNCE-family kernels beyond the shared suites.
+
+test_losses / test_ops / test_properties / test_validation already run backend="triton" (under the
+interpreter on CPU: conftest.FUSED_BACKENDS). Here: fp16 against the twice-the-eager-error rule,
+tile-edge shapes, several key splits and row groups (the split-K merges), the row-only forward
+accumulation against the recompute backward, the chunked feature-dim path, the fused (atomic)
+and the deterministic backward, and the custom ops (schemas, fake kernels, autograd
+registration). On CPU these run through Triton's interpreter, so the shapes are small.
+"""
+
+import pytest
+import torch
+
+import contrastive_kernels as ck
+from contrastive_kernels import functional, reference
+from contrastive_kernels._common import pack_multi_hot
+from _helpers import check_backend, check_low_precision
+
+DEVICE = torch.device("cpu")
+_why = functional.backend_unavailable_reason("triton", DEVICE)
+pytestmark = pytest.mark.skipif(_why is not None, reason=f"triton backend unavailable: {_why}")
+
+if _why is None:
+    from contrastive_kernels import ops
+    from contrastive_kernels.triton import infonce
+else:  # pragma: no cover
+    ops = infonce = None
+
+# interpreter tiles are 16 x 32: B, N not multiples of them, D not a power of two
+B, N, D = 19, 45, 24
+QUANTUM = {torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7}  # one ulp at 1.0
+
+
+def _features(n, d, seed, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.nn.functional.normalize(torch.randn(n, d, dtype=torch.float64, generator=g), dim=1)
+    return x * (1 + 0.3 * torch.rand(n, 1, dtype=torch.float64, generator=g)) * scale
+
+
+def _loss_cases():
+    """(id, fn(backend, **tensors), tensors, grad names): every loss mode at tile-edge shapes."""
+    q, p, queue = _features(B, D, 1), _features(B, D, 2), _features(N, D, 3)
+    t = torch.tensor(0.2, dtype=torch.float64)
+    labels = torch.arange(B) % 4
+    multi_hot = (torch.rand(B, 70, generator=torch.Generator().manual_seed(4)) < 0.05).long()
+    multi_hot[:, 0] = torch.arange(B) % 2
+    index = torch.randint(0, B + N, (B, 3), generator=torch.Generator().manual_seed(5))
+    index[::3, 1:] = -1
+    cases = []
+
+    def add(name, fn, tensors, grads):
+        cases.append(pytest.param(fn, tensors, grads, id=name))
+
+    for sim in ("dot", "cosine", "l2"):
+        add(f"moco-bank-{sim}",
+            lambda backend, q, p, queue, t, sim=sim: ck.info_nce(
+                q, p, queue, temperature=t, similarity=sim, reduction="none", backend=backend),
+            {"q": q, "p": p, "queue": queue, "t": t}, ["q", "t"])
+    add("moco-queue-grad",
+        lambda backend, q, p, queue, t: ck.info_nce(q, p, queue, temperature=t, similarity="cosine",
+                                                    reduction="none", backend=backend),
+        {"q": q, "p": p, "queue": queue, "t": t}, ["q", "p", "queue", "t"])
+    add("in-batch",
+        lambda backend, q, p, t: ck.info_nce(q, p, temperature=t, reduction="none", backend=backend),
+        {"q": q, "p": p, "t": t}, ["q", "p", "t"])
+    add("queue+in-batch-dcl-hcl",
+        lambda backend, q, p, queue, t: ck.info_nce(
+            q, p, queue, temperature=t, in_batch_negatives=True, tau_plus=0.1, beta=0.5,
+            similarity="l2", reduction="none", backend=backend),
+        {"q": q, "p": p, "queue": queue, "t": t}, ["q", "p", "queue", "t"])
+    add("clip",
+        lambda backend, q, p, t: ck.clip_loss(q, p, 1.0 / t, similarity="cosine", reduction="none",
+                                              backend=backend),
+        {"q": q, "p": p, "t": t}, ["q", "p", "t"])
+    add("nt_xent",
+        lambda backend, q, p, t: ck.nt_xent(q, p, temperature=t, reduction="none", backend=backend),
+        {"q": q, "p": p, "t": t}, ["q", "p", "t"])
+    add("sup_con-int",
+        lambda backend, q, t: ck.sup_con(q, labels, temperature=t, reduction="none", backend=backend),
+        {"q": q, "t": t}, ["q", "t"])
+    add("sup_con-multi-hot",
+        lambda backend, q, t: ck.sup_con(q, multi_hot, temperature=t, similarity="dot",
+                                         reduction="none", backend=backend),
+        {"q": q, "t": t}, ["q", "t"])
+    add("multi_positive",
+        lambda backend, q, p, queue, t: ck.multi_positive_info_nce(
+            q, p, index, queue, temperature=t, reduction="none", backend=backend),
+        {"q": q, "p": p, "queue": queue, "t": t}, ["q", "p", "queue", "t"])
+    return cases
+
+
+LOSS_CASES = _loss_cases()
+
+
+@pytest.mark.parametrize("fn,tensors,grads", LOSS_CASES)
+def test_losses_fp32(fn, tensors, grads):
+    check_backend(fn, tensors, grads, "triton", torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("fn,tensors,grads", LOSS_CASES)
+def test_losses_half_precision_twice_eager(fn, tensors, grads, dtype):
+    """DESIGN's rule in fp16 / bf16 (see _helpers.check_low_precision: against the fp64 reference
+    with a floor of one ulp, and against the fp64 reference on the rounded inputs with a 1e-5
+    floor). Under the interpreter bf16 tiles go through fp32 (its bf16 tl.dot is unusable): this
+    checks the bf16 handling around the products, the GPU suite the tensor-core products."""
+    check_low_precision(fn, tensors, grads, "triton", dtype, QUANTUM[dtype])
+
+
+# ------------------------------------------------------------------------------------------------
+# the op itself: plans, paths, chunking
+# ------------------------------------------------------------------------------------------------
+
+
+def _op_inputs(b, n, d, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, d, dtype=dtype, generator=g)
+    k = torch.randn(n, d, dtype=dtype, generator=g)
+    a = torch.rand(b, dtype=dtype, generator=g) + 0.5
+    bb = torch.rand(n, dtype=dtype, generator=g) + 0.5
+    c = torch.randn(b, dtype=dtype, generator=g)
+    dd = torch.randn(n, dtype=dtype, generator=g)
+    return [q, k, a, bb, c, dd]
+
+
+def _op_case(fn, inputs, grad_mask, **kw):
+    leaves = [t.detach().clone().requires_grad_(m) if t is not None else None
+              for t, m in zip(inputs, grad_mask)]
+    row, ps, pc, col = fn(*leaves, **kw)
+    gen = torch.Generator().manual_seed(5)
+    total = (row * torch.rand(row.shape, generator=gen, dtype=row.dtype)).sum()
+    total = total + (ps * torch.rand(ps.shape, generator=gen, dtype=ps.dtype)).sum()
+    if col.numel():
+        total = total + (col * torch.rand(col.shape, generator=gen, dtype=col.dtype)).sum()
+    needs = [t for t in leaves if t is not None and t.requires_grad]
+    grads = torch.autograd.grad(total, needs) if needs else []
+    return [row.detach(), ps.detach(), pc.detach(), col.detach(), *grads]
+
+
+def _full_kw(b, n, labels="bits"):
+    excl = torch.stack([torch.arange(b) % n, (torch.arange(b) * 7 + 3) % n], 1)
+    excl[0] = -1
+    if labels == "bits":
+        g = torch.Generator().manual_seed(9)
+        ql = pack_multi_hot((torch.rand(b, 70, generator=g) < 0.1).long())
+        kl = pack_multi_hot((torch.rand(n, 70, generator=g) < 0.1).long())
+    else:
+        ql, kl = torch.arange(b) % 3, torch.arange(n) % 4
+    return dict(gammas=(1.3, 0.4), exclude=excl, q_labels=ql, k_labels=kl, want_col_lse=True)
+
+
+def _assert_close(got, want, rtol=1e-9, atol=1e-10):
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert g.shape == w.shape, i
+        assert torch.allclose(g, w, rtol=rtol, atol=atol), (i, (g - w).abs().max().item())
+
+
+@pytest.mark.parametrize("plan", [(16, 32), (32, 64), (48, 96), (4096, 4096)],
+                         ids=["many-splits", "two-tile", "three-tile", "one-split"])
+@pytest.mark.parametrize("labels", ["bits", "int"])
+def test_split_plans_match_spec(plan, labels):
+    """Every row-group / key-split plan (the split-K merges, the column-statistics merges, the
+    backward partial sums) gives the spec's values and gradients."""
+    b, n, d = 37, 75, 13
+    inputs = _op_inputs(b, n, d)
+    kw = _full_kw(b, n, labels)
+    mask = [True] * 6
+    want = _op_case(reference.lse_stats, inputs, mask, **kw)
+    with infonce.plan_override(fwd=plan, q=plan, k=plan):
+        got = _op_case(infonce.lse_stats, inputs, mask, **kw)
+    _assert_close(got, want)
+
+
+@pytest.mark.parametrize("d", [16, 17, 40])
+@pytest.mark.parametrize("grad_side", ["rows", "both"])
+def test_chunked_feature_dim(d, grad_side):
+    """Feature dims wider than the resident limit loop over chunks (accumulators in the partial
+    buffers); forced here with a 16-wide limit: D = 16 stays resident, 17 and 40 are chunked."""
+    b, n = 21, 50
+    inputs = _op_inputs(b, n, d)
+    kw = _full_kw(b, n)
+    mask = [True, grad_side == "both", True, grad_side == "both", True, grad_side == "both"]
+    want = _op_case(reference.lse_stats, inputs, mask, **kw)
+    with infonce.plan_override(max_reg_d=16, chunk_d=16):
+        got = _op_case(infonce.lse_stats, inputs, mask, **kw)
+    _assert_close(got, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("with_biases", [False, True])
+def test_row_only_equals_recompute(dtype, with_biases):
+    """The row-only forward accumulation (E = softmax-weighted keys, O(B D) backward) and the
+    recompute backward give the same query-side gradients."""
+    q, k, a, bb, c, dd = _op_inputs(B, N, D, torch.float64)
+    q, k = q.to(dtype), k.to(dtype)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    a, bb, c, dd = (t.to(acc) for t in (a, bb, c, dd))
+    if not with_biases:
+        c = dd = None
+    results = []
+    for row_only in (True, False):
+        leaves = [q.clone().requires_grad_(), a.clone().requires_grad_(),
+                  c.clone().requires_grad_() if c is not None else None]
+        out = ops.triton_lse_fwd(leaves[0], k, leaves[1], bb, leaves[2], dd, [1.0], None, None, None,
+                                 False, row_only)
+        assert out[4].shape == ((B, D) if row_only else (0, D))
+        w = torch.linspace(0.5, 1.5, B, dtype=acc)
+        needs = [t for t in leaves if t is not None]
+        results.append([out[0].detach()] + list(torch.autograd.grad((out[0][0] * w).sum(), needs)))
+    tol = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-3}[dtype]
+    for x, y in zip(*results):
+        assert torch.allclose(x.double(), y.double(), rtol=tol, atol=tol), (x - y).abs().max()
+
+
+def test_row_only_path_is_taken_for_a_frozen_bank(monkeypatch):
+    """lse_stats picks the row-only op when only the query side needs gradients."""
+    seen = []
+    real = ops.triton_lse_fwd
+
+    def spy(*args):
+        seen.append(args[-1])
+        return real(*args)
+
+    monkeypatch.setattr(ops, "triton_lse_fwd", spy)
+    q, k, queue = _features(4, 8, 1).float(), _features(4, 8, 2).float(), _features(40, 8, 3).float()
+    ck.info_nce(q.requires_grad_(), k, queue, backend="triton").backward()
+    ck.info_nce(q, k, queue.requires_grad_(), backend="triton").backward()
+    with torch.no_grad():
+        ck.info_nce(q, k, queue, backend="triton")
+    assert seen == [True, False, False]
+
+
+def test_fused_and_deterministic_backward_agree():
+    """dQ and dK from one recompute (atomics) equal the two-kernel backward; with
+    torch.use_deterministic_algorithms(True) repeated runs are bitwise equal."""
+    b, n, d = 37, 75, 13
+    inputs = _op_inputs(b, n, d)
+    kw = _full_kw(b, n)
+    want = _op_case(reference.lse_stats, inputs, [True] * 6, **kw)
+    fused = _op_case(infonce.lse_stats, inputs, [True] * 6, **kw)
+    with infonce.plan_override(fused=False):
+        split = _op_case(infonce.lse_stats, inputs, [True] * 6, **kw)
+    _assert_close(fused, want)
+    _assert_close(split, want)
+    old = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        first = _op_case(infonce.lse_stats, inputs, [True] * 6, **kw)
+        again = _op_case(infonce.lse_stats, inputs, [True] * 6, **kw)
+    finally:
+        torch.use_deterministic_algorithms(old)
+    for x, y in zip(first, again):
+        assert torch.equal(x, y)
+    _assert_close(first, want)
+
+
+def test_three_gammas_is_a_clear_error():
+    q, k, a, *_ = _op_inputs(3, 5, 4)
+    with pytest.raises(ValueError, match="1 or 2 gammas"):
+        infonce.lse_stats(q, k, a, gammas=(1.0, 2.0, 3.0))
+
+
+def test_low_temperature_bf16_bank_stays_finite():
+    """T = 0.01 (logits up to 100) with half-precision inputs: no overflow in the online
+    log-sum-exp, the merges or the backward (fp16: bf16 tl.dot is unreliable in the interpreter)."""
+    q = torch.nn.functional.normalize(torch.randn(B, D), dim=1).half().requires_grad_()
+    p = torch.nn.functional.normalize(torch.randn(B, D), dim=1).half()
+    queue = torch.nn.functional.normalize(torch.randn(N, D), dim=1).half()
+    for kwargs in ({}, {"in_batch_negatives": True}):
+        loss = ck.info_nce(q, p, queue, temperature=0.01, backend="triton", **kwargs)
+        grad, = torch.autograd.grad(loss, q)
+        assert torch.isfinite(loss) and torch.isfinite(grad.float()).all()
+
+
+# ------------------------------------------------------------------------------------------------
+# the custom ops
+# ------------------------------------------------------------------------------------------------
+
+
+def _op_args(b=B, n=N, d=D, dtype=torch.float32, col=True, row_only=False, labels=True):
+    q, k, a, bb, c, dd = _op_inputs(b, n, d, dtype)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    a, bb, c, dd = (t.to(acc) for t in (a, bb, c, dd))
+    excl = torch.arange(b)[:, None] % n
+    ql, kl = (torch.arange(b) % 3, torch.arange(n) % 3) if labels else (None, None)
+    return (q, k, a, bb, c, dd, [1.0, 0.5] if not row_only else [1.0], excl if not row_only else None,
+            ql, kl, col, row_only)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64], ids=str)
+@pytest.mark.parametrize("col,row_only", [(True, False), (False, True), (False, False)])
+def test_fake_kernels_give_the_real_shapes(dtype, col, row_only):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    args = _op_args(dtype=dtype, col=col, row_only=row_only, labels=not row_only)
+    real = torch.ops.contrastive_kernels.triton_lse_fwd(*args)
+    with FakeTensorMode() as mode:
+        fake_args = [mode.from_tensor(t) if torch.is_tensor(t) else t for t in args]
+        fake = torch.ops.contrastive_kernels.triton_lse_fwd(*fake_args)
+    assert len(fake) == len(real) == 5
+    for f, r in zip(fake, real):
+        assert f.shape == r.shape and f.dtype == r.dtype and f.device == r.device
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    g = 1 if row_only else 2
+    assert [tuple(t.shape) for t in real] == [(g, B), (B,), (B,), (N if col else 0,),
+                                              (B if row_only else 0, D)]
+    assert all(t.dtype == acc for t in real)
+    if row_only:
+        return
+    q, k, a, bb, c, dd, gammas, excl, ql, kl, _, _ = args
+    need = [True, True, True, False, True, True]
+    bwd_args = (torch.ones_like(real[0]), torch.ones_like(real[1]), torch.ones_like(real[3]), q, k,
+                a, bb, c, dd, gammas, excl, ql, kl, real[0], real[3], need, False)
+    grads = torch.ops.contrastive_kernels.triton_lse_bwd(*bwd_args)
+    with FakeTensorMode() as mode:
+        fake_args = [mode.from_tensor(t) if torch.is_tensor(t) else t for t in bwd_args]
+        fake = torch.ops.contrastive_kernels.triton_lse_bwd(*fake_args)
+    for f, r, t, wanted in zip(fake, grads, (q, k, a, bb, c, dd), need):
+        assert f.shape == r.shape and f.dtype == r.dtype
+        assert r.shape == (t.shape if wanted else (0,))
+        if wanted:
+            assert r.dtype == t.dtype
+
+
+@pytest.mark.parametrize("row_only", [False, True])
+def test_opcheck_on_cpu(row_only):
+    """torch.library.opcheck's schema, fake-tensor and autograd-registration checks (the
+    compile-based aot_dispatch check needs a GPU: tests/test_gpu_loss.py)."""
+    args = _op_args(dtype=torch.float64, col=not row_only, row_only=row_only, labels=not row_only)
+    args = list(args)
+    args[0] = args[0].requires_grad_()
+    args[2] = args[2].requires_grad_()
+    torch.library.opcheck(torch.ops.contrastive_kernels.triton_lse_fwd.default, tuple(args),
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
+def test_compile_fullgraph_through_the_chunked_backend():
+    """The CPU backends keep a compile path: torch.compile(fullgraph=True) traces the chunked
+    autograd.Function (aot_eager here: Inductor's C++ build is too slow for CI; the GPU suite
+    compiles the Triton ops with Inductor). Triton's interpreter cannot run under compile."""
+    q = _features(6, 8, 1).float().requires_grad_()
+    k = _features(6, 8, 2).float().requires_grad_()
+    queue = _features(30, 8, 3).float()
+
+    def f(q, k, queue):
+        return ck.info_nce(q, k, queue, temperature=0.1, similarity="cosine",
+                           in_batch_negatives=True, backend="chunked")
+
+    ck.available_backends("cpu")  # functional._module imports lazily; dynamo cannot trace imports
+    eager = f(q, k, queue)
+    g_eager = torch.autograd.grad(eager, [q, k])
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")(q, k, queue)
+    g_comp = torch.autograd.grad(compiled, [q, k])
+    assert torch.allclose(compiled, eager, rtol=1e-5, atol=1e-6)
+    for x, y in zip(g_comp, g_eager):
+        assert torch.allclose(x, y, rtol=1e-5, atol=1e-6)
+
+
+def test_split_count_tuning(monkeypatch):
+    """The first call of a shape key times the launch plans at SPLIT_WAVES programs per SM and
+    keeps the fastest (the timer is faked here: the interpreter's times mean nothing); the choice
+    is cached, changes the plan, and gives the spec's results; fake tensors never trigger it."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    fastest = {1: 3.0, 2: 2.0, 4: 1.0}
+    timed = []
+
+    def fake_bench(fn):
+        fn()
+        timed.append(infonce._forced_waves)
+        return fastest[infonce._forced_waves]
+
+    monkeypatch.setattr(infonce, "_bench", fake_bench)
+    monkeypatch.setattr(infonce, "_waves_cache", {})
+    b, n, d = 9, 200, 8
+    inputs = _op_inputs(b, n, d)
+    kw = _full_kw(b, n)
+    plans = []
+    real_plan = infonce._fwd_plan
+    monkeypatch.setattr(infonce, "_fwd_plan", lambda *a: plans.append(a[-1]) or real_plan(*a))
+    want = _op_case(reference.lse_stats, inputs, [True] * 6, **kw)
+    with infonce.plan_override(tune_on_cpu=True):
+        got = _op_case(infonce.lse_stats, inputs, [True] * 6, **kw)
+        assert timed == [1, 2, 4, 1, 2, 4]  # forward, then backward
+        assert len(infonce._waves_cache) == 2 and set(infonce._waves_cache.values()) == {4}
+        assert plans[-1] == 4
+        again = _op_case(infonce.lse_stats, inputs, [True] * 6, **kw)
+        assert len(timed) == 6  # cached
+        with FakeTensorMode() as mode:  # traced calls (torch.compile) never time anything
+            fake = mode.from_tensor(inputs[0])
+            assert infonce._waves(("new key",), fake, lambda: timed.append("ran")) == 2
+        assert len(timed) == 6 and len(infonce._waves_cache) == 2
+    _assert_close(got, want)
+    _assert_close(again, want)
