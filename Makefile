@@ -3,17 +3,41 @@ PY ?= python3
 PIP ?= $(PY) -m pip
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install test test-gpu test-slow demo bench bench-gpu clean
+NVCC ?= nvcc
+CUDA_CHECK_ARCHS ?= sm_80 sm_90a
+# the half-precision restrictions torch.utils.cpp_extension compiles CUDA sources with
+CUDA_CHECK_FLAGS ?= -std=c++17 -O3 --expt-relaxed-constexpr -D__CUDA_NO_HALF_OPERATORS__ \
+  -D__CUDA_NO_HALF_CONVERSIONS__ -D__CUDA_NO_BFLOAT16_CONVERSIONS__ -D__CUDA_NO_HALF2_OPERATORS__
+# 1 when a C++ compiler exists: the csrc extension must then build (and its backend must load in
+# the tests); 0 where there is none: the pure-Python package installs and tests without it.
+HAVE_CXX := $(shell command -v $${CXX:-c++} >/dev/null 2>&1 && echo 1 || echo 0)
+
+.PHONY: install build-ext test test-gpu test-slow demo bench bench-gpu cuda-check clean
 
 # Installs what the project needs on a fresh machine: torch only if missing (pinned CPU wheel
-# where there is no GPU), then this package and its test/demo extras against that torch.
+# where there is no GPU), then this package and its test/demo extras against that torch, then the
+# C++ extension (csrc/) in place (see build-ext).
 install:
 	PY=$(PY) bash scripts/ensure_torch.sh
-	$(PIP) install --no-build-isolation -q -e ".[test,demo]"
+	CK_BUILD_EXT=0 $(PIP) install --no-build-isolation -q -e ".[test,demo]"
+	$(MAKE) --no-print-directory build-ext PY=$(PY)
 
-# CPU test suite (CI): every backend against reference.py; Triton runs through its interpreter.
+# The compiled kernels (contrastive_kernels/_C*.so) with torch.utils.cpp_extension + ninja,
+# incremental in ./build. CUDA kernels too where torch has CUDA and nvcc is found.
+build-ext:
+	CK_BUILD_EXT=$(HAVE_CXX) $(PY) setup.py -q build_ext --inplace
+
+# CPU test suite (CI): every backend against reference.py (backend="cpu" included once the
+# extension is built); Triton runs through its interpreter.
 test: install
-	TRITON_INTERPRET=1 $(PY) -m pytest -m "not gpu and not slow" -q
+	CK_REQUIRE_EXT=$(HAVE_CXX) TRITON_INTERPRET=1 $(PY) -m pytest -m "not gpu and not slow" -q
+
+# Compiles every CUDA kernel (device code and launchers, no torch headers) with nvcc for each
+# architecture of CUDA_CHECK_ARCHS: csrc/cuda/kernels_*.cu hold every configuration launched.
+cuda-check:
+	@command -v $(NVCC) >/dev/null || { echo "cuda-check: $(NVCC) not found"; exit 1; }
+	@for arch in $(CUDA_CHECK_ARCHS); do for f in csrc/cuda/kernels_*.cu; do echo "$$arch $$f"; done; done | \
+	  xargs -P $$(nproc) -n 2 sh -c '$(NVCC) $(CUDA_CHECK_FLAGS) -arch=$$0 -Icsrc -c $$1 -o /dev/null && echo "ok  $$0 $$1"'
 
 # The long CPU tests left out of `make test`.
 test-slow: install
@@ -34,7 +58,7 @@ bench-gpu:
 	$(PY) -m contrastive_kernels.bench --preset gpu --out benchmarks/results/gpu
 
 clean:
-	rm -rf build dist *.egg-info .pytest_cache .hypothesis
+	rm -rf build dist *.egg-info .pytest_cache .hypothesis contrastive_kernels/_C*.so
 
 # Triton top-k: ahead-of-time compile report for sm_80/sm_90 (no GPU needed), and on the GPU
 # machine the top-k timings (kernel vs its GEMM floor, torch.mm+torch.topk, FAISS if present).

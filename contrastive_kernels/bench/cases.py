@@ -223,3 +223,9 @@ def _train_step(forward: Callable[[], torch.Tensor], leaves: List[torch.Tensor])
             t.grad = None
         forward().backward()
     return step
+
+
+# Top-k mining on the CPU (issue 6): the C++ backend against FAISS's exact flat index
+# (bench/baselines_faiss_cpu.py) and the chunked torch backend. The eager reference would sort a
+# 1024 x 2^20 score matrix (12 GiB): run it with --backends cpu,chunked,faiss_cpu.
+PRESETS["cpu-topk"] = [case("topk", M=1024, N=2**20, D=128, k=64, label="mining")]

@@ -1,0 +1,103 @@
+"""The family ops of losses.py over the compiled torch.ops.contrastive_kernels ops, shared by
+the "cpu" and "cuda" backends (the op dispatches on the tensors' device; see csrc/)."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from . import _ext, chunked
+from ._common import MixingDraws
+
+_ext.load()  # registers the ops (and their autograd / fake kernels) when the extension exists
+
+
+def _ops():
+    return torch.ops.contrastive_kernels
+
+
+# Shapes the CUDA kernels take (their tiles of the features must fit in shared memory); others
+# run through the chunked backend on the same device (cuBLAS GEMMs), as does top-k with k > 1024.
+CUDA_LSE_MAX_DIM = {torch.float16: 512, torch.bfloat16: 512, torch.float32: 256, torch.float64: 128}
+CUDA_TOPK_MAX_DIM = 256
+CUDA_TOPK_MAX_K = 1024
+
+
+def _cuda_fallback_lse(q) -> bool:
+    return q.is_cuda and q.shape[1] > CUDA_LSE_MAX_DIM.get(q.dtype, 0)
+
+
+def _cuda_fallback_topk(query, k) -> bool:
+    return query.is_cuda and (k > CUDA_TOPK_MAX_K or query.shape[1] > CUDA_TOPK_MAX_DIM)
+
+
+def lse_stats(q, k, row_scale, col_scale=None, row_bias=None, col_bias=None, *,
+              gammas: Sequence[float] = (1.0,), exclude=None, q_labels=None, k_labels=None,
+              want_col_lse=False):
+    """reference.lse_stats, fused: one pass over the key tiles with the softmax statistics kept in
+    registers. When only the query side needs a gradient (a queue or a frozen bank), the forward
+    pass also accumulates the softmax-weighted key sums, so backward is O(B D) (row-only mode, as in
+    chunked.py); otherwise backward is a second fused pass (lse_bwd)."""
+    if _cuda_fallback_lse(q):
+        return chunked.lse_stats(q, k, row_scale, col_scale, row_bias, col_bias, gammas=gammas,
+                                 exclude=exclude, q_labels=q_labels, k_labels=k_labels,
+                                 want_col_lse=want_col_lse)
+    key_side_grad = any(t is not None and t.requires_grad for t in (k, col_scale, col_bias))
+    query_side_grad = any(t is not None and t.requires_grad for t in (q, row_scale, row_bias))
+    row_only = (torch.is_grad_enabled() and query_side_grad and not key_side_grad
+                and not want_col_lse)
+    out = _ops().lse_fwd(q, k, row_scale, col_scale, row_bias, col_bias, [float(g) for g in gammas],
+                         exclude, q_labels, k_labels, bool(want_col_lse), bool(row_only))
+    return out[0], out[1], out[2], out[3]
+
+
+def _topk_on_device(query, bank, k, similarity, exclude_index, query_labels, bank_labels):
+    return _ops().topk(query.detach(), bank.detach(), k, similarity, exclude_index, query_labels,
+                       bank_labels)
+
+
+def topk(query, bank, k, *, similarity="dot", exclude_index=None, query_labels=None,
+         bank_labels=None):
+    """Exact top-k (values fp32, int64 indices; ties to the lower index). A bank on another device
+    than the query (a host bank for a GPU query) is streamed in chunks, each chunk's top-k merged
+    into the running one by packed keys (chunked.pack_keys), which keeps the tie rule exact."""
+    if _cuda_fallback_topk(query, k):
+        return chunked.topk(query, bank, k, similarity=similarity, exclude_index=exclude_index,
+                            query_labels=query_labels, bank_labels=bank_labels)
+    if bank.device == query.device:
+        return _topk_on_device(query, bank, k, similarity, exclude_index, query_labels, bank_labels)
+    n = bank.shape[0]
+    step = max(k, chunked.chunk_size(query.shape[0], n, 4, temporaries=3, minimum=max(4096, k)))
+    running = None
+    for j0 in range(0, n, step):
+        j1 = min(n, j0 + step)
+        chunk = bank[j0:j1].to(query.device, non_blocking=True)
+        kk = min(k, j1 - j0)
+        ex = None if exclude_index is None else exclude_index - j0
+        if ex is not None:
+            ex = torch.where(exclude_index >= 0, ex, torch.full_like(ex, -1))
+        bl = None if bank_labels is None else bank_labels[j0:j1].to(query.device)
+        values, indices = _topk_on_device(query, chunk, kk, similarity, ex, query_labels, bl)
+        keys = chunked.pack_keys(values, 0)
+        # pack_keys numbers columns from 0; re-pack with the bank indices (missing: -1 -> excluded)
+        keys = (keys & ~chunked._LOW_MASK) | (chunked._LOW_MASK - (indices + j0))
+        keys = torch.where(indices >= 0, keys, torch.full_like(keys, chunked._EXCLUDED))
+        running = keys if running is None else torch.cat([running, keys], 1)
+        if running.shape[1] > k:
+            running = running.topk(k, dim=1, sorted=False).values
+    running = running.sort(dim=1, descending=True).values
+    values, indices = chunked.unpack_keys(running)
+    return values, indices
+
+
+def mix(query, negatives, hard_index, draws: MixingDraws):
+    """The synthetic points (B, s+s', D), without gradient (reference.mix_points)."""
+    return _ops().mix(query.detach(), negatives.detach(), hard_index, draws.pair_index, draws.alpha, draws.query_index,
+                      draws.query_weight)
+
+
+def mixed_dots(q, mix_query, negatives, hard_index, draws: MixingDraws):
+    """u_it = <q_i, h_it> with h = mix(mix_query, negatives, hard_index, draws), the points never
+    stored; differentiable in q (the synthetic points are constants, as in MoCHi)."""
+    return _ops().mixed_dots(q, mix_query.detach(), negatives.detach(), hard_index, draws.pair_index,
+                             draws.alpha, draws.query_index, draws.query_weight)

@@ -1,0 +1,216 @@
+// MoCHi hard-negative mixing on the CPU (reference.mix_points), given the random draws:
+//   h_it = normalize(alpha_it n_x + (1 - alpha_it) n_y)            t < s   (x, y from hard_index[i])
+//   h_it = normalize(w_it q_i + (1 - w_it) n_y)                    t >= s  (w ~ U(0, 0.5))
+// with normalize(v) = v / max(|v|, 1e-12), in the accumulation dtype (fp32, fp64 for fp64), the
+// points rounded to the input dtype as the reference returns them. `mix` gathers and mixes in one
+// pass and normalizes with ATen's norm (the reduction F.normalize uses: its points equal the
+// reference's bit for bit, which the reproducibility contract of the draws relies on).
+// mixed_dots fuses the points
+// into their dot products with the query rows (u_it = <q_i, h_it>) without storing them, and its
+// backward recomputes them (dq_i = sum_t g_it h_it). Memory-bound gathers: plain loops over
+// rows, threaded with at::parallel_for; the inner loops auto-vectorize.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "../common.h"
+
+namespace ck {
+namespace {
+
+using at::Tensor;
+
+struct Draws {
+  const int64_t* hard;
+  const int64_t* pair;
+  const float* alpha;
+  const int64_t* qidx;
+  const float* qw;
+  int64_t H, S, SQ;
+};
+
+void check_ranges(const Tensor& hard_index, int64_t n_neg, const Tensor& pair_index, const Tensor& query_index) {
+  auto range = [](const Tensor& x, int64_t hi, const char* name) {
+    if (x.numel() == 0) return;
+    const int64_t lo_v = x.min().item<int64_t>(), hi_v = x.max().item<int64_t>();
+    TORCH_CHECK(lo_v >= 0 && hi_v < hi, "mix: ", name, " must hold indices in [0, ", hi, "), found ",
+                lo_v < 0 ? lo_v : hi_v);
+  };
+  range(hard_index, n_neg, "hard_index");
+  range(pair_index, hard_index.size(1), "pair_index");
+  range(query_index, hard_index.size(1), "query_index");
+}
+
+#if defined(__GNUC__) && !defined(__clang__)
+#define CK_NO_CONTRACT __attribute__((optimize("fp-contract=off")))
+#else
+#define CK_NO_CONTRACT
+#endif
+
+// The unnormalized point v_it = a x + (1 - a) y in acc_t, each product and the sum rounded
+// separately (no FMA contraction), exactly as the reference's elementwise ops compute it.
+template <typename scalar_t, typename acc_t>
+CK_NO_CONTRACT inline void mixed_vector(const scalar_t* q, const scalar_t* neg, const Draws& dr, int64_t i,
+                                        int64_t t, int64_t D, acc_t* out) {
+#if defined(__clang__)
+#pragma clang fp contract(off)
+#endif
+  const int64_t* hard = dr.hard + i * dr.H;
+  acc_t a;
+  const scalar_t* y;
+  const scalar_t* x;
+  if (t < dr.S) {
+    a = static_cast<acc_t>(dr.alpha[i * dr.S + t]);
+    x = neg + hard[dr.pair[(i * dr.S + t) * 2]] * D;
+    y = neg + hard[dr.pair[(i * dr.S + t) * 2 + 1]] * D;
+  } else {
+    const int64_t u = t - dr.S;
+    a = static_cast<acc_t>(dr.qw[i * dr.SQ + u]);
+    x = q + i * D;
+    y = neg + hard[dr.qidx[i * dr.SQ + u]] * D;
+  }
+  const acc_t b = acc_t(1) - a;
+  for (int64_t d = 0; d < D; ++d) {
+    const acc_t ax = a * static_cast<acc_t>(x[d]);
+    const acc_t by = b * static_cast<acc_t>(y[d]);
+    out[d] = ax + by;
+  }
+}
+
+// The point h_it = normalize(v_it) in acc_t, rounded through scalar_t (the dtype the reference
+// returns it in). Used where the points are consumed at once (mixed_dots).
+template <typename scalar_t, typename acc_t>
+inline void mixed_point(const scalar_t* q, const scalar_t* neg, const Draws& dr, int64_t i, int64_t t, int64_t D,
+                        acc_t* out) {
+  mixed_vector<scalar_t, acc_t>(q, neg, dr, i, t, D, out);
+  acc_t ss = 0;
+  for (int64_t d = 0; d < D; ++d) ss += out[d] * out[d];
+  const acc_t inv = acc_t(1) / std::max(std::sqrt(ss), acc_t(1e-12));
+  for (int64_t d = 0; d < D; ++d) out[d] = static_cast<acc_t>(static_cast<scalar_t>(out[d] * inv));
+}
+
+Draws draws_of(const Tensor& hard, const Tensor& pair, const Tensor& alpha, const Tensor& qidx, const Tensor& qw) {
+  return Draws{hard.data_ptr<int64_t>(), pair.data_ptr<int64_t>(), alpha.data_ptr<float>(), qidx.data_ptr<int64_t>(),
+               qw.data_ptr<float>(), hard.size(1), pair.size(1), qidx.size(1)};
+}
+
+struct Prepared {
+  Tensor hard, pair, alpha, qidx, qw;
+};
+
+Prepared prepare(const Tensor& negatives, const Tensor& hard_index, const Tensor& pair_index, const Tensor& alpha,
+                 const Tensor& query_index, const Tensor& query_weight) {
+  check_ranges(hard_index, negatives.size(0), pair_index, query_index);
+  return Prepared{hard_index.contiguous(), pair_index.contiguous(), alpha.to(at::kFloat).contiguous(),
+                  query_index.contiguous(), query_weight.to(at::kFloat).contiguous()};
+}
+
+Tensor mix_cpu(const Tensor& query, const Tensor& negatives, const Tensor& hard_index, const Tensor& pair_index,
+               const Tensor& alpha, const Tensor& query_index, const Tensor& query_weight) {
+  check_mix_args("mix", query, negatives, hard_index, pair_index, alpha, query_index, query_weight);
+  TORCH_CHECK(query.device().is_cpu(), "mix (CPU): tensors must be on the CPU");
+  Prepared p = prepare(negatives, hard_index, pair_index, alpha, query_index, query_weight);
+  const Tensor q = query.contiguous(), neg = negatives.contiguous();
+  const int64_t B = q.size(0), D = q.size(1), T = pair_index.size(1) + query_index.size(1);
+  const at::ScalarType acc = acc_type(q.scalar_type());
+  Tensor v = at::empty({B, T, D}, q.options().dtype(acc));
+  if (v.numel() == 0) return v.to(q.scalar_type());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "mix_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const Draws dr = draws_of(p.hard, p.pair, p.alpha, p.qidx, p.qw);
+    const scalar_t* qp = q.data_ptr<scalar_t>();
+    const scalar_t* np = neg.data_ptr<scalar_t>();
+    acc_t* vp = v.data_ptr<acc_t>();
+    at::parallel_for(0, B, 16, [&](int64_t b0, int64_t b1) {
+      for (int64_t i = b0; i < b1; ++i)
+        for (int64_t t = 0; t < T; ++t) mixed_vector<scalar_t, acc_t>(qp, np, dr, i, t, D, vp + (i * T + t) * D);
+    });
+  });
+  // F.normalize's own reduction and division, so the points equal the reference bit for bit
+  return (v / v.norm(2, {-1}, /*keepdim=*/true).clamp_min(1e-12)).to(q.scalar_type());
+}
+
+Tensor mixed_dots_cpu(const Tensor& q_in, const Tensor& mix_query, const Tensor& negatives, const Tensor& hard_index,
+                      const Tensor& pair_index, const Tensor& alpha, const Tensor& query_index,
+                      const Tensor& query_weight) {
+  check_mix_args("mixed_dots", mix_query, negatives, hard_index, pair_index, alpha, query_index, query_weight);
+  check_features(q_in, "mixed_dots", "q");
+  TORCH_CHECK(q_in.sizes() == mix_query.sizes(), "mixed_dots: q and mix_query must have one shape, got ",
+              q_in.sizes(), " and ", mix_query.sizes());
+  TORCH_CHECK(q_in.device().is_cpu() && mix_query.device().is_cpu(), "mixed_dots (CPU): tensors must be on the CPU");
+  Prepared p = prepare(negatives, hard_index, pair_index, alpha, query_index, query_weight);
+  const Tensor mq = mix_query.contiguous(), neg = negatives.contiguous();
+  const int64_t B = mq.size(0), D = mq.size(1), T = pair_index.size(1) + query_index.size(1);
+  const at::ScalarType acc = acc_type(mq.scalar_type());
+  const Tensor q = q_in.to(acc).contiguous();
+  Tensor out = at::empty({B, T}, q.options());
+  if (out.numel() == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, mq.scalar_type(), "mixed_dots_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const Draws dr = draws_of(p.hard, p.pair, p.alpha, p.qidx, p.qw);
+    const scalar_t* mp = mq.data_ptr<scalar_t>();
+    const scalar_t* np = neg.data_ptr<scalar_t>();
+    const acc_t* qp = q.data_ptr<acc_t>();
+    acc_t* op = out.data_ptr<acc_t>();
+    at::parallel_for(0, B, 16, [&](int64_t b0, int64_t b1) {
+      std::vector<acc_t> h(D);
+      for (int64_t i = b0; i < b1; ++i)
+        for (int64_t t = 0; t < T; ++t) {
+          mixed_point<scalar_t, acc_t>(mp, np, dr, i, t, D, h.data());
+          acc_t s = 0;
+          for (int64_t d = 0; d < D; ++d) s += qp[i * D + d] * h[d];
+          op[i * T + t] = s;
+        }
+    });
+  });
+  return out;
+}
+
+Tensor mixed_dots_bwd_cpu(const Tensor& grad_in, const Tensor& mix_query, const Tensor& negatives,
+                          const Tensor& hard_index, const Tensor& pair_index, const Tensor& alpha,
+                          const Tensor& query_index, const Tensor& query_weight) {
+  check_mix_args("mixed_dots_bwd", mix_query, negatives, hard_index, pair_index, alpha, query_index, query_weight);
+  const int64_t B = mix_query.size(0), D = mix_query.size(1), T = pair_index.size(1) + query_index.size(1);
+  TORCH_CHECK(grad_in.dim() == 2 && grad_in.size(0) == B && grad_in.size(1) == T && grad_in.is_floating_point(),
+              "mixed_dots_bwd: grad must be floating (", B, ", ", T, "), got ", grad_in.sizes());
+  TORCH_CHECK(grad_in.device().is_cpu() && mix_query.device().is_cpu(), "mixed_dots_bwd (CPU): tensors must be on the CPU");
+  Prepared p = prepare(negatives, hard_index, pair_index, alpha, query_index, query_weight);
+  const Tensor mq = mix_query.contiguous(), neg = negatives.contiguous();
+  const at::ScalarType acc = acc_type(mq.scalar_type());
+  const Tensor g = grad_in.to(acc).contiguous();
+  Tensor dq = at::zeros({B, D}, g.options());
+  if (B == 0 || T == 0) return dq;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, mq.scalar_type(), "mixed_dots_bwd_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const Draws dr = draws_of(p.hard, p.pair, p.alpha, p.qidx, p.qw);
+    const scalar_t* mp = mq.data_ptr<scalar_t>();
+    const scalar_t* np = neg.data_ptr<scalar_t>();
+    const acc_t* gp = g.data_ptr<acc_t>();
+    acc_t* op = dq.data_ptr<acc_t>();
+    at::parallel_for(0, B, 16, [&](int64_t b0, int64_t b1) {
+      std::vector<acc_t> h(D);
+      for (int64_t i = b0; i < b1; ++i)
+        for (int64_t t = 0; t < T; ++t) {
+          mixed_point<scalar_t, acc_t>(mp, np, dr, i, t, D, h.data());
+          const acc_t w = gp[i * T + t];
+          for (int64_t d = 0; d < D; ++d) op[i * D + d] += w * h[d];
+        }
+    });
+  });
+  return dq;
+}
+
+}  // namespace
+}  // namespace ck
+
+TORCH_LIBRARY_IMPL(contrastive_kernels, CPU, m) {
+  m.impl("mix", &ck::mix_cpu);
+  m.impl("mixed_dots", &ck::mixed_dots_cpu);
+  m.impl("mixed_dots_bwd", &ck::mixed_dots_bwd_cpu);
+}

@@ -1,0 +1,136 @@
+// Exact top-k similarity on the CPU: the score GEMM (the same microkernel as InfoNCE) with a
+// per-row bounded selection fused into each tile. Included inside the per-ISA namespace after
+// gemm_kernel.h; pure C++, fp32 scores (inputs upcast per block, like the reference).
+//
+// Selection: each part (a thread's contiguous column range) keeps, per query row, a binary
+// min-heap of at most k packed keys (pack_key: score order, then the lower column) and the
+// score of the heap's minimum as the row's threshold (NaN while the heap holds fewer than k, so
+// that everything passes). A tile is filtered with one vector comparison per W scores,
+// !(s <= threshold): only lanes that pass (expected about k ln(n/k) per row over n columns,
+// a vanishing fraction) reach the scalar path, which checks the exclusions and labels and
+// replaces the heap's minimum. Within a part, columns are visited in increasing order, so a
+// later score equal to the threshold has a higher column and loses the tie: the strict filter
+// is exact. The glue merges the parts' heaps by key.
+
+inline int64_t topk_scratch_impl_elems(int64_t D, int nb, int tile, int w) {
+  return 2 * static_cast<int64_t>(nb) * D + tile + nb + w + 64;
+}
+
+CK_SCALAR_INLINE void heap_sift_down(int64_t* h, int64_t n, int64_t pos) {
+  const int64_t key = h[pos];
+  for (;;) {
+    int64_t child = 2 * pos + 1;
+    if (child >= n) break;
+    if (child + 1 < n && h[child + 1] < h[child]) ++child;
+    if (!(h[child] < key)) break;
+    h[pos] = h[child];
+    pos = child;
+  }
+  h[pos] = key;
+}
+
+CK_SCALAR_INLINE void heap_push(int64_t* h, int64_t n, int64_t key) {
+  int64_t pos = n;
+  while (pos > 0) {
+    const int64_t parent = (pos - 1) / 2;
+    if (!(key < h[parent])) break;
+    h[pos] = h[parent];
+    pos = parent;
+  }
+  h[pos] = key;
+}
+
+template <class V>
+int64_t topk_scratch(int64_t D) {
+  using TL = Tiles<V>;
+  return topk_scratch_impl_elems(D, TL::NB, TL::NC * TL::RG, V::W);
+}
+
+template <class V>
+CK_INLINE bool topk_excluded(const TopkArgs& A, int64_t i, int64_t j) {
+  if (A.exclude != nullptr) {
+    const int64_t* ex = A.exclude + i * A.E;
+    for (int64_t e = 0; e < A.E; ++e)
+      if (ex[e] == j) return true;
+  }
+  return A.q_lab != nullptr && A.q_lab[i] == A.b_lab[j];
+}
+
+template <class V>
+void topk_part(const TopkArgs& A, const TopkWork& Wk, int64_t c0, int64_t c1) {
+  using R = typename V::R;
+  using TL = Tiles<V>;
+  static_assert(sizeof(typename V::T) == sizeof(float), "top-k scores are fp32");
+  constexpr int W = V::W, MV = V::MV, RG = TL::RG, NC = TL::NC, NB = TL::NB;
+  const int64_t D = A.D, Mp = A.Mp, M = A.M, k = A.k;
+  float* kbuf = Wk.scratch;
+  float* kpanel = kbuf + NB * D;
+  float* S = kpanel + NB * D;
+  float* kscale = S + NC * RG;
+  float* lanes = kscale + NB;
+
+  for (int64_t i = 0; i < M; ++i) {
+    Wk.count[i] = 0;
+    Wk.thr[i] = __builtin_nanf("");
+  }
+  for (int64_t i = M; i < Mp; ++i) Wk.thr[i] = __builtin_inff();  // padding rows never pass
+
+  for (int64_t jb = c0; jb < c1; jb += NB) {
+    const int64_t nb = ck_min<int64_t>(NB, c1 - jb);
+    const float* krow = stage_rows<V>(A.bank, A.bank_dtype == kFloat ? kSame : A.bank_dtype, jb, nb, D, kbuf);
+    if (A.sim != kDot) {
+      for (int64_t j = 0; j < nb; ++j) {
+        const float* kr = krow + j * D;
+        float ss = 0.0f;
+        for (int64_t d = 0; d < D; ++d) ss += kr[d] * kr[d];
+        kscale[j] = A.sim == kCosine ? 1.0f / ck_max(std::sqrt(ss), 1e-12f) : ss;
+      }
+    }
+    pack_panels<V>(krow, nb, D, kpanel);
+    for (int64_t i0 = 0; i0 < Mp; i0 += RG) {
+      R qs[MV];
+      for (int m = 0; m < MV; ++m) qs[m] = A.qscale ? V::load(A.qscale + i0 + m * W) : V::zero();
+      for (int64_t t0 = 0; t0 < nb; t0 += NC) {
+        const int64_t nc = ck_min<int64_t>(NC, nb - t0);
+        tile_scores<V>(A.qt + i0, Mp, kpanel, t0, nc, D, S);
+        R thr[MV];
+        for (int m = 0; m < MV; ++m) thr[m] = V::load(Wk.thr + i0 + m * W);
+        for (int64_t jj = 0; jj < nc; ++jj) {
+          const int64_t j = jb + t0 + jj;
+          const R ks = V::set1(A.sim != kDot ? kscale[t0 + jj] : 0.0f);
+          for (int m = 0; m < MV; ++m) {
+            R s = V::load(S + jj * RG + m * W);
+            if (A.sim == kCosine) {
+              s = V::mul(V::mul(s, qs[m]), ks);
+            } else if (A.sim == kL2) {
+              s = V::sub(V::sub(V::add(s, s), qs[m]), ks);
+            }
+            const auto pass = V::not_le(s, thr[m]);
+            if (!V::any(pass)) continue;
+            V::store(lanes, s);
+            unsigned bits = V::bits(pass);
+            while (bits) {
+              const int lane = __builtin_ctz(bits);
+              bits &= bits - 1;
+              const int64_t i = i0 + m * W + lane;
+              if (i >= M || topk_excluded<V>(A, i, j)) continue;
+              const int64_t key = pack_key(lanes[lane], j);
+              int64_t* h = Wk.heap + i * k;
+              const int64_t n = Wk.count[i];
+              if (n < k) {
+                heap_push(h, n, key);
+                Wk.count[i] = n + 1;
+                if (n + 1 == k) Wk.thr[i] = key_score(h[0]);
+              } else if (key > h[0]) {
+                h[0] = key;
+                heap_sift_down(h, k, 0);
+                Wk.thr[i] = key_score(h[0]);
+              }
+            }
+            thr[m] = V::load(Wk.thr + i0 + m * W);
+          }
+        }
+      }
+    }
+  }
+}

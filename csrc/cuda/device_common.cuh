@@ -1,0 +1,338 @@
+// Device helpers shared by the CUDA kernels: pure CUDA (no torch headers), so that `make
+// cuda-check` compiles every kernel with nvcc alone (csrc/cuda/check_kernels.cu).
+//
+// Score tiles are computed by one of two tile-GEMM engines over operands staged in shared memory:
+//   - tensor cores (fp16 / bf16 inputs): mma.sync.m16n8k16 with fp32 accumulators, operands
+//     loaded with ldmatrix (A row-major; B as [n][k] for S = Q K^T, or [k][n] with .trans for
+//     the P K products), sm_80 and newer;
+//   - CUDA cores (fp32 / fp64 inputs): register-tiled FMA in the accumulation type, so fp32
+//     inputs get fp32 products (as eager fp32 matmul without TF32) and fp64 stays fp64.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+namespace ck {
+namespace cuda {
+
+constexpr int kThreads = 128;  // 4 warps per block, every kernel
+constexpr int kWarps = kThreads / 32;
+constexpr int kMaxGammas = 4;
+
+__device__ __forceinline__ float neg_inf_f() { return __int_as_float(0xff800000); }
+__device__ __forceinline__ double neg_inf_d() { return __longlong_as_double(0xfff0000000000000ULL); }
+template <typename A>
+__device__ __forceinline__ A neg_inf();
+template <>
+__device__ __forceinline__ float neg_inf<float>() { return neg_inf_f(); }
+template <>
+__device__ __forceinline__ double neg_inf<double>() { return neg_inf_d(); }
+
+__device__ __forceinline__ float ck_exp(float x) { return expf(x); }  // full-precision expf (no fast-math)
+__device__ __forceinline__ double ck_exp(double x) { return exp(x); }
+
+template <typename T>
+__device__ __forceinline__ T zero_of() { return T(0); }
+template <>
+__device__ __forceinline__ __half zero_of<__half>() { return __float2half_rn(0.f); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 zero_of<__nv_bfloat16>() { return __float2bfloat16_rn(0.f); }
+
+// input element -> compute type
+template <typename TS, typename TI>
+__device__ __forceinline__ TS to_compute(TI x) { return static_cast<TS>(x); }
+template <>
+__device__ __forceinline__ float to_compute<float, __half>(__half x) { return __half2float(x); }
+template <>
+__device__ __forceinline__ float to_compute<float, __nv_bfloat16>(__nv_bfloat16 x) { return __bfloat162float(x); }
+template <>
+__device__ __forceinline__ __half to_compute<__half, __half>(__half x) { return x; }
+template <>
+__device__ __forceinline__ __nv_bfloat16 to_compute<__nv_bfloat16, __nv_bfloat16>(__nv_bfloat16 x) { return x; }
+
+// compute/acc value -> the operand type of the second product (P or G tiles)
+template <typename TO>
+__device__ __forceinline__ TO from_acc(float x) { return static_cast<TO>(x); }
+template <>
+__device__ __forceinline__ __half from_acc<__half>(float x) { return __float2half_rn(x); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+template <typename TO>
+__device__ __forceinline__ TO from_acc(double x) { return static_cast<TO>(x); }  // fp64 stays fp64
+
+// an accumulation-type value rounded through the input dtype (the dtype a point is returned in)
+template <typename TI>
+__device__ __forceinline__ TI from_acc_round(float x) { return static_cast<TI>(x); }
+template <>
+__device__ __forceinline__ __half from_acc_round<__half>(float x) { return __float2half_rn(x); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_acc_round<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+template <typename TI>
+__device__ __forceinline__ TI from_acc_round(double x) { return static_cast<TI>(x); }
+
+template <typename T>
+struct IsTensorCore {
+  static constexpr bool value = false;
+};
+template <>
+struct IsTensorCore<__half> {
+  static constexpr bool value = true;
+};
+template <>
+struct IsTensorCore<__nv_bfloat16> {
+  static constexpr bool value = true;
+};
+
+// ---------------------------------------------------------------------------------------------
+// tensor-core primitives (sm_80+)
+// ---------------------------------------------------------------------------------------------
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t& r0, uint32_t& r1, uint32_t& r2, uint32_t& r3, const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
+               : "r"(smem_addr(p)));
+}
+
+__device__ __forceinline__ void ldmatrix_x2(uint32_t& r0, uint32_t& r1, const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\n" : "=r"(r0), "=r"(r1) : "r"(smem_addr(p)));
+}
+
+__device__ __forceinline__ void ldmatrix_x2_trans(uint32_t& r0, uint32_t& r1, const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];\n"
+               : "=r"(r0), "=r"(r1)
+               : "r"(smem_addr(p)));
+}
+
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t& r0, uint32_t& r1, uint32_t& r2, uint32_t& r3,
+                                                  const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
+               : "r"(smem_addr(p)));
+}
+
+template <typename T>
+__device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
+
+template <>
+__device__ __forceinline__ void mma_16816<__half>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+template <>
+__device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                                         uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// ---------------------------------------------------------------------------------------------
+// shared-memory operand staging
+// ---------------------------------------------------------------------------------------------
+
+// Row strides (in elements) that keep ldmatrix / the FMA engines free of bank conflicts.
+template <typename TS>
+__host__ __device__ constexpr int padded_stride(int dp) {
+  return sizeof(TS) == 2 ? dp + 8 : dp + (sizeof(TS) == 4 ? 4 : 1);
+}
+
+// dst[r][0..dp) = src[row0 + r][0..D) converted to TS, zero beyond `rows` valid rows or D.
+template <typename TS, typename TI>
+__device__ __forceinline__ void stage_rows(TS* dst, int ld, const TI* __restrict__ src, int64_t row0, int64_t nrows,
+                                           int64_t D, int rows, int dp) {
+  const int total = rows * dp;
+  for (int e = threadIdx.x; e < total; e += kThreads) {
+    const int r = e / dp, d = e - r * dp;
+    const int64_t gr = row0 + r;
+    TS v = zero_of<TS>();
+    if (gr < nrows && d < D) v = to_compute<TS>(src[gr * D + d]);
+    dst[r * ld + d] = v;
+  }
+}
+
+// Asynchronous variant (cp.async, sm_80+): 16-byte chunks, zero-filled past the valid rows or D.
+// Requires TS == TI (2-byte types), D % 8 == 0 and a 16-byte aligned source; ends with a commit.
+template <typename T>
+__device__ __forceinline__ void stage_rows_async(T* dst, int ld, const T* __restrict__ src, int64_t row0,
+                                                 int64_t nrows, int64_t D, int rows, int dp) {
+  static_assert(sizeof(T) == 2, "cp.async staging is for 2-byte inputs");
+  const int chunks = dp / 8;
+  for (int e = threadIdx.x; e < rows * chunks; e += kThreads) {
+    const int r = e / chunks, ch = e - r * chunks;
+    const int64_t gr = row0 + r;
+    const int d = ch * 8;
+    const bool ok = gr < nrows && d < D;
+    const T* g = ok ? src + gr * D + d : src;
+    const int bytes = ok ? 16 : 0;
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst + r * ld + d)), "l"(g),
+                 "r"(bytes));
+  }
+  asm volatile("cp.async.commit_group;\n" ::);
+}
+
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::); }
+
+// ---------------------------------------------------------------------------------------------
+// tile products. Warp w of the block takes the 16-row m-tile (w % MT) and every (kWarps/MT)-th
+// n8-tile from (w / MT): all 4 warps busy for BM = 16, 32, 64.
+// ---------------------------------------------------------------------------------------------
+
+// S[BM][BN] (ldS) = A[BM][dp] (ldA) . B[BN][dp]^T (ldB), tensor cores.
+template <typename T, int BM, int BN>
+__device__ __forceinline__ void tile_abt_mma(const T* A, int ldA, const T* B, int ldB, int dp, float* S, int ldS) {
+  constexpr int MT = BM / 16, NT = BN / 8, WN = kWarps / MT, PER = NT / WN;
+  static_assert(NT % WN == 0, "tile shape");
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int mt = warp % MT, n_first = warp / MT;
+  float acc[PER][4];
+#pragma unroll
+  for (int p = 0; p < PER; ++p) acc[p][0] = acc[p][1] = acc[p][2] = acc[p][3] = 0.f;
+  for (int k0 = 0; k0 < dp; k0 += 16) {
+    uint32_t a[4];
+    ldmatrix_x4(a[0], a[1], a[2], a[3], A + (mt * 16 + (lane & 15)) * ldA + k0 + (lane >> 4) * 8);
+#pragma unroll
+    for (int p = 0; p < PER; ++p) {
+      const int n0 = (n_first + p * WN) * 8;
+      // lanes 0-7 address rows n0.. at k0 (b0), lanes 8-15 rows n0.. at k0+8 (b1)
+      uint32_t b0, b1;
+      ldmatrix_x2(b0, b1, B + (n0 + (lane & 7)) * ldB + k0 + ((lane >> 3) & 1) * 8);
+      mma_16816<T>(acc[p], a, b0, b1);
+    }
+  }
+  const int r = mt * 16 + (lane >> 2), c = (lane & 3) * 2;
+#pragma unroll
+  for (int p = 0; p < PER; ++p) {
+    const int n0 = (n_first + p * WN) * 8;
+    S[r * ldS + n0 + c] = acc[p][0];
+    S[r * ldS + n0 + c + 1] = acc[p][1];
+    S[(r + 8) * ldS + n0 + c] = acc[p][2];
+    S[(r + 8) * ldS + n0 + c + 1] = acc[p][3];
+  }
+}
+
+// S[BM][BN] = A . B^T on CUDA cores in TA (float or double); thread grid 8 rows x 16 columns.
+template <typename TA, typename TS, int BM, int BN>
+__device__ __forceinline__ void tile_abt_simt(const TS* A, int ldA, const TS* B, int ldB, int dp, TA* S, int ldS) {
+  constexpr int RI = BM / 8, CJ = BN / 16;
+  const int tx = threadIdx.x & 15, ty = threadIdx.x >> 4;
+  TA acc[RI][CJ];
+#pragma unroll
+  for (int i = 0; i < RI; ++i)
+#pragma unroll
+    for (int j = 0; j < CJ; ++j) acc[i][j] = TA(0);
+  for (int k = 0; k < dp; ++k) {
+    TA a[RI], b[CJ];
+#pragma unroll
+    for (int i = 0; i < RI; ++i) a[i] = static_cast<TA>(A[(ty + 8 * i) * ldA + k]);
+#pragma unroll
+    for (int j = 0; j < CJ; ++j) b[j] = static_cast<TA>(B[(tx + 16 * j) * ldB + k]);
+#pragma unroll
+    for (int i = 0; i < RI; ++i)
+#pragma unroll
+      for (int j = 0; j < CJ; ++j) acc[i][j] = fma(a[i], b[j], acc[i][j]);
+  }
+#pragma unroll
+  for (int i = 0; i < RI; ++i)
+#pragma unroll
+    for (int j = 0; j < CJ; ++j) S[(ty + 8 * i) * ldS + tx + 16 * j] = acc[i][j];
+}
+
+// Acc[BM][dp] (ldC, fp32) = Acc * scale[row] (if scale) + P[BM][BN] (ldP) . K[BN][dp] (ldK),
+// tensor cores; n8-tiles processed 8 at a time to bound registers.
+template <typename T, int BM, int BN>
+__device__ __forceinline__ void tile_ab_mma(const T* P, int ldP, const T* K, int ldK, int dp, float* C, int ldC,
+                                            const float* scale) {
+  constexpr int MT = BM / 16, WN = kWarps / MT, GROUP = 8;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int mt = warp % MT, n_first = warp / MT;
+  const int NT = dp / 8;
+  uint32_t a[BN / 16][4];
+#pragma unroll
+  for (int kk = 0; kk < BN / 16; ++kk)
+    ldmatrix_x4(a[kk][0], a[kk][1], a[kk][2], a[kk][3], P + (mt * 16 + (lane & 15)) * ldP + kk * 16 + (lane >> 4) * 8);
+  const int r = mt * 16 + (lane >> 2), c = (lane & 3) * 2;
+  const float s0 = scale ? scale[r] : 1.f, s1 = scale ? scale[r + 8] : 1.f;
+  for (int g0 = n_first; g0 < NT; g0 += WN * GROUP) {
+    float acc[GROUP][4];
+#pragma unroll
+    for (int p = 0; p < GROUP; ++p) acc[p][0] = acc[p][1] = acc[p][2] = acc[p][3] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < BN / 16; ++kk) {
+#pragma unroll
+      for (int p = 0; p < GROUP; ++p) {
+        const int nt = g0 + p * WN;
+        if (nt < NT) {
+          uint32_t b0, b1;
+          // [k][n] storage, transposed: lanes 0-7 rows k0.. (b0), lanes 8-15 rows k0+8.. (b1)
+          ldmatrix_x2_trans(b0, b1, K + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * ldK + nt * 8);
+          mma_16816<T>(acc[p], a[kk], b0, b1);
+        }
+      }
+    }
+#pragma unroll
+    for (int p = 0; p < GROUP; ++p) {
+      const int nt = g0 + p * WN;
+      if (nt < NT) {
+        float* c0 = C + r * ldC + nt * 8 + c;
+        float* c1 = C + (r + 8) * ldC + nt * 8 + c;
+        c0[0] = fmaf(c0[0], s0, acc[p][0]);
+        c0[1] = fmaf(c0[1], s0, acc[p][1]);
+        c1[0] = fmaf(c1[0], s1, acc[p][2]);
+        c1[1] = fmaf(c1[1], s1, acc[p][3]);
+      }
+    }
+  }
+}
+
+// Acc[BM][dp] = Acc * scale[row] + P[BM][BN] . K[BN][dp] on CUDA cores; columns in chunks of 64.
+template <typename TA, typename TS, int BM, int BN>
+__device__ __forceinline__ void tile_ab_simt(const TA* P, int ldP, const TS* K, int ldK, int dp, TA* C, int ldC,
+                                             const TA* scale) {
+  constexpr int RI = BM / 8, CJ = 4;
+  const int tx = threadIdx.x & 15, ty = threadIdx.x >> 4;
+  for (int c0 = 0; c0 < dp; c0 += 16 * CJ) {
+    TA acc[RI][CJ];
+#pragma unroll
+    for (int i = 0; i < RI; ++i)
+#pragma unroll
+      for (int j = 0; j < CJ; ++j) acc[i][j] = TA(0);
+    for (int k = 0; k < BN; ++k) {
+      TA p[RI], b[CJ];
+#pragma unroll
+      for (int i = 0; i < RI; ++i) p[i] = P[(ty + 8 * i) * ldP + k];
+#pragma unroll
+      for (int j = 0; j < CJ; ++j) {
+        const int col = c0 + tx + 16 * j;
+        b[j] = col < dp ? static_cast<TA>(K[k * ldK + col]) : TA(0);
+      }
+#pragma unroll
+      for (int i = 0; i < RI; ++i)
+#pragma unroll
+        for (int j = 0; j < CJ; ++j) acc[i][j] = fma(p[i], b[j], acc[i][j]);
+    }
+#pragma unroll
+    for (int i = 0; i < RI; ++i) {
+      const int row = ty + 8 * i;
+      const TA s = scale ? scale[row] : TA(1);
+#pragma unroll
+      for (int j = 0; j < CJ; ++j) {
+        const int col = c0 + tx + 16 * j;
+        if (col < dp) C[row * ldC + col] = fma(C[row * ldC + col], s, acc[i][j]);
+      }
+    }
+  }
+}
+
+}  // namespace cuda
+}  // namespace ck

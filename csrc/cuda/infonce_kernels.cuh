@@ -1,0 +1,420 @@
+// lse_stats on the GPU (see contrastive_kernels/reference.py, lse_stats): score tiles on tensor
+// cores (fp16/bf16) or CUDA cores (fp32/fp64), with the softmax statistics, the positives and
+// the gradient weights fused in while the tile is in shared memory. Pure CUDA (no torch).
+//
+// One kernel template serves every pass, in an "orientation": the block's rows are either the
+// queries (rows = q, columns = k) or, transposed, the keys (rows = k, columns = q). The logits
+// are symmetric in form, l = rs_r cs_c <f_r, f_c> + rb_r + cb_c, so the host passes the query
+// side's (a, c) or the key side's (b, d) as row / column terms; exclusions are always indexed by
+// the query and labels are symmetric. Passes:
+//   forward, queries as rows: per row and gamma the online (max, sum) of exp(gamma l) over the
+//     block's column split, the positives' (sum of l, count) and, in row-only mode, the key sums
+//     E_g += softmax_g . (b k) kept in shared memory and rescaled when the row maximum moves
+//     (flash-attention style), so that backward needs no second pass over the keys;
+//   forward, keys as rows (CLIP's column log-sum-exp): the same statistics with gamma = 1;
+//   backward, queries as rows: G_ij (reference.lse_stats) and g_key_i += sum_j G_ij b_j k_j,
+//     dc_i += sum_j G_ij; keys as rows: h_j += sum_i G_ij a_i q_i, dd_j += sum_i G_ij.
+// The columns are split over gridDim.y (more blocks than row tiles alone give); every block
+// writes its partial statistics and the host merges the splits (max / rescaled sums).
+//
+// Tiles: BM rows (64, 32 or 16, chosen by the host to fit shared memory) x 64 columns; 128
+// threads; each row's 64 columns are handled by 128/BM consecutive threads, which combine row
+// maxima and sums with warp shuffles.
+#pragma once
+
+#include "device_common.cuh"
+
+namespace ck {
+namespace cuda {
+
+constexpr int kLseBN = 64;
+
+template <typename TA>
+struct LseTileParams {
+  int64_t R = 0, C = 0, D = 0;
+  const void* rows_feat = nullptr;  // R x D, input dtype
+  const void* cols_feat = nullptr;  // C x D
+  const TA* rs = nullptr;  // R (null = 1)
+  const TA* cs = nullptr;  // C (null = 1)
+  const TA* rb = nullptr;  // R (null = 0)
+  const TA* cb = nullptr;  // C (null = 0)
+  bool key_rows = false;
+  const int64_t* exclude = nullptr;  // B x E, by query
+  int E = 0;
+  const int32_t* lab_r = nullptr;  // dense labels of the row side / column side
+  const int32_t* lab_c = nullptr;
+  const int64_t* bits_r = nullptr;  // bitset labels
+  const int64_t* bits_c = nullptr;
+  int Wb = 0;
+  int G = 1;
+  TA gamma[kMaxGammas] = {};
+  int64_t cols_per_split = 0;
+  // forward
+  int slots = 0;        // row-only key-sum slots (G, +1 for positives); 0 = statistics only
+  bool labels = false;  // positives' sum and count (forward)
+  TA* out_m = nullptr;    // [split][G][R]
+  TA* out_s = nullptr;    // [split][G][R]
+  TA* out_pos = nullptr;  // [split][2][R]
+  TA* out_acc = nullptr;  // [split][max(slots,1)][R][D]
+  // backward (query-side arrays indexed by the query, key-side by the key)
+  const TA* q_lse = nullptr;   // [G][B]
+  const TA* q_w = nullptr;     // [G][B]: dR * gamma
+  const TA* q_dpos = nullptr;  // [B] or null
+  const TA* k_lse = nullptr;   // [N] or null
+  const TA* k_dcol = nullptr;  // [N] or null
+  int64_t q_count = 0;         // B (the stride of q_lse / q_w)
+  TA* out_gsum = nullptr;      // [split][R]
+};
+
+// the compute types of an input type: staging (shared memory operands), accumulation, and the
+// operand type of the second product (P / G tiles)
+template <typename TI>
+struct LseTypes {
+  using TA = float;
+  using TS = float;
+  using TP = float;
+};
+template <>
+struct LseTypes<double> {
+  using TA = double;
+  using TS = double;
+  using TP = double;
+};
+template <>
+struct LseTypes<__half> {
+  using TA = float;
+  using TS = __half;
+  using TP = __half;
+};
+template <>
+struct LseTypes<__nv_bfloat16> {
+  using TA = float;
+  using TS = __nv_bfloat16;
+  using TP = __nv_bfloat16;
+};
+
+__host__ __device__ constexpr int64_t align16(int64_t x) { return (x + 15) / 16 * 16; }
+
+// Shared-memory carve-up, computed identically by host (size) and device (offsets).
+struct LseSmem {
+  int64_t q, k0, k1, st, p, c, resc, colv, total;
+  int ldF, ldS, ldP, ldC;
+};
+
+template <typename TI>
+__host__ __device__ inline LseSmem lse_smem(int BM, int dp, int nslots) {
+  using TS = typename LseTypes<TI>::TS;
+  using TA = typename LseTypes<TI>::TA;
+  using TP = typename LseTypes<TI>::TP;
+  LseSmem s{};
+  s.ldF = padded_stride<TS>(dp);
+  s.ldS = kLseBN + (sizeof(TA) == 8 ? 1 : 4);
+  s.ldP = padded_stride<TP>(kLseBN);
+  s.ldC = dp + (sizeof(TA) == 8 ? 1 : 4);
+  int64_t o = 0;
+  s.q = o;
+  o = align16(o + int64_t(BM) * s.ldF * sizeof(TS));
+  s.k0 = o;
+  o = align16(o + int64_t(kLseBN) * s.ldF * sizeof(TS));
+  s.k1 = o;
+  if (sizeof(TS) == 2) o = align16(o + int64_t(kLseBN) * s.ldF * sizeof(TS));  // double buffer (cp.async)
+  s.st = o;
+  o = align16(o + int64_t(BM) * s.ldS * sizeof(TA));
+  s.p = o;
+  o = align16(o + int64_t(nslots) * BM * s.ldP * sizeof(TP));
+  s.c = o;
+  o = align16(o + int64_t(nslots) * BM * s.ldC * sizeof(TA));
+  s.resc = o;
+  o = align16(o + int64_t(kMaxGammas) * BM * sizeof(TA));
+  s.colv = o;
+  o = align16(o + int64_t(8) * kLseBN * sizeof(TA));
+  s.total = o;
+  return s;
+}
+
+template <typename TA>
+__device__ __forceinline__ bool lse_excluded(const LseTileParams<TA>& p, int64_t qi, int64_t kj) {
+  const int64_t* ex = p.exclude + qi * p.E;
+  for (int e = 0; e < p.E; ++e)
+    if (ex[e] == kj) return true;
+  return false;
+}
+
+template <typename TA>
+__device__ __forceinline__ bool lse_share(const LseTileParams<TA>& p, int64_t gr, int64_t gc) {
+  if (p.lab_r != nullptr) return p.lab_r[gr] == p.lab_c[gc];
+  const int64_t* a = p.bits_r + gr * p.Wb;
+  const int64_t* b = p.bits_c + gc * p.Wb;
+  bool s = false;
+  for (int w = 0; w < p.Wb; ++w) s |= (a[w] & b[w]) != 0;
+  return s;
+}
+
+template <int TPR, typename T>
+__device__ __forceinline__ T group_max(T v) {
+#pragma unroll
+  for (int o = TPR / 2; o > 0; o >>= 1) {
+    const T other = __shfl_xor_sync(0xffffffffu, v, o);
+    v = other > v ? other : v;
+  }
+  return v;
+}
+
+template <int TPR, typename T>
+__device__ __forceinline__ T group_sum(T v) {
+#pragma unroll
+  for (int o = TPR / 2; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+template <typename TI, int BM, bool BWD>
+__global__ void __launch_bounds__(kThreads) lse_tile_kernel(LseTileParams<typename LseTypes<TI>::TA> p) {
+  using TA = typename LseTypes<TI>::TA;
+  using TS = typename LseTypes<TI>::TS;
+  using TP = typename LseTypes<TI>::TP;
+  constexpr int BN = kLseBN, TPR = kThreads / BM, CPT = BN / TPR;
+  constexpr bool TC = IsTensorCore<TI>::value;
+  extern __shared__ __align__(16) unsigned char smem[];
+
+  const int64_t r0 = int64_t(blockIdx.x) * BM;
+  const int64_t c_begin = int64_t(blockIdx.y) * p.cols_per_split;
+  const int64_t c_end = c_begin + p.cols_per_split < p.C ? c_begin + p.cols_per_split : p.C;
+  const int dp = static_cast<int>((p.D + 15) / 16 * 16);
+  const int nslots = BWD ? 1 : p.slots;
+  const LseSmem L = lse_smem<TI>(BM, dp, nslots > 0 ? nslots : 0);
+  TS* Qs = reinterpret_cast<TS*>(smem + L.q);
+  TS* Kbuf[2] = {reinterpret_cast<TS*>(smem + L.k0), reinterpret_cast<TS*>(smem + (TC ? L.k1 : L.k0))};
+  TA* St = reinterpret_cast<TA*>(smem + L.st);
+  TP* Ps = reinterpret_cast<TP*>(smem + L.p);
+  TA* Cs = reinterpret_cast<TA*>(smem + L.c);
+  TA* resc = reinterpret_cast<TA*>(smem + L.resc);
+  TA* colv = reinterpret_cast<TA*>(smem + L.colv);  // [8][BN] per-column terms of the tile
+
+  const TI* rows_feat = static_cast<const TI*>(p.rows_feat);
+  const TI* cols_feat = static_cast<const TI*>(p.cols_feat);
+  bool async_ok = false;
+  if constexpr (TC) async_ok = (p.D % 8 == 0) && ((reinterpret_cast<uintptr_t>(cols_feat) & 15) == 0);
+
+  stage_rows<TS, TI>(Qs, L.ldF, rows_feat, r0, p.R, p.D, BM, dp);
+  for (int e = threadIdx.x; e < nslots * BM * L.ldC; e += kThreads) Cs[e] = TA(0);
+
+  const int tid = threadIdx.x;
+  const int r = tid / TPR, sub = tid % TPR;
+  const int64_t gr = r0 + r;
+  const bool row_ok = gr < p.R;
+  const TA rs_r = (row_ok && p.rs) ? p.rs[gr] : TA(1);
+  const TA rb_r = (row_ok && p.rb) ? p.rb[gr] : TA(0);
+  const TA ninf = neg_inf<TA>();
+
+  // per-row state
+  TA m[kMaxGammas], s[kMaxGammas];
+  TA psum = 0, pcnt = 0, gsum = 0;
+  TA rq_lse[kMaxGammas], rq_w[kMaxGammas], rq_dpos = 0, rk_lse = 0, rk_dcol = 0;
+#pragma unroll
+  for (int g = 0; g < kMaxGammas; ++g) {
+    m[g] = ninf;
+    s[g] = 0;
+    rq_lse[g] = 0;
+    rq_w[g] = 0;
+  }
+  if (BWD && row_ok) {
+    if (!p.key_rows) {
+  #pragma unroll
+      for (int g = 0; g < kMaxGammas; ++g)
+        if (g < p.G) {
+          rq_lse[g] = p.q_lse[g * p.q_count + gr];
+          rq_w[g] = p.q_w[g * p.q_count + gr];
+        }
+      if (p.q_dpos) rq_dpos = p.q_dpos[gr];
+    } else if (p.k_lse) {
+      rk_lse = p.k_lse[gr];
+      rk_dcol = p.k_dcol[gr];
+    }
+  }
+
+  int buf = 0;
+  if constexpr (TC) {
+    if (async_ok && c_begin < c_end)
+      stage_rows_async<TS>(Kbuf[0], L.ldF, reinterpret_cast<const TS*>(cols_feat), c_begin, p.C, p.D, BN, dp);
+  }
+  for (int64_t c0 = c_begin; c0 < c_end; c0 += BN) {
+    TS* Ks = Kbuf[buf];
+    if constexpr (TC) {
+      if (async_ok) {
+        cp_async_wait_all();
+      } else {
+        stage_rows<TS, TI>(Ks, L.ldF, cols_feat, c0, p.C, p.D, BN, dp);
+      }
+    } else {
+      stage_rows<TS, TI>(Ks, L.ldF, cols_feat, c0, p.C, p.D, BN, dp);
+    }
+    // per-column terms of this tile
+    for (int cc = tid; cc < BN; cc += kThreads) {
+      const int64_t gc = c0 + cc;
+      const bool ok = gc < c_end;
+      colv[0 * BN + cc] = (ok && p.cs) ? p.cs[gc] : TA(1);
+      colv[1 * BN + cc] = (ok && p.cb) ? p.cb[gc] : TA(0);
+      if (BWD && ok) {
+        if (!p.key_rows) {
+          colv[2 * BN + cc] = p.k_lse ? p.k_lse[gc] : TA(0);
+          colv[3 * BN + cc] = p.k_lse ? p.k_dcol[gc] : TA(0);
+        } else {
+          for (int g = 0; g < p.G && g < 2; ++g) {
+            colv[(2 + 2 * g) * BN + cc] = p.q_lse[g * p.q_count + gc];
+            colv[(3 + 2 * g) * BN + cc] = p.q_w[g * p.q_count + gc];
+          }
+          colv[6 * BN + cc] = p.q_dpos ? p.q_dpos[gc] : TA(0);
+        }
+      }
+    }
+    __syncthreads();
+    if constexpr (TC) {
+      if (async_ok && c0 + BN < c_end)  // prefetch the next tile while this one is consumed
+        stage_rows_async<TS>(Kbuf[buf ^ 1], L.ldF, reinterpret_cast<const TS*>(cols_feat), c0 + BN, p.C, p.D, BN,
+                             dp);
+      tile_abt_mma<TS, BM, BN>(Qs, L.ldF, Ks, L.ldF, dp, St, L.ldS);
+    } else {
+      tile_abt_simt<TA, TS, BM, BN>(Qs, L.ldF, Ks, L.ldF, dp, St, L.ldS);
+    }
+    __syncthreads();
+
+    // ---- elementwise phase: row r, columns [sub*CPT, sub*CPT + CPT)
+    TA* Srow = St + r * L.ldS;
+    if (!BWD) {
+      TA tmax[kMaxGammas];
+#pragma unroll
+      for (int g = 0; g < kMaxGammas; ++g) tmax[g] = ninf;
+      for (int j = 0; j < CPT; ++j) {
+        const int cc = sub * CPT + j;
+        const int64_t gc = c0 + cc;
+        bool ok = row_ok && gc < c_end;
+        if (ok && p.E > 0) ok = !lse_excluded(p, p.key_rows ? gc : gr, p.key_rows ? gr : gc);
+        const TA l = Srow[cc] * (rs_r * colv[cc]) + (rb_r + colv[BN + cc]);
+        Srow[cc] = ok ? l : ninf;
+        if (ok) {
+#pragma unroll
+          for (int g = 0; g < kMaxGammas; ++g)
+            if (g < p.G) {
+              const TA z = p.gamma[g] * l;
+              tmax[g] = z > tmax[g] ? z : tmax[g];
+            }
+          if (p.labels && lse_share(p, gr, gc)) {
+            psum += l;
+            pcnt += TA(1);
+            if (p.slots > p.G) Ps[p.G * BM * L.ldP + r * L.ldP + cc] = from_acc<TP>(colv[cc]);
+          } else if (p.slots > p.G) {
+            Ps[p.G * BM * L.ldP + r * L.ldP + cc] = zero_of<TP>();
+          }
+        } else if (p.slots > p.G) {
+          Ps[p.G * BM * L.ldP + r * L.ldP + cc] = zero_of<TP>();
+        }
+      }
+#pragma unroll
+      for (int g = 0; g < kMaxGammas; ++g) {
+        if (g >= p.G) break;
+        const TA tm = group_max<TPR>(tmax[g]);
+        const TA nm = tm > m[g] ? tm : m[g];
+        const TA shift = nm == ninf ? TA(0) : nm;
+        const TA rescale = ck_exp(m[g] - shift);
+        s[g] *= rescale;
+        m[g] = nm;
+        if (g < p.slots && sub == 0) resc[g * BM + r] = rescale;
+        TA part = 0;
+        for (int j = 0; j < CPT; ++j) {
+          const int cc = sub * CPT + j;
+          const TA l = Srow[cc];
+          const TA e = l == ninf ? TA(0) : ck_exp(p.gamma[g] * l - shift);
+          part += e;
+          if (g < p.slots) Ps[g * BM * L.ldP + r * L.ldP + cc] = from_acc<TP>(e * colv[cc]);
+        }
+        s[g] += group_sum<TPR>(part);
+      }
+      if (p.slots > 0) {
+        if (p.slots > p.G && sub == 0) resc[p.G * BM + r] = TA(1);
+        __syncthreads();
+        for (int sl = 0; sl < p.slots; ++sl) {
+          if constexpr (TC) {
+            tile_ab_mma<TP, BM, BN>(Ps + sl * BM * L.ldP, L.ldP, Ks, L.ldF, dp, Cs + sl * BM * L.ldC, L.ldC,
+                                    resc + sl * BM);
+          } else {
+            tile_ab_simt<TA, TS, BM, BN>(Ps + sl * BM * L.ldP, L.ldP, Ks, L.ldF, dp, Cs + sl * BM * L.ldC, L.ldC,
+                                         resc + sl * BM);
+          }
+        }
+      }
+    } else {
+      TA part = 0;
+      for (int j = 0; j < CPT; ++j) {
+        const int cc = sub * CPT + j;
+        const int64_t gc = c0 + cc;
+        bool ok = row_ok && gc < c_end;
+        if (ok && p.E > 0) ok = !lse_excluded(p, p.key_rows ? gc : gr, p.key_rows ? gr : gc);
+        TA gv = 0;
+        if (ok) {
+          const TA l = Srow[cc] * (rs_r * colv[cc]) + (rb_r + colv[BN + cc]);
+          if (!p.key_rows) {
+#pragma unroll
+            for (int g = 0; g < kMaxGammas; ++g)
+              if (g < p.G && p.gamma[g] != TA(0)) gv += rq_w[g] * ck_exp(p.gamma[g] * l - rq_lse[g]);
+            if (p.k_lse) gv += colv[3 * BN + cc] * ck_exp(l - colv[2 * BN + cc]);
+            if (p.q_dpos && lse_share(p, gr, gc)) gv += rq_dpos;
+          } else {
+            for (int g = 0; g < p.G; ++g)
+              if (p.gamma[g] != TA(0)) {
+                const TA lse_q = g < 2 ? colv[(2 + 2 * g) * BN + cc] : p.q_lse[g * p.q_count + gc];
+                const TA w_q = g < 2 ? colv[(3 + 2 * g) * BN + cc] : p.q_w[g * p.q_count + gc];
+                gv += w_q * ck_exp(p.gamma[g] * l - lse_q);
+              }
+            if (p.k_lse) gv += rk_dcol * ck_exp(l - rk_lse);
+            if (p.q_dpos && lse_share(p, gr, gc)) gv += colv[6 * BN + cc];
+          }
+        }
+        part += gv;
+        Ps[r * L.ldP + cc] = from_acc<TP>(gv * colv[cc]);
+      }
+      gsum += group_sum<TPR>(part);
+      __syncthreads();
+      if constexpr (TC) {
+        tile_ab_mma<TP, BM, BN>(Ps, L.ldP, Ks, L.ldF, dp, Cs, L.ldC, nullptr);
+      } else {
+        tile_ab_simt<TA, TS, BM, BN>(Ps, L.ldP, Ks, L.ldF, dp, Cs, L.ldC, nullptr);
+      }
+    }
+    __syncthreads();
+    buf ^= 1;
+  }
+
+  // ---- partial results of this (row tile, column split)
+  __syncthreads();  // Cs complete (and zero-initialized by every thread, also for an empty split)
+  const int64_t split = blockIdx.y;
+  if (!BWD && p.labels) {  // per-thread partials: reduce over the row's threads (every thread takes part)
+    psum = group_sum<TPR>(psum);
+    pcnt = group_sum<TPR>(pcnt);
+  }
+  if (row_ok && sub == 0) {
+    if (!BWD) {
+#pragma unroll
+      for (int g = 0; g < kMaxGammas; ++g)
+        if (g < p.G) {
+          p.out_m[(split * p.G + g) * p.R + gr] = m[g];
+          p.out_s[(split * p.G + g) * p.R + gr] = s[g];
+        }
+      if (p.labels) {
+        p.out_pos[(split * 2 + 0) * p.R + gr] = psum;
+        p.out_pos[(split * 2 + 1) * p.R + gr] = pcnt;
+      }
+    } else {
+      p.out_gsum[split * p.R + gr] = gsum;
+    }
+  }
+  if (nslots > 0) {
+    for (int e = tid; e < nslots * BM * dp; e += kThreads) {
+      const int sl = e / (BM * dp), rem = e - sl * BM * dp, rr = rem / dp, d = rem - rr * dp;
+      const int64_t grr = r0 + rr;
+      if (grr < p.R && d < p.D) p.out_acc[((split * nslots + sl) * p.R + grr) * p.D + d] = Cs[sl * BM * L.ldC + rr * L.ldC + d];
+    }
+  }
+}
+
+}  // namespace cuda
+}  // namespace ck

@@ -1,0 +1,38 @@
+// Host launchers of the CUDA kernels, one explicit instantiation per input dtype in
+// kernels_{f16,bf16,f32,f64}.cu (so the heavy device code compiles in parallel, one file per
+// dtype, like flash-attention's per-configuration units). These units include no torch header:
+// `make cuda-check` compiles exactly them for sm_80 and sm_90a. The torch glue (infonce.cu,
+// topk.cu, mixing.cu) plans, allocates and calls these.
+#pragma once
+
+#include <cuda_runtime.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "infonce_kernels.cuh"
+#include "mixing_kernels.cuh"
+#include "topk_kernels.cuh"
+
+namespace ck {
+namespace cuda {
+
+enum MixKernel : int { kMixVectors = 0, kMixedDots = 1, kMixedDotsBwd = 2 };
+
+template <typename TI>
+size_t lse_smem_bytes(int bm, int dp, int nslots);
+// bm in {64, 32, 16}; grid = (ceil(R / bm), splits)
+template <typename TI>
+cudaError_t launch_lse(const LseTileParams<typename LseTypes<TI>::TA>& p, bool bwd, int bm, int64_t splits,
+                       size_t smem, cudaStream_t stream);
+
+template <typename TI>
+size_t topk_smem_bytes(int bm, int dp);
+// bm in {64, 32}; kp in {32, ..., 1024}
+template <typename TI>
+cudaError_t launch_topk(const TopkParams& p, int bm, int kp, int64_t splits, size_t smem, cudaStream_t stream);
+
+template <typename TI>
+cudaError_t launch_mix(const MixParams& p, int which, cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace ck

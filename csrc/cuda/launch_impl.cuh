@@ -1,0 +1,112 @@
+// Definitions of the launchers of launch.h, included by each kernels_<dtype>.cu with CK_TI set to
+// that unit's input type. Pure CUDA.
+#pragma once
+
+#include "launch.h"
+
+namespace ck {
+namespace cuda {
+
+template <typename K>
+inline cudaError_t allow_smem(K kernel, size_t bytes) {
+  if (bytes <= 48 * 1024) return cudaSuccess;
+  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+}
+
+template <typename TI>
+size_t lse_smem_bytes(int bm, int dp, int nslots) {
+  return static_cast<size_t>(lse_smem<TI>(bm, dp, nslots).total);
+}
+
+template <typename TI, int BM, bool BWD>
+cudaError_t launch_lse_cfg(const LseTileParams<typename LseTypes<TI>::TA>& p, int64_t splits, size_t smem,
+                           cudaStream_t stream) {
+  auto kernel = lse_tile_kernel<TI, BM, BWD>;
+  cudaError_t err = allow_smem(kernel, smem);
+  if (err != cudaSuccess) return err;
+  dim3 grid(static_cast<unsigned>((p.R + BM - 1) / BM), static_cast<unsigned>(splits));
+  kernel<<<grid, kThreads, smem, stream>>>(p);
+  return cudaGetLastError();
+}
+
+template <typename TI>
+cudaError_t launch_lse(const LseTileParams<typename LseTypes<TI>::TA>& p, bool bwd, int bm, int64_t splits,
+                       size_t smem, cudaStream_t stream) {
+  if (p.R == 0) return cudaSuccess;
+  if (bwd) {
+    if (bm == 64) return launch_lse_cfg<TI, 64, true>(p, splits, smem, stream);
+    if (bm == 32) return launch_lse_cfg<TI, 32, true>(p, splits, smem, stream);
+    return launch_lse_cfg<TI, 16, true>(p, splits, smem, stream);
+  }
+  if (bm == 64) return launch_lse_cfg<TI, 64, false>(p, splits, smem, stream);
+  if (bm == 32) return launch_lse_cfg<TI, 32, false>(p, splits, smem, stream);
+  return launch_lse_cfg<TI, 16, false>(p, splits, smem, stream);
+}
+
+template <typename TI>
+size_t topk_smem_bytes(int bm, int dp) {
+  return static_cast<size_t>(topk_smem<TI>(bm, dp).total);
+}
+
+template <typename TI, int BM, int KP>
+cudaError_t launch_topk_cfg(const TopkParams& p, int64_t splits, size_t smem, cudaStream_t stream) {
+  auto kernel = topk_tile_kernel<TI, BM, KP>;
+  cudaError_t err = allow_smem(kernel, smem);
+  if (err != cudaSuccess) return err;
+  dim3 grid(static_cast<unsigned>((p.M + BM - 1) / BM), static_cast<unsigned>(splits));
+  kernel<<<grid, kThreads, smem, stream>>>(p);
+  return cudaGetLastError();
+}
+
+template <typename TI, int BM>
+cudaError_t launch_topk_bm(const TopkParams& p, int kp, int64_t splits, size_t smem, cudaStream_t stream) {
+  switch (kp) {
+    case 32: return launch_topk_cfg<TI, BM, 32>(p, splits, smem, stream);
+    case 64: return launch_topk_cfg<TI, BM, 64>(p, splits, smem, stream);
+    case 128: return launch_topk_cfg<TI, BM, 128>(p, splits, smem, stream);
+    case 256: return launch_topk_cfg<TI, BM, 256>(p, splits, smem, stream);
+    case 512: return launch_topk_cfg<TI, BM, 512>(p, splits, smem, stream);
+    case 1024: return launch_topk_cfg<TI, BM, 1024>(p, splits, smem, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+template <typename TI>
+cudaError_t launch_topk(const TopkParams& p, int bm, int kp, int64_t splits, size_t smem, cudaStream_t stream) {
+  if (p.M == 0) return cudaSuccess;
+  if (bm == 64) return launch_topk_bm<TI, 64>(p, kp, splits, smem, stream);
+  if constexpr (!IsTensorCore<TI>::value) {  // only the fp32-staged inputs may need the smaller tile
+    if (bm == 32) return launch_topk_bm<TI, 32>(p, kp, splits, smem, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+template <typename TI>
+cudaError_t launch_mix(const MixParams& p, int which, cudaStream_t stream) {
+  using TA = typename LseTypes<TI>::TA;
+  if (p.B == 0) return cudaSuccess;
+  const size_t smem = static_cast<size_t>(p.D + 2 * kWarps) * sizeof(TA);
+  if (which == kMixVectors) {
+    mix_vectors_kernel<TI, TA><<<static_cast<unsigned>(p.B), kThreads, 0, stream>>>(p);
+  } else if (which == kMixedDots) {
+    cudaError_t err = allow_smem(mixed_dots_kernel<TI, TA>, smem);
+    if (err != cudaSuccess) return err;
+    mixed_dots_kernel<TI, TA><<<static_cast<unsigned>(p.B), kThreads, smem, stream>>>(p);
+  } else {
+    cudaError_t err = allow_smem(mixed_dots_bwd_kernel<TI, TA>, smem);
+    if (err != cudaSuccess) return err;
+    mixed_dots_bwd_kernel<TI, TA><<<static_cast<unsigned>(p.B), kThreads, smem, stream>>>(p);
+  }
+  return cudaGetLastError();
+}
+
+#define CK_INSTANTIATE_LAUNCHERS(TI)                                                                           \
+  template size_t lse_smem_bytes<TI>(int, int, int);                                                           \
+  template cudaError_t launch_lse<TI>(const LseTileParams<typename LseTypes<TI>::TA>&, bool, int, int64_t,     \
+                                      size_t, cudaStream_t);                                                   \
+  template size_t topk_smem_bytes<TI>(int, int);                                                               \
+  template cudaError_t launch_topk<TI>(const TopkParams&, int, int, int64_t, size_t, cudaStream_t);            \
+  template cudaError_t launch_mix<TI>(const MixParams&, int, cudaStream_t);
+
+}  // namespace cuda
+}  // namespace ck

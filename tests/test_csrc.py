@@ -1,0 +1,320 @@
+"""The compiled extension (csrc/) on the CPU: build information, the torch.library contract
+(opcheck, fake kernels for torch.compile, coexistence with Python-registered `triton_*` ops in the
+same namespace), every instruction-set variant of the kernels against reference.py, reduced
+precisions, threading, bad direct calls, and the messages when the extension is unavailable.
+
+The whole suite also runs with backend="cpu" through conftest.FUSED_BACKENDS."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import contrastive_kernels as ck
+from contrastive_kernels import _ext, functional, reference
+from contrastive_kernels._common import draw_mixing, pack_multi_hot
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+AVAILABLE = functional.backend_unavailable_reason("cpu", torch.device("cpu")) is None
+needs_ext = pytest.mark.skipif(not AVAILABLE, reason="the C++ extension is not built")
+
+
+def test_extension_builds_where_required():
+    """`make test` sets CK_REQUIRE_EXT=1 where a compiler exists: a broken build must fail CI rather
+    than silently drop backend="cpu" from the suite."""
+    if os.environ.get("CK_REQUIRE_EXT") == "1":
+        assert AVAILABLE, functional.backend_unavailable_reason("cpu", torch.device("cpu"))
+    if not AVAILABLE:
+        reason = functional.backend_unavailable_reason("cpu", torch.device("cpu"))
+        assert "chunked" in reason  # says what runs instead
+
+
+@needs_ext
+def test_build_info():
+    info = _ext.build_info()
+    assert info["available"] and info["compiler"] and info["cpu_isa"] in ("avx512", "avx2", "generic")
+    assert info["cpu_isa"] in info["cpu_isas_supported"].split(",")
+    assert "cuda" in info and "openmp" in info and "-O3" in info["cxx_flags"]
+
+
+def _isas():
+    if not AVAILABLE:
+        return ["generic"]
+    return _ext.build_info()["cpu_isas_supported"].split(",")
+
+
+@pytest.fixture
+def isa(request):
+    assert _ext.set_cpu_isa(request.param)
+    yield request.param
+    _ext.set_cpu_isa("auto")
+
+
+def _cpu():
+    return functional.resolve_backend("cpu", "loss", torch.device("cpu"))
+
+
+def _lse(fn, inputs, mask, **kw):
+    leaves = [t.detach().clone().requires_grad_(m) if t is not None else None for t, m in zip(inputs, mask)]
+    row, ps, pc, col = fn(*leaves, **kw)
+    g = torch.Generator().manual_seed(3)
+    total = sum((x * torch.rand(x.shape, generator=g, dtype=torch.float64).to(x.dtype)).sum()
+                for x in (row, ps, col) if x.numel())
+    needs = [t for t in leaves if t is not None and t.requires_grad]
+    grads = torch.autograd.grad(total, needs) if needs else []
+    return [x.detach().double() for x in (row, ps, pc, col, *grads)]
+
+
+def _inputs(b, n, d, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(b, d, dtype=torch.float64, generator=g), torch.randn(n, d, dtype=torch.float64, generator=g),
+            torch.rand(b, dtype=torch.float64, generator=g) + 0.5, torch.rand(n, dtype=torch.float64, generator=g) + 0.5,
+            torch.randn(b, dtype=torch.float64, generator=g), torch.randn(n, dtype=torch.float64, generator=g)]
+
+
+@needs_ext
+@pytest.mark.parametrize("isa", _isas(), indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("mode", ["row_only", "full", "labels_col"])
+def test_every_isa_matches_spec(isa, dtype, mode):
+    """Several column blocks, row groups and tails (b, n, d not multiples of any tile)."""
+    b, n, d = 45, 700, 37
+    inputs = _inputs(b, n, d)
+    kw = dict(gammas=(1.0,))
+    mask = [True, False, True, False, True, False]
+    if mode != "row_only":
+        mask = [True] * 6
+        kw = dict(gammas=(1.3, 0.2), exclude=torch.stack([torch.arange(b) % n, (torch.arange(b) * 5) % n], 1))
+    if mode == "labels_col":
+        kw.update(q_labels=torch.arange(b) % 4, k_labels=torch.arange(n) % 5, want_col_lse=True)
+    want = _lse(reference.lse_stats, inputs, mask, **kw)
+    low = [t.to(dtype) for t in inputs]
+    got = _lse(_cpu().lse_stats, low, mask, **kw)
+    tol = dict(rtol=1e-9, atol=1e-9) if dtype == torch.float64 else dict(rtol=2e-4, atol=2e-4)
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert g.shape == w.shape and torch.allclose(g, w, **tol), (isa, i, (g - w).abs().max())
+
+
+@needs_ext
+@pytest.mark.parametrize("isa", _isas(), indirect=True)
+@pytest.mark.parametrize("similarity", ["dot", "cosine", "l2"])
+def test_every_isa_topk(isa, similarity):
+    q, bank = torch.randn(37, 19), torch.randn(3001, 19)
+    ex = torch.randint(-1, 3001, (37, 2))
+    ql, bl = torch.randint(0, 5, (37,)), torch.randint(0, 5, (3001,))
+    got = _cpu().topk(q, bank, 40, similarity=similarity, exclude_index=ex, query_labels=ql, bank_labels=bl)
+    scores = reference.similarity_matrix(q, bank, similarity)
+    scores[torch.arange(37)[:, None].expand(37, 2)[ex >= 0], ex[ex >= 0]] = -float("inf")
+    scores = scores.masked_fill(ql[:, None] == bl[None, :], -float("inf"))
+    want = torch.sort(scores + 0.0, dim=1, descending=True, stable=True)
+    assert torch.allclose(got[0], want.values[:, :40], rtol=1e-5, atol=1e-5)
+    assert (got[1] == want.indices[:, :40]).float().mean() > 0.99
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_half_inputs_are_upcast_per_tile(dtype):
+    inputs = _inputs(30, 500, 24, seed=1)
+    low = [t.to(dtype) if i < 2 else t.float() for i, t in enumerate(inputs)]
+    mask = [True, True, True, True, True, True]
+    kw = dict(gammas=(1.0,), want_col_lse=True)
+    got = _lse(_cpu().lse_stats, low, mask, **kw)
+    # the same computation on the upcast inputs (fp32) is what the kernels do
+    want = _lse(reference.lse_stats, [t.float() for t in low], mask, **kw)
+    eps = torch.finfo(dtype).eps
+    for i, (g, w) in enumerate(zip(got, want)):
+        tol = 1e-4 if i < 4 or i in (6, 8, 9) else 2 * eps  # gradients of q and k come back rounded to dtype
+        assert torch.allclose(g, w, rtol=tol, atol=tol), (i, (g - w).abs().max())
+    v, i = _cpu().topk(low[0], low[1], 7, similarity="cosine", exclude_index=None, query_labels=None, bank_labels=None)
+    rv, ri = reference.topk_similarity(low[0], low[1], 7, similarity="cosine")
+    assert torch.allclose(v.to(dtype).float(), rv.float(), rtol=1e-5, atol=1e-5) and (i == ri).float().mean() > 0.98
+
+
+@needs_ext
+def test_thread_counts_agree():
+    inputs = _inputs(64, 3000, 32, seed=2)
+    mask = [True] * 6
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = _lse(_cpu().lse_stats, inputs, mask, gammas=(1.0,), want_col_lse=True)
+        t1 = _cpu().topk(inputs[0], inputs[1], 50, similarity="dot", exclude_index=None, query_labels=None,
+                         bank_labels=None)
+        torch.set_num_threads(2)
+        two = _lse(_cpu().lse_stats, inputs, mask, gammas=(1.0,), want_col_lse=True)
+        t2 = _cpu().topk(inputs[0], inputs[1], 50, similarity="dot", exclude_index=None, query_labels=None,
+                         bank_labels=None)
+    finally:
+        torch.set_num_threads(old)
+    for a, b in zip(one, two):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
+    assert torch.equal(t1[1], t2[1])
+
+
+@needs_ext
+def test_opcheck_cpu_ops():
+    ops = torch.ops.contrastive_kernels
+    q = torch.randn(20, 16, requires_grad=True)
+    k = torch.randn(70, 16)
+    a = torch.rand(20) + 0.5
+    b, c, d = torch.rand(70) + 0.5, torch.randn(20), torch.randn(70)
+    ex = torch.randint(-1, 70, (20, 2))
+    ql, kl = torch.arange(20) % 3, torch.arange(70) % 4
+    torch.library.opcheck(ops.lse_fwd, (q, k, a, None, None, None, [1.0], None, None, None, False, True))
+    torch.library.opcheck(ops.lse_fwd, (q, k, a, b, c, d, [1.5, 0.5], ex, ql, kl, False, True))
+    kk, bb, dd = k.clone().requires_grad_(), b.clone().requires_grad_(), d.clone().requires_grad_()
+    torch.library.opcheck(ops.lse_fwd, (q, kk, a, bb, c, dd, [1.0], ex, ql, kl, True, False))
+    bits = pack_multi_hot((torch.rand(20, 5) < 0.4).long()), pack_multi_hot((torch.rand(70, 5) < 0.4).long())
+    torch.library.opcheck(ops.lse_fwd, (q, kk, a, None, None, None, [2.0, 1.0], None, *bits, False, False))
+    row = torch.randn(1, 20)
+    torch.library.opcheck(ops.lse_bwd, (q.detach(), k, a, b, c, d, [1.0], ex, ql, kl, row, torch.randn(70),
+                                        torch.randn(1, 20), torch.randn(20), torch.randn(70), True, True, True, True))
+    torch.library.opcheck(ops.topk, (q.detach(), k, 5, "cosine", ex, ql, kl))
+    torch.library.opcheck(ops.topk, (q.detach().double(), k.double(), 3, "l2", None, None, None))
+    hard = torch.randint(0, 70, (20, 6))
+    dr = draw_mixing(20, 6, 4, 2, torch.Generator().manual_seed(0), torch.device("cpu"))
+    args = (hard, dr.pair_index, dr.alpha, dr.query_index, dr.query_weight)
+    torch.library.opcheck(ops.mix, (q.detach(), k, *args))
+    torch.library.opcheck(ops.mixed_dots, (q, q.detach(), k, *args))
+    torch.library.opcheck(ops.mixed_dots_bwd, (torch.randn(20, 6), q.detach(), k, *args))
+
+
+@needs_ext
+def test_torch_compile_traces_the_ops():
+    """The fake kernels let torch.compile trace losses on backend="cpu" in one graph."""
+    q = torch.randn(16, 8, requires_grad=True)
+    p, queue = torch.randn(16, 8), torch.randn(100, 8)
+
+    def f(q, p, queue):
+        return (ck.info_nce(q, p, queue, backend="cpu")
+                + ck.clip_loss(q, p, 10.0, similarity="cosine", backend="cpu")
+                + ck.topk_similarity(q.detach(), queue, 3, backend="cpu").values.sum() * 0)
+
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    got = compiled(q, p, queue)
+    got.backward()
+    want = f(q.detach().requires_grad_(), p, queue)
+    assert torch.allclose(got, want, rtol=1e-5) and q.grad is not None
+
+
+@needs_ext
+@pytest.mark.parametrize("call,message", [
+    (lambda o: o.lse_fwd(torch.randn(3, 4), torch.randn(5, 3), torch.ones(3), None, None, None, [1.0], None, None,
+                         None, False, False), "same feature dimension"),
+    (lambda o: o.lse_fwd(torch.randn(3, 4), torch.randn(5, 4).double(), torch.ones(3), None, None, None, [1.0],
+                         None, None, None, False, False), "one dtype"),
+    (lambda o: o.lse_fwd(torch.randn(3, 4), torch.randn(5, 4), torch.ones(2), None, None, None, [1.0], None, None,
+                         None, False, False), "row_scale"),
+    (lambda o: o.lse_fwd(torch.randn(3, 4), torch.randn(5, 4), torch.ones(3), None, None, None, [], None, None,
+                         None, False, False), "gammas"),
+    (lambda o: o.lse_fwd(torch.randn(3, 4), torch.randn(5, 4), torch.ones(3), None, None, None, [1.0],
+                         torch.zeros(3, 1, dtype=torch.int32), None, None, False, False), "int64"),
+    (lambda o: o.lse_fwd(torch.randn(3, 4), torch.randn(5, 4), torch.ones(3), None, None, None, [1.0], None,
+                         torch.zeros(3, dtype=torch.long), None, False, False), "together"),
+    (lambda o: o.lse_fwd(torch.randint(0, 3, (3, 4)), torch.randn(5, 4), torch.ones(3), None, None, None, [1.0],
+                         None, None, None, False, False), "float16, bfloat16"),
+    (lambda o: o.topk(torch.randn(3, 4), torch.randn(5, 4), 6, "dot", None, None, None), "k must be in"),
+    (lambda o: o.topk(torch.randn(3, 4), torch.randn(5, 4), 2, "manhattan", None, None, None), "similarity"),
+    (lambda o: o.mix(torch.randn(3, 4), torch.randn(5, 4), torch.full((3, 2), 9), torch.zeros(3, 1, 2, dtype=torch.long),
+                     torch.rand(3, 1), torch.zeros(3, 0, dtype=torch.long), torch.rand(3, 0)), "hard_index"),
+])
+def test_bad_direct_calls_raise(call, message):
+    with pytest.raises(RuntimeError, match=message):
+        call(torch.ops.contrastive_kernels)
+
+
+def _run(code, **env):
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, **env}, timeout=300)
+
+
+FRAGMENT_OP = """\
+import torch
+@torch.library.custom_op("contrastive_kernels::triton_probe", mutates_args=())
+def probe(x: torch.Tensor) -> torch.Tensor:
+    return x * 2
+"""
+
+
+@needs_ext
+@pytest.mark.parametrize("order", ["fragment_first", "extension_first"])
+def test_coexists_with_python_ops_in_the_namespace(order):
+    """The Triton backend registers `contrastive_kernels::triton_*` ops from Python; the C++
+    TORCH_LIBRARY must load before or after them."""
+    load = "from contrastive_kernels import _ext; assert _ext.load() is not None, _ext.unavailable_reason()\n"
+    code = (FRAGMENT_OP + load) if order == "fragment_first" else ("import torch\n" + load + FRAGMENT_OP)
+    code += textwrap.dedent("""
+    ops = torch.ops.contrastive_kernels
+    assert ops.triton_probe(torch.ones(2)).tolist() == [2.0, 2.0]
+    v, i = ops.topk(torch.eye(3), torch.eye(3), 1, "dot", None, None, None)
+    assert i[:, 0].tolist() == [0, 1, 2]
+    print("ok")
+    """)
+    proc = _run(code)
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-2000:]
+
+
+@needs_ext
+@pytest.mark.parametrize("order", ["triton_ops_first", "extension_first"])
+def test_coexists_with_the_triton_ops_module(order):
+    """The real Triton custom ops (contrastive_kernels/ops.py) and the C++ library, in either order."""
+    first, second = ("import contrastive_kernels.ops as tops", "from contrastive_kernels import _ext; _ext.load()")
+    if order == "extension_first":
+        first, second = second, first
+    code = f"""
+    import torch
+    {first}
+    {second}
+    import contrastive_kernels.ops as tops
+    from contrastive_kernels import _ext
+    assert _ext.unavailable_reason() is None, _ext.unavailable_reason()
+    ops = torch.ops.contrastive_kernels
+    assert all(hasattr(ops, n) for n in ("lse_fwd", "lse_bwd", "topk", "mix", "mixed_dots", "mixed_dots_bwd"))
+    if tops.TRITON_OPS_AVAILABLE:
+        assert hasattr(torch.ops.contrastive_kernels, "triton_lse_fwd")
+    v, i = torch.ops.contrastive_kernels.topk(torch.eye(3), torch.eye(3), 1, "dot", None, None, None)
+    assert i[:, 0].tolist() == [0, 1, 2]
+    print("ok", tops.TRITON_OPS_AVAILABLE)
+    """
+    proc = _run(code, TRITON_INTERPRET="1")
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-2000:]
+
+
+def test_unavailable_extension_is_explained_and_auto_falls_back():
+    """Without the compiled module and with JIT off: available() says why and what runs instead."""
+    code = """
+    import sys, importlib.abc
+    class Block(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path, target=None):
+            if name == "contrastive_kernels._C":
+                raise ImportError("blocked for the test")
+    sys.meta_path.insert(0, Block())
+    import torch, contrastive_kernels as ck
+    from contrastive_kernels import functional
+    why = ck.available_backends("cpu")["cpu"]
+    assert why and "not built" in why and "CK_JIT=0" in why and "chunked" in why, why
+    assert functional.resolve_backend("auto", "loss", torch.device("cpu")).NAME == "chunked"
+    try:
+        ck.info_nce(torch.randn(4, 3), torch.randn(4, 3), backend="cpu")
+    except ck.BackendUnavailableError as e:
+        print("raised:", e)
+    """
+    proc = _run(code, CK_JIT="0")
+    assert proc.returncode == 0 and "raised:" in proc.stdout, proc.stderr[-2000:]
+
+
+@needs_ext
+@pytest.mark.slow
+def test_cpu_extra_memory_at_the_qk_shape():
+    """backend="cpu" at B=256, K=2^20, D=128 (fp32, forward + backward): at most 5% of eager's extra
+    peak memory (each measured in its own process, as the benchmark does)."""
+    from contrastive_kernels.bench.cases import case
+    from contrastive_kernels.bench.measure import measure_isolated
+
+    qk = case("info_nce_bank", B=256, K=2**20, D=128, label="qk")
+    eager = measure_isolated(qk, "reference", "cpu", repeats=0, timeout=600)
+    fused = measure_isolated(qk, "cpu", "cpu", repeats=0, timeout=600)
+    assert "error" not in eager and "error" not in fused, (eager, fused)
+    assert fused["peak_extra_bytes"] <= 0.05 * eager["peak_extra_bytes"]

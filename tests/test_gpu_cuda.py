@@ -1,0 +1,354 @@
+"""backend="cuda" (the compiled CUDA kernels of csrc/cuda) against reference.py on a GPU: every
+op of the family (lse_stats with every mask/label/gamma/column combination and all input
+gradients, top-k, mixing), every loss through the public API at fp64/fp32/bf16/fp16, opcheck and
+torch.compile. Run with `make test-gpu` (skipped without CUDA)."""
+import math
+
+import pytest
+import torch
+
+import contrastive_kernels as ck
+from contrastive_kernels import chunked, functional, reference
+from contrastive_kernels._common import draw_mixing, pack_multi_hot
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+DEV = "cuda"
+
+
+def _why():
+    return functional.backend_unavailable_reason("cuda", torch.device(DEV))
+
+
+def test_cuda_backend_is_available():
+    """On a GPU machine the extension must have been built with CUDA (python setup.py build_ext)."""
+    assert _why() is None, _why()
+    from contrastive_kernels import _ext
+
+    assert _ext.build_info()["cuda"] != "not built"
+
+
+needs_cuda_backend = pytest.mark.skipif(torch.cuda.is_available() and _why() is not None,
+                                        reason="the cuda backend is unavailable (see test_cuda_backend_is_available)")
+
+
+def _ops():
+    return functional.resolve_backend("cuda", "loss", torch.device(DEV))
+
+
+# --------------------------------------------------------------------------------------------
+# lse_stats, op level (fp64: the kernels' logic exactly; lower precisions: tolerances)
+# --------------------------------------------------------------------------------------------
+
+def _lse_inputs(b, n, d, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, d, dtype=torch.float64, generator=g)
+    k = torch.randn(n, d, dtype=torch.float64, generator=g)
+    a = torch.rand(b, dtype=torch.float64, generator=g) + 0.5
+    bb = torch.rand(n, dtype=torch.float64, generator=g) + 0.5
+    c = torch.randn(b, dtype=torch.float64, generator=g)
+    dd = torch.randn(n, dtype=torch.float64, generator=g)
+    return [q.to(dtype), k.to(dtype), a, bb, c, dd]
+
+
+def _lse_case(fn, inputs, grad_mask, device, **kw):
+    leaves = [t.detach().clone().to(device).requires_grad_(m) if t is not None else None
+              for t, m in zip(inputs, grad_mask)]
+    kw = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in kw.items()}
+    row, ps, pc, col = fn(*leaves, **kw)
+    gen = torch.Generator().manual_seed(5)
+    wr = torch.rand(row.shape, generator=gen, dtype=torch.float64).to(device, row.dtype)
+    wp = torch.rand(ps.shape, generator=gen, dtype=torch.float64).to(device, ps.dtype)
+    total = (row * wr).sum() + (ps * wp).sum()
+    if col.numel():
+        wc = torch.rand(col.shape, generator=gen, dtype=torch.float64).to(device, col.dtype)
+        total = total + (col * wc).sum()
+    needs = [t for t in leaves if t is not None and t.requires_grad]
+    grads = torch.autograd.grad(total, needs) if needs else []
+    return [x.detach().double().cpu() for x in (row, ps, pc, col, *grads)]
+
+
+LABELS = {
+    "none": lambda b, n: (None, None),
+    "eq": lambda b, n: (torch.arange(b) % 3, torch.arange(n) % 4),
+    "bits": lambda b, n: (pack_multi_hot((torch.rand(b, 70) < 0.1).long()),
+                          pack_multi_hot((torch.rand(n, 70) < 0.1).long())),
+}
+
+
+@needs_cuda_backend
+@pytest.mark.parametrize("labels", list(LABELS))
+@pytest.mark.parametrize("exclude", ["none", "one", "two"])
+@pytest.mark.parametrize("gammas", [(1.0,), (1.5, 0.0), (2.0, 1.0)])
+@pytest.mark.parametrize("col_lse", [False, True])
+@pytest.mark.parametrize("grad_side", ["rows", "both"])
+@pytest.mark.parametrize("shape", [(9, 23, 5), (70, 130, 33)])
+def test_lse_stats_fp64_matches_spec(labels, exclude, gammas, col_lse, grad_side, shape):
+    b, n, d = shape
+    torch.manual_seed(0)
+    inputs = _lse_inputs(b, n, d)
+    excl = {"none": None, "one": torch.arange(b)[:, None] % n,
+            "two": torch.stack([torch.arange(b) % n, (torch.arange(b) * 7 + 3) % n], 1)}[exclude]
+    if excl is not None:
+        excl[0] = -1
+    ql, kl = LABELS[labels](b, n)
+    mask = [True, grad_side == "both", True, grad_side == "both", True, grad_side == "both"]
+    kw = dict(gammas=gammas, exclude=excl, q_labels=ql, k_labels=kl, want_col_lse=col_lse)
+    want = _lse_case(reference.lse_stats, inputs, mask, "cpu", **kw)
+    got = _lse_case(_ops().lse_stats, inputs, mask, DEV, **kw)
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert g.shape == w.shape, i
+        assert torch.allclose(g, w, rtol=1e-9, atol=1e-10), (i, (g - w).abs().max())
+
+
+@needs_cuda_backend
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("d", [64, 128, 40, 256])
+@pytest.mark.parametrize("row_only", [True, False])
+def test_lse_stats_low_precision(dtype, d, row_only):
+    """Against the fp64 reference: error at most twice the eager run at the same dtype + floor."""
+    b, n = 300, 5000
+    inputs = _lse_inputs(b, n, d, dtype=torch.float64, seed=d)
+    inputs[0] = torch.nn.functional.normalize(inputs[0], dim=1)
+    inputs[1] = torch.nn.functional.normalize(inputs[1], dim=1)
+    inputs[2] = inputs[2] * 10  # logit scale ~ 1/T
+    mask = [True, not row_only, True, not row_only, True, not row_only]
+    kw = dict(gammas=(1.0,), want_col_lse=not row_only)
+    truth = _lse_case(reference.lse_stats, inputs, mask, "cpu", **kw)
+    low = [t.to(dtype) if i < 2 else t.float() for i, t in enumerate(inputs)]
+    eager = _lse_case(reference.lse_stats, low, mask, DEV, **kw)
+    got = _lse_case(_ops().lse_stats, low, mask, DEV, **kw)
+    for i, (g, e, t) in enumerate(zip(got, eager, truth)):
+        if t.numel() == 0:
+            continue
+        err, err_ref = (g - t).abs().max().item(), (e - t).abs().max().item()
+        scale = 1.0 + t.abs().max().item()
+        assert err <= 2 * err_ref + 1e-5 * scale, (i, err, err_ref)
+
+
+@needs_cuda_backend
+def test_lse_stats_empty_and_excluded_rows():
+    q = torch.randn(3, 8, dtype=torch.float64, device=DEV, requires_grad=True)
+    k = torch.randn(1, 8, dtype=torch.float64, device=DEV)
+    a = torch.ones(3, dtype=torch.float64, device=DEV)
+    row, *_ = _ops().lse_stats(q, k, a, exclude=torch.tensor([[0], [-1], [-1]], device=DEV))
+    assert row[0, 0] == -math.inf and torch.isfinite(row[0, 1:]).all()
+    grad, = torch.autograd.grad(row[0, 1:].sum(), q)
+    assert torch.isfinite(grad).all() and (grad[0] == 0).all()
+    row, ps, pc, col = _ops().lse_stats(q, k[:0], a, want_col_lse=True)
+    assert (row == -math.inf).all() and col.numel() == 0
+
+
+# --------------------------------------------------------------------------------------------
+# losses through the public API
+# --------------------------------------------------------------------------------------------
+
+def _check_loss(fn, tensors, grads, dtype, floor=1e-5):
+    """_helpers.check_backend with the tensors moved to the GPU inside fn."""
+    from _helpers import check_backend
+
+    def on_gpu(backend, **t):
+        return fn(backend=backend, **{k: v.to(DEV) for k, v in t.items()})
+
+    check_backend(on_gpu, tensors, grads, "cuda", dtype, floor=floor)
+
+
+def _features(n, d, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.nn.functional.normalize(torch.randn(n, d, dtype=torch.float64, generator=g), dim=1)
+    return x * (1 + 0.3 * torch.rand(n, 1, dtype=torch.float64, generator=g))
+
+
+@needs_cuda_backend
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("similarity", ["dot", "cosine", "l2"])
+@pytest.mark.parametrize("mode", ["in_batch", "queue", "queue_grad", "queue+in_batch"])
+@pytest.mark.parametrize("estimator", [(0.0, 0.0), (0.1, 0.5)])
+def test_info_nce(dtype, similarity, mode, estimator):
+    b, k, d = 37, 300, 24
+    tensors = {"q": _features(b, d, 1), "p": _features(b, d, 2), "temperature": torch.tensor(0.3, dtype=torch.float64)}
+    grads = ["q", "p", "temperature"]
+    if mode != "in_batch":
+        tensors["queue"] = _features(k, d, 3)
+        if mode == "queue_grad":
+            grads.append("queue")
+    in_batch = {"in_batch": None, "queue": None, "queue_grad": False, "queue+in_batch": True}[mode]
+
+    def fn(backend, q, p, temperature, queue=None):
+        return ck.info_nce(q, p, queue, temperature=temperature, similarity=similarity,
+                           in_batch_negatives=in_batch, tau_plus=estimator[0], beta=estimator[1],
+                           backend=backend)
+
+    _check_loss(fn, tensors, grads, dtype)
+
+
+@needs_cuda_backend
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_clip_sup_con_nt_xent_multi_positive(dtype):
+    x, y = _features(50, 16, 4), _features(50, 16, 5)
+    _check_loss(lambda backend, x, y, s: ck.clip_loss(x, y, s, backend=backend),
+                {"x": x, "y": y, "s": torch.tensor(7.0, dtype=torch.float64)}, ["x", "y", "s"], dtype)
+    labels = torch.arange(50) % 7
+    _check_loss(lambda backend, x: ck.sup_con(x, labels.to(DEV), backend=backend), {"x": x}, ["x"], dtype)
+    multi = (torch.rand(50, 10, generator=torch.Generator().manual_seed(1)) < 0.3).long()
+    _check_loss(lambda backend, x: ck.sup_con(x, multi.to(DEV), backend=backend), {"x": x}, ["x"], dtype)
+    _check_loss(lambda backend, x, y: ck.nt_xent(x, y, backend=backend, tau_plus=0.1),
+                {"x": x, "y": y}, ["x", "y"], dtype)
+    pidx = torch.randint(-1, 50, (50, 3), generator=torch.Generator().manual_seed(2))
+    _check_loss(lambda backend, x, y, z: ck.multi_positive_info_nce(x, y, pidx.to(DEV), z, backend=backend),
+                {"x": x, "y": y, "z": _features(80, 16, 6)}, ["x", "y"], dtype)
+
+
+@needs_cuda_backend
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_low_precision_losses_stay_finite_and_close(dtype):
+    """T = 0.01 and logit scale 100 in bf16/fp16: finite, and within the eager error budget."""
+    q, p, queue = _features(256, 128, 7), _features(256, 128, 8), _features(8192, 128, 9)
+    _check_loss(lambda backend, q, p, queue: ck.info_nce(q, p, queue, temperature=0.01, backend=backend),
+                {"q": q, "p": p, "queue": queue}, ["q"], dtype, floor=1e-3)
+    _check_loss(lambda backend, x, y: ck.clip_loss(x, y, 100.0, backend=backend),
+                {"x": q, "y": p}, ["x", "y"], dtype, floor=1e-3)
+
+
+@needs_cuda_backend
+def test_bank_mode_large_matches_chunked():
+    torch.manual_seed(0)
+    q = torch.nn.functional.normalize(torch.randn(512, 128, device=DEV), dim=1).bfloat16().requires_grad_()
+    k = torch.nn.functional.normalize(torch.randn(512, 128, device=DEV), dim=1).bfloat16()
+    queue = torch.nn.functional.normalize(torch.randn(2**18, 128, device=DEV), dim=1).bfloat16()
+    out = {}
+    for be in ("cuda", "chunked"):
+        q.grad = None
+        loss = ck.info_nce(q, k, queue, temperature=0.07, backend=be)
+        loss.backward()
+        out[be] = (loss.detach().float(), q.grad.float().clone())
+    assert torch.allclose(out["cuda"][0], out["chunked"][0], rtol=2e-3, atol=2e-3)
+    assert torch.allclose(out["cuda"][1], out["chunked"][1], rtol=3e-2, atol=3e-4)
+
+
+# --------------------------------------------------------------------------------------------
+# top-k
+# --------------------------------------------------------------------------------------------
+
+@needs_cuda_backend
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("similarity", ["dot", "cosine", "l2"])
+@pytest.mark.parametrize("m,n,k", [(1, 1, 1), (5, 300, 7), (17, 1000, 1000), (70, 5000, 64), (130, 70000, 256),
+                                   (33, 20000, 1024), (64, 4000, 33)])
+def test_topk_matches_spec(dtype, similarity, m, n, k):
+    g = torch.Generator().manual_seed(m * n + k)
+    q, bank = torch.randn(m, 40, generator=g).to(dtype), torch.randn(n, 40, generator=g).to(dtype)
+    want_v, want_i = reference.topk_similarity(q, bank, k, similarity=similarity)
+    got_v, got_i = _ops().topk(q.to(DEV), bank.to(DEV), k, similarity=similarity, exclude_index=None,
+                               query_labels=None, bank_labels=None)
+    got_v, got_i = got_v.cpu(), got_i.cpu()
+    assert got_i.dtype == torch.int64 and got_i.shape == (m, k)
+    assert torch.allclose(got_v.to(want_v.dtype).float(), want_v.float(), rtol=1e-5, atol=1e-4)
+    scores = reference.similarity_matrix(q.float(), bank.float(), similarity)
+    assert torch.allclose(scores.gather(1, got_i), got_v.float(), rtol=1e-5, atol=1e-4)
+    assert (got_i == want_i).float().mean() > 0.98
+
+
+@needs_cuda_backend
+def test_topk_ties_exclusions_labels_and_host_bank():
+    bank = torch.tensor([[1.0], [2.0], [2.0], [0.0], [2.0], [-0.0], [0.0]], device=DEV)
+    q = torch.tensor([[1.0], [-1.0], [0.0]], device=DEV)
+    _, idx = _ops().topk(q, bank, 7, similarity="dot", exclude_index=None, query_labels=None, bank_labels=None)
+    assert idx[0].tolist() == [1, 2, 4, 0, 3, 5, 6]
+    assert idx[1].tolist() == [3, 5, 6, 0, 1, 2, 4]
+    assert idx[2].tolist() == list(range(7))
+    # many exact ties across column splits: a bank of 100k identical rows
+    same = torch.ones(100_000, 8, device=DEV)
+    _, idx = _ops().topk(torch.ones(3, 8, device=DEV), same, 50, similarity="dot", exclude_index=None,
+                         query_labels=None, bank_labels=None)
+    assert idx.tolist() == [list(range(50))] * 3
+    qq, bb = torch.randn(6, 4), torch.randn(4000, 4)
+    ex = torch.tensor([[0, 5], [1, -1], [-1, -1], [3999, 3998], [7, 7], [2, 3]])
+    ql, bl = torch.tensor([0, 1, 2, 0, 1, 2]), torch.arange(4000) % 3
+    got = _ops().topk(qq.to(DEV), bb.to(DEV), 10, similarity="dot", exclude_index=ex.to(DEV),
+                      query_labels=ql.to(DEV), bank_labels=bl.to(DEV))[1].cpu()
+    scores = qq @ bb.T
+    for i in range(6):
+        allowed = [j for j in range(4000) if j not in ex[i].tolist() and bl[j] != ql[i]]
+        assert got[i].tolist() == sorted(allowed, key=lambda j: (-float(scores[i, j]), j))[:10]
+    # a host bank streamed to the GPU equals a device bank; k > 1024 runs too
+    hq, hb = torch.randn(9, 32), torch.randn(30000, 32)
+    a = ck.topk_similarity(hq.to(DEV), hb, 1500, similarity="cosine", backend="cuda")
+    b = reference.topk_similarity(hq, hb, 1500, similarity="cosine")
+    assert (a.indices.cpu() == b.indices).float().mean() > 0.99
+
+
+# --------------------------------------------------------------------------------------------
+# mixing
+# --------------------------------------------------------------------------------------------
+
+@needs_cuda_backend
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_mix_and_mixed_dots(dtype):
+    q, neg = torch.randn(50, 96, dtype=dtype), torch.randn(300, 96, dtype=dtype)
+    hard = torch.randint(0, 300, (50, 16))
+    draws = draw_mixing(50, 16, 12, 5, torch.Generator().manual_seed(1), torch.device("cpu"))
+    dd = type(draws)(*(t.to(DEV) for t in (draws.pair_index, draws.alpha, draws.query_index, draws.query_weight)))
+    got = _ops().mix(q.to(DEV), neg.to(DEV), hard.to(DEV), dd).cpu()
+    want = reference.mix_points(q, neg, hard, draws)
+    tol = 1e-6 if dtype != torch.bfloat16 else 1e-2
+    assert got.dtype == dtype and torch.allclose(got.float(), want.float(), rtol=tol, atol=tol)
+    qd = q.double().to(DEV).requires_grad_() if dtype == torch.float64 else q.float().to(DEV).requires_grad_()
+    u = _ops().mixed_dots(qd if dtype != torch.bfloat16 else q.to(DEV).requires_grad_(), q.to(DEV), neg.to(DEV),
+                          hard.to(DEV), dd)
+    h = reference.mix_points(q, neg, hard, draws)
+    want_u = torch.einsum("bd,btd->bt", q.to(u.dtype), h.to(u.dtype))
+    assert torch.allclose(u.detach().cpu(), want_u, rtol=tol, atol=tol)
+
+
+@needs_cuda_backend
+def test_mix_equals_reference_bitwise_fp32():
+    q, neg = torch.randn(8, 32, device=DEV), torch.randn(40, 32, device=DEV)
+    hard = torch.randint(0, 40, (8, 5), device=DEV)
+    g = lambda: torch.Generator().manual_seed(3)
+    a = ck.mix_hard_negatives(q, neg, hard, 4, 3, generator=g(), backend="cuda")
+    b = ck.mix_hard_negatives(q, neg, hard, 4, 3, generator=g(), backend="reference")
+    assert torch.equal(a, b)
+
+
+@needs_cuda_backend
+def test_info_nce_with_mixing():
+    q, p, queue = _features(20, 16, 11), _features(20, 16, 12), _features(200, 16, 13)
+    for dtype in (torch.float64, torch.float32):
+        _check_loss(lambda backend, q, p, queue: ck.info_nce(
+            q, p, queue, temperature=0.2, mixing=ck.Mixing(10, 6, 3, torch.Generator().manual_seed(0)),
+            backend=backend), {"q": q, "p": p, "queue": queue}, ["q", "p"], dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# torch.library: opcheck and torch.compile
+# --------------------------------------------------------------------------------------------
+
+@needs_cuda_backend
+def test_opcheck_cuda_ops():
+    ops = torch.ops.contrastive_kernels
+    q = torch.randn(20, 16, device=DEV, requires_grad=True)
+    k = torch.randn(70, 16, device=DEV)
+    a = torch.rand(20, device=DEV) + 0.5
+    torch.library.opcheck(ops.lse_fwd, (q, k, a, None, None, None, [1.0], None, None, None, False, True))
+    kk = k.clone().requires_grad_()
+    torch.library.opcheck(ops.lse_fwd, (q, kk, a, None, None, None, [1.5, 0.5], None, None, None, True, False))
+    torch.library.opcheck(ops.topk, (q.detach(), k, 5, "cosine", None, None, None))
+    hard = torch.randint(0, 70, (20, 6), device=DEV)
+    draws = draw_mixing(20, 6, 4, 2, None, torch.device(DEV))
+    args = (hard, draws.pair_index, draws.alpha, draws.query_index, draws.query_weight)
+    torch.library.opcheck(ops.mix, (q.detach(), k, *args))
+    torch.library.opcheck(ops.mixed_dots, (q, q.detach(), k, *args))
+
+
+@needs_cuda_backend
+def test_torch_compile_fullgraph():
+    q = torch.randn(64, 32, device=DEV, requires_grad=True)
+    p = torch.randn(64, 32, device=DEV)
+    queue = torch.randn(1000, 32, device=DEV)
+    f = torch.compile(lambda q, p, queue: ck.info_nce(q, p, queue, backend="cuda"), fullgraph=True)
+    loss = f(q, p, queue)
+    loss.backward()
+    want = ck.info_nce(q.detach(), p, queue, backend="reference")
+    assert torch.allclose(loss.detach(), want, rtol=1e-4, atol=1e-5) and q.grad is not None
