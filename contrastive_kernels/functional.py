@@ -98,11 +98,17 @@ def resolve_backend(backend: str, family: str, device: torch.device):
 def _preload():
     """Import the backend modules that are cheap to import, now rather than at the first call:
     torch.compile cannot trace an import, so a first call under torch.compile(fullgraph=True)
-    must find its backend already loaded. Backends needing a compiled extension load on first use
-    (or through ``available_backends``)."""
+    must find its backend already loaded. The C++/CUDA backends load their extension now only when
+    it is prebuilt; a JIT build waits for the first use (or ``available_backends``)."""
     _module("chunked")
     if importlib.util.find_spec("triton") is not None:
         _module("triton")
+    if importlib.util.find_spec("contrastive_kernels._C") is not None:
+        from . import _ext
+
+        _ext.load()
+        _module("cpu")
+        _module("cuda")
 
 
 def available_backends(device="cpu"):

@@ -103,12 +103,13 @@ def test_compile_fullgraph_on_first_call_in_a_fresh_process():
         import torch, contrastive_kernels as ck
         q = torch.randn(8, 16, requires_grad=True)
         k, queue = torch.randn(8, 16), torch.randn(64, 16)
-        f = torch.compile(lambda q, k, queue: ck.info_nce(q, k, queue, backend="chunked"),
-                          fullgraph=True, backend="aot_eager")
-        got = f(q, k, queue)
         want = ck.info_nce(q, k, queue, backend="reference")
-        assert torch.allclose(got, want, rtol=1e-5), (got, want)
-        got.backward()
+        for backend in ("chunked", "auto"):
+            f = torch.compile(lambda q, k, queue: ck.info_nce(q, k, queue, backend=backend),
+                              fullgraph=True, backend="aot_eager")
+            got = f(q, k, queue)
+            assert torch.allclose(got, want, rtol=1e-5), (backend, got, want)
+            got.backward()
         print("ok")
     """)
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
