@@ -103,7 +103,11 @@ def _preload():
     _module("chunked")
     if importlib.util.find_spec("triton") is not None:
         _module("triton")
-    if importlib.util.find_spec("contrastive_kernels._C") is not None:
+    try:
+        prebuilt = importlib.util.find_spec("contrastive_kernels._C") is not None
+    except (ImportError, ValueError):  # an import hook refusing it: treat as not built
+        prebuilt = False
+    if prebuilt:
         from . import _ext
 
         _ext.load()
