@@ -77,26 +77,37 @@ top-k dot is unreliable); the first call of each shape key compares the fused ha
 ``topk``'s and, on any difference, warns and uses ``topk`` for that key from then on; and
 ``CK_MIXING_FUSED_TOPK=0`` turns the fused path off.
 
-Expected cost (H100, bf16, B=256, D=128, n_hard=1024, s=512, s'=256; estimates from the flop and
-byte counts, to be replaced by the ``--preset mixing`` measurements):
-- plain fused InfoNCE, row-only: 4BKD flops + B*K exponentials + ~10 small kernels:
-  K=65536: ~0.1 ms (launch-bound); K=2^20: ~0.5 ms.
-- separate top-k (``topk``): a second 2BKD GEMM with selection epilogue, a threshold pass
-  (K=65536: the exact cascade over a dense 1/8 sample; K=2^20: tile maxima of a 1/2 sample) and
-  ~2-8 n_hard extracted survivors per row: K=2^20 ~0.3-0.4 ms (+60-80 %), K=65536 ~0.1-0.3 ms
-  (+100-200 %).
-- fused: the candidate test is one compare per element plus a row reduction; the prefix sum and
-  the stores run only in tiles with a survivor (at K=2^20 about 3 per 1000 elements pass, but
-  nearly every 128 x 64 tile has one), estimated +10-20 % of the loss kernel; the sample
-  threshold (B x 8192 matmul + top-k) and the merge (torch.topk of n_hard over ~2.5-5 n_hard
-  int64 keys per row) ~30-60 us; mixed_dots forward + backward (two gathers of 2 x 768 rows per
-  query row, from L2) ~30-60 us; one host synchronization (the exactness check).
-  K=2^20: ~+25-40 %; K=65536: ~+100 % (the whole loss is ~0.1 ms there: any top-1024 of 65536
-  per row costs about as much as the loss itself). The 15 % target is not reachable at
-  n_hard=1024 with an exact top-k; see the report in the branch's history.
+Expected cost (H100, bf16, B=256, D=128, n_hard=1024, s=512, s'=256). Not measured yet (no GPU
+time in the session that wrote this): estimates from flop and byte counts and from the recorded
+top-k results (benchmarks/results/gpu-mining-h100), to be replaced by ``make bench-mixing-gpu``.
+- Plain fused InfoNCE, row-only: 4BKD flops, B*K exponentials, ~10 small kernels around it:
+  K=65536 ~0.1 ms (launch-bound), K=2^20 ~0.5 ms.
+- Separate top-k: its own GEMM (2BKD) plus a threshold pass plus one extraction step (a
+  max-reduction over the tile) per survivor; survivors per row are ~2.5 n_hard at K=2^20 (1/2
+  sample of tile maxima) and ~8 n_hard at K=65536 (exact cascade over a 1/8 sample). From the
+  recorded M=8192, N=2^20, k=1024 run (37.7 ms, GEMM floor 4.9 ms, so ~1.6 ns per extracted
+  survivor), scaled to 256 rows: ~1.2 ms at K=2^20 (+~240 %) and ~3 ms at K=65536.
+- Fused (this module): the candidate branch costs a compare and a row sum per tile, plus a
+  prefix sum and two predicated stores per element in tiles with a survivor (nearly every tile:
+  ~20 survivors per 128 x 64 tile at K=2^20). The AOT report shows its price in registers: the
+  candidate variant needs ~120 more per thread than the plain one (bf16 sm_90: 64x32/8 warps 238
+  vs 113; 128x64/8 warps spills 456 B where the plain kernel uses 214 registers), so the
+  autotuner will settle on a smaller tile for it: estimated +30-60 % of the loss kernel. Fixed
+  costs: the sample threshold (one B x 8192 matmul and a small top-k, ~20-30 us), the merge
+  (torch.topk of n_hard over ~2.5-5 n_hard keys per row, ~30-60 us), mixed_dots forward and
+  backward (two gathers of 2 x 768 rows per query row from L2, ~30-60 us), one host
+  synchronization. K=2^20: ~+50-80 %; K=65536: ~+150 %.
+The issue's target (mixing at most 15 % over plain InfoNCE) is out of reach with an exact
+top-1024: at K=65536 the fixed costs alone exceed 15 % of a ~0.1 ms loss, and at K=2^20 the
+candidate emission alone is estimated above it. What would approach it: the merge inside the
+kernel (a per-row running top-k in shared memory), the emission in a warp-specialized epilogue
+(so that it costs no registers of the MMA warps), and no host synchronization (a failed row
+flagged for the next step instead of redone) -- at the price of the exactness check's
+simplicity; or a smaller n_hard (the candidate density, and so the emission cost, scales with it).
 """
 from __future__ import annotations
 
+import importlib
 import math
 import os
 import warnings
@@ -106,14 +117,12 @@ import torch
 import triton
 import triton.language as tl
 
-import importlib
-
+from .._common import NORM_EPS, MixingDraws
 from . import INTERPRETER
 
 # the modules themselves (the package's attribute ``topk`` is the family op of the same name)
 _infonce = importlib.import_module(f"{__package__}.infonce")
 _topk = importlib.import_module(f"{__package__}.topk")
-from .._common import NORM_EPS, MixingDraws
 
 try:  # torch >= 2.6: kernels launched through wrap_triton are visible to torch.compile
     from torch.library import wrap_triton
@@ -132,8 +141,9 @@ BLOCK_D_MAX = 128
 SAMPLE_ROWS_PER_HARD = 8
 FUSED_TOPK = os.environ.get("CK_MIXING_FUSED_TOPK", "1") != "0"
 
-# Diagnostics of the fused top-k (tests, benchmarks): calls that took the fused path, rows that
-# were recomputed by ``topk``, shape keys on which the first-call check found a difference.
+# Diagnostics of the fused top-k (tests, benchmarks): calls that took the fused path or the
+# separate top-k, rows that were recomputed by ``topk``; and per shape key the outcome of the
+# first-call comparison (the first call of a key also runs ``topk``).
 STATS = {"fused_calls": 0, "separate_calls": 0, "fallback_rows": 0}
 _checked_keys: dict = {}   # shape key -> True (fused == topk on its first call) / False
 
