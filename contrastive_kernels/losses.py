@@ -14,6 +14,13 @@ cosine and l2 transforms, the own logits of positives and extra negatives):
   h = mix(mix_query, negatives, hard_index, draws), with a gradient to q only (the synthetic
   points are constants, as in MoCHi)
 
+Optional (``info_nce(mixing=)`` uses it when the backend module has it, else ``lse_stats`` and
+``topk``):
+- ``lse_stats_topk(q, k, row_scale, col_scale, row_bias, col_bias, *, gammas, n_hard)``
+  -> (row_lse (G,B), hard (B, n_hard) int64): ``lse_stats(...)[0]`` over a queue and exactly
+  ``topk(q.detach(), k.detach(), n_hard, similarity="dot").indices``, in one pass over the queue
+  (triton/mixing.py)
+
 Similarities become the affine form of ``lse_stats``, l_ij = a_i b_j <q_i,k_j> + c_i + d_j, with
 scale = 1/T (or CLIP's logit_scale):
   dot:    a = scale,               b = 1
@@ -145,18 +152,27 @@ def info_nce(ops, query, positive_key, queue=None, *, temperature, similarity, i
         parts.append(ops.lse_stats(query, positive_key, rows.scale, pos_cols.scale, rows.bias,
                                    pos_cols.bias, gammas=gammas, exclude=exclude)[0])
         n_neg += b - 1
+    mixes = mixing is not None and mixing.n_total > 0
+    hard = None
     if queue is not None and queue.shape[0] > 0:
         cols = col_side(queue, similarity, scale)
-        parts.append(ops.lse_stats(query, queue, rows.scale, cols.scale, rows.bias, cols.bias,
-                                   gammas=gammas)[0])
+        if mixes and hasattr(ops, "lse_stats_topk"):
+            # the hard negatives come out of the loss's own pass over the queue
+            row_lse, hard = ops.lse_stats_topk(query, queue, rows.scale, cols.scale, rows.bias,
+                                               cols.bias, gammas=gammas, n_hard=mixing.n_hard)
+            parts.append(row_lse)
+        else:
+            parts.append(ops.lse_stats(query, queue, rows.scale, cols.scale, rows.bias, cols.bias,
+                                       gammas=gammas)[0])
         n_neg += queue.shape[0]
     if extra_negatives is not None and extra_negatives.shape[1] > 0:
         own.append(paired_logits(query, rows, extra_negatives, similarity, scale))
         n_neg += extra_negatives.shape[1]
-    if mixing is not None and mixing.n_total > 0:
+    if mixes:
         # hard negatives by dot product, as DESIGN.md fixes for info_nce(mixing=)
-        hard = ops.topk(query.detach(), queue.detach(), mixing.n_hard, similarity="dot",
-                        exclude_index=None, query_labels=None, bank_labels=None)[1]
+        if hard is None:
+            hard = ops.topk(query.detach(), queue.detach(), mixing.n_hard, similarity="dot",
+                            exclude_index=None, query_labels=None, bank_labels=None)[1]
         own.append(synthetic_logits(ops, query, rows, query.detach(), queue.detach(), hard,
                                     mixing, scale))
         n_neg += mixing.n_total

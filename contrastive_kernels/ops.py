@@ -20,6 +20,26 @@ no launch) are registered explicitly, so FakeTensorMode works on any device. The
 of ``triton_lse_fwd`` is registered with ``register_autograd``: the row-only backward is a few
 O(B D) torch ops; otherwise it calls ``triton_lse_bwd``, fused (dQ and dK from one recompute, fp32
 atomics) unless ``torch.use_deterministic_algorithms(True)`` asks for reproducible sums.
+
+``contrastive_kernels::triton_lse_topk_fwd(q, k, row_scale, col_scale?, row_bias?, col_bias?,
+    gammas, row_only, threshold, capacity) -> (the 5 outputs of triton_lse_fwd, scores (B, capacity)
+    fp32, columns (B, capacity) int32, count (B,) int32)``
+    ``triton_lse_fwd`` over a queue (no exclusions, labels or column statistics) whose kernel also
+    lists, per row, every column j with <q_i, k_j> >= threshold[i] and its score (``count`` of
+    them; those past ``capacity`` are dropped, empty slots hold -inf): the hard negatives of mixing
+    from the loss's own pass (triton/mixing.py). Same autograd formula as ``triton_lse_fwd``; the
+    candidates carry no gradient.
+
+Mixing (triton/mixing.py; the synthetic points never carry a gradient):
+
+``contrastive_kernels::triton_mix(query, negatives, hard_index, pair_index, alpha, query_index,
+    query_weight) -> points (B, s+s', D)`` in the query dtype (``reference.mix_points``).
+``contrastive_kernels::triton_mixed_dots_fwd(q, mix_query, negatives, hard_index, pair_index,
+    alpha, query_index, query_weight) -> (u (B, s+s'), nrm (B, s+s'))`` in the accumulation dtype:
+    u_it = <q_i, h_it> of the points h of ``triton_mix`` (with mix_query as the query), nrm_it the
+    norm they were divided by. Its autograd formula gives q the gradient dq_i = sum_t du_it h_it
+    through ``triton_mixed_dots_bwd(grad, nrm, mix_query, negatives, hard_index, pair_index,
+    alpha, query_index, query_weight, q_dtype) -> dq (B, D)``; the other inputs get none.
 """
 from __future__ import annotations
 
@@ -33,7 +53,10 @@ TRITON_OPS_AVAILABLE = False
 TRITON_OPS_ERROR: Optional[str] = None
 
 try:
-    from .triton.infonce import backward_outputs, forward_outputs, lse_backward, lse_forward
+    from .triton.infonce import (backward_outputs, forward_outputs, forward_topk_outputs,
+                                 lse_backward, lse_forward, lse_forward_topk)
+    from .triton.mixing import (mix_forward, mix_outputs, mixed_dots_backward,
+                                mixed_dots_forward, mixed_dots_outputs)
 except ImportError as exc:  # triton missing: the C++ / chunked backends still work
     TRITON_OPS_ERROR = f"{type(exc).__name__}: {exc}"
 else:
@@ -73,10 +96,15 @@ if TRITON_OPS_AVAILABLE:
     def _fwd_setup_context(ctx, inputs, output):
         (q, k, row_scale, col_scale, row_bias, col_bias, gammas, exclude, q_labels, k_labels,
          want_col_lse, row_only) = inputs
-        row_lse, _pos_sum, pos_count, col_lse, row_e = output
+        _save_lse_context(ctx, q, k, row_scale, col_scale, row_bias, col_bias, gammas, exclude,
+                          q_labels, k_labels, row_only, output)
+
+    def _save_lse_context(ctx, q, k, row_scale, col_scale, row_bias, col_bias, gammas, exclude,
+                          q_labels, k_labels, row_only, output):
+        row_lse, _pos_sum, pos_count, col_lse, row_e = output[:5]
         ctx.gammas = [float(g) for g in gammas]
         ctx.row_only = bool(row_only)
-        ctx.mark_non_differentiable(pos_count, row_e)
+        ctx.mark_non_differentiable(pos_count, row_e, *output[5:])  # + the keys of the topk op
         if row_only:
             ctx.save_for_backward(q, row_scale, row_e, row_lse)
         else:
@@ -84,8 +112,11 @@ if TRITON_OPS_AVAILABLE:
                                   q_labels, k_labels, row_lse, col_lse)
 
     def _fwd_backward(ctx, d_row, d_pos, _d_count, d_col, _d_e):
+        return _lse_grads(ctx, d_row, d_pos, d_col) + (None,) * 6
+
+    def _lse_grads(ctx, d_row, d_pos, d_col):
+        """Gradients of (q, k, row_scale, col_scale, row_bias, col_bias)."""
         need = [bool(x) for x in ctx.needs_input_grad[:6]]
-        none6 = (None,) * 6
         if ctx.row_only:
             # dq_i = a_i w_i E_i, d a_i = w_i <q_i, E_i>, d c_i = w_i [row i has a column],
             # with w = dR gamma and E the normalized key accumulator of the forward pass
@@ -98,7 +129,7 @@ if TRITON_OPS_AVAILABLE:
                 da = (w * (q.to(row_e.dtype) * row_e).sum(1)).to(row_scale.dtype)
             if need[4]:
                 dc = torch.where(row_lse[0] > -math.inf, w, torch.zeros_like(w))
-            return (dq, None, da, None, dc, None) + none6
+            return (dq, None, da, None, dc, None)
         (q, k, row_scale, col_scale, row_bias, col_bias, exclude, q_labels, k_labels, row_lse,
          col_lse) = ctx.saved_tensors
         if d_pos is None:
@@ -111,9 +142,86 @@ if TRITON_OPS_AVAILABLE:
         grads = torch.ops.contrastive_kernels.triton_lse_bwd(
             d_row, d_pos, d_col, q, k, row_scale, col_scale, row_bias, col_bias, ctx.gammas,
             exclude, q_labels, k_labels, row_lse, col_lse, need, fused)
-        return tuple(g if wanted else None for g, wanted in zip(grads, need)) + none6
+        return tuple(g if wanted else None for g, wanted in zip(grads, need))
 
     triton_lse_fwd.register_autograd(_fwd_backward, setup_context=_fwd_setup_context)
+
+    @torch.library.triton_op("contrastive_kernels::triton_lse_topk_fwd", mutates_args=())
+    def triton_lse_topk_fwd(q: Tensor, k: Tensor, row_scale: Tensor, col_scale: Optional[Tensor],
+                            row_bias: Optional[Tensor], col_bias: Optional[Tensor],
+                            gammas: List[float], row_only: bool, threshold: Tensor,
+                            capacity: int) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
+                                                    Tensor, Tensor]:
+        return lse_forward_topk(q, k, row_scale, col_scale, row_bias, col_bias, gammas, row_only,
+                                threshold, capacity)
+
+    @triton_lse_topk_fwd.register_fake
+    def _triton_lse_topk_fwd_fake(q, k, row_scale, col_scale, row_bias, col_bias, gammas, row_only,
+                                  threshold, capacity):
+        return forward_topk_outputs(q, k, gammas, row_only, capacity)
+
+    def _topk_fwd_setup_context(ctx, inputs, output):
+        q, k, row_scale, col_scale, row_bias, col_bias, gammas, row_only, _thr, _cap = inputs
+        _save_lse_context(ctx, q, k, row_scale, col_scale, row_bias, col_bias, gammas, None, None,
+                          None, row_only, output)
+
+    def _topk_fwd_backward(ctx, d_row, d_pos, _d_count, d_col, _d_e, _d_s, _d_j, _d_cnt):
+        return _lse_grads(ctx, d_row, d_pos, d_col) + (None,) * 4
+
+    triton_lse_topk_fwd.register_autograd(_topk_fwd_backward, setup_context=_topk_fwd_setup_context)
+
+    @torch.library.triton_op("contrastive_kernels::triton_mix", mutates_args=())
+    def triton_mix(query: Tensor, negatives: Tensor, hard_index: Tensor, pair_index: Tensor,
+                   alpha: Tensor, query_index: Tensor, query_weight: Tensor) -> Tensor:
+        return mix_forward(query, negatives, hard_index, pair_index, alpha, query_index,
+                           query_weight)
+
+    @triton_mix.register_fake
+    def _triton_mix_fake(query, negatives, hard_index, pair_index, alpha, query_index,
+                         query_weight):
+        return mix_outputs(query, pair_index, query_weight)
+
+    @torch.library.triton_op("contrastive_kernels::triton_mixed_dots_fwd", mutates_args=())
+    def triton_mixed_dots_fwd(q: Tensor, mix_query: Tensor, negatives: Tensor, hard_index: Tensor,
+                              pair_index: Tensor, alpha: Tensor, query_index: Tensor,
+                              query_weight: Tensor) -> Tuple[Tensor, Tensor]:
+        return mixed_dots_forward(q, mix_query, negatives, hard_index, pair_index, alpha,
+                                  query_index, query_weight)
+
+    @triton_mixed_dots_fwd.register_fake
+    def _triton_mixed_dots_fwd_fake(q, mix_query, negatives, hard_index, pair_index, alpha,
+                                    query_index, query_weight):
+        return mixed_dots_outputs(q, pair_index, query_weight)
+
+    @torch.library.triton_op("contrastive_kernels::triton_mixed_dots_bwd", mutates_args=())
+    def triton_mixed_dots_bwd(grad: Tensor, nrm: Tensor, mix_query: Tensor, negatives: Tensor,
+                              hard_index: Tensor, pair_index: Tensor, alpha: Tensor,
+                              query_index: Tensor, query_weight: Tensor,
+                              q_dtype: torch.dtype) -> Tensor:
+        return mixed_dots_backward(grad, nrm, mix_query, negatives, hard_index, pair_index, alpha,
+                                   query_index, query_weight, q_dtype)
+
+    @triton_mixed_dots_bwd.register_fake
+    def _triton_mixed_dots_bwd_fake(grad, nrm, mix_query, negatives, hard_index, pair_index, alpha,
+                                    query_index, query_weight, q_dtype):
+        return mix_query.new_empty(mix_query.shape, dtype=q_dtype)
+
+    def _mixed_dots_setup_context(ctx, inputs, output):
+        q, mix_query, negatives, hard_index, pair_index, alpha, query_index, query_weight = inputs
+        ctx.mark_non_differentiable(output[1])
+        ctx.q_dtype = q.dtype
+        ctx.save_for_backward(output[1], mix_query, negatives, hard_index, pair_index, alpha,
+                              query_index, query_weight)
+
+    def _mixed_dots_backward(ctx, d_u, _d_nrm):
+        dq = None
+        if ctx.needs_input_grad[0] and d_u is not None:
+            dq = torch.ops.contrastive_kernels.triton_mixed_dots_bwd(
+                d_u.contiguous(), *ctx.saved_tensors, ctx.q_dtype)
+        return (dq,) + (None,) * 7
+
+    triton_mixed_dots_fwd.register_autograd(_mixed_dots_backward,
+                                            setup_context=_mixed_dots_setup_context)
 
 else:  # pragma: no cover - exercised only without triton
 
@@ -123,5 +231,8 @@ else:  # pragma: no cover - exercised only without triton
     def triton_lse_bwd(*args, **kwargs):
         raise RuntimeError(f"the Triton ops are unavailable: {TRITON_OPS_ERROR}")
 
+    triton_lse_topk_fwd = triton_mix = triton_mixed_dots_fwd = triton_mixed_dots_bwd = triton_lse_bwd
 
-__all__ = ["TRITON_OPS_AVAILABLE", "TRITON_OPS_ERROR", "triton_lse_fwd", "triton_lse_bwd"]
+
+__all__ = ["TRITON_OPS_AVAILABLE", "TRITON_OPS_ERROR", "triton_lse_fwd", "triton_lse_bwd",
+           "triton_lse_topk_fwd", "triton_mix", "triton_mixed_dots_fwd", "triton_mixed_dots_bwd"]

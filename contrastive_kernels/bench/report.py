@@ -13,7 +13,7 @@ import torch
 
 COLUMNS = ["label", "op", "shape", "dtype", "device", "backend", "median_ms", "min_ms", "max_ms",
            "eff_tflops", "mm_tflops", "pct_of_mm", "peak_extra_mib", "speedup_vs_eager",
-           "memory_vs_eager", "bank_gbps", "h2d_gbps", "pct_of_h2d", "note"]
+           "memory_vs_eager", "bank_gbps", "h2d_gbps", "pct_of_h2d", "vs_plain", "note"]
 
 
 def environment(device: str) -> Dict[str, str]:
@@ -89,6 +89,11 @@ def markdown(rows: List[Dict], env: Dict[str, str], cpu: bool) -> str:
                   + "; ".join(f"{r['shape']} {r['backend']}: {_fmt(r['bank_gbps'])} GB/s of bank = "
                               f"{_fmt(r['pct_of_h2d'], 2)}% of the pinned host-to-device rate "
                               f"{_fmt(r['h2d_gbps'])} GB/s measured in the same run" for r in host) + "."]
+    mixing = [r for r in rows if r.get("vs_plain")]
+    if mixing:
+        lines += ["", "Hard-negative mixing against plain fused InfoNCE (backend triton) at the same "
+                  "B, K, D: " + "; ".join(f"{r['shape']} {r['backend']}: {_fmt(r['vs_plain'], 3)}x"
+                                          for r in mixing) + "."]
     lines += ["", "Effective throughput uses DESIGN.md's FLOP models (bank mode 6BKD, in-batch 8BND, "
               "CLIP 8N^2D, top-k 2MND); speed-up and memory are relative to the eager reference "
               "(`backend=\"reference\"`) in the same run; peak extra memory excludes the inputs."]

@@ -47,3 +47,5 @@ def _family(module: str, names):
 (lse_stats,) = _family("infonce", ["lse_stats"])
 (topk,) = _family("topk", ["topk"])
 mix, mixed_dots = _family("mixing", ["mix", "mixed_dots"])
+# optional op of losses.py: the loss's pass over the queue also yields mixing's hard negatives
+from .mixing import lse_stats_topk  # noqa: E402

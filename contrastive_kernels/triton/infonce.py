@@ -32,6 +32,11 @@ Kernels (all statistics and accumulators fp32, fp64 for fp64 inputs; tiles of q 
     accumulates E_i = sum_j exp(l_ij - m_i) b_j k_j like the output of attention with the keys as
     values, so that backward is O(B D):  dq_i = a_i w_i E_i / s_i  with w_i = dR_i (4 B K D flops
     in all instead of 6).
+    CAND mode (the hard negatives of MoCHi mixing, triton/mixing.py): in the same pass, every
+    valid (i, j) whose raw dot <q_i, k_j> (the tile's fp32 tl.dot result, before any scaling)
+    reaches a per-row threshold is appended to row i's candidate list: one atomic add per row and
+    tile reserves the slots, a prefix sum over the tile's columns places (score, j). Off (the
+    constexpr is False) it compiles to the kernel without it.
 ``_row_merge_kernel`` / ``_col_merge_kernel``  merge the partials of the splits / row groups:
     M = max_s m_s, S = sum_s s_s exp(m_s - M), lse = M + log S (and E = sum_s exp(m_s - M) E_s / S).
 ``_lse_bwd_q_kernel``  grid (row blocks, key splits): recomputes the tiles of a row block, forms
@@ -91,8 +96,9 @@ def _tile_logits(Q, K, A, BS, CB, DB, EXCL, QL, KL, q, k, rows, cols, row_ok, co
                  N_EXCL: tl.constexpr, LABELS: tl.constexpr, PREC: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                  D_CHUNKS: tl.constexpr):
-    """(l, valid, pos) of the tile rows x cols (int64 indices). q (BLOCK_M, BLOCK_D) and
-    k (BLOCK_N, BLOCK_D) are the resident tiles when D_CHUNKS == 1 (else unused)."""
+    """(l, valid, pos, s) of the tile rows x cols (int64 indices), s = <q_i, k_j> the raw dot.
+    q (BLOCK_M, BLOCK_D) and k (BLOCK_N, BLOCK_D) are the resident tiles when D_CHUNKS == 1 (else
+    unused)."""
     acc_ty = A.dtype.element_ty
     if D_CHUNKS == 1:
         s = tl.dot(q, tl.trans(k), input_precision=PREC, out_dtype=acc_ty)
@@ -130,7 +136,7 @@ def _tile_logits(Q, K, A, BS, CB, DB, EXCL, QL, KL, q, k, rows, cols, row_ok, co
             kw = tl.load(KL + cols * n_words + w, mask=col_ok, other=0)
             hit = hit | ((qw[:, None] & kw[None, :]) != 0).to(tl.int32)
         pos = valid & (hit != 0)
-    return l, valid, pos
+    return l, valid, pos, s
 
 
 @triton.jit
@@ -292,16 +298,24 @@ _KEY = ["D", "rows_per_group", "cols_per_split", "HAS_B", "HAS_C", "HAS_D", "N_E
 # ------------------------------------------------------------------------------------------------
 
 
-@triton.autotune(configs=_configs("fwd"), key=_KEY + ["ROW_ONLY"], prune_configs_by=_PRUNE)
+# reset_to_zero: the candidate counters (CAND) are atomics; the autotuner's timing runs must not
+# accumulate into them (for other variants CAND_CNT is a scratch buffer)
+@triton.autotune(configs=_configs("fwd"), key=_KEY + ["ROW_ONLY", "CAND"], prune_configs_by=_PRUNE,
+                 reset_to_zero=["CAND_CNT"])
 @triton.jit
 def _lse_fwd_kernel(Q, K, A, BS, CB, DB, EXCL, QL, KL, g0_hi, g0_lo, g1_hi, g1_lo,
-                  ROW_M, ROW_S, POS_P, CNT_P, COL_M, COL_S, ROW_E,
-                  B, N, D, stride_q, stride_k, n_words, rows_per_group, cols_per_split,
+                  ROW_M, ROW_S, POS_P, CNT_P, COL_M, COL_S, ROW_E, THR, CAND_S, CAND_J, CAND_CNT,
+                  B, N, D, stride_q, stride_k, n_words, rows_per_group, cols_per_split, cand_cap,
                   HAS_B: tl.constexpr, HAS_C: tl.constexpr, HAS_D: tl.constexpr,
                   N_EXCL: tl.constexpr, LABELS: tl.constexpr, N_GAMMA: tl.constexpr,
-                  WANT_COL: tl.constexpr, ROW_ONLY: tl.constexpr, PREC: tl.constexpr,
-                  BLOCK_D: tl.constexpr, D_CHUNKS: tl.constexpr,
+                  WANT_COL: tl.constexpr, ROW_ONLY: tl.constexpr, CAND: tl.constexpr,
+                  PREC: tl.constexpr, BLOCK_D: tl.constexpr, D_CHUNKS: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Split-K forward (module docstring). CAND (the hard negatives of mixing, triton/mixing.py):
+    also append to row i's list (CAND_S: the raw dot fp32, CAND_J: the column, int32) every valid
+    column with the raw dot s_ij >= THR[i]: per tile one atomic add on CAND_CNT[i] reserves the
+    slots, a prefix sum over the columns places them; slots at or past cand_cap are dropped
+    (CAND_CNT still counts them, so the caller sees the overflow)."""
     rg = tl.program_id(0)
     sp = tl.program_id(1)
     acc_ty = A.dtype.element_ty
@@ -330,6 +344,9 @@ def _lse_fwd_kernel(Q, K, A, BS, CB, DB, EXCL, QL, KL, g0_hi, g0_lo, g1_hi, g1_l
         psum = tl.zeros([BLOCK_M], dtype=acc_ty)
         pcnt = tl.zeros([BLOCK_M], dtype=acc_ty)
         e_acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=acc_ty)
+        thr = tl.zeros([BLOCK_M], dtype=tl.float32)
+        if CAND:
+            thr = tl.load(THR + rows, mask=row_ok, other=float("inf"))
         for j0 in range(col_lo, col_hi, BLOCK_N):
             cols = (j0 + offs_n).to(tl.int64)
             col_ok = cols < col_hi
@@ -337,10 +354,10 @@ def _lse_fwd_kernel(Q, K, A, BS, CB, DB, EXCL, QL, KL, g0_hi, g0_lo, g1_hi, g1_l
             if D_CHUNKS == 1:
                 k = tl.load(K + cols[:, None] * stride_k + offs_d[None, :],
                             mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-            l, valid, pos = _tile_logits(Q, K, A, BS, CB, DB, EXCL, QL, KL, q, k, rows, cols,
-                                         row_ok, col_ok, D, stride_q, stride_k, n_words,
-                                         HAS_B, HAS_C, HAS_D, N_EXCL, LABELS, PREC,
-                                         BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS)
+            l, valid, pos, s = _tile_logits(Q, K, A, BS, CB, DB, EXCL, QL, KL, q, k, rows, cols,
+                                            row_ok, col_ok, D, stride_q, stride_k, n_words,
+                                            HAS_B, HAS_C, HAS_D, N_EXCL, LABELS, PREC,
+                                            BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS)
             z = tl.where(valid, l * g0, _NEG_INF)
             m_new = tl.maximum(m0, tl.max(z, 1))
             shift = tl.where(m_new == _NEG_INF, 0.0, m_new)
@@ -362,6 +379,16 @@ def _lse_fwd_kernel(Q, K, A, BS, CB, DB, EXCL, QL, KL, g0_hi, g0_lo, g1_hi, g1_l
             if LABELS != 0:
                 psum += tl.sum(tl.where(pos, l, 0.0), 1)
                 pcnt += tl.sum(pos.to(acc_ty), 1)
+            if CAND:
+                hit = (valid & (s >= thr[:, None])).to(tl.int32)
+                n_hit = tl.sum(hit, 1)
+                if tl.max(n_hit, 0) > 0:
+                    base = tl.atomic_add(CAND_CNT + rows, n_hit, mask=n_hit > 0)
+                    slot = base[:, None] + tl.cumsum(hit, 1) - 1
+                    ptr = rows[:, None] * cand_cap + slot
+                    keep = (hit != 0) & (slot < cand_cap)
+                    tl.store(CAND_S + ptr, s.to(tl.float32), mask=keep)
+                    tl.store(CAND_J + ptr, cols.to(tl.int32)[None, :], mask=keep)
             if WANT_COL:
                 # running (max, sum) of this row group for these columns; fresh at its first row block
                 zc = tl.where(valid, l, _NEG_INF)
@@ -515,10 +542,10 @@ def _lse_bwd_q_kernel(Q, K, A, BS, CB, DB, EXCL, QL, KL, g0_hi, g0_lo, g1_hi, g1
             if D_CHUNKS == 1:
                 k = tl.load(K + cols[:, None] * stride_k + offs_d[None, :],
                             mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-            l, valid, pos = _tile_logits(Q, K, A, BS, CB, DB, EXCL, QL, KL, q, k, rows, cols,
-                                         row_ok, col_ok, D, stride_q, stride_k, n_words,
-                                         HAS_B, HAS_C, HAS_D, N_EXCL, LABELS, PREC,
-                                         BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS)
+            l, valid, pos, s = _tile_logits(Q, K, A, BS, CB, DB, EXCL, QL, KL, q, k, rows, cols,
+                                            row_ok, col_ok, D, stride_q, stride_k, n_words,
+                                            HAS_B, HAS_C, HAS_D, N_EXCL, LABELS, PREC,
+                                            BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS)
             cl = r0
             dc = r0
             if WANT_COL:
@@ -856,6 +883,15 @@ def _label_mode(q_labels) -> tuple:
     return 2, q_labels.shape[1]
 
 
+def forward_topk_outputs(q, k, gammas, row_only, capacity):
+    """``forward_outputs`` plus the candidates of ``lse_forward_topk`` (also its fake kernel):
+    scores (B, capacity) fp32, columns (B, capacity) int32, counts (B,) int32."""
+    b = q.shape[0]
+    return (*forward_outputs(q, k, gammas, False, row_only),
+            q.new_empty((b, capacity), dtype=torch.float32),
+            q.new_empty((b, capacity), dtype=torch.int32), q.new_empty((b,), dtype=torch.int32))
+
+
 def forward_outputs(q, k, gammas, want_col_lse, row_only):
     """Empty outputs of the forward op (also its fake kernel): row_lse (G, B), pos_sum (B,),
     pos_count (B,), col_lse (N,) or (0,), row_e (B, D) or (0, D) -- all in the accumulation dtype."""
@@ -915,23 +951,51 @@ def lse_forward(q, k, row_scale, col_scale, row_bias, col_bias, gammas, exclude,
                 want_col_lse, row_only):
     """Host side of the forward op: see the module docstring. Returns (row_lse, pos_sum, pos_count,
     col_lse, row_e); row_e is the normalized E of the row-only mode ((0, D) otherwise)."""
+    return _forward(q, k, row_scale, col_scale, row_bias, col_bias, gammas, exclude, q_labels,
+                    k_labels, want_col_lse, row_only, None, 0)
+
+
+def lse_forward_topk(q, k, row_scale, col_scale, row_bias, col_bias, gammas, row_only, threshold,
+                     capacity):
+    """``lse_forward`` over a queue (no exclusions, labels or column statistics) with the CAND mode
+    of the kernel: also the columns j with <q_i, k_j> >= threshold[i] (fp32) of each row i, as
+    (scores (B, capacity) fp32, -inf where empty; columns (B, capacity) int32; count (B,) int32),
+    in no particular order. Needs the feature dim resident (D_CHUNKS == 1)."""
+    return _forward(q, k, row_scale, col_scale, row_bias, col_bias, gammas, None, None, None,
+                    False, row_only, threshold, int(capacity))
+
+
+def _forward(q, k, row_scale, col_scale, row_bias, col_bias, gammas, exclude, q_labels, k_labels,
+             want_col_lse, row_only, threshold, capacity):
     if len(gammas) not in (1, 2):
         raise ValueError(f"the Triton lse_stats supports 1 or 2 gammas, got {len(gammas)}")
+    cand = threshold is not None
     args = (q, k, row_scale, col_scale, row_bias, col_bias, gammas, exclude, q_labels, k_labels,
-            want_col_lse, row_only)
-    row_lse, pos_sum, pos_count, col_lse, row_e = forward_outputs(q, k, gammas, want_col_lse, row_only)
+            want_col_lse, row_only, threshold, capacity)
+    if cand:
+        (row_lse, pos_sum, pos_count, col_lse, row_e, cand_s, cand_j,
+         count) = forward_topk_outputs(q, k, gammas, row_only, capacity)
+        cand_s.fill_(float("-inf"))
+        cand_j.zero_()
+        count.zero_()
+        extra = (cand_s, cand_j, count)
+    else:
+        row_lse, pos_sum, pos_count, col_lse, row_e = forward_outputs(q, k, gammas, want_col_lse,
+                                                                      row_only)
+        extra = ()
     bsz, dim, n = int(q.shape[0]), int(q.shape[1]), int(k.shape[0])  # launch plans need ints
     if n == 0:
         return (torch.full_like(row_lse, float("-inf")), torch.zeros_like(pos_sum),
-                torch.zeros_like(pos_count), col_lse, torch.zeros_like(row_e))
+                torch.zeros_like(pos_count), col_lse, torch.zeros_like(row_e), *extra)
     in_dtype = q.dtype
     q, k, a, b, c, d, gam, excl, ql, kl = _prep(q, k, row_scale, col_scale, row_bias, col_bias,
                                                 gammas, exclude, q_labels, k_labels)
     flags, n_words = _flags(q, in_dtype, b, c, d, excl, ql, gammas)
-    if row_only and flags["D_CHUNKS"] != 1:
-        raise ValueError("row_only needs the feature dim in registers (see row_only_supported)")
-    key = ("fwd", bsz, n, dim, str(in_dtype), want_col_lse, row_only, tuple(flags.items()))
-    waves = _waves(key, q, lambda: lse_forward(*args))
+    if (row_only or cand) and flags["D_CHUNKS"] != 1:
+        raise ValueError("row_only and the candidate mode need the feature dim in registers "
+                         "(see row_only_supported)")
+    key = ("fwd", bsz, n, dim, str(in_dtype), want_col_lse, row_only, cand, tuple(flags.items()))
+    waves = _waves(key, q, lambda: _forward(*args))
     rows, n_rg, cols, n_sp = _fwd_plan(bsz, n, want_col_lse, q.device, waves)
     n_g = len(gammas)
     acc = row_lse.dtype
@@ -944,13 +1008,17 @@ def lse_forward(q, k, row_scale, col_scale, row_bias, col_bias, gammas, exclude,
     pos_p, cnt_p = (part(n_sp, bsz), part(n_sp, bsz)) if labels else (scratch, scratch)
     col_m, col_s = (part(n_rg, n), part(n_rg, n)) if want_col_lse else (scratch, scratch)
     e_p = part(n_sp, bsz, dim) if row_only else scratch
+    if cand:
+        thr, cand_s, cand_j, count = threshold.to(torch.float32).contiguous(), *extra
+    else:  # the autotuner zeroes CAND_CNT before its timing runs: a scratch buffer of its own
+        thr, cand_s, cand_j, count = scratch, scratch, scratch, part(1)
     wrap_triton(_lse_fwd_kernel)[(n_rg, n_sp)](
         q, k, a, b if b is not None else a, c if c is not None else a, d if d is not None else a,
         excl if excl is not None else ql if ql is not None else a, ql if ql is not None else a,
         kl if kl is not None else a, *gam,
-        row_m, row_s, pos_p, cnt_p, col_m, col_s, e_p,
-        bsz, n, dim, q.stride(0), k.stride(0), n_words, rows, cols,
-        WANT_COL=want_col_lse, ROW_ONLY=row_only, **flags)
+        row_m, row_s, pos_p, cnt_p, col_m, col_s, e_p, thr, cand_s, cand_j, count,
+        bsz, n, dim, q.stride(0), k.stride(0), n_words, rows, cols, max(1, capacity),
+        WANT_COL=want_col_lse, ROW_ONLY=row_only, CAND=cand, **flags)
     block_r = 32 if (row_only or INTERPRETER) else 128
     wrap_triton(_row_merge_kernel)[(triton.cdiv(bsz, block_r),)](
         row_m, row_s, pos_p, cnt_p, e_p, row_lse, pos_sum if labels else row_lse,
@@ -963,7 +1031,7 @@ def lse_forward(q, k, row_scale, col_scale, row_bias, col_bias, gammas, exclude,
         block_c = 64 if INTERPRETER else 256
         wrap_triton(_col_merge_kernel)[(triton.cdiv(n, block_c),)](col_m, col_s, col_lse, n_rg, n,
                                                                      BLOCK=block_c)
-    return row_lse, pos_sum, pos_count, col_lse, row_e
+    return (row_lse, pos_sum, pos_count, col_lse, row_e, *extra)
 
 
 def lse_backward(d_row, d_pos, d_col, q, k, row_scale, col_scale, row_bias, col_bias, gammas,
@@ -1075,7 +1143,9 @@ def lse_stats(q, k, row_scale, col_scale=None, row_bias=None, col_bias=None, *,
 # ------------------------------------------------------------------------------------------------
 
 _I32 = ("B", "N", "D", "S", "R", "n", "stride_q", "stride_k", "stride_x", "n_words",
-        "rows_per_group", "cols_per_split")
+        "rows_per_group", "cols_per_split", "cand_cap")
+_PTR_TYPES = {"EXCL": "*i64", "QL": "*i64", "KL": "*i64", "THR": "*fp32", "CAND_S": "*fp32",
+              "CAND_J": "*i32", "CAND_CNT": "*i32"}
 _F32 = ("g0_hi", "g0_lo", "g1_hi", "g1_lo")
 
 
@@ -1102,8 +1172,8 @@ def _aot_signature(kernel, overrides):
             sig[name] = "i32"
         elif name in _F32:
             sig[name] = "fp32"
-        elif name in ("EXCL", "QL", "KL"):
-            sig[name] = "*i64"
+        elif name in _PTR_TYPES:
+            sig[name] = _PTR_TYPES[name]
         else:
             sig[name] = "*{acc}"
     return sig
@@ -1133,7 +1203,7 @@ def _variant(name, kernel, d, dtypes, **constexprs):
 def _aot_specs():
     lowp = ("fp32", "fp16", "bf16")
     fwd = dict(HAS_B=False, HAS_C=False, HAS_D=False, N_EXCL=0, LABELS=0, N_GAMMA=1,
-               WANT_COL=False, ROW_ONLY=False)
+               WANT_COL=False, ROW_ONLY=False, CAND=False)
     bwd = dict(HAS_B=True, HAS_C=False, HAS_D=False, N_EXCL=0, LABELS=0, N_GAMMA=1,
                WANT_COL=False, SCALE_G=_scale_of)
     k_fwd, k_q, k_k = _lse_fwd_kernel, _lse_bwd_q_kernel, _lse_bwd_k_kernel
@@ -1142,6 +1212,14 @@ def _aot_specs():
         _variant("lse_fwd[bank,row_only", k_fwd, 256, ("bf16",), **{**fwd, "ROW_ONLY": True}),
         _variant("lse_fwd[bank,row_only", k_fwd, 64, ("fp64",), **{**fwd, "ROW_ONLY": True}),
         _variant("lse_fwd[bank,recompute", k_fwd, 256, lowp, **fwd),
+        # the hard negatives of mixing from the loss pass (triton/mixing.py): MoCo (row-only,
+        # dot), cosine (column scale), and DCL/HCL (2 gammas) with the queue getting gradients
+        _variant("lse_fwd[bank,row_only,cand", k_fwd, 128, lowp,
+                 **{**fwd, "ROW_ONLY": True, "CAND": True}),
+        _variant("lse_fwd[bank,row_only,cand,cosine", k_fwd, 256, ("bf16",),
+                 **{**fwd, "ROW_ONLY": True, "CAND": True, "HAS_B": True}),
+        _variant("lse_fwd[bank,cand,2 gammas,l2", k_fwd, 96, ("fp32", "fp16"),
+                 **{**fwd, "CAND": True, "N_GAMMA": 2, "HAS_C": True, "HAS_D": True}),
         _variant("lse_fwd[clip,col_lse,cosine", k_fwd, 512, lowp, **{**fwd, "HAS_B": True,
                                                                        "WANT_COL": True}),
         _variant("lse_fwd[supcon+dcl,bits,2 gammas,l2", k_fwd, 128, lowp + ("fp64",),

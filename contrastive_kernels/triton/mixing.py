@@ -1,0 +1,551 @@
+"""Hard-negative mixing (MoCHi, synthetic hard negatives) in Triton, fused into the loss.
+
+The family ops of ``losses.py`` (spec: ``reference.mix_points``; random draws: ``_common.draw_mixing``):
+
+``mix(query, negatives, hard_index, draws)`` -> the synthetic points (B, s+s', D) in the query dtype
+``mixed_dots(q, mix_query, negatives, hard_index, draws)`` -> u (B, s+s') fp32 (fp64 for fp64),
+    without materializing the points, gradient to q only
+``lse_stats_topk(q, k, row_scale, col_scale, row_bias, col_bias, *, gammas, n_hard)``
+    -> (row_lse (G, B), hard (B, n_hard) int64): the streamed log-sum-exp of ``lse_stats`` over the
+    queue AND the row's n_hard hardest queue rows by dot product, from ONE pass over the queue.
+    ``losses.info_nce`` uses it when a backend has it (else ``lse_stats`` + ``topk``).
+
+Synthetic points (row i, all arithmetic in fp32, fp64 for fp64 inputs)
+----------------------------------------------------------------------
+With H_i = hard_index[i] and the draws of row i:
+
+    t < s  (pair mix):   v_it = a_it n_x + (1 - a_it) n_y,   x = H_i[pair[i,t,0]], y = H_i[pair[i,t,1]]
+    t >= s (query mix):  v_it = b_it m_i + (1 - b_it) n_y,   y = H_i[query_index[i,t-s]]
+    nrm_it = max(|v_it|, eps)  (eps = 1e-12, as F.normalize),   h_it = v_it / nrm_it
+
+``n`` are rows of ``negatives`` (the queue) and m_i the row of ``mix_query`` (the detached query for
+MoCo, the normalized view for NT-Xent). ``mix`` stores h (cast to the query dtype, as the spec).
+
+``mixed_dots`` forward:  u_it = <q_i, h_it> = <q_i, v_it> / nrm_it
+``mixed_dots`` backward (h is a constant, as in MoCHi):  dq_i = sum_t g_it v_it / nrm_it.
+
+The unit-vector algebra <q, h> = (a <q,n_x> + (1-a) <q,n_y>) / sqrt(a^2|n_x|^2 + (1-a)^2|n_y|^2
++ 2a(1-a)<n_x,n_y>) needs the same two row loads per point as forming v in registers, and five
+D-long dot products where v needs three FMAs per element (v, |v|^2, <q,v>); the loads dominate
+(the hard rows come from L2: at B=256, s+s'=768, D=128 bf16, 100 MB of gathered reads per pass).
+So the kernels form v in registers and never write it; passing in the top-k's <q, n_x> values
+would save FMAs only, not loads, and is not done. Same for backward: the rows are gathered again
+(nrm is saved by the forward: (B, s+s') floats).
+
+Kernels: ``_mix_fwd_kernel`` grid (rows, blocks of BLOCK_T points: pair blocks, then query-mix
+blocks), the feature dim in BLOCK_D chunks (any D); WANT_DOTS writes u and nrm, WANT_POINTS writes
+h (a second pass over the chunks once nrm is known). ``_mix_bwd_kernel`` grid (rows, D chunks,
+point splits): per split a partial of dq (summed on the host when there are several splits, which
+the launcher uses only when B x D-chunks would leave SMs idle). Indices and row offsets are int64.
+
+Hard negatives from the loss's own forward pass (``lse_stats_topk``)
+--------------------------------------------------------------------
+The separate top-k is a second GEMM over the queue (2BKD flops, against 4BKD for the row-only
+loss forward that already computes every <q_i, k_j>) plus its own threshold pass and selection
+(see triton/topk.py). Here the loss forward (``infonce._lse_fwd_kernel`` with CAND=True) also
+emits candidates, so the queue is read once:
+
+1. Threshold (host, cheap): T_i = the k_s-th largest score of row i over a strided sample of the
+   queue (every f-th row, f = K // (SAMPLE_ROWS_PER_HARD * n_hard), at least 1; k_s = the expected
+   number of sample rows among the true top-n_hard plus four standard deviations plus 4). About
+   f * k_s >= n_hard queue rows score above T_i. One (B x K/f) matmul and a small torch.topk.
+2. The loss kernel, in each tile, tests the raw dot s_ij = <q_i, k_j> (the tile's fp32 tensor-core
+   result, before any scaling) against T_i. Tiles where some row passes append the keys
+   pack(s_ij, j) of the passing elements (the int64 keys of triton/topk.py: order = score, then
+   lower index) to the row's candidate list: one atomic add per row and tile reserves the slots,
+   a prefix sum over the tile's columns places them. Capacity C per row (from the expected
+   count, a function of shapes only).
+3. Merge: the n_hard largest keys of each row (torch.topk over (B, C) int64), decoded to indices.
+
+Exactness is checked, not assumed: row i is exact when it found at least n_hard candidates, did
+not overflow C and its log-sum-exp is finite (finite scores). Then every queue row missing from
+the list scored below T_i <= the n_hard-th candidate, so the list holds the whole top-n_hard, in
+the order of the keys. Other rows (an unlucky sample, non-finite features) are recomputed with
+``topk`` (one device synchronization per call, as topk itself has). The threshold only decides
+how many candidates are written, never the result.
+
+Equality with ``topk_similarity`` (the contract of ``info_nce(mixing=)``) needs the loss kernel's
+s_ij to be bitwise the top-k kernel's score: both are one ``tl.dot`` of the (rows x D) query tile
+and the (cols x D) key tile in the input dtype with fp32 accumulation (fp32 inputs: 3xTF32 in
+both), the feature dim padded to the same power of two, and tensor-core results do not depend on
+a row's or column's position in the tile (the assumption triton/topk.py already makes between
+its own sample, dense and filter passes, whose tiles differ). It is guarded three ways: the
+fused path runs only where the two kernels compute the same dot (fp16/bf16/fp32, feature dim
+resident, fp32 only with 3xTF32, i.e. torch.backends.cuda.matmul.allow_tf32 off; never fp64,
+whose top-k scores are fp32 of the rounded inputs; not for bf16 under the interpreter, whose
+top-k dot is unreliable); the first call of each shape key compares the fused hard set with
+``topk``'s and, on any difference, warns and uses ``topk`` for that key from then on; and
+``CK_MIXING_FUSED_TOPK=0`` turns the fused path off.
+
+Expected cost (H100, bf16, B=256, D=128, n_hard=1024, s=512, s'=256). Not measured yet (no GPU
+time in the session that wrote this): estimates from flop and byte counts and from the recorded
+top-k results (benchmarks/results/gpu-mining-h100), to be replaced by ``make bench-mixing-gpu``.
+- Plain fused InfoNCE, row-only: 4BKD flops, B*K exponentials, ~10 small kernels around it:
+  K=65536 ~0.1 ms (launch-bound), K=2^20 ~0.5 ms.
+- Separate top-k: its own GEMM (2BKD) plus a threshold pass plus one extraction step (a
+  max-reduction over the tile) per survivor; survivors per row are ~2.5 n_hard at K=2^20 (1/2
+  sample of tile maxima) and ~8 n_hard at K=65536 (exact cascade over a 1/8 sample). From the
+  recorded M=8192, N=2^20, k=1024 run (37.7 ms, GEMM floor 4.9 ms, so ~1.6 ns per extracted
+  survivor), scaled to 256 rows: ~1.2 ms at K=2^20 (+~240 %) and ~3 ms at K=65536.
+- Fused (this module): the candidate branch costs a compare and a row sum per tile, plus a
+  prefix sum and two predicated stores per element in tiles with a survivor (nearly every tile:
+  ~20 survivors per 128 x 64 tile at K=2^20). The AOT report shows its price in registers: the
+  candidate variant needs ~120 more per thread than the plain one (bf16 sm_90: 64x32/8 warps 238
+  vs 113; 128x64/8 warps spills 456 B where the plain kernel uses 214 registers), so the
+  autotuner will settle on a smaller tile for it: estimated +30-60 % of the loss kernel. Fixed
+  costs: the sample threshold (one B x 8192 matmul and a small top-k, ~20-30 us), the merge
+  (torch.topk of n_hard over ~2.5-5 n_hard keys per row, ~30-60 us), mixed_dots forward and
+  backward (two gathers of 2 x 768 rows per query row from L2, ~30-60 us), one host
+  synchronization. K=2^20: ~+50-80 %; K=65536: ~+150 %.
+The issue's target (mixing at most 15 % over plain InfoNCE) is out of reach with an exact
+top-1024: at K=65536 the fixed costs alone exceed 15 % of a ~0.1 ms loss, and at K=2^20 the
+candidate emission alone is estimated above it. What would approach it: the merge inside the
+kernel (a per-row running top-k in shared memory), the emission in a warp-specialized epilogue
+(so that it costs no registers of the MMA warps), and no host synchronization (a failed row
+flagged for the next step instead of redone) -- at the price of the exactness check's
+simplicity; or a smaller n_hard (the candidate density, and so the emission cost, scales with it).
+"""
+from __future__ import annotations
+
+import importlib
+import math
+import os
+import warnings
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .._common import NORM_EPS, MixingDraws
+from . import INTERPRETER
+
+# the modules themselves (the package's attribute ``topk`` is the family op of the same name)
+_infonce = importlib.import_module(f"{__package__}.infonce")
+_topk = importlib.import_module(f"{__package__}.topk")
+
+try:  # torch >= 2.6: kernels launched through wrap_triton are visible to torch.compile
+    from torch.library import wrap_triton
+except ImportError:  # pragma: no cover
+    def wrap_triton(kernel):
+        return kernel
+
+NAME = "triton"
+
+# Points per program (a block of BLOCK_T synthetic points of one row) and the widest feature chunk
+# (fp64: 64). Small under the interpreter so that the tests' small shapes span several blocks.
+BLOCK_T = 8 if INTERPRETER else 32
+BLOCK_D_MAX = 128
+
+# Threshold sample of the fused top-k: about SAMPLE_ROWS_PER_HARD * n_hard queue rows.
+SAMPLE_ROWS_PER_HARD = 8
+FUSED_TOPK = os.environ.get("CK_MIXING_FUSED_TOPK", "1") != "0"
+
+# Diagnostics of the fused top-k (tests, benchmarks): calls that took the fused path or the
+# separate top-k, rows that were recomputed by ``topk``; and per shape key the outcome of the
+# first-call comparison (the first call of a key also runs ``topk``).
+STATS = {"fused_calls": 0, "separate_calls": 0, "fallback_rows": 0}
+_checked_keys: dict = {}   # shape key -> True (fused == topk on its first call) / False
+
+
+# ------------------------------------------------------------------------------------------------
+# kernels
+# ------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _point_block(NEG, MQ, HARD, PAIR, ALPHA, QIDX, QW, row, tb, n_hard, S, SQ, stride_n, stride_m,
+                 BLOCK_T: tl.constexpr):
+    """Block ``tb`` of row ``row``'s points: (x pointers, y pointers, weight w of x, valid lanes,
+    output column t). Blocks 0 .. cdiv(S, BLOCK_T)-1 are pair mixes (x, y hard negatives, w = a),
+    the rest query mixes (x = the row of MQ, w = b)."""
+    offs = tl.arange(0, BLOCK_T)
+    n_pair_blocks = tl.cdiv(S, BLOCK_T)
+    hard_row = HARD + row * n_hard
+    if tb < n_pair_blocks:
+        t = tb * BLOCK_T + offs
+        ok = t < S
+        flat = row * S + t
+        px = tl.load(PAIR + 2 * flat, mask=ok, other=0)
+        py = tl.load(PAIR + 2 * flat + 1, mask=ok, other=0)
+        xr = tl.load(hard_row + px, mask=ok, other=0)
+        yr = tl.load(hard_row + py, mask=ok, other=0)
+        w = tl.load(ALPHA + flat, mask=ok, other=0.0)
+        x_ptr = NEG + xr * stride_n
+        t_out = t
+    else:
+        t = (tb - n_pair_blocks) * BLOCK_T + offs
+        ok = t < SQ
+        flat = row * SQ + t
+        py = tl.load(QIDX + flat, mask=ok, other=0)
+        yr = tl.load(hard_row + py, mask=ok, other=0)
+        w = tl.load(QW + flat, mask=ok, other=0.0)
+        x_ptr = MQ + row * stride_m + tl.zeros([BLOCK_T], dtype=tl.int64)
+        t_out = S + t
+    y_ptr = NEG + yr * stride_n
+    return x_ptr, y_ptr, w, ok, t_out
+
+
+@triton.jit
+def _mixed_chunk(x_ptr, y_ptr, wx, wy, ok, dd, D, acc_ty: tl.constexpr):
+    """v = wx x + (1 - wx) y for the feature chunk ``dd`` of a block of points, in acc_ty."""
+    msk = ok[:, None] & (dd < D)[None, :]
+    x = tl.load(x_ptr[:, None] + dd[None, :], mask=msk, other=0.0).to(acc_ty)
+    y = tl.load(y_ptr[:, None] + dd[None, :], mask=msk, other=0.0).to(acc_ty)
+    return wx[:, None] * x + wy[:, None] * y
+
+
+@triton.jit
+def _sqrt(x):
+    """Correctly rounded square root (fp32: sqrt.rn instead of the approximate default)."""
+    if x.dtype == tl.float64:
+        return tl.sqrt(x)
+    else:
+        return tl.sqrt_rn(x)
+
+
+@triton.jit
+def _mix_fwd_kernel(Q, MQ, NEG, HARD, PAIR, ALPHA, QIDX, QW, U, NRM, OUT,
+                    n_hard, S, SQ, D, stride_q, stride_m, stride_n, eps,
+                    WANT_DOTS: tl.constexpr, WANT_POINTS: tl.constexpr, BLOCK_T: tl.constexpr,
+                    BLOCK_D: tl.constexpr, D_CHUNKS: tl.constexpr):
+    """One block of one row's synthetic points: nrm = max(|v|, eps); WANT_DOTS: U = <q, v> / nrm
+    and NRM = nrm; WANT_POINTS: OUT = v / nrm in the dtype of OUT. Accumulation dtype: NRM's."""
+    row = tl.program_id(0).to(tl.int64)
+    tb = tl.program_id(1)
+    acc_ty: tl.constexpr = NRM.dtype.element_ty
+    x_ptr, y_ptr, w, ok, t_out = _point_block(NEG, MQ, HARD, PAIR, ALPHA, QIDX, QW, row, tb,
+                                              n_hard, S, SQ, stride_n, stride_m, BLOCK_T)
+    wx = w.to(acc_ty)
+    wy = 1.0 - wx
+    offs_d = tl.arange(0, BLOCK_D)
+    sq = tl.zeros([BLOCK_T], dtype=acc_ty)
+    dot = tl.zeros([BLOCK_T], dtype=acc_ty)
+    for c in range(D_CHUNKS):
+        dd = c * BLOCK_D + offs_d
+        v = _mixed_chunk(x_ptr, y_ptr, wx, wy, ok, dd, D, acc_ty)
+        sq += tl.sum(v * v, 1)
+        if WANT_DOTS:
+            qv = tl.load(Q + row * stride_q + dd, mask=dd < D, other=0.0).to(acc_ty)
+            dot += tl.sum(v * qv[None, :], 1)
+    nrm = tl.maximum(_sqrt(sq), eps)
+    out_t = row * (S + SQ) + t_out
+    if WANT_DOTS:
+        tl.store(U + out_t, dot / nrm, mask=ok)
+        tl.store(NRM + out_t, nrm, mask=ok)
+    if WANT_POINTS:
+        for c in range(D_CHUNKS):
+            dd = c * BLOCK_D + offs_d
+            v = _mixed_chunk(x_ptr, y_ptr, wx, wy, ok, dd, D, acc_ty)
+            h = (v / nrm[:, None]).to(OUT.dtype.element_ty)
+            tl.store(OUT + out_t[:, None] * D + dd[None, :], h,
+                     mask=ok[:, None] & (dd < D)[None, :])
+
+
+@triton.jit
+def _mix_bwd_kernel(G, NRM, MQ, NEG, HARD, PAIR, ALPHA, QIDX, QW, DQ_P,
+                    B, n_hard, S, SQ, D, stride_m, stride_n, blocks_per_split,
+                    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    """DQ_P[split, row, chunk] = sum over the split's points t of G[row, t] v_t / NRM[row, t]."""
+    row = tl.program_id(0).to(tl.int64)
+    dc = tl.program_id(1)
+    sp = tl.program_id(2)
+    acc_ty: tl.constexpr = NRM.dtype.element_ty
+    dd = dc * BLOCK_D + tl.arange(0, BLOCK_D)
+    n_blocks = tl.cdiv(S, BLOCK_T) + tl.cdiv(SQ, BLOCK_T)
+    tb0 = sp * blocks_per_split
+    tb1 = tl.minimum(tb0 + blocks_per_split, n_blocks)
+    acc = tl.zeros([BLOCK_D], dtype=acc_ty)
+    for tb in range(tb0, tb1):
+        x_ptr, y_ptr, w, ok, t_out = _point_block(NEG, MQ, HARD, PAIR, ALPHA, QIDX, QW, row, tb,
+                                                  n_hard, S, SQ, stride_n, stride_m, BLOCK_T)
+        wx = w.to(acc_ty)
+        out_t = row * (S + SQ) + t_out
+        g = tl.load(G + out_t, mask=ok, other=0.0) / tl.load(NRM + out_t, mask=ok, other=1.0)
+        v = _mixed_chunk(x_ptr, y_ptr, wx, 1.0 - wx, ok, dd, D, acc_ty)
+        acc += tl.sum(g[:, None] * v, 0)
+    tl.store(DQ_P + (sp * B + row) * D + dd, acc, mask=dd < D)
+
+
+# ------------------------------------------------------------------------------------------------
+# host side
+# ------------------------------------------------------------------------------------------------
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _d_block(d: int, acc: torch.dtype):
+    """(BLOCK_D, D_CHUNKS): chunks of at most BLOCK_D_MAX features (half that for fp64)."""
+    cap = BLOCK_D_MAX // 2 if acc == torch.float64 else BLOCK_D_MAX
+    block = min(max(16, triton.next_power_of_2(max(1, d))), max(16, cap))
+    return block, triton.cdiv(d, block)
+
+
+def _n_sm(device: torch.device) -> int:
+    return _infonce._n_sm(device)
+
+
+def _draw_args(hard_index, pair_index, alpha, query_index, query_weight):
+    return (hard_index.to(torch.int64).contiguous(), pair_index.to(torch.int64).contiguous(),
+            alpha.to(torch.float32).contiguous(), query_index.to(torch.int64).contiguous(),
+            query_weight.to(torch.float32).contiguous())
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    return x if (x.dim() == 2 and x.stride(-1) == 1) else x.contiguous()
+
+
+def mix_outputs(query, pair_index, query_weight):
+    """Empty output of ``mix_forward`` (also the fake kernel of ``triton_mix``)."""
+    b, d = query.shape
+    return query.new_empty((b, pair_index.shape[1] + query_weight.shape[1], d))
+
+
+def mixed_dots_outputs(q, pair_index, query_weight):
+    """Empty outputs of ``mixed_dots_forward``: u and nrm, (B, s+s') in the accumulation dtype."""
+    t = pair_index.shape[1] + query_weight.shape[1]
+    acc = _acc_dtype(q.dtype)
+    return q.new_empty((q.shape[0], t), dtype=acc), q.new_empty((q.shape[0], t), dtype=acc)
+
+
+def _launch_fwd(q, mix_query, negatives, hard_index, pair_index, alpha, query_index, query_weight,
+                u, nrm, out, want_dots, want_points):
+    b, d = mix_query.shape
+    s, sq = int(pair_index.shape[1]), int(query_weight.shape[1])
+    n_blocks = triton.cdiv(s, BLOCK_T) + triton.cdiv(sq, BLOCK_T)
+    if b == 0 or n_blocks == 0:
+        return
+    negatives = _rows(negatives)
+    mix_query = _rows(mix_query).to(negatives.dtype)
+    hard, pair, al, qidx, qw = _draw_args(hard_index, pair_index, alpha, query_index, query_weight)
+    block_d, d_chunks = _d_block(d, nrm.dtype)
+    wrap_triton(_mix_fwd_kernel)[(b, n_blocks)](
+        q, mix_query, negatives, hard, pair, al, qidx, qw, u, nrm, out,
+        hard.shape[1], s, sq, d, q.stride(0), mix_query.stride(0), negatives.stride(0), NORM_EPS,
+        WANT_DOTS=want_dots, WANT_POINTS=want_points, BLOCK_T=BLOCK_T, BLOCK_D=block_d,
+        D_CHUNKS=d_chunks, num_warps=4)
+
+
+def mix_forward(query, negatives, hard_index, pair_index, alpha, query_index, query_weight):
+    """The synthetic points (B, s+s', D) in the query dtype (see the module docstring)."""
+    out = mix_outputs(query, pair_index, query_weight)
+    acc = _acc_dtype(query.dtype)
+    scratch = query.new_empty((1,), dtype=acc)
+    query = _rows(query)
+    _launch_fwd(query, query, negatives, hard_index, pair_index, alpha, query_index, query_weight,
+                scratch, scratch, out, False, True)
+    return out
+
+
+def mixed_dots_forward(q, mix_query, negatives, hard_index, pair_index, alpha, query_index,
+                       query_weight):
+    """(u, nrm): u_it = <q_i, v_it> / nrm_it, nrm_it = max(|v_it|, eps)."""
+    u, nrm = mixed_dots_outputs(q, pair_index, query_weight)
+    q = _rows(q)
+    _launch_fwd(q, mix_query, negatives, hard_index, pair_index, alpha, query_index, query_weight,
+                u, nrm, u, True, False)
+    return u, nrm
+
+
+def mixed_dots_backward(grad, nrm, mix_query, negatives, hard_index, pair_index, alpha,
+                        query_index, query_weight, q_dtype: torch.dtype):
+    """dq_i = sum_t grad_it v_it / nrm_it, in ``q_dtype``."""
+    b, d = mix_query.shape
+    s, sq = int(pair_index.shape[1]), int(query_weight.shape[1])
+    acc = nrm.dtype
+    n_blocks = triton.cdiv(s, BLOCK_T) + triton.cdiv(sq, BLOCK_T)
+    if b == 0 or n_blocks == 0:
+        return mix_query.new_zeros((b, d), dtype=q_dtype)
+    negatives = _rows(negatives)
+    mix_query = _rows(mix_query).to(negatives.dtype)
+    hard, pair, al, qidx, qw = _draw_args(hard_index, pair_index, alpha, query_index, query_weight)
+    block_d, d_chunks = _d_block(d, acc)
+    if INTERPRETER or mix_query.device.type != "cuda":
+        splits = min(2, n_blocks)  # exercises the partial sums
+    else:  # about two programs per SM
+        splits = max(1, min(n_blocks, triton.cdiv(2 * _n_sm(mix_query.device), b * d_chunks)))
+    per = triton.cdiv(n_blocks, splits)
+    splits = triton.cdiv(n_blocks, per)
+    part = mix_query.new_empty((splits, b, d), dtype=acc)
+    wrap_triton(_mix_bwd_kernel)[(b, d_chunks, splits)](
+        grad.to(acc).contiguous(), nrm.contiguous(), mix_query, negatives, hard, pair, al, qidx,
+        qw, part, b, hard.shape[1], s, sq, d, mix_query.stride(0), negatives.stride(0), per,
+        BLOCK_T=BLOCK_T, BLOCK_D=block_d, num_warps=4)
+    dq = part[0] if splits == 1 else part.sum(0)
+    return dq.to(q_dtype)
+
+
+# ------------------------------------------------------------------------------------------------
+# the family ops
+# ------------------------------------------------------------------------------------------------
+
+
+def _draws_tuple(draws: MixingDraws):
+    return draws.pair_index, draws.alpha, draws.query_index, draws.query_weight
+
+
+def mix(query, negatives, hard_index, draws: MixingDraws):
+    """``reference.mix_points`` with ``_mix_fwd_kernel``, through the custom op
+    ``contrastive_kernels::triton_mix``."""
+    from .. import ops
+
+    negatives = negatives.to(query.device)
+    return ops.triton_mix(query.detach(), negatives.detach(), hard_index.to(query.device),
+                          *_draws_tuple(draws))
+
+
+def mixed_dots(q, mix_query, negatives, hard_index, draws: MixingDraws):
+    """u_it = <q_i, h_it> (B, s+s') without forming h; gradient to q only. Through the custom op
+    ``contrastive_kernels::triton_mixed_dots_fwd`` (backward: ``triton_mixed_dots_bwd``)."""
+    from .. import ops
+
+    return ops.triton_mixed_dots_fwd(q, mix_query.detach(), negatives.detach(), hard_index,
+                                     *_draws_tuple(draws))[0]
+
+
+# ------------------------------------------------------------------------------------------------
+# the loss's forward pass with the hard negatives (see the module docstring)
+# ------------------------------------------------------------------------------------------------
+
+
+def fused_topk_reason(q: torch.Tensor, k: torch.Tensor, n_hard: int, n_gammas: int) -> Optional[str]:
+    """None when ``lse_stats_topk`` can take the hard negatives from the loss kernel, else why not."""
+    if not FUSED_TOPK:
+        return "CK_MIXING_FUSED_TOPK=0"
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"{q.dtype}: the top-k kernel scores fp64 in fp32"
+    if INTERPRETER and q.dtype == torch.bfloat16:
+        return "bf16 under the interpreter (its top-k dot is unreliable)"
+    if _infonce._d_blocks(int(q.shape[1]), q.dtype)[1] != 1:
+        return "feature dim too wide for a resident tile"
+    if q.dtype == torch.float32 and _infonce._precision(q.dtype) not in ("tf32x3", "ieee"):
+        return "TF32 matmuls allowed: the loss kernel's fp32 dot is not the top-k kernel's"
+    if n_gammas not in (1, 2) or n_hard > k.shape[0] or n_hard > _topk.MAX_K:
+        return "unsupported estimator or n_hard"
+    if k.device != q.device:
+        return "queue on another device"
+    return None
+
+
+def candidate_plan(n_rows: int, n_hard: int):
+    """(f, k_s, capacity): the threshold sample takes every f-th queue row and its k_s-th largest
+    score; about f * k_s rows pass it, and each row keeps at most ``capacity`` candidates.
+    Depends on shapes only (the fake kernel needs the capacity)."""
+    f = max(1, n_rows // max(1, SAMPLE_ROWS_PER_HARD * n_hard))
+    n_sample = triton.cdiv(n_rows, f)
+    mean = n_hard * n_sample / n_rows  # sample rows among the true top n_hard
+    k_s = int(min(n_sample, math.ceil(mean + 4.0 * math.sqrt(mean) + 4.0)))
+    expected = k_s * n_rows / n_sample
+    cap = int(math.ceil(1.5 * expected + 6.0 * math.sqrt(expected) + 32.0))
+    cap = min(n_rows, triton.cdiv(cap, 16) * 16)
+    return f, k_s, max(cap, n_hard)
+
+
+@torch.no_grad()
+def sample_threshold(q, k, f: int, k_s: int) -> torch.Tensor:
+    """T_i (fp32): the k_s-th largest <q_i, k_j> over the sample k[::f], lowered by 2^-7 of its
+    magnitude (the matmul here rounds differently from the loss kernel, and a 16-bit result is
+    rounded: a candidate at the margin must not be missed); -inf when k_s is the whole sample.
+    Any arithmetic will do: the threshold only sizes the candidate lists, the check decides."""
+    sample = k.detach()[::f]
+    if k_s >= sample.shape[0]:
+        return torch.full((q.shape[0],), float("-inf"), dtype=torch.float32, device=q.device)
+    scores = (q.detach() @ sample.T).float()
+    kth = torch.topk(scores, k_s, dim=1, sorted=False).values.amin(1)
+    return (kth - kth.abs() * 2.0 ** -7).contiguous()
+
+
+def _shape_key(q, k, gammas, flags):
+    return (str(q.device), str(q.dtype), int(q.shape[0]), int(k.shape[0]), int(q.shape[1]),
+            len(gammas), flags)
+
+
+def lse_stats_topk(q, k, row_scale, col_scale=None, row_bias=None, col_bias=None, *,
+                   gammas=(1.0,), n_hard: int):
+    """(row_lse (G, B), hard (B, n_hard) int64) where row_lse = ``lse_stats(...)[0]`` over the
+    queue k and hard = ``topk(q.detach(), k.detach(), n_hard, similarity="dot").indices``, with
+    the hard negatives taken from the loss kernel's own pass when ``fused_topk_reason`` allows
+    (module docstring), else from the separate top-k."""
+    from .. import ops
+
+    reason = fused_topk_reason(q, k, n_hard, len(gammas))
+    flags = (col_scale is not None, row_bias is not None, col_bias is not None)
+    key = _shape_key(q, k, gammas, flags)
+    if reason is not None or _checked_keys.get(key) is False:
+        STATS["separate_calls"] += 1
+        row_lse = _infonce.lse_stats(q, k, row_scale, col_scale, row_bias, col_bias,
+                                     gammas=gammas)[0]
+        return row_lse, _topk.topk(q.detach(), k.detach(), n_hard, similarity="dot")[1]
+    STATS["fused_calls"] += 1
+    f, k_s, cap = candidate_plan(int(k.shape[0]), n_hard)
+    thr = sample_threshold(q, k, f, k_s)
+    key_side = any(t is not None and t.requires_grad for t in (k, col_scale, col_bias))
+    query_side = any(t is not None and t.requires_grad for t in (q, row_scale, row_bias))
+    row_only = (torch.is_grad_enabled() and query_side and not key_side
+                and _infonce.row_only_supported(q.shape[1], q.dtype, len(gammas), False))
+    out = ops.triton_lse_topk_fwd(q, k, row_scale, col_scale, row_bias, col_bias,
+                                  [float(g) for g in gammas], bool(row_only), thr, cap)
+    row_lse, cand_s, cand_j, count = out[0], out[5], out[6], out[7]
+    hard, ok = merge_candidates(cand_s, cand_j, count, n_hard, row_lse)
+    redo = torch.nonzero(~ok).flatten()  # the one synchronization
+    if redo.numel():
+        STATS["fallback_rows"] += int(redo.numel())
+        hard[redo] = _topk.topk(q.detach()[redo], k.detach(), n_hard, similarity="dot")[1]
+    if key not in _checked_keys and not torch.compiler.is_compiling():
+        want = _topk.topk(q.detach(), k.detach(), n_hard, similarity="dot")[1]
+        _checked_keys[key] = bool(torch.equal(hard, want))
+        if not _checked_keys[key]:
+            warnings.warn("contrastive_kernels: the hard negatives taken from the loss kernel differ "
+                          "from topk_similarity's on this GPU/shape; using the separate top-k for "
+                          f"{key} from now on", RuntimeWarning, stacklevel=2)
+            hard = want
+    return row_lse, hard
+
+
+def merge_candidates(cand_s, cand_j, count, n_hard, row_lse):
+    """(hard (B, n_hard) int64, exact (B,) bool) from each row's candidates: the n_hard largest
+    top-k keys (score, then lower index; triton/topk.py's encoding)."""
+    keys = _topk.encode_keys(cand_s, cand_j)
+    _, hard = _topk.decode_keys(_topk._topk_keys(keys, n_hard))
+    exact = (count >= n_hard) & (count <= cand_s.shape[1]) & torch.isfinite(row_lse).all(0)
+    return hard, exact
+
+
+# ------------------------------------------------------------------------------------------------
+# ahead-of-time compile specs (scripts/triton_aot_check.py)
+# ------------------------------------------------------------------------------------------------
+
+
+def _aot_specs():
+    idx = {"HARD": "*i64", "PAIR": "*i64", "QIDX": "*i64", "ALPHA": "*fp32", "QW": "*fp32"}
+    fwd_sig = {"Q": "*{dt}", "MQ": "*{dt}", "NEG": "*{dt}", **idx, "U": "*{acc}", "NRM": "*{acc}",
+               "OUT": "*{dt}", "n_hard": "i32", "S": "i32", "SQ": "i32", "D": "i32",
+               "stride_q": "i32", "stride_m": "i32", "stride_n": "i32", "eps": "fp32"}
+    bwd_sig = {"G": "*{acc}", "NRM": "*{acc}", "MQ": "*{dt}", "NEG": "*{dt}", **idx,
+               "DQ_P": "*{acc}", "B": "i32", "n_hard": "i32", "S": "i32", "SQ": "i32", "D": "i32",
+               "stride_m": "i32", "stride_n": "i32", "blocks_per_split": "i32"}
+    divisible = ("D", "stride_q", "stride_m", "stride_n")
+    specs = []
+    for d in (128, 768):
+        dtypes = ("fp32", "fp16", "bf16", "fp64") if d == 128 else ("bf16", "fp32")
+        chunks = lambda dt, d=d: _d_block(d, torch.float64 if dt == "fp64" else torch.float32)  # noqa: E731
+        for dots, points, name in ((True, False, "mixed_dots_fwd"), (False, True, "mix")):
+            specs.append(dict(
+                name=f"{name}[D={d}]", kernel=_mix_fwd_kernel, dtypes=dtypes,
+                signature={**fwd_sig, **{c: "constexpr" for c in
+                                         ("WANT_DOTS", "WANT_POINTS", "BLOCK_T", "BLOCK_D", "D_CHUNKS")}},
+                constexprs=dict(WANT_DOTS=dots, WANT_POINTS=points, BLOCK_T=32,
+                                BLOCK_D=lambda dt, c=chunks: c(dt)[0],
+                                D_CHUNKS=lambda dt, c=chunks: c(dt)[1]),
+                divisible=divisible, num_warps=4, num_stages=3))
+        specs.append(dict(
+            name=f"mixed_dots_bwd[D={d}]", kernel=_mix_bwd_kernel, dtypes=dtypes,
+            signature={**bwd_sig, "BLOCK_T": "constexpr", "BLOCK_D": "constexpr"},
+            constexprs=dict(BLOCK_T=32, BLOCK_D=lambda dt, c=chunks: c(dt)[0]),
+            divisible=divisible, num_warps=4, num_stages=3))
+    return specs
+
+
+AOT_SPECS = _aot_specs()
