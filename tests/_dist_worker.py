@@ -66,6 +66,9 @@ def main():
 
         results = _dist_scenarios.run(job["scenarios"], rank, world, group)
     torch.save(results, os.path.join(job["out"], f"rank{rank}.pt"))
+    # every rank done before any tears gloo down: a rank destroying the group while another still
+    # has gloo work in flight (the error scenarios end unevenly) aborts it ("terminate called")
+    dist.barrier(group)
     dist.destroy_process_group()
 
 
