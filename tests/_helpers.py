@@ -94,3 +94,55 @@ def check_low_precision(fn: Callable, tensors: Dict[str, torch.Tensor], grad_nam
         assert err <= 2 * err_eager + floor * scale, (
             f"{backend} {name} at {dtype} on rounded inputs: error {err:.3g} exceeds twice the eager "
             f"reference's {err_eager:.3g} + floor {floor * scale:.3g}")
+
+
+def lse_inputs(b, n, d, dtype=torch.float64, seed=0, col_scale=True, biases=True):
+    """[q, k, row scale, column scale, row bias, column bias] of an ``lse_stats`` case, drawn in
+    fp64 (scales in [0.5, 1.5)) and cast to ``dtype``; a part left out is None."""
+    g = torch.Generator().manual_seed(seed)
+    q, k = (torch.randn(rows, d, dtype=torch.float64, generator=g) for rows in (b, n))
+    a = torch.rand(b, dtype=torch.float64, generator=g) + 0.5
+    bb = torch.rand(n, dtype=torch.float64, generator=g) + 0.5
+    c = torch.randn(b, dtype=torch.float64, generator=g)
+    dd = torch.randn(n, dtype=torch.float64, generator=g)
+    parts = [q, k, a, bb if col_scale else None, c if biases else None, dd if biases else None]
+    return [t.to(dtype) if t is not None else None for t in parts]
+
+
+def lse_case(fn, inputs, grad_mask, device=None, **kw):
+    """Outputs and input gradients (fp64, on the CPU) of ``fn`` = an ``lse_stats`` on ``device``
+    (default: where the inputs are), each output weighted by fixed random weights so that every
+    entry's gradient is checked."""
+    move = (lambda t: t.to(device)) if device is not None else (lambda t: t)
+    leaves = [move(t.detach().clone()).requires_grad_(m) if t is not None else None
+              for t, m in zip(inputs, grad_mask)]
+    kw = {name: (move(v) if torch.is_tensor(v) else v) for name, v in kw.items()}
+    row, ps, pc, col = fn(*leaves, **kw)
+    gen = torch.Generator().manual_seed(5)
+
+    def weighted(x):
+        w = torch.rand(x.shape, generator=gen, dtype=torch.float64)
+        return (x * w.to(x.device, x.dtype)).sum()
+
+    total = weighted(row) + weighted(ps) + (weighted(col) if col.numel() else 0)
+    needs = [t for t in leaves if t is not None and t.requires_grad]
+    grads = torch.autograd.grad(total, needs) if needs else []
+    return [x.detach().double().cpu() for x in (row, ps, pc, col, *grads)]
+
+
+def faiss_topk(q, bank, k, similarity):
+    """Exact top-k (values, indices) by FAISS flat indexes, the independent oracle of top-k;
+    l2 values are negated squared distances, as topk_similarity defines them."""
+    import faiss
+    import torch.nn.functional as F
+    if similarity == "l2":
+        index = faiss.IndexFlatL2(q.shape[1])
+        index.add(bank.numpy())
+        dist, idx = index.search(q.numpy(), k)
+        return -torch.from_numpy(dist), torch.from_numpy(idx)
+    if similarity == "cosine":
+        q, bank = F.normalize(q, dim=1), F.normalize(bank, dim=1)
+    index = faiss.IndexFlatIP(q.shape[1])
+    index.add(bank.numpy())
+    dist, idx = index.search(q.numpy(), k)
+    return torch.from_numpy(dist), torch.from_numpy(idx)

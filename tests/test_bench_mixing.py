@@ -24,10 +24,9 @@ def test_eager_mochi_is_mochi():
                           rtol=1e-6, atol=1e-7)
 
 
-def test_mixing_preset_reports_the_ratio_to_plain_infonce(tmp_path, monkeypatch, capsys):
+def test_mixing_preset_reports_the_ratio_to_plain_infonce(tmp_path, capsys, monkeypatch):
     """The preset pairs each mixing case with plain InfoNCE at the same B, K, D; the report gives
-    mixing / plain of the triton backend (here the chunked backend stands in for it on a tiny
-    shape, under the name the ratio looks for)."""
+    mixing / plain of the same backend, and eager MoCHi against the eager reference."""
     cases._load_baselines()
     assert {"eager-mochi", "triton-separate-topk"} <= set(cases.BASELINES)
     ops = [(c.op, c.dims["K"]) for c in cases.PRESETS["mixing"]]
@@ -36,10 +35,10 @@ def test_mixing_preset_reports_the_ratio_to_plain_infonce(tmp_path, monkeypatch,
     tiny = [cases.case("info_nce_bank", B=8, K=64, D=8, label="m"),
             cases.case("mixing", B=8, K=64, D=8, n_hard=8, s=4, s_q=2, label="m")]
     monkeypatch.setitem(cases.PRESETS, "tiny-mixing", tiny)
-    real = cases.build_step
-    monkeypatch.setattr(cases, "build_step", lambda c, b, d: real(c, "chunked" if b == "triton" else b, d))
-    assert main(["--preset", "tiny-mixing", "--backends", "triton,eager-mochi", "--repeats", "1",
-                 "--no-isolate", "--out", str(tmp_path)]) == 0
+    assert main(["--preset", "tiny-mixing", "--backends", "chunked,eager-mochi,reference",
+                 "--repeats", "1", "--no-isolate", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "against plain fused InfoNCE" in out and "B=8 K=64 D=8 n_hard=8 s=4 s_q=2 triton" in out
+    ratios = next(line for line in out.splitlines() if "against plain InfoNCE" in line)
+    for backend in ("chunked", "eager-mochi", "reference"):
+        assert f"B=8 K=64 D=8 n_hard=8 s=4 s_q=2 {backend}: " in ratios, backend
     assert "eager-mochi does not support info_nce_bank" in out

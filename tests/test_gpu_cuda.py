@@ -8,8 +8,9 @@ import pytest
 import torch
 
 import contrastive_kernels as ck
-from contrastive_kernels import chunked, functional, reference
+from contrastive_kernels import functional, reference
 from contrastive_kernels._common import draw_mixing, pack_multi_hot
+from _helpers import lse_case, lse_inputs
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -41,32 +42,6 @@ def _ops():
 # lse_stats, op level (fp64: the kernels' logic exactly; lower precisions: tolerances)
 # --------------------------------------------------------------------------------------------
 
-def _lse_inputs(b, n, d, dtype=torch.float64, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(b, d, dtype=torch.float64, generator=g)
-    k = torch.randn(n, d, dtype=torch.float64, generator=g)
-    a = torch.rand(b, dtype=torch.float64, generator=g) + 0.5
-    bb = torch.rand(n, dtype=torch.float64, generator=g) + 0.5
-    c = torch.randn(b, dtype=torch.float64, generator=g)
-    dd = torch.randn(n, dtype=torch.float64, generator=g)
-    return [q.to(dtype), k.to(dtype), a, bb, c, dd]
-
-
-def _lse_case(fn, inputs, grad_mask, device, **kw):
-    leaves = [t.detach().clone().to(device).requires_grad_(m) if t is not None else None
-              for t, m in zip(inputs, grad_mask)]
-    kw = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in kw.items()}
-    row, ps, pc, col = fn(*leaves, **kw)
-    gen = torch.Generator().manual_seed(5)
-    wr = torch.rand(row.shape, generator=gen, dtype=torch.float64).to(device, row.dtype)
-    wp = torch.rand(ps.shape, generator=gen, dtype=torch.float64).to(device, ps.dtype)
-    total = (row * wr).sum() + (ps * wp).sum()
-    if col.numel():
-        wc = torch.rand(col.shape, generator=gen, dtype=torch.float64).to(device, col.dtype)
-        total = total + (col * wc).sum()
-    needs = [t for t in leaves if t is not None and t.requires_grad]
-    grads = torch.autograd.grad(total, needs) if needs else []
-    return [x.detach().double().cpu() for x in (row, ps, pc, col, *grads)]
 
 
 LABELS = {
@@ -87,7 +62,7 @@ LABELS = {
 def test_lse_stats_fp64_matches_spec(labels, exclude, gammas, col_lse, grad_side, shape):
     b, n, d = shape
     torch.manual_seed(0)
-    inputs = _lse_inputs(b, n, d)
+    inputs = lse_inputs(b, n, d)
     excl = {"none": None, "one": torch.arange(b)[:, None] % n,
             "two": torch.stack([torch.arange(b) % n, (torch.arange(b) * 7 + 3) % n], 1)}[exclude]
     if excl is not None:
@@ -95,8 +70,8 @@ def test_lse_stats_fp64_matches_spec(labels, exclude, gammas, col_lse, grad_side
     ql, kl = LABELS[labels](b, n)
     mask = [True, grad_side == "both", True, grad_side == "both", True, grad_side == "both"]
     kw = dict(gammas=gammas, exclude=excl, q_labels=ql, k_labels=kl, want_col_lse=col_lse)
-    want = _lse_case(reference.lse_stats, inputs, mask, "cpu", **kw)
-    got = _lse_case(_ops().lse_stats, inputs, mask, DEV, **kw)
+    want = lse_case(reference.lse_stats, inputs, mask, "cpu", **kw)
+    got = lse_case(_ops().lse_stats, inputs, mask, DEV, **kw)
     for i, (g, w) in enumerate(zip(got, want)):
         assert g.shape == w.shape, i
         assert torch.allclose(g, w, rtol=1e-9, atol=1e-10), (i, (g - w).abs().max())
@@ -109,16 +84,16 @@ def test_lse_stats_fp64_matches_spec(labels, exclude, gammas, col_lse, grad_side
 def test_lse_stats_low_precision(dtype, d, row_only):
     """Against the fp64 reference: error at most twice the eager run at the same dtype + floor."""
     b, n = 300, 5000
-    inputs = _lse_inputs(b, n, d, dtype=torch.float64, seed=d)
+    inputs = lse_inputs(b, n, d, dtype=torch.float64, seed=d)
     inputs[0] = torch.nn.functional.normalize(inputs[0], dim=1)
     inputs[1] = torch.nn.functional.normalize(inputs[1], dim=1)
     inputs[2] = inputs[2] * 10  # logit scale ~ 1/T
     mask = [True, not row_only, True, not row_only, True, not row_only]
     kw = dict(gammas=(1.0,), want_col_lse=not row_only)
-    truth = _lse_case(reference.lse_stats, inputs, mask, "cpu", **kw)
+    truth = lse_case(reference.lse_stats, inputs, mask, "cpu", **kw)
     low = [t.to(dtype) if i < 2 else t.float() for i, t in enumerate(inputs)]
-    eager = _lse_case(reference.lse_stats, low, mask, DEV, **kw)
-    got = _lse_case(_ops().lse_stats, low, mask, DEV, **kw)
+    eager = lse_case(reference.lse_stats, low, mask, DEV, **kw)
+    got = lse_case(_ops().lse_stats, low, mask, DEV, **kw)
     for i, (g, e, t) in enumerate(zip(got, eager, truth)):
         if t.numel() == 0:
             continue

@@ -1,6 +1,5 @@
 """Every fused backend against reference.py: the loss value and every gradient, for every option
 of every loss, in fp64 (tight) and fp32 (DESIGN.md's twice-the-eager-error rule), at odd shapes."""
-import itertools
 
 import pytest
 import torch

@@ -1,7 +1,6 @@
 """Peak memory: the chunked backend's extra memory for forward+backward at the QK shape
 (B=256, K=2^20, D=128, fp32 on CPU) is at most 5% of eager PyTorch's. Each is measured in its own
 process (VmHWM after the step minus VmRSS before it, the peak mark reset once the inputs exist)."""
-import pytest
 
 from contrastive_kernels.bench.cases import case
 from contrastive_kernels.bench.measure import measure_isolated

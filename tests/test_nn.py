@@ -2,7 +2,6 @@
 MoCo queue's ring buffer, state_dict round trip and device moves."""
 import math
 
-import pytest
 import torch
 
 import contrastive_kernels as ck

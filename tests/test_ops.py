@@ -1,44 +1,17 @@
 """The family ops of each fused backend against the spec in reference.py, directly: lse_stats
 with every combination of inputs, masks, labels and column statistics (value and the gradient of
 every input), top-k, and mixing. Plus fp64 gradcheck of the chunked backend."""
-import functools
-import itertools
 
 import pytest
 import torch
 
 from contrastive_kernels import chunked, functional, reference
 from contrastive_kernels._common import draw_mixing, pack_multi_hot
+from _helpers import lse_case, lse_inputs
 
 
 def _ops(name):
     return functional.resolve_backend(name, "loss", torch.device("cpu"))
-
-
-def _lse_inputs(b, n, d, with_col_scale, with_biases, dtype=torch.float64):
-    g = torch.Generator().manual_seed(b * 1000 + n)
-    q = torch.randn(b, d, dtype=dtype, generator=g)
-    k = torch.randn(n, d, dtype=dtype, generator=g)
-    a = torch.rand(b, dtype=dtype, generator=g) + 0.5
-    bb = torch.rand(n, dtype=dtype, generator=g) + 0.5 if with_col_scale else None
-    c = torch.randn(b, dtype=dtype, generator=g) if with_biases else None
-    dd = torch.randn(n, dtype=dtype, generator=g) if with_biases else None
-    return [q, k, a, bb, c, dd]
-
-
-def _lse_case(fn, inputs, grad_mask, **kw):
-    """Outputs and input gradients of lse_stats under ``fn``, with fixed output weights."""
-    leaves = [t.detach().clone().requires_grad_(m) if t is not None else None
-              for t, m in zip(inputs, grad_mask)]
-    row, ps, pc, col = fn(*leaves, **kw)
-    gen = torch.Generator().manual_seed(5)
-    total = (row * torch.rand(row.shape, generator=gen, dtype=row.dtype)).sum()
-    total = total + (ps * torch.rand(ps.shape, generator=gen, dtype=ps.dtype)).sum()
-    if col.numel():
-        total = total + (col * torch.rand(col.shape, generator=gen, dtype=col.dtype)).sum()
-    needs = [t for t in leaves if t is not None and t.requires_grad]
-    grads = torch.autograd.grad(total, needs) if needs else []
-    return [row.detach(), ps.detach(), pc.detach(), col.detach(), *grads]
 
 
 LABELS = {
@@ -57,7 +30,7 @@ LABELS = {
 def test_lse_stats_matches_spec(backend, labels, exclude, gammas, col_lse, grad_side):
     b, n, d = 9, 23, 5
     torch.manual_seed(0)
-    inputs = _lse_inputs(b, n, d, with_col_scale=True, with_biases=True)
+    inputs = lse_inputs(b, n, d)
     excl = {"none": None, "one": torch.arange(b)[:, None] % n,
             "two": torch.stack([torch.arange(b) % n, (torch.arange(b) * 7 + 3) % n], 1)}[exclude]
     if excl is not None:
@@ -65,8 +38,8 @@ def test_lse_stats_matches_spec(backend, labels, exclude, gammas, col_lse, grad_
     ql, kl = LABELS[labels](b, n)
     mask = [True, grad_side == "both", True, grad_side == "both", True, grad_side == "both"]
     kw = dict(gammas=gammas, exclude=excl, q_labels=ql, k_labels=kl, want_col_lse=col_lse)
-    want = _lse_case(reference.lse_stats, inputs, mask, **kw)
-    got = _lse_case(_ops(backend).lse_stats, inputs, mask, **kw)
+    want = lse_case(reference.lse_stats, inputs, mask, **kw)
+    got = lse_case(_ops(backend).lse_stats, inputs, mask, **kw)
     for i, (g, w) in enumerate(zip(got, want)):
         assert g.shape == w.shape, i
         assert torch.allclose(g, w, rtol=1e-9, atol=1e-10), (i, (g - w).abs().max())
@@ -74,10 +47,10 @@ def test_lse_stats_matches_spec(backend, labels, exclude, gammas, col_lse, grad_
 
 @pytest.mark.parametrize("b,n,d", [(1, 1, 1), (2, 0, 3), (5, 1000, 3), (33, 65, 17)])
 def test_lse_stats_shapes(backend, b, n, d):
-    inputs = _lse_inputs(b, n, d, with_col_scale=False, with_biases=False)
+    inputs = lse_inputs(b, n, d, col_scale=False, biases=False)
     for mask in ([True, False, True, False, False, False], [True, True, True, False, False, False]):
-        want = _lse_case(reference.lse_stats, inputs, mask, want_col_lse=n > 0)
-        got = _lse_case(_ops(backend).lse_stats, inputs, mask, want_col_lse=n > 0)
+        want = lse_case(reference.lse_stats, inputs, mask, want_col_lse=n > 0)
+        got = lse_case(_ops(backend).lse_stats, inputs, mask, want_col_lse=n > 0)
         for g, w in zip(got, want):
             assert g.shape == w.shape
             assert torch.allclose(g, w, rtol=1e-9, atol=1e-10) or (n == 0 and torch.equal(g, w))
@@ -96,7 +69,7 @@ def test_lse_stats_row_without_columns(backend):
 @pytest.mark.parametrize("row_only", [False, True])
 def test_chunked_gradcheck(row_only):
     torch.manual_seed(0)
-    q, k, a, b, c, d = _lse_inputs(4, 11, 3, with_col_scale=True, with_biases=True)
+    q, k, a, b, c, d = lse_inputs(4, 11, 3)
     q.requires_grad_(), a.requires_grad_(), c.requires_grad_()
     if not row_only:
         k.requires_grad_(), b.requires_grad_(), d.requires_grad_()

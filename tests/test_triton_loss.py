@@ -14,7 +14,7 @@ import torch
 import contrastive_kernels as ck
 from contrastive_kernels import functional, reference
 from contrastive_kernels._common import pack_multi_hot
-from _helpers import check_backend, check_low_precision
+from _helpers import check_backend, check_low_precision, lse_case, lse_inputs
 
 DEVICE = torch.device("cpu")
 _why = functional.backend_unavailable_reason("triton", DEVICE)
@@ -112,29 +112,6 @@ def test_losses_half_precision_twice_eager(fn, tensors, grads, dtype):
 # ------------------------------------------------------------------------------------------------
 
 
-def _op_inputs(b, n, d, dtype=torch.float64, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(b, d, dtype=dtype, generator=g)
-    k = torch.randn(n, d, dtype=dtype, generator=g)
-    a = torch.rand(b, dtype=dtype, generator=g) + 0.5
-    bb = torch.rand(n, dtype=dtype, generator=g) + 0.5
-    c = torch.randn(b, dtype=dtype, generator=g)
-    dd = torch.randn(n, dtype=dtype, generator=g)
-    return [q, k, a, bb, c, dd]
-
-
-def _op_case(fn, inputs, grad_mask, **kw):
-    leaves = [t.detach().clone().requires_grad_(m) if t is not None else None
-              for t, m in zip(inputs, grad_mask)]
-    row, ps, pc, col = fn(*leaves, **kw)
-    gen = torch.Generator().manual_seed(5)
-    total = (row * torch.rand(row.shape, generator=gen, dtype=row.dtype)).sum()
-    total = total + (ps * torch.rand(ps.shape, generator=gen, dtype=ps.dtype)).sum()
-    if col.numel():
-        total = total + (col * torch.rand(col.shape, generator=gen, dtype=col.dtype)).sum()
-    needs = [t for t in leaves if t is not None and t.requires_grad]
-    grads = torch.autograd.grad(total, needs) if needs else []
-    return [row.detach(), ps.detach(), pc.detach(), col.detach(), *grads]
 
 
 def _full_kw(b, n, labels="bits"):
@@ -162,12 +139,12 @@ def test_split_plans_match_spec(plan, labels):
     """Every row-group / key-split plan (the split-K merges, the column-statistics merges, the
     backward partial sums) gives the spec's values and gradients."""
     b, n, d = 37, 75, 13
-    inputs = _op_inputs(b, n, d)
+    inputs = lse_inputs(b, n, d)
     kw = _full_kw(b, n, labels)
     mask = [True] * 6
-    want = _op_case(reference.lse_stats, inputs, mask, **kw)
+    want = lse_case(reference.lse_stats, inputs, mask, **kw)
     with infonce.plan_override(fwd=plan, q=plan, k=plan):
-        got = _op_case(infonce.lse_stats, inputs, mask, **kw)
+        got = lse_case(infonce.lse_stats, inputs, mask, **kw)
     _assert_close(got, want)
 
 
@@ -177,12 +154,12 @@ def test_chunked_feature_dim(d, grad_side):
     """Feature dims wider than the resident limit loop over chunks (accumulators in the partial
     buffers); forced here with a 16-wide limit: D = 16 stays resident, 17 and 40 are chunked."""
     b, n = 21, 50
-    inputs = _op_inputs(b, n, d)
+    inputs = lse_inputs(b, n, d)
     kw = _full_kw(b, n)
     mask = [True, grad_side == "both", True, grad_side == "both", True, grad_side == "both"]
-    want = _op_case(reference.lse_stats, inputs, mask, **kw)
+    want = lse_case(reference.lse_stats, inputs, mask, **kw)
     with infonce.plan_override(max_reg_d=16, chunk_d=16):
-        got = _op_case(infonce.lse_stats, inputs, mask, **kw)
+        got = lse_case(infonce.lse_stats, inputs, mask, **kw)
     _assert_close(got, want)
 
 
@@ -191,7 +168,7 @@ def test_chunked_feature_dim(d, grad_side):
 def test_row_only_equals_recompute(dtype, with_biases):
     """The row-only forward accumulation (E = softmax-weighted keys, O(B D) backward) and the
     recompute backward give the same query-side gradients."""
-    q, k, a, bb, c, dd = _op_inputs(B, N, D, torch.float64)
+    q, k, a, bb, c, dd = lse_inputs(B, N, D, torch.float64)
     q, k = q.to(dtype), k.to(dtype)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     a, bb, c, dd = (t.to(acc) for t in (a, bb, c, dd))
@@ -234,19 +211,19 @@ def test_fused_and_deterministic_backward_agree():
     """dQ and dK from one recompute (atomics) equal the two-kernel backward; with
     torch.use_deterministic_algorithms(True) repeated runs are bitwise equal."""
     b, n, d = 37, 75, 13
-    inputs = _op_inputs(b, n, d)
+    inputs = lse_inputs(b, n, d)
     kw = _full_kw(b, n)
-    want = _op_case(reference.lse_stats, inputs, [True] * 6, **kw)
-    fused = _op_case(infonce.lse_stats, inputs, [True] * 6, **kw)
+    want = lse_case(reference.lse_stats, inputs, [True] * 6, **kw)
+    fused = lse_case(infonce.lse_stats, inputs, [True] * 6, **kw)
     with infonce.plan_override(fused=False):
-        split = _op_case(infonce.lse_stats, inputs, [True] * 6, **kw)
+        split = lse_case(infonce.lse_stats, inputs, [True] * 6, **kw)
     _assert_close(fused, want)
     _assert_close(split, want)
     old = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     try:
-        first = _op_case(infonce.lse_stats, inputs, [True] * 6, **kw)
-        again = _op_case(infonce.lse_stats, inputs, [True] * 6, **kw)
+        first = lse_case(infonce.lse_stats, inputs, [True] * 6, **kw)
+        again = lse_case(infonce.lse_stats, inputs, [True] * 6, **kw)
     finally:
         torch.use_deterministic_algorithms(old)
     for x, y in zip(first, again):
@@ -255,7 +232,7 @@ def test_fused_and_deterministic_backward_agree():
 
 
 def test_three_gammas_is_a_clear_error():
-    q, k, a, *_ = _op_inputs(3, 5, 4)
+    q, k, a, *_ = lse_inputs(3, 5, 4)
     with pytest.raises(ValueError, match="1 or 2 gammas"):
         infonce.lse_stats(q, k, a, gammas=(1.0, 2.0, 3.0))
 
@@ -278,7 +255,7 @@ def test_low_temperature_bf16_bank_stays_finite():
 
 
 def _op_args(b=B, n=N, d=D, dtype=torch.float32, col=True, row_only=False, labels=True):
-    q, k, a, bb, c, dd = _op_inputs(b, n, d, dtype)
+    q, k, a, bb, c, dd = lse_inputs(b, n, d, dtype)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     a, bb, c, dd = (t.to(acc) for t in (a, bb, c, dd))
     excl = torch.arange(b)[:, None] % n
@@ -374,18 +351,18 @@ def test_split_count_tuning(monkeypatch):
     monkeypatch.setattr(infonce, "_bench", fake_bench)
     monkeypatch.setattr(infonce, "_waves_cache", {})
     b, n, d = 9, 200, 8
-    inputs = _op_inputs(b, n, d)
+    inputs = lse_inputs(b, n, d)
     kw = _full_kw(b, n)
     plans = []
     real_plan = infonce._fwd_plan
     monkeypatch.setattr(infonce, "_fwd_plan", lambda *a: plans.append(a[-1]) or real_plan(*a))
-    want = _op_case(reference.lse_stats, inputs, [True] * 6, **kw)
+    want = lse_case(reference.lse_stats, inputs, [True] * 6, **kw)
     with infonce.plan_override(tune_on_cpu=True):
-        got = _op_case(infonce.lse_stats, inputs, [True] * 6, **kw)
+        got = lse_case(infonce.lse_stats, inputs, [True] * 6, **kw)
         assert timed == [1, 2, 4, 1, 2, 4]  # forward, then backward
         assert len(infonce._waves_cache) == 2 and set(infonce._waves_cache.values()) == {4}
         assert plans[-1] == 4
-        again = _op_case(infonce.lse_stats, inputs, [True] * 6, **kw)
+        again = lse_case(infonce.lse_stats, inputs, [True] * 6, **kw)
         assert len(timed) == 6  # cached
         with FakeTensorMode() as mode:  # traced calls (torch.compile) never time anything
             fake = mode.from_tensor(inputs[0])
