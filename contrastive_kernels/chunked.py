@@ -86,6 +86,17 @@ def _chunk_valid(exclude, j0, j1, device):
     return valid
 
 
+def _logit_chunks(qf, k, a, b, c, d, exclude, acc):
+    """The streaming loop of lse_stats' forward and backward: for each column chunk (its size from
+    the memory budget), (j0, j1, the chunk's keys in ``acc``, its logits, its valid mask or None)."""
+    bsz, n, dev = qf.shape[0], k.shape[0], qf.device
+    step = chunk_size(bsz, n, torch.finfo(acc).bits // 8)
+    for j0 in range(0, n, step):
+        j1 = min(n, j0 + step)
+        kc = k[j0:j1].to(device=dev, dtype=acc)
+        yield j0, j1, kc, _chunk_logits(qf, kc, a, b, c, d, j0, j1), _chunk_valid(exclude, j0, j1, dev)
+
+
 def _chunk_positive(q_labels, k_labels, j0, j1, valid):
     if q_labels is None:
         return None
@@ -117,12 +128,7 @@ class _LseStats(torch.autograd.Function):
         if row_only:
             e_key = torch.zeros((n_g, bsz, q.shape[1]), dtype=acc, device=dev)
             p_key = torch.zeros((bsz, q.shape[1]), dtype=acc, device=dev)
-        step = chunk_size(bsz, n, torch.finfo(acc).bits // 8)
-        for j0 in range(0, n, step):
-            j1 = min(n, j0 + step)
-            kc = k[j0:j1].to(device=dev, dtype=acc)
-            logits = _chunk_logits(qf, kc, a, b, c, d, j0, j1)
-            valid = _chunk_valid(exclude, j0, j1, dev)
+        for j0, j1, kc, logits, valid in _logit_chunks(qf, k, a, b, c, d, exclude, acc):
             bk = kc * b[j0:j1, None] if (row_only and b is not None) else kc
             for g, gamma in enumerate(gammas):
                 z = logits if gamma == 1.0 else gamma * logits
@@ -189,12 +195,7 @@ class _LseStats(torch.autograd.Function):
         dc = torch.zeros(bsz, dtype=acc, device=dev) if need[4] else None
         dd = torch.zeros(n, dtype=acc, device=dev) if need[5] else None
         aq = qf * a[:, None] if (need[1] or need[3]) else None
-        step = chunk_size(bsz, n, torch.finfo(acc).bits // 8)
-        for j0 in range(0, n, step):
-            j1 = min(n, j0 + step)
-            kc = k[j0:j1].to(device=dev, dtype=acc)
-            logits = _chunk_logits(qf, kc, a, b, c, d, j0, j1)
-            valid = _chunk_valid(exclude, j0, j1, dev)
+        for j0, j1, kc, logits, valid in _logit_chunks(qf, k, a, b, c, d, exclude, acc):
             grad = torch.zeros_like(logits)
             for g, gamma in enumerate(gammas):
                 if gamma != 0.0:
