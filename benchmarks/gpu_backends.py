@@ -8,27 +8,17 @@ Times are medians of CUDA-event-timed repeats after warm-up (forward + backward 
 from __future__ import annotations
 
 import argparse
-import statistics
 
 import torch
 import torch.nn.functional as F
 
 import contrastive_kernels as ck
+from contrastive_kernels.bench.measure import measure_cuda
 
 
-def timed(fn, warmup=3, reps=10):
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
+def timed(fn, reps=10):
+    """Median milliseconds of ``fn`` (CUDA-timed, after a warm-up), as the bench harness times."""
+    return measure_cuda(fn, reps)["median_ms"]
 
 
 def unit(n, d, dtype, grad=False, seed=0):
@@ -100,7 +90,7 @@ def main():
         row = []
         for b in backends:
             try:
-                ms = timed(build(kind, shape, b), warmup=2, reps=5 if args.quick else 10)
+                ms = timed(build(kind, shape, b), reps=5 if args.quick else 10)
                 row.append(f"{ms:.2f} ms")
             except Exception as exc:  # noqa: BLE001 - reported in the table
                 row.append(f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:60]}")

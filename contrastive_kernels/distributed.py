@@ -79,14 +79,14 @@ from __future__ import annotations
 
 import math
 import types
-from typing import List, Optional, Sequence
+from typing import List, Sequence
 
 import torch
 import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 
 from . import losses, reference
-from ._common import (FLOAT_DTYPES, GROUP_STRATEGIES, NORM_EPS, REDUCTIONS, SIMILARITIES,
+from ._common import (FLOAT_DTYPES, GROUP_STRATEGIES, REDUCTIONS, SIMILARITIES,
                       acc_dtype, pack_multi_hot, to_acc)
 
 # --------------------------------------------------------------------------------------------

@@ -62,7 +62,6 @@ def dataset(n, dim, seed=0):
 
 def check_first_step(model, loader, args):
     """The DDP step equals one process's step on the whole global batch (every rank checks)."""
-    group = dist.group.WORLD
     whole = copy.deepcopy(model.module)
     whole.loss.group = None  # the same model without group=: one process, the whole batch
     view1, view2 = next(iter(loader))

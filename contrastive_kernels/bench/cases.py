@@ -102,13 +102,16 @@ PRESETS: Dict[str, List[Case]] = {
     "mining-host": [case("topk_host", "fp16", M=m, N=50_000_000, D=128, k=kk, label="mining-host")
                     for m in (1024, 8192) for kk in (16, 128)],
     # MoCHi at the MoCo shape and with a 2^20 bank, next to plain InfoNCE at the same B, K, D (the
-    # "vs_plain" column: mixing time / plain fused InfoNCE time of the triton backend)
+    # "vs_plain" column: mixing time / plain InfoNCE time of the same backend)
     "mixing": [c for k in (65536, 2**20)
                for c in (case("info_nce_bank", "bf16", B=256, K=k, D=128, label="mochi"),
                          case("mixing", "bf16", B=256, K=k, D=128, n_hard=1024, s=512, s_q=256,
                               label="mochi"))],
     "gpu-sweep": [case("info_nce_bank", "bf16", B=1024, K=k, D=128, label="sweep")
                   for k in (16384, 65536, 262144, 2**20, 2**22)],
+    # the same MoCHi case on the CPU backends (fp32; eager MoCHi and plain InfoNCE beside it)
+    "cpu-mixing": [case("info_nce_bank", B=256, K=65536, D=128, label="mochi"),
+                   case("mixing", B=256, K=65536, D=128, n_hard=1024, s=512, s_q=256, label="mochi")],
 }
 PRESETS["gpu"] = (PRESETS["moco"] + PRESETS["qk"] + PRESETS["clip"] + PRESETS["simclr"]
                   + PRESETS["mixing"] + PRESETS["gpu-sweep"])

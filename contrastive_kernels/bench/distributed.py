@@ -27,6 +27,7 @@ import time
 
 import torch
 
+from .measure import proc_status, reset_peak_rss
 from .report import environment
 
 LOSSES = ("info_nce", "clip_loss", "nt_xent", "sup_con")
@@ -77,22 +78,6 @@ def _key_rows(loss, b):
 # --------------------------------------------------------------------------------------------
 # one rank
 # --------------------------------------------------------------------------------------------
-
-
-def _proc_status():
-    import re
-
-    text = open("/proc/self/status").read()
-    return {k: int(re.search(rf"{k}:\s+(\d+)", text).group(1)) * 1024 for k in ("VmRSS", "VmHWM")}
-
-
-def _reset_peak():
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def _make_step(spec, rank, world, group, n, d):
@@ -147,13 +132,13 @@ def worker(spec):
     gc.collect()
     if group is not None:
         dist.barrier(group)
-    exact = _reset_peak()
-    before = _proc_status()["VmRSS"]
+    exact = reset_peak_rss()
+    before = proc_status()["VmRSS"]
     ckd.reset_traffic()
     t0 = time.perf_counter()
     step().backward()
     first = time.perf_counter() - t0
-    peak = _proc_status()["VmHWM"] - before
+    peak = proc_status()["VmHWM"] - before
     sent = dict(ckd.TRAFFIC)
     times = []
     for _ in range(spec["repeats"]):
@@ -211,7 +196,7 @@ COLUMNS = ["loss", "strategy", "world", "global_batch", "local_batch", "D", "dty
 
 
 def markdown(rows, env, args):
-    lines = [f"# group= on the CPU (gloo): time and peak memory per rank", "",
+    lines = ["# group= on the CPU (gloo): time and peak memory per rank", "",
              f"{env['date']}, torch {env['torch']}, python {env['python']}, {env['device']}; "
              f"{args.threads} thread(s) per rank, CK_CHUNK_MB={args.chunk_mb}, backend "
              f"{args.backend}. "

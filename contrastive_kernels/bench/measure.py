@@ -17,19 +17,19 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Dict, Optional
+from typing import Dict
 
 import torch
 
 from .cases import DTYPES, Case, build_step
 
 
-def _proc_status() -> Dict[str, int]:
+def proc_status() -> Dict[str, int]:
     text = open("/proc/self/status").read()
     return {k: int(re.search(rf"{k}:\s+(\d+)", text).group(1)) * 1024 for k in ("VmRSS", "VmHWM")}
 
 
-def _reset_peak_rss() -> bool:
+def reset_peak_rss() -> bool:
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
@@ -48,14 +48,14 @@ def measure_in_process(c: Case, backend: str, device: str, repeats: int = 5,
         build_step(tiny, backend, device)[0]()
     step, _ = build_step(c, backend, device)
     if device.startswith("cuda"):
-        return _measure_cuda(step, repeats)
+        return measure_cuda(step, repeats)
     gc.collect()
-    exact = _reset_peak_rss()
-    before = _proc_status()["VmRSS"]
+    exact = reset_peak_rss()
+    before = proc_status()["VmRSS"]
     t0 = time.perf_counter()
     step()  # warm-up; also the memory measurement
     first = time.perf_counter() - t0
-    peak_extra = _proc_status()["VmHWM"] - before
+    peak_extra = proc_status()["VmHWM"] - before
     times = [] if repeats > 0 else [first]  # repeats=0: memory only, the one step timed
     budget_end = time.perf_counter() + max_seconds
     for _ in range(repeats):
@@ -69,7 +69,7 @@ def measure_in_process(c: Case, backend: str, device: str, repeats: int = 5,
             "peak_extra_bytes": peak_extra, "memory_exact": exact}
 
 
-def _measure_cuda(step, repeats):
+def measure_cuda(step, repeats):
     torch.cuda.synchronize()
     step()  # warm-up (compiles Triton kernels, autotunes)
     torch.cuda.synchronize()

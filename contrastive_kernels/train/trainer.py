@@ -98,10 +98,10 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self.before = torch.cuda.memory_allocated(self.device)
             return
-        from contrastive_kernels.bench.measure import _proc_status, _reset_peak_rss
+        from contrastive_kernels.bench.measure import proc_status, reset_peak_rss
 
-        self.exact = _reset_peak_rss()
-        self.before = _proc_status()["VmRSS"]
+        self.exact = reset_peak_rss()
+        self.before = proc_status()["VmRSS"]
 
     def stop(self) -> Dict:
         mib = float(1 << 20)
@@ -110,9 +110,9 @@ class PeakMemory:
             peak = torch.cuda.max_memory_allocated(self.device)
             how = "torch.cuda.max_memory_allocated over the training loop"
         else:
-            from contrastive_kernels.bench.measure import _proc_status
+            from contrastive_kernels.bench.measure import proc_status
 
-            peak = _proc_status()["VmHWM"]
+            peak = proc_status()["VmHWM"]
             how = ("peak RSS (VmHWM after resetting /proc/self/clear_refs) of the training process "
                    "over the training loop" + ("" if self.exact else "; reset unavailable, so the "
                                                 "peak since process start"))
