@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# The GPU checks of this project, in stages, for a lent GPU machine with torch + triton + nvcc
+# already installed and no package index (the workplace's device tool): run from the repository
+# root as `bash scripts/gpu_session.sh STAGE...`. Logs and results go to $OUT (default ./out/gpu)
+# as a few files: the device tool returns at most 8 files, so results are packed in one tarball.
+#   setup        versions, the Inf-CL wheel from .whl/ (if carried), the C++/CUDA extension
+#   test         make test-gpu (every test marked gpu), junit XML + log
+#   bench-loss   GPU loss presets (moco, qk, simclr; clip with Inf-CL) -> benchmarks/results/gpu-*
+#   bench-mixing the mixing preset next to plain fused InfoNCE and eager MoCHi
+#   bench-backends  cuda vs triton vs chunked, per op (benchmarks/gpu_backends.py)
+set -uo pipefail
+OUT=${OUT:-out/gpu}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+[ -d /tmp/site ] && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+PY=${PY:-python3}
+GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | tr ' ' '_' | tr -cd 'A-Za-z0-9_-')
+status=0
+
+pack() {  # results directories -> one tarball in $OUT
+    tar czf "$OUT/results-$1.tar.gz" "${@:2}" 2>/dev/null || true
+}
+
+for stage in "$@"; do
+    echo "=== $stage ($(date +%T))"
+    case $stage in
+    setup)
+        { nvidia-smi; $PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__); print(torch.cuda.get_device_name())"; nvcc --version | tail -2; } > "$OUT/env.txt" 2>&1
+        cat "$OUT/env.txt" | tail -4
+        if ls .whl/*.whl >/dev/null 2>&1; then
+            $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+        fi
+        major=$($PY -c "import torch; print(torch.cuda.get_device_capability()[0])")
+        arch=$([ "$major" = 9 ] && echo 9.0a || echo "$major.0")
+        CK_BUILD_EXT=1 MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST=$arch $PY setup.py -q build_ext --inplace > "$OUT/build.log" 2>&1 \
+            || { echo "extension build failed"; tail -30 "$OUT/build.log"; status=1; }
+        ;;
+    test)
+        $PY -m pytest -m gpu -q -rs -p no:cacheprovider --timeout "${TEST_TIMEOUT:-300}" \
+            --junitxml "$OUT/gpu-tests.xml" 2>&1 | tee "$OUT/gpu-tests.log" | tail -60 || status=1
+        ;;
+    bench-loss)
+        $PY -m contrastive_kernels.bench --preset moco,qk,simclr --out "benchmarks/results/gpu-loss-$GPU" || status=1
+        $PY -m contrastive_kernels.bench --preset clip --backends reference,compile,chunked,triton,cuda,infcl \
+            --out "benchmarks/results/gpu-clip-$GPU" || status=1
+        pack loss "benchmarks/results/gpu-loss-$GPU" "benchmarks/results/gpu-clip-$GPU"
+        ;;
+    bench-mixing)
+        $PY -m contrastive_kernels.bench --preset mixing --backends triton,triton-separate-topk,eager-mochi,reference,compile \
+            --repeats 10 --out "benchmarks/results/gpu-mixing-$GPU" || status=1
+        pack mixing "benchmarks/results/gpu-mixing-$GPU"
+        ;;
+    bench-backends)
+        $PY benchmarks/gpu_backends.py --backends cuda,triton,chunked,reference 2>&1 | tee "$OUT/gpu-backends.md" || status=1
+        ;;
+    *) echo "unknown stage $stage"; status=2 ;;
+    esac
+done
+exit $status
