@@ -1,7 +1,7 @@
 """Timing and peak-memory measurement.
 
-CPU: each (case, backend) runs in a fresh subprocess. The inputs are built first; then the
-process's peak-RSS mark is reset (``/proc/self/clear_refs``) and the extra peak memory of the
+CPU: each (case, backend) runs in fresh subprocesses, one for memory and one for time (see
+``measure_isolated``). The inputs are built first; then the process's peak-RSS mark is reset (``/proc/self/clear_refs``) and the extra peak memory of the
 step is VmHWM after it minus VmRSS before it (what ``ru_maxrss`` reports, without the inputs or
 the interpreter). Times are wall-clock medians of repeated steps after one warm-up.
 GPU: ``triton.testing.do_bench`` (median, min, max) and ``torch.cuda.max_memory_allocated``
@@ -99,17 +99,11 @@ def measure_cuda(step, repeats):
             "memory_exact": True}
 
 
-def measure_isolated(c: Case, backend: str, device: str, repeats: int, timeout: float) -> Dict:
-    """``measure_in_process`` in a fresh Python process (CPU memory needs one per measurement)."""
-    payload = json.dumps({"op": c.op, "shape": c.shape, "dtype": c.dtype, "label": c.label,
-                          "backend": backend, "device": device, "repeats": repeats})
+def _run_worker(payload: Dict, env: Dict[str, str], timeout: float) -> Dict:
     try:
-        proc = subprocess.run([sys.executable, "-m", "contrastive_kernels.bench.worker", payload],
-                              capture_output=True, text=True, timeout=timeout,
-                              env={**os.environ, "PYTHONUNBUFFERED": "1",
-                                   # large blocks straight from mmap and back: the peak is the
-                                   # step's own, not glibc's heap growth
-                                   "MALLOC_MMAP_THRESHOLD_": "131072"})
+        proc = subprocess.run([sys.executable, "-m", "contrastive_kernels.bench.worker",
+                               json.dumps(payload)], capture_output=True, text=True,
+                              timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout:.0f} s"}
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
@@ -117,6 +111,30 @@ def measure_isolated(c: Case, backend: str, device: str, repeats: int, timeout: 
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
         return {"error": f"exit {proc.returncode}: {tail[0][:200]}"}
     return json.loads(lines[-1])
+
+
+def measure_isolated(c: Case, backend: str, device: str, repeats: int, timeout: float) -> Dict:
+    """``measure_in_process`` in fresh Python processes (CPU memory needs one per measurement).
+
+    On the CPU, memory and time come from two processes: the memory one with glibc's mmap
+    threshold fixed low, so that every large block comes straight from mmap and goes back (the
+    peak is the step's own, not the heap's growth), and the timing one with the default allocator,
+    as a user runs it (with the fixed threshold every large temporary is page-faulted in afresh,
+    which slows the chunked loops by a third)."""
+    payload = {"op": c.op, "shape": c.shape, "dtype": c.dtype, "label": c.label,
+               "backend": backend, "device": device, "repeats": repeats}
+    env = {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"}
+    env["PYTHONUNBUFFERED"] = "1"
+    if device.startswith("cuda"):
+        return _run_worker(payload, env, timeout)
+    memory = _run_worker(dict(payload, repeats=0), dict(env, MALLOC_MMAP_THRESHOLD_="131072"), timeout)
+    if "error" in memory:
+        return memory
+    timing = _run_worker(payload, env, timeout)
+    if "error" in timing:
+        return timing
+    return dict(timing, peak_extra_bytes=memory["peak_extra_bytes"],
+                memory_exact=memory["memory_exact"])
 
 
 def matmul_tflops(device: str, dtype: str, m: int, n: int, k: int, repeats: int = 5) -> float:
