@@ -66,3 +66,28 @@ def test_every_preset_case_builds():
             tiny = type(c)(c.op, tuple((k, min(v, 4 if k == "k" else 16)) for k, v in c.shape), "fp32", c.label)
             step, inputs = build_step(tiny, "chunked", "cpu")
             step()
+
+
+def test_gpu_session_script_uses_existing_presets_and_candidates():
+    """scripts/gpu_session.sh runs only on a lent GPU machine: keep its bench calls in step with
+    the CLI here (every preset and candidate it names exists), and the script valid bash."""
+    import re
+    import subprocess
+
+    from contrastive_kernels import functional
+    from contrastive_kernels.bench import cases
+
+    path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "scripts", "gpu_session.sh")
+    assert subprocess.run(["bash", "-n", path]).returncode == 0
+    text = open(path).read()
+    cases._load_baselines()
+    known = set(functional.BACKEND_MODULES) | set(cases.BASELINES) | {"reference", "compile"}
+    presets = re.findall(r"--preset (\S+)", text)
+    backends = re.findall(r"--backends (\S+)", text)
+    assert presets and backends
+    for p in presets:
+        assert set(p.split(",")) <= set(PRESETS), p
+    for b in backends:
+        assert set(b.split(",")) <= known, b
+    for stage in ("setup", "test", "bench-loss", "bench-mixing", "bench-backends"):
+        assert f"    {stage})" in text, stage
