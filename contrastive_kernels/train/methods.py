@@ -138,6 +138,13 @@ class Method:
         return DistributedDataParallel(module, device_ids=ids,
                                        find_unused_parameters=find_unused_parameters)
 
+    def single_encoder(self) -> None:
+        """One encoder for both views, with its optimizer (and DDP wrapper under --distributed)."""
+        self.encoder = _encoder(self.ctx)
+        self.model = self.wrap(self.encoder)
+        self.modules = {"encoder": self.encoder}
+        self.optimizers = {"encoder": _optimizer(self.encoder.parameters(), self.cfg)}
+
     def view(self, x: torch.Tensor, aug=None) -> torch.Tensor:
         """An augmented view (drawn on the CPU from the "augment" generator), on the device."""
         return (aug or self.aug)(x, self.gen["augment"]).to(self.device)
@@ -238,10 +245,7 @@ class SimCLR(Method):
 
     def __init__(self, ctx):
         super().__init__(ctx)
-        self.encoder = _encoder(ctx)
-        self.model = self.wrap(self.encoder)
-        self.modules = {"encoder": self.encoder}
-        self.optimizers = {"encoder": _optimizer(self.encoder.parameters(), self.cfg)}
+        self.single_encoder()
         self.mixing = (ck.Mixing(*self.cfg.mixing, generator=self.gen["mixing"])
                        if self.cfg.mixing is not None else None)
 
@@ -261,10 +265,7 @@ class SupCon(Method):
 
     def __init__(self, ctx):
         super().__init__(ctx)
-        self.encoder = _encoder(ctx)
-        self.model = self.wrap(self.encoder)
-        self.modules = {"encoder": self.encoder}
-        self.optimizers = {"encoder": _optimizer(self.encoder.parameters(), self.cfg)}
+        self.single_encoder()
 
     def train_step(self, idx, step):
         x = self.data.train_x[idx]
@@ -380,10 +381,7 @@ class SemanticPositivePairs(Method):
 
     def __init__(self, ctx):
         super().__init__(ctx)
-        self.encoder = _encoder(ctx)
-        self.model = self.wrap(self.encoder)
-        self.modules = {"encoder": self.encoder}
-        self.optimizers = {"encoder": _optimizer(self.encoder.parameters(), self.cfg)}
+        self.single_encoder()
         self.mine()
 
     @torch.no_grad()

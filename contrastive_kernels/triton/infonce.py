@@ -244,6 +244,61 @@ def _dot_cols(g, q, SCALE_G: tl.constexpr, PREC: tl.constexpr):
         return tl.dot(tl.trans(g.to(q.dtype)), q, input_precision=PREC, out_dtype=acc_ty)
 
 
+@triton.jit
+def _gammas(g0_hi, g0_lo, g1_hi, g1_lo, acc_ty: tl.constexpr):
+    """The two gammas, passed as fp32 (hi, lo) pairs: ~48-bit exact for fp64."""
+    zero = tl.zeros([], dtype=acc_ty)
+    return (g0_hi + zero) + (g0_lo + zero), (g1_hi + zero) + (g1_lo + zero)
+
+
+@triton.jit
+def _resident_tile(X, idx, ok, stride, offs_d, d_ok, D_CHUNKS: tl.constexpr):
+    """The (len(idx), D) rows of X when the feature dim is resident in one chunk, else 0.0 (the
+    chunked-D paths load each chunk where it is used)."""
+    x = 0.0
+    if D_CHUNKS == 1:
+        x = tl.load(X + idx[:, None] * stride + offs_d[None, :], mask=ok[:, None] & d_ok[None, :],
+                    other=0.0)
+    return x
+
+
+@triton.jit
+def _row_stats(ROW_LSE, D_ROW, D_POS, rows, row_ok, B, g0, g1,
+               N_GAMMA: tl.constexpr, LABELS: tl.constexpr):
+    """What backward needs of a block of rows: the saved log-sum-exps r (per gamma), the
+    incoming gradients scaled by their gamma w, and the gradient of the positive term dp."""
+    r0 = tl.load(ROW_LSE + rows, mask=row_ok, other=0.0)
+    w0 = tl.load(D_ROW + rows, mask=row_ok, other=0.0) * g0
+    r1 = r0
+    w1 = w0
+    if N_GAMMA == 2:
+        r1 = tl.load(ROW_LSE + B + rows, mask=row_ok, other=0.0)
+        w1 = tl.load(D_ROW + B + rows, mask=row_ok, other=0.0) * g1
+    dp = w0
+    if LABELS != 0:
+        dp = tl.load(D_POS + rows, mask=row_ok, other=0.0)
+    return r0, w0, r1, w1, dp
+
+
+@triton.jit
+def _add_chunked(OUT, out_idx, out_ok, X, x_idx, x_ok, stride_x, g, keep_old, offs_d, D,
+                 SCALE_G: tl.constexpr, PREC: tl.constexpr, BLOCK_D: tl.constexpr,
+                 D_CHUNKS: tl.constexpr):
+    """OUT[out_idx] (+)= g @ X[x_idx], one BLOCK_D chunk of the feature dim at a time, for the
+    non-resident D paths (``keep_old``, per output row: false on the program's first tile, which
+    stores instead of adding)."""
+    for c in range(D_CHUNKS):
+        dd = c * BLOCK_D + offs_d
+        dm = dd < D
+        xc = tl.load(X + x_idx[:, None] * stride_x + dd[None, :], mask=x_ok[:, None] & dm[None, :],
+                     other=0.0)
+        ptr = OUT + out_idx[:, None] * D + dd[None, :]
+        msk = out_ok[:, None] & dm[None, :]
+        old = tl.load(ptr, mask=msk & keep_old[:, None], other=0.0)
+        tl.store(ptr, old + _dot_rows(g, xc, SCALE_G, PREC), mask=msk)
+    tl.debug_barrier()
+
+
 # ------------------------------------------------------------------------------------------------
 # autotuning
 # ------------------------------------------------------------------------------------------------
@@ -327,16 +382,11 @@ def _lse_fwd_kernel(Q, K, A, BS, CB, DB, EXCL, QL, KL, g0_hi, g0_lo, g1_hi, g1_l
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
-    zero = tl.zeros([], dtype=acc_ty)
-    g0 = (g0_hi + zero) + (g0_lo + zero)  # gammas as fp32 pairs: ~48-bit exact for fp64
-    g1 = (g1_hi + zero) + (g1_lo + zero)
+    g0, g1 = _gammas(g0_hi, g0_lo, g1_hi, g1_lo, acc_ty)
     for i0 in range(row_lo, row_hi, BLOCK_M):
         rows = (i0 + offs_m).to(tl.int64)
         row_ok = rows < row_hi
-        q = 0.0
-        if D_CHUNKS == 1:
-            q = tl.load(Q + rows[:, None] * stride_q + offs_d[None, :],
-                        mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        q = _resident_tile(Q, rows, row_ok, stride_q, offs_d, d_ok, D_CHUNKS)
         m0 = tl.full([BLOCK_M], _NEG_INF, acc_ty)
         s0 = tl.zeros([BLOCK_M], dtype=acc_ty)
         m1 = tl.full([BLOCK_M], _NEG_INF, acc_ty)
@@ -350,10 +400,7 @@ def _lse_fwd_kernel(Q, K, A, BS, CB, DB, EXCL, QL, KL, g0_hi, g0_lo, g1_hi, g1_l
         for j0 in range(col_lo, col_hi, BLOCK_N):
             cols = (j0 + offs_n).to(tl.int64)
             col_ok = cols < col_hi
-            k = 0.0
-            if D_CHUNKS == 1:
-                k = tl.load(K + cols[:, None] * stride_k + offs_d[None, :],
-                            mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+            k = _resident_tile(K, cols, col_ok, stride_k, offs_d, d_ok, D_CHUNKS)
             l, valid, pos, s = _tile_logits(Q, K, A, BS, CB, DB, EXCL, QL, KL, q, k, rows, cols,
                                             row_ok, col_ok, D, stride_q, stride_k, n_words,
                                             HAS_B, HAS_C, HAS_D, N_EXCL, LABELS, PREC,
@@ -512,36 +559,20 @@ def _lse_bwd_q_kernel(Q, K, A, BS, CB, DB, EXCL, QL, KL, g0_hi, g0_lo, g1_hi, g1
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
-    zero = tl.zeros([], dtype=acc_ty)
-    g0 = (g0_hi + zero) + (g0_lo + zero)  # gammas as fp32 pairs: ~48-bit exact for fp64
-    g1 = (g1_hi + zero) + (g1_lo + zero)
+    g0, g1 = _gammas(g0_hi, g0_lo, g1_hi, g1_lo, acc_ty)
     for i0 in range(row_lo, row_hi, BLOCK_M):
         rows = (i0 + offs_m).to(tl.int64)
         row_ok = rows < row_hi
-        q = 0.0
-        if D_CHUNKS == 1:
-            q = tl.load(Q + rows[:, None] * stride_q + offs_d[None, :],
-                        mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-        r0 = tl.load(ROW_LSE + rows, mask=row_ok, other=0.0)
-        w0 = tl.load(D_ROW + rows, mask=row_ok, other=0.0) * g0
-        r1 = r0
-        w1 = w0
-        if N_GAMMA == 2:
-            r1 = tl.load(ROW_LSE + B + rows, mask=row_ok, other=0.0)
-            w1 = tl.load(D_ROW + B + rows, mask=row_ok, other=0.0) * g1
-        dp = w0
-        if LABELS != 0:
-            dp = tl.load(D_POS + rows, mask=row_ok, other=0.0)
+        q = _resident_tile(Q, rows, row_ok, stride_q, offs_d, d_ok, D_CHUNKS)
+        r0, w0, r1, w1, dp = _row_stats(ROW_LSE, D_ROW, D_POS, rows, row_ok, B, g0, g1,
+                                        N_GAMMA, LABELS)
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=acc_ty)
         gs = tl.zeros([BLOCK_M], dtype=acc_ty)
         out_rows = sp.to(tl.int64) * B + rows
         for j0 in range(col_lo, col_hi, BLOCK_N):
             cols = (j0 + offs_n).to(tl.int64)
             col_ok = cols < col_hi
-            k = 0.0
-            if D_CHUNKS == 1:
-                k = tl.load(K + cols[:, None] * stride_k + offs_d[None, :],
-                            mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+            k = _resident_tile(K, cols, col_ok, stride_k, offs_d, d_ok, D_CHUNKS)
             l, valid, pos, s = _tile_logits(Q, K, A, BS, CB, DB, EXCL, QL, KL, q, k, rows, cols,
                                             row_ok, col_ok, D, stride_q, stride_k, n_words,
                                             HAS_B, HAS_C, HAS_D, N_EXCL, LABELS, PREC,
@@ -558,16 +589,9 @@ def _lse_bwd_q_kernel(Q, K, A, BS, CB, DB, EXCL, QL, KL, g0_hi, g0_lo, g1_hi, g1
             if D_CHUNKS == 1:
                 acc += _dot_rows(g, k, SCALE_G, PREC)
             else:
-                for c in range(D_CHUNKS):
-                    dd = c * BLOCK_D + offs_d
-                    dm = dd < D
-                    kc = tl.load(K + cols[:, None] * stride_k + dd[None, :],
-                                 mask=col_ok[:, None] & dm[None, :], other=0.0)
-                    ptr = DQ_P + out_rows[:, None] * D + dd[None, :]
-                    msk = row_ok[:, None] & dm[None, :]
-                    old = tl.load(ptr, mask=msk & ((offs_m * 0 + j0) != col_lo)[:, None], other=0.0)
-                    tl.store(ptr, old + _dot_rows(g, kc, SCALE_G, PREC), mask=msk)
-                tl.debug_barrier()
+                _add_chunked(DQ_P, out_rows, row_ok, K, cols, col_ok, stride_k, g,
+                             (offs_m * 0 + j0) != col_lo, offs_d, D, SCALE_G, PREC, BLOCK_D,
+                             D_CHUNKS)
         if D_CHUNKS == 1:
             tl.store(DQ_P + out_rows[:, None] * D + offs_d[None, :], acc,
                      mask=row_ok[:, None] & d_ok[None, :])
@@ -600,16 +624,11 @@ def _lse_bwd_k_kernel(Q, K, A, BS, CB, DB, EXCL, QL, KL, g0_hi, g0_lo, g1_hi, g1
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
-    zero = tl.zeros([], dtype=acc_ty)
-    g0 = (g0_hi + zero) + (g0_lo + zero)  # gammas as fp32 pairs: ~48-bit exact for fp64
-    g1 = (g1_hi + zero) + (g1_lo + zero)
+    g0, g1 = _gammas(g0_hi, g0_lo, g1_hi, g1_lo, acc_ty)
     for j0 in range(col_lo, col_hi, BLOCK_N):
         cols = (j0 + offs_n).to(tl.int64)
         col_ok = cols < col_hi
-        k = 0.0
-        if D_CHUNKS == 1:
-            k = tl.load(K + cols[:, None] * stride_k + offs_d[None, :],
-                        mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+        k = _resident_tile(K, cols, col_ok, stride_k, offs_d, d_ok, D_CHUNKS)
         cl = tl.zeros([BLOCK_N], dtype=acc_ty)
         dc = cl
         if WANT_COL:
@@ -624,20 +643,9 @@ def _lse_bwd_k_kernel(Q, K, A, BS, CB, DB, EXCL, QL, KL, g0_hi, g0_lo, g1_hi, g1
         for i0 in range(row_lo, row_hi, BLOCK_M):
             rows = (i0 + offs_m).to(tl.int64)
             row_ok = rows < row_hi
-            q = 0.0
-            if D_CHUNKS == 1:
-                q = tl.load(Q + rows[:, None] * stride_q + offs_d[None, :],
-                            mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-            r0 = tl.load(ROW_LSE + rows, mask=row_ok, other=0.0)
-            w0 = tl.load(D_ROW + rows, mask=row_ok, other=0.0) * g0
-            r1 = r0
-            w1 = w0
-            if N_GAMMA == 2:
-                r1 = tl.load(ROW_LSE + B + rows, mask=row_ok, other=0.0)
-                w1 = tl.load(D_ROW + B + rows, mask=row_ok, other=0.0) * g1
-            dp = w0
-            if LABELS != 0:
-                dp = tl.load(D_POS + rows, mask=row_ok, other=0.0)
+            q = _resident_tile(Q, rows, row_ok, stride_q, offs_d, d_ok, D_CHUNKS)
+            r0, w0, r1, w1, dp = _row_stats(ROW_LSE, D_ROW, D_POS, rows, row_ok, B, g0, g1,
+                                            N_GAMMA, LABELS)
             lt, valid, pos = _tile_logits_t(Q, K, A, BS, CB, DB, EXCL, QL, KL, q, k, rows, cols,
                                             row_ok, col_ok, D, stride_q, stride_k, n_words,
                                             HAS_B, HAS_C, HAS_D, N_EXCL, LABELS, PREC,
@@ -656,16 +664,9 @@ def _lse_bwd_k_kernel(Q, K, A, BS, CB, DB, EXCL, QL, KL, g0_hi, g0_lo, g1_hi, g1
             if D_CHUNKS == 1:
                 acc += _dot_rows(gat, q, SCALE_G, PREC)
             else:
-                for c in range(D_CHUNKS):
-                    dd = c * BLOCK_D + offs_d
-                    dm = dd < D
-                    qc = tl.load(Q + rows[:, None] * stride_q + dd[None, :],
-                                 mask=row_ok[:, None] & dm[None, :], other=0.0)
-                    ptr = DK_P + out_cols[:, None] * D + dd[None, :]
-                    msk = col_ok[:, None] & dm[None, :]
-                    old = tl.load(ptr, mask=msk & ((offs_n * 0 + i0) != row_lo)[:, None], other=0.0)
-                    tl.store(ptr, old + _dot_rows(gat, qc, SCALE_G, PREC), mask=msk)
-                tl.debug_barrier()
+                _add_chunked(DK_P, out_cols, col_ok, Q, rows, row_ok, stride_q, gat,
+                             (offs_n * 0 + i0) != row_lo, offs_d, D, SCALE_G, PREC, BLOCK_D,
+                             D_CHUNKS)
         if D_CHUNKS == 1:
             tl.store(DK_P + out_cols[:, None] * D + offs_d[None, :], acc,
                      mask=col_ok[:, None] & d_ok[None, :])
