@@ -116,22 +116,23 @@ def test_every_isa_topk(isa, similarity):
 @needs_ext
 @pytest.mark.parametrize("isa", _isas(), indirect=True)
 @pytest.mark.parametrize("k", [1, 7, 300, 2000])
-def test_topk_selection_worst_cases(isa, k):
+@pytest.mark.parametrize("m", [9, 70])  # few rows: column parts; more: row parts (2 threads)
+def test_topk_selection_worst_cases(isa, k, m):
     """The per-row bounded selection at its worst: a bank whose scores rise with the column (every
     column passes the threshold and replaces the heap's minimum), long runs of tied scores (ties
     go to the lower column, across the threads' parts too), exclusions, and k close to N."""
     n, d = 2400, 8
     # small integers: every score is exact in fp32 whatever the summation order, and ties abound
     g = torch.Generator().manual_seed(k)
-    q = torch.randint(-2, 3, (9, d), generator=g).float()
+    q = torch.randint(-2, 3, (m, d), generator=g).float()
     bank = torch.randint(-2, 3, (n, d), generator=g).float()
-    q[:4, 0] = 8.0
+    q[: m // 2, 0] = 8.0
     bank[:, 0] = torch.arange(n) // 3  # rising with the column, in runs of three
     bank[n // 2:n // 2 + 600] = bank[n // 2]  # 600 identical rows
-    ex = torch.randint(-1, n, (9, 3), generator=g)
+    ex = torch.randint(-1, n, (m, 3), generator=g)
     got = _cpu().topk(q, bank, k, similarity="dot", exclude_index=ex)
     scores = q @ bank.T
-    scores[torch.arange(9)[:, None].expand(9, 3)[ex >= 0], ex[ex >= 0]] = -float("inf")
+    scores[torch.arange(m)[:, None].expand(m, 3)[ex >= 0], ex[ex >= 0]] = -float("inf")
     want = torch.sort(scores, dim=1, descending=True, stable=True)
     assert torch.equal(got[0], want.values[:, :k])
     assert torch.equal(got[1], want.indices[:, :k])

@@ -107,6 +107,7 @@ struct TopkWork {
   int64_t* heap = nullptr;   // M x k
   int64_t* count = nullptr;  // M
   float* thr = nullptr;      // Mp: the part's current k-th score (NaN while not full)
+  int64_t row0 = 0, row1 = 0;  // the part's padded query rows [row0, row1) (row-group multiples)
   float* scratch = nullptr;  // topk_scratch(D) elements
 };
 

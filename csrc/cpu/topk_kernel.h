@@ -2,15 +2,16 @@
 // per-row bounded selection fused into each tile. Included inside the per-ISA namespace after
 // gemm_kernel.h; pure C++, fp32 scores (inputs upcast per block, like the reference).
 //
-// Selection: each part (a thread's contiguous column range) keeps, per query row, a binary
-// min-heap of at most k packed keys (pack_key: score order, then the lower column) and the
-// score of the heap's minimum as the row's threshold (NaN while the heap holds fewer than k, so
-// that everything passes). A tile is filtered with one vector comparison per W scores,
-// !(s <= threshold): only lanes that pass (expected about k ln(n/k) per row over n columns,
-// a vanishing fraction) reach the scalar path, which checks the exclusions and labels and
-// replaces the heap's minimum. Within a part, columns are visited in increasing order, so a
-// later score equal to the threshold has a higher column and loses the tie: the strict filter
-// is exact. The glue merges the parts' heaps by key.
+// Selection: each part (a thread's block of query rows over all columns, or, when the rows are
+// too few to go round the threads, a thread's column range over all rows) keeps, per query row,
+// a binary min-heap of at most k packed keys (pack_key: score order, then the lower column) and
+// the score of the heap's minimum as the row's threshold (NaN while the heap holds fewer than k,
+// so that everything passes). A tile is filtered with one vector comparison per W scores,
+// !(s <= threshold): only lanes that pass (expected about k (1 + ln(n/k)) per row over n
+// columns) reach the scalar path, which checks the exclusions and labels and replaces the
+// heap's minimum. Within a part, columns are visited in increasing order, so a later score equal
+// to the threshold has a higher column and loses the tie: the strict filter is exact. The glue
+// merges the column parts' heaps by key.
 
 inline int64_t topk_scratch_impl_elems(int64_t D, int nb, int tile, int w) {
   return 2 * static_cast<int64_t>(nb) * D + tile + nb + w + 64;
@@ -69,11 +70,12 @@ void topk_part(const TopkArgs& A, const TopkWork& Wk, int64_t c0, int64_t c1) {
   float* kscale = S + NC * RG;
   float* lanes = kscale + NB;
 
-  for (int64_t i = 0; i < M; ++i) {
+  const int64_t r0 = Wk.row0, r1 = Wk.row1;
+  for (int64_t i = r0; i < ck_min<int64_t>(r1, M); ++i) {
     Wk.count[i] = 0;
     Wk.thr[i] = __builtin_nanf("");
   }
-  for (int64_t i = M; i < Mp; ++i) Wk.thr[i] = __builtin_inff();  // padding rows never pass
+  for (int64_t i = ck_max<int64_t>(r0, M); i < r1; ++i) Wk.thr[i] = __builtin_inff();  // padding rows never pass
 
   for (int64_t jb = c0; jb < c1; jb += NB) {
     const int64_t nb = ck_min<int64_t>(NB, c1 - jb);
@@ -87,7 +89,7 @@ void topk_part(const TopkArgs& A, const TopkWork& Wk, int64_t c0, int64_t c1) {
       }
     }
     pack_panels<V>(krow, nb, D, kpanel);
-    for (int64_t i0 = 0; i0 < Mp; i0 += RG) {
+    for (int64_t i0 = r0; i0 < r1; i0 += RG) {
       R qs[MV];
       for (int m = 0; m < MV; ++m) qs[m] = A.qscale ? V::load(A.qscale + i0 + m * W) : V::zero();
       for (int64_t t0 = 0; t0 < nb; t0 += NC) {
