@@ -213,6 +213,22 @@ def _label_ok(ql, bl_ptr, vcols, col_ok, step, MASKED: tl.constexpr):
 
 
 @triton.jit
+def _eligible_tile(q0, q_ptr, rows64, row_ok, stride_qm, b_ptr, stride_bv, baux_ptr, bl_ptr, ql,
+                   vcols, col_ok, step, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr,
+                   BN: tl.constexpr, SIM: tl.constexpr, LABELS: tl.constexpr,
+                   MASKED: tl.constexpr, PREC: tl.constexpr):
+    """``_bank_tile`` with the columns a row may not pick at -inf: same-label bank rows (LABELS)
+    and, when MASKED, the columns past the end of the view."""
+    s = _bank_tile(q0, q_ptr, rows64, row_ok, stride_qm, b_ptr, stride_bv, baux_ptr, vcols, col_ok,
+                   step, D, BD, BM, BN, SIM, MASKED, PREC)
+    if LABELS:
+        s = tl.where(_label_ok(ql, bl_ptr, vcols, col_ok, step, MASKED), s, float("-inf"))
+    if MASKED:
+        s = tl.where(col_ok[None, :], s, float("-inf"))
+    return s
+
+
+@triton.jit
 def _extract(s, m, cont, cnt, t0col, lcol, gbase, step, thr_v, thr_i, ex, rows64, out_ptr,
              stride_out, slot0, cap, j, skip, E: tl.constexpr, LAST: tl.constexpr):
     """One extraction step on final scores s (BM, BN) with row maxima m: for each row still
@@ -246,12 +262,8 @@ def _filter_tile(q0, q_ptr, rows64, row_ok, stride_qm, b_ptr, stride_bv, baux_pt
                  X: tl.constexpr, MASKED: tl.constexpr, PREC: tl.constexpr):
     vcols = t * BN + tl.arange(0, BN)
     col_ok = vcols < n_view
-    s = _bank_tile(q0, q_ptr, rows64, row_ok, stride_qm, b_ptr, stride_bv, baux_ptr, vcols, col_ok,
-                   step, D, BD, BM, BN, SIM, MASKED, PREC)
-    if LABELS:
-        s = tl.where(_label_ok(ql, bl_ptr, vcols, col_ok, step, MASKED), s, float("-inf"))
-    if MASKED:
-        s = tl.where(col_ok[None, :], s, float("-inf"))
+    s = _eligible_tile(q0, q_ptr, rows64, row_ok, stride_qm, b_ptr, stride_bv, baux_ptr, bl_ptr, ql,
+                       vcols, col_ok, step, D, BD, BM, BN, SIM, LABELS, MASKED, PREC)
     m = _row_f(tl.max(s, 1), qa, SIM)
     cont = row_ok & (cnt <= cap) & (m >= thr_v) & (m > float("-inf"))
     if tl.max(cont.to(tl.int32), 0) > 0:
@@ -347,11 +359,9 @@ def _topk_tile_kernel(
         for t in range(t0, t1):
             vcols = t * BN + tl.arange(0, BN)
             col_ok = vcols < n_view
-            s = _bank_tile(q0, q_ptr, rows64, row_ok, stride_qm, b_ptr, stride_bv, baux_ptr, vcols,
-                           col_ok, step64, D, BD, BM, BN, SIM, True, PREC)
-            if LABELS:
-                s = tl.where(_label_ok(ql, bl_ptr, vcols, col_ok, step64, True), s, float("-inf"))
-            s = tl.where(col_ok[None, :], s, float("-inf"))
+            s = _eligible_tile(q0, q_ptr, rows64, row_ok, stride_qm, b_ptr, stride_bv, baux_ptr,
+                               bl_ptr, ql, vcols, col_ok, step64, D, BD, BM, BN, SIM, LABELS, True,
+                               PREC)
             m = tl.max(s, 1)
             a = tl.min(tl.where(s == m[:, None], lcol[None, :], 1.0e9), 1)
             gidx = gbase + (t * BN + a.to(tl.int32)).to(tl.int64) * step64
@@ -389,11 +399,9 @@ def _topk_tile_kernel(
             t = tl.load(redo + r)
             vcols = t * BN + tl.arange(0, BN)
             col_ok = vcols < n_view
-            s = _bank_tile(q0, q_ptr, rows64, row_ok, stride_qm, b_ptr, stride_bv, baux_ptr, vcols,
-                           col_ok, step64, D, BD, BM, BN, SIM, True, PREC)
-            if LABELS:
-                s = tl.where(_label_ok(ql, bl_ptr, vcols, col_ok, step64, True), s, float("-inf"))
-            s = tl.where(col_ok[None, :], s, float("-inf"))
+            s = _eligible_tile(q0, q_ptr, rows64, row_ok, stride_qm, b_ptr, stride_bv, baux_ptr,
+                               bl_ptr, ql, vcols, col_ok, step64, D, BD, BM, BN, SIM, LABELS, True,
+                               PREC)
             s = _row_f(s, qa[:, None], SIM)
             m = tl.max(s, 1)
             cont = row_ok & (cnt <= cap) & (m >= thr_v) & (m > float("-inf"))
