@@ -12,7 +12,7 @@ CUDA_CHECK_FLAGS ?= -std=c++17 -O3 --expt-relaxed-constexpr -D__CUDA_NO_HALF_OPE
 # the tests); 0 where there is none: the pure-Python package installs and tests without it.
 HAVE_CXX := $(shell command -v $${CXX:-c++} >/dev/null 2>&1 && echo 1 || echo 0)
 
-.PHONY: install build-ext test test-gpu test-slow demo bench bench-gpu cuda-check clean
+.PHONY: install build-ext test test-gpu test-cuda-emulated test-slow demo bench bench-gpu cuda-check clean
 
 # Installs what the project needs on a fresh machine: torch only if missing (pinned CPU wheel
 # where there is no GPU), then this package and its test/demo extras against that torch, then the
@@ -46,6 +46,11 @@ test-slow: install
 # On the GPU machine: the suite on CUDA (big shapes, bf16, opcheck, torch.compile).
 test-gpu:
 	$(PY) -m pytest -m gpu -q -rs
+
+# The CUDA backend's suite (tests/test_gpu_cuda.py) on the host CUDA emulator of csrc/emu (also
+# part of `make test`).
+test-cuda-emulated: install
+	$(PY) -m pytest tests/test_gpu_cuda.py -m "not gpu" -q
 
 # The main job: the default training run (MoCo on digits) with eager and fused losses side by side.
 demo: install

@@ -64,3 +64,14 @@ def extension_kwargs(root: str, with_cuda: bool):
     return dict(sources=sources(root, with_cuda), include_dirs=[csrc_dir(root)],
                 extra_compile_args={"cxx": cxx, "nvcc": nvcc} if with_cuda else cxx,
                 extra_link_args=ldflags)
+
+
+def emulator_kwargs(root: str):
+    """Keyword arguments of torch.utils.cpp_extension.load for the CUDA emulator build (tests
+    only): csrc/cuda's glue and kernels compiled as C++ against the shims of csrc/emu, whose
+    ops are torch.ops.contrastive_kernels_cuda_emu on host tensors. csrc/emu comes first on the
+    include path so that its cuda_runtime.h / ATen/cuda/CUDAContext.h shadow the real ones."""
+    src = csrc_dir(root)
+    return dict(sources=sorted(glob.glob(os.path.join(src, "emu", "*.cpp"))),
+                extra_include_paths=[os.path.join(src, "emu"), src],
+                extra_cflags=["-O2", "-DCK_CUDA_EMU", "-ffp-contract=off"])

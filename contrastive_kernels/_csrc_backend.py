@@ -12,8 +12,18 @@ from ._common import MixingDraws
 _ext.load()  # registers the ops (and their autograd / fake kernels) when the extension exists
 
 
+# The op namespace and the "tensor is on the CUDA kernels' device" rule. Tests swap both to run
+# this module, unchanged, over the CUDA emulator's build of csrc/cuda on host tensors
+# (tests/_cuda_emu.py).
+OPS_NAMESPACE = "contrastive_kernels"
+
+
+def _on_cuda_kernels(t) -> bool:
+    return t.is_cuda
+
+
 def _ops():
-    return torch.ops.contrastive_kernels
+    return getattr(torch.ops, OPS_NAMESPACE)
 
 
 # Shapes the CUDA kernels take (their tiles of the features must fit in shared memory); others
@@ -24,11 +34,11 @@ CUDA_TOPK_MAX_K = 1024
 
 
 def _cuda_fallback_lse(q) -> bool:
-    return q.is_cuda and q.shape[1] > CUDA_LSE_MAX_DIM.get(q.dtype, 0)
+    return _on_cuda_kernels(q) and q.shape[1] > CUDA_LSE_MAX_DIM.get(q.dtype, 0)
 
 
 def _cuda_fallback_topk(query, k) -> bool:
-    return query.is_cuda and (k > CUDA_TOPK_MAX_K or query.shape[1] > CUDA_TOPK_MAX_DIM)
+    return _on_cuda_kernels(query) and (k > CUDA_TOPK_MAX_K or query.shape[1] > CUDA_TOPK_MAX_DIM)
 
 
 def lse_stats(q, k, row_scale, col_scale=None, row_bias=None, col_bias=None, *,

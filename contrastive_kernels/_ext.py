@@ -18,6 +18,7 @@ mode: O(BD) from the saved softmax-weighted key sums; else ``lse_bwd``, a second
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 import shutil
@@ -85,7 +86,7 @@ def load():
             why = None if mod is not None else f"{why}; {why_jit}"
         if mod is not None:
             try:
-                _register_python_parts()
+                register_python_parts("contrastive_kernels")
             except Exception as exc:  # noqa: BLE001
                 mod, why = None, f"registering the ops' autograd/fake kernels failed ({exc})"
         _module, _reason, _loaded = mod, (None if mod is not None else f"{why}. {FALLBACK}"), True
@@ -136,8 +137,10 @@ def _acc(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _register_python_parts():
-    lib = "contrastive_kernels"
+def register_python_parts(lib: str):
+    """The fake kernels and autograd of the ops of namespace ``lib``: "contrastive_kernels", or
+    the CUDA emulator's test build, whose ops have the same schemas (tests/_cuda_emu.py)."""
+    ns = getattr(torch.ops, lib)
 
     @torch.library.register_fake(f"{lib}::lse_fwd")
     def _lse_fwd_fake(q, k, row_scale, col_scale, row_bias, col_bias, gammas, exclude, q_labels, k_labels,
@@ -179,8 +182,10 @@ def _register_python_parts():
     def _mixed_dots_bwd_fake(grad, mix_query, negatives, hard_index, pair_index, alpha, query_index, query_weight):
         return mix_query.new_empty(mix_query.shape, dtype=_acc(mix_query.dtype))
 
-    torch.library.register_autograd(f"{lib}::lse_fwd", _lse_fwd_backward, setup_context=_lse_fwd_setup)
-    torch.library.register_autograd(f"{lib}::mixed_dots", _mixed_dots_backward, setup_context=_mixed_dots_setup)
+    torch.library.register_autograd(f"{lib}::lse_fwd", functools.partial(_lse_fwd_backward, ns),
+                                    setup_context=_lse_fwd_setup)
+    torch.library.register_autograd(f"{lib}::mixed_dots", functools.partial(_mixed_dots_backward, ns),
+                                    setup_context=_mixed_dots_setup)
 
 
 def _lse_fwd_setup(ctx, inputs, output):
@@ -201,7 +206,7 @@ def _cast(t, dtype):
     return None if t is None else t.to(dtype)
 
 
-def _lse_fwd_backward(ctx, d_row, d_pos, _d_count, d_col, _d_e, _d_p):
+def _lse_fwd_backward(ns, ctx, d_row, d_pos, _d_count, d_col, _d_e, _d_p):
     need = ctx.needs_input_grad
     gammas = ctx.gammas
     dt = ctx.in_dtypes
@@ -231,7 +236,7 @@ def _lse_fwd_backward(ctx, d_row, d_pos, _d_count, d_col, _d_e, _d_p):
         d_row = torch.zeros_like(row_lse)
     need_g = need[0] or need[2]
     need_h = need[1] or need[3]
-    g_key, h, dc, dd = torch.ops.contrastive_kernels.lse_bwd(
+    g_key, h, dc, dd = ns.lse_bwd(
         q, k, a, b, c, d, list(gammas), exclude, q_labels, k_labels, row_lse, col_lse, d_row.to(acc),
         d_pos.to(acc) if (ctx.has_labels and d_pos is not None) else None,
         d_col.to(acc) if (ctx.want_col_lse and d_col is not None) else None,
@@ -253,9 +258,9 @@ def _mixed_dots_setup(ctx, inputs, output):
     ctx.save_for_backward(mix_query, negatives, hard_index, pair_index, alpha, query_index, query_weight)
 
 
-def _mixed_dots_backward(ctx, grad):
+def _mixed_dots_backward(ns, ctx, grad):
     saved = ctx.saved_tensors
     if not ctx.needs_input_grad[0]:
         return (None,) * 8
-    dq = torch.ops.contrastive_kernels.mixed_dots_bwd(grad, *saved)
+    dq = ns.mixed_dots_bwd(grad, *saved)
     return (dq.to(ctx.q_dtype),) + (None,) * 7

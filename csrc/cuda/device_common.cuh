@@ -88,6 +88,39 @@ struct IsTensorCore<__nv_bfloat16> {
 // tensor-core primitives (sm_80+)
 // ---------------------------------------------------------------------------------------------
 
+#ifdef CK_CUDA_EMU
+// the emulator (csrc/emu) implements the PTX below with the same register layouts
+__device__ __forceinline__ void ldmatrix_x4(uint32_t& r0, uint32_t& r1, uint32_t& r2, uint32_t& r3, const void* p) {
+  uint32_t r[4];
+  ck_emu::ldmatrix(r, 4, false, p);
+  r0 = r[0], r1 = r[1], r2 = r[2], r3 = r[3];
+}
+__device__ __forceinline__ void ldmatrix_x2(uint32_t& r0, uint32_t& r1, const void* p) {
+  uint32_t r[2];
+  ck_emu::ldmatrix(r, 2, false, p);
+  r0 = r[0], r1 = r[1];
+}
+__device__ __forceinline__ void ldmatrix_x2_trans(uint32_t& r0, uint32_t& r1, const void* p) {
+  uint32_t r[2];
+  ck_emu::ldmatrix(r, 2, true, p);
+  r0 = r[0], r1 = r[1];
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t& r0, uint32_t& r1, uint32_t& r2, uint32_t& r3,
+                                                  const void* p) {
+  uint32_t r[4];
+  ck_emu::ldmatrix(r, 4, true, p);
+  r0 = r[0], r1 = r[1], r2 = r[2], r3 = r[3];
+}
+template <typename T>
+__device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  ck_emu::mma_16816<T>(d, a, b0, b1);
+}
+__device__ __forceinline__ void cp_async_16(void* dst, const void* src, int bytes) {
+  ck_emu::cp_async_16(dst, src, bytes);
+}
+__device__ __forceinline__ void cp_async_commit() {}
+__device__ __forceinline__ void cp_async_wait_all() {}
+#else
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
@@ -137,6 +170,13 @@ __device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&d)[4], const ui
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
+__device__ __forceinline__ void cp_async_16(void* dst, const void* src, int bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src), "r"(bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::); }
+#endif  // CK_CUDA_EMU
+
 // ---------------------------------------------------------------------------------------------
 // shared-memory operand staging
 // ---------------------------------------------------------------------------------------------
@@ -175,13 +215,10 @@ __device__ __forceinline__ void stage_rows_async(T* dst, int ld, const T* __rest
     const bool ok = gr < nrows && d < D;
     const T* g = ok ? src + gr * D + d : src;
     const int bytes = ok ? 16 : 0;
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst + r * ld + d)), "l"(g),
-                 "r"(bytes));
+    cp_async_16(dst + r * ld + d, g, bytes);
   }
-  asm volatile("cp.async.commit_group;\n" ::);
+  cp_async_commit();
 }
-
-__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::); }
 
 // ---------------------------------------------------------------------------------------------
 // tile products. Warp w of the block takes the 16-row m-tile (w % MT) and every (kWarps/MT)-th

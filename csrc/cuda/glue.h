@@ -8,8 +8,24 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#ifdef CK_CUDA_EMU
+// the emulator build (csrc/emu) runs this glue on host tensors, registered in its own namespace
+#define CK_CUDA_LIBRARY_IMPL(m) TORCH_LIBRARY_IMPL(contrastive_kernels_cuda_emu, CPU, m)
+#else
+#define CK_CUDA_LIBRARY_IMPL(m) TORCH_LIBRARY_IMPL(contrastive_kernels, CUDA, m)
+#endif
+
 namespace ck {
 namespace cuda {
+
+// the tensors the kernels may read: CUDA tensors (host tensors in the emulator build)
+inline bool on_kernel_device(const at::Tensor& t) {
+#ifdef CK_CUDA_EMU
+  return t.is_cpu();
+#else
+  return t.is_cuda();
+#endif
+}
 
 // Calls f with a value of the kernel input type of `t` (__half, __nv_bfloat16, float, double).
 template <typename F>

@@ -188,7 +188,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lse_fwd_cuda(
     bool want_col_lse, bool row_only) {
   check_lse_args("lse_fwd", q, k, row_scale, col_scale, row_bias, col_bias, gammas, exclude, q_labels, k_labels,
                  kMaxGammas);
-  TORCH_CHECK(q.is_cuda(), "lse_fwd (CUDA): tensors must be on a CUDA device");
+  TORCH_CHECK(on_kernel_device(q), "lse_fwd (CUDA): tensors must be on a CUDA device");
   const c10::cuda::CUDAGuard guard(q.device());
   Common c = prepare(q, k, row_scale, col_scale, row_bias, col_bias, exclude, q_labels, k_labels);
   std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> out;
@@ -260,7 +260,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lse_bwd_cuda(
     const optional<Tensor>& d_col, bool need_g_key, bool need_h, bool need_dc, bool need_dd) {
   check_lse_args("lse_bwd", q, k, row_scale, col_scale, row_bias, col_bias, gammas, exclude, q_labels, k_labels,
                  kMaxGammas);
-  TORCH_CHECK(q.is_cuda(), "lse_bwd (CUDA): tensors must be on a CUDA device");
+  TORCH_CHECK(on_kernel_device(q), "lse_bwd (CUDA): tensors must be on a CUDA device");
   const int64_t B = q.size(0), N = k.size(0), G = static_cast<int64_t>(gammas.size());
   TORCH_CHECK(row_lse.dim() == 2 && row_lse.size(0) == G && row_lse.size(1) == B, "lse_bwd: row_lse must be (",
               G, ", ", B, "), got ", row_lse.sizes());
@@ -288,7 +288,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lse_bwd_cuda(
 }  // namespace cuda
 }  // namespace ck
 
-TORCH_LIBRARY_IMPL(contrastive_kernels, CUDA, m) {
+CK_CUDA_LIBRARY_IMPL(m) {
   m.impl("lse_fwd", &ck::cuda::lse_fwd_cuda);
   m.impl("lse_bwd", &ck::cuda::lse_bwd_cuda);
 }

@@ -4,6 +4,10 @@
 
 #include "launch.h"
 
+#ifndef CK_CUDA_EMU  // the emulator (csrc/emu/ck_emu.h) defines its own
+#define CK_LAUNCH(kernel, grid, block, smem, stream) kernel<<<grid, block, smem, stream>>>
+#endif
+
 namespace ck {
 namespace cuda {
 
@@ -25,7 +29,7 @@ cudaError_t launch_lse_cfg(const LseTileParams<typename LseTypes<TI>::TA>& p, in
   cudaError_t err = allow_smem(kernel, smem);
   if (err != cudaSuccess) return err;
   dim3 grid(static_cast<unsigned>((p.R + BM - 1) / BM), static_cast<unsigned>(splits));
-  kernel<<<grid, kThreads, smem, stream>>>(p);
+  CK_LAUNCH(kernel, grid, kThreads, smem, stream)(p);
   return cudaGetLastError();
 }
 
@@ -54,7 +58,7 @@ cudaError_t launch_topk_cfg(const TopkParams& p, int64_t splits, size_t smem, cu
   cudaError_t err = allow_smem(kernel, smem);
   if (err != cudaSuccess) return err;
   dim3 grid(static_cast<unsigned>((p.M + BM - 1) / BM), static_cast<unsigned>(splits));
-  kernel<<<grid, kThreads, smem, stream>>>(p);
+  CK_LAUNCH(kernel, grid, kThreads, smem, stream)(p);
   return cudaGetLastError();
 }
 
@@ -86,16 +90,15 @@ cudaError_t launch_mix(const MixParams& p, int which, cudaStream_t stream) {
   using TA = typename LseTypes<TI>::TA;
   if (p.B == 0) return cudaSuccess;
   const size_t smem = static_cast<size_t>(p.D + 2 * kWarps) * sizeof(TA);
+  const dim3 grid(static_cast<unsigned>(p.B));
   if (which == kMixVectors) {
-    mix_vectors_kernel<TI, TA><<<static_cast<unsigned>(p.B), kThreads, 0, stream>>>(p);
-  } else if (which == kMixedDots) {
-    cudaError_t err = allow_smem(mixed_dots_kernel<TI, TA>, smem);
-    if (err != cudaSuccess) return err;
-    mixed_dots_kernel<TI, TA><<<static_cast<unsigned>(p.B), kThreads, smem, stream>>>(p);
+    auto kernel = mix_vectors_kernel<TI, TA>;
+    CK_LAUNCH(kernel, grid, kThreads, 0, stream)(p);
   } else {
-    cudaError_t err = allow_smem(mixed_dots_bwd_kernel<TI, TA>, smem);
+    auto kernel = which == kMixedDots ? mixed_dots_kernel<TI, TA> : mixed_dots_bwd_kernel<TI, TA>;
+    cudaError_t err = allow_smem(kernel, smem);
     if (err != cudaSuccess) return err;
-    mixed_dots_bwd_kernel<TI, TA><<<static_cast<unsigned>(p.B), kThreads, smem, stream>>>(p);
+    CK_LAUNCH(kernel, grid, kThreads, smem, stream)(p);
   }
   return cudaGetLastError();
 }

@@ -48,7 +48,7 @@ Prepared prepare(const Tensor& query, const Tensor& negatives, const Tensor& har
 Tensor mix_cuda(const Tensor& query, const Tensor& negatives, const Tensor& hard_index, const Tensor& pair_index,
                 const Tensor& alpha, const Tensor& query_index, const Tensor& query_weight) {
   check_mix_args("mix", query, negatives, hard_index, pair_index, alpha, query_index, query_weight);
-  TORCH_CHECK(query.is_cuda(), "mix (CUDA): tensors must be on a CUDA device");
+  TORCH_CHECK(on_kernel_device(query), "mix (CUDA): tensors must be on a CUDA device");
   const c10::cuda::CUDAGuard guard(query.device());
   Prepared r = prepare(query, negatives, hard_index, pair_index, alpha, query_index, query_weight);
   const at::ScalarType acc = acc_type(query.scalar_type());
@@ -68,7 +68,7 @@ Tensor mixed_dots_cuda(const Tensor& q, const Tensor& mix_query, const Tensor& n
                        const Tensor& query_weight) {
   check_mix_args("mixed_dots", mix_query, negatives, hard_index, pair_index, alpha, query_index, query_weight);
   check_features(q, "mixed_dots", "q");
-  TORCH_CHECK(q.sizes() == mix_query.sizes() && q.device() == mix_query.device() && q.is_cuda(),
+  TORCH_CHECK(q.sizes() == mix_query.sizes() && q.device() == mix_query.device() && on_kernel_device(q),
               "mixed_dots (CUDA): q and mix_query must have one shape and CUDA device");
   const c10::cuda::CUDAGuard guard(q.device());
   Prepared r = prepare(mix_query, negatives, hard_index, pair_index, alpha, query_index, query_weight);
@@ -93,7 +93,7 @@ Tensor mixed_dots_bwd_cuda(const Tensor& grad, const Tensor& mix_query, const Te
   TORCH_CHECK(grad.dim() == 2 && grad.size(0) == B && grad.size(1) == T && grad.is_floating_point() &&
                   grad.device() == mix_query.device(),
               "mixed_dots_bwd: grad must be floating (", B, ", ", T, ") on the features' device, got ", grad.sizes());
-  TORCH_CHECK(mix_query.is_cuda(), "mixed_dots_bwd (CUDA): tensors must be on a CUDA device");
+  TORCH_CHECK(on_kernel_device(mix_query), "mixed_dots_bwd (CUDA): tensors must be on a CUDA device");
   const c10::cuda::CUDAGuard guard(mix_query.device());
   Prepared r = prepare(mix_query, negatives, hard_index, pair_index, alpha, query_index, query_weight);
   const at::ScalarType acc = acc_type(mix_query.scalar_type());
@@ -113,7 +113,7 @@ Tensor mixed_dots_bwd_cuda(const Tensor& grad, const Tensor& mix_query, const Te
 }  // namespace cuda
 }  // namespace ck
 
-TORCH_LIBRARY_IMPL(contrastive_kernels, CUDA, m) {
+CK_CUDA_LIBRARY_IMPL(m) {
   m.impl("mix", &ck::cuda::mix_cuda);
   m.impl("mixed_dots", &ck::cuda::mixed_dots_cuda);
   m.impl("mixed_dots_bwd", &ck::cuda::mixed_dots_bwd_cuda);

@@ -38,7 +38,7 @@ std::tuple<Tensor, Tensor> topk_cuda(const Tensor& query, const Tensor& bank, in
                                      const optional<Tensor>& bank_labels) {
   const std::string sim(similarity);
   check_topk_args("topk", query, bank, k, sim, exclude_index, query_labels, bank_labels);
-  TORCH_CHECK(query.is_cuda() && bank.device() == query.device(), "topk (CUDA): query and bank must be on one CUDA device");
+  TORCH_CHECK(on_kernel_device(query) && bank.device() == query.device(), "topk (CUDA): query and bank must be on one CUDA device");
   TORCH_CHECK(query.scalar_type() == bank.scalar_type(), "topk (CUDA): query and bank must have one dtype, got ",
               query.scalar_type(), " and ", bank.scalar_type());
   TORCH_CHECK(k <= kTopkMaxK, "topk (CUDA): k <= ", kTopkMaxK, " is supported, got ", k);
@@ -114,4 +114,4 @@ std::tuple<Tensor, Tensor> topk_cuda(const Tensor& query, const Tensor& bank, in
 }  // namespace cuda
 }  // namespace ck
 
-TORCH_LIBRARY_IMPL(contrastive_kernels, CUDA, m) { m.impl("topk", &ck::cuda::topk_cuda); }
+CK_CUDA_LIBRARY_IMPL(m) { m.impl("topk", &ck::cuda::topk_cuda); }

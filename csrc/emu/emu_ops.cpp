@@ -1,0 +1,69 @@
+// The schemas of the contrastive_kernels ops in the emulator's own namespace,
+// torch.ops.contrastive_kernels_cuda_emu, whose CPU kernels are the CUDA glue and kernels of
+// csrc/cuda run by the emulator (see ck_emu.h; tests/_cuda_emu.py), and a self-test op whose
+// small faulty kernels show that the emulator reports what it claims to check.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include "../ops_schema.h"
+#include "ck_emu.h"
+
+// (in ck::cuda, where the kernels' `extern __shared__ smem[]` lives)
+namespace ck {
+namespace cuda {
+
+struct Probe {
+  int which = 0;
+};
+
+// 0: lanes of warp 0 at two different collectives; 1: a lane at __syncthreads while the rest of
+// its warp waits at __syncwarp (a deadlock); 2: ldmatrix from a misaligned shared address;
+// 3: a shuffle by a warp whose other lanes returned; 4: correct code (butterfly sums, ballot)
+__global__ void probe_kernel(Probe p) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  if (p.which == 0 && warp == 0) {
+    if (lane < 16) (void)__shfl_xor_sync(0xffffffffu, lane, 1);
+    else (void)__ballot_sync(0xffffffffu, 1);
+  } else if (p.which == 1 && warp == 0) {
+    if (lane == 0) __syncthreads();
+    else __syncwarp();
+  } else if (p.which == 2) {
+    uint32_t r[2];
+    ck_emu::ldmatrix(r, 2, false, smem + 2);
+  } else if (p.which == 3 && warp == 0) {
+    if (lane == 5) return;
+    (void)__shfl_sync(0xffffffffu, lane, 0);
+  } else if (p.which == 4) {
+    int v = lane;
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    const unsigned odd = __ballot_sync(0xffffffffu, lane & 1);
+    reinterpret_cast<int*>(smem)[threadIdx.x] = v == 496 && odd == 0xaaaaaaaau ? 1 : 0;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      int ok = 0;
+      for (int t = 0; t < 128; ++t) ok += reinterpret_cast<int*>(smem)[t];
+      if (ok != 128) ck_emu::fail("self-test: wrong shuffle or ballot results");
+    }
+  }
+}
+
+}  // namespace cuda
+}  // namespace ck
+
+namespace {
+
+// Runs case `which` (see probe_kernel) on 2 blocks of 128 threads; `smem_bytes` of dynamic
+// shared memory without the opt-in attribute (over 48 KiB must fail to launch).
+int64_t emulator_probe(int64_t which, int64_t smem_bytes) {
+  auto kernel = ck::cuda::probe_kernel;
+  CK_LAUNCH(kernel, dim3(2), dim3(128), static_cast<size_t>(smem_bytes), nullptr)(ck::cuda::Probe{static_cast<int>(which)});
+  return static_cast<int64_t>(cudaGetLastError());
+}
+
+}  // namespace
+
+TORCH_LIBRARY(contrastive_kernels_cuda_emu, m) {
+  ck::define_ops(m);
+  m.def("emulator_probe(int which, int smem_bytes) -> int", &emulator_probe);
+}
