@@ -154,7 +154,7 @@ inline void warp_collective(const char* kind, unsigned mask, Deposit&& deposit, 
   if (w.alive != 32) fail(std::string(kind) + " in a warp whose other lanes already returned");
   if (w.arrived == 0) {
     w.kind = kind;
-  } else if (w.kind != kind) {
+  } else if (std::strcmp(w.kind, kind) != 0) {
     fail(std::string("lanes of one warp at different collectives: ") + kind + " and " + w.kind);
   }
   const int par = static_cast<int>(w.gen & 1);
@@ -245,38 +245,38 @@ inline void __syncwarp(unsigned mask = 0xffffffffu) {
                           [](const uint64_t*) {});
 }
 
+namespace ck_emu {
+// __shfl_sync (source lane `arg`) and __shfl_xor_sync (source lane = own lane ^ `arg`)
 template <typename T>
-inline T __shfl_sync(unsigned mask, T v, int src, int width = 32) {
-  if (width != 32) ck_emu::fail("__shfl_sync with width != 32 is not emulated");
+inline T shuffle(const char* kind, unsigned mask, T v, int arg, bool by_xor, int width) {
+  if (width != 32) fail(std::string(kind) + " with width != 32 is not emulated");
   T r{};
-  ck_emu::warp_collective(
-      "__shfl_sync", mask,
+  warp_collective(
+      kind, mask,
       [&](uint64_t* in) {
-        in[0] = ck_emu::to_bits(v);
-        in[1] = static_cast<uint64_t>(src & 31);
+        in[0] = to_bits(v);
+        in[1] = static_cast<uint64_t>(arg & 31);
+        in[2] = by_xor;
       },
       [](uint64_t (*in)[10], uint64_t (*out)[4]) {
-        for (int l = 0; l < 32; ++l) out[l][0] = in[in[l][1]][0];
+        for (int l = 0; l < 32; ++l) {
+          const int a = static_cast<int>(in[l][1]);
+          out[l][0] = in[in[l][2] ? (l ^ a) : a][0];
+        }
       },
-      [&](const uint64_t* out) { r = ck_emu::from_bits<T>(out[0]); });
+      [&](const uint64_t* out) { r = from_bits<T>(out[0]); });
   return r;
+}
+}  // namespace ck_emu
+
+template <typename T>
+inline T __shfl_sync(unsigned mask, T v, int src, int width = 32) {
+  return ck_emu::shuffle("__shfl_sync", mask, v, src, false, width);
 }
 
 template <typename T>
 inline T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = 32) {
-  if (width != 32) ck_emu::fail("__shfl_xor_sync with width != 32 is not emulated");
-  T r{};
-  ck_emu::warp_collective(
-      "__shfl_xor_sync", mask,
-      [&](uint64_t* in) {
-        in[0] = ck_emu::to_bits(v);
-        in[1] = static_cast<uint64_t>(lane_mask & 31);
-      },
-      [](uint64_t (*in)[10], uint64_t (*out)[4]) {
-        for (int l = 0; l < 32; ++l) out[l][0] = in[l ^ static_cast<int>(in[l][1])][0];
-      },
-      [&](const uint64_t* out) { r = ck_emu::from_bits<T>(out[0]); });
-  return r;
+  return ck_emu::shuffle("__shfl_xor_sync", mask, v, lane_mask, true, width);
 }
 
 inline unsigned __ballot_sync(unsigned mask, int pred) {
