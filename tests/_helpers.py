@@ -146,3 +146,26 @@ def faiss_topk(q, bank, k, similarity):
     index.add(bank.numpy())
     dist, idx = index.search(q.numpy(), k)
     return torch.from_numpy(dist), torch.from_numpy(idx)
+
+
+LSE_LABELS = ("none", "eq", "bits")
+LSE_EXCLUDES = ("none", "one", "two")
+
+
+def lse_options(b, n, exclude, labels, gammas, col_lse, grad_side):
+    """(grad mask, keyword arguments) of an lse_stats case over every option: exclusions (none,
+    one or two per row; row 0 excludes nothing), labels (none, integer, multi-hot bitsets),
+    gammas, the column log-sum-exp, and gradients for the query side only or both sides."""
+    from contrastive_kernels._common import pack_multi_hot
+
+    excl = {"none": None, "one": torch.arange(b)[:, None] % n,
+            "two": torch.stack([torch.arange(b) % n, (torch.arange(b) * 7 + 3) % n], 1)}[exclude]
+    if excl is not None:
+        excl[0] = -1  # a row that excludes nothing
+    ql, kl = {"none": lambda: (None, None),
+              "eq": lambda: (torch.arange(b) % 3, torch.arange(n) % 4),
+              "bits": lambda: (pack_multi_hot((torch.rand(b, 70) < 0.1).long()),
+                               pack_multi_hot((torch.rand(n, 70) < 0.1).long()))}[labels]()
+    both = grad_side == "both"
+    mask = [True, both, True, both, True, both]
+    return mask, dict(gammas=gammas, exclude=excl, q_labels=ql, k_labels=kl, want_col_lse=col_lse)

@@ -16,8 +16,8 @@ import torch
 import _cuda_emu
 import contrastive_kernels as ck
 from contrastive_kernels import functional, reference
-from contrastive_kernels._common import draw_mixing, pack_multi_hot
-from _helpers import lse_case, lse_inputs
+from contrastive_kernels._common import draw_mixing
+from _helpers import LSE_EXCLUDES, LSE_LABELS, lse_case, lse_inputs, lse_options
 
 needs_gpu = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -62,18 +62,8 @@ def test_cuda_backend_is_available():
 # lse_stats, op level (fp64: the kernels' logic exactly; lower precisions: tolerances)
 # --------------------------------------------------------------------------------------------
 
-
-
-LABELS = {
-    "none": lambda b, n: (None, None),
-    "eq": lambda b, n: (torch.arange(b) % 3, torch.arange(n) % 4),
-    "bits": lambda b, n: (pack_multi_hot((torch.rand(b, 70) < 0.1).long()),
-                          pack_multi_hot((torch.rand(n, 70) < 0.1).long())),
-}
-
-
-@pytest.mark.parametrize("labels", list(LABELS))
-@pytest.mark.parametrize("exclude", ["none", "one", "two"])
+@pytest.mark.parametrize("labels", LSE_LABELS)
+@pytest.mark.parametrize("exclude", LSE_EXCLUDES)
 @pytest.mark.parametrize("gammas", [(1.0,), (1.5, 0.0), (2.0, 1.0)])
 @pytest.mark.parametrize("col_lse", [False, True])
 @pytest.mark.parametrize("grad_side", ["rows", "both"])
@@ -82,13 +72,7 @@ def test_lse_stats_fp64_matches_spec(target, labels, exclude, gammas, col_lse, g
     b, n, d = shape
     torch.manual_seed(0)
     inputs = lse_inputs(b, n, d)
-    excl = {"none": None, "one": torch.arange(b)[:, None] % n,
-            "two": torch.stack([torch.arange(b) % n, (torch.arange(b) * 7 + 3) % n], 1)}[exclude]
-    if excl is not None:
-        excl[0] = -1
-    ql, kl = LABELS[labels](b, n)
-    mask = [True, grad_side == "both", True, grad_side == "both", True, grad_side == "both"]
-    kw = dict(gammas=gammas, exclude=excl, q_labels=ql, k_labels=kl, want_col_lse=col_lse)
+    mask, kw = lse_options(b, n, exclude, labels, gammas, col_lse, grad_side)
     want = lse_case(reference.lse_stats, inputs, mask, "cpu", **kw)
     got = lse_case(target.ops.lse_stats, inputs, mask, target.dev, **kw)
     for i, (g, w) in enumerate(zip(got, want)):

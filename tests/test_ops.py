@@ -6,24 +6,18 @@ import pytest
 import torch
 
 from contrastive_kernels import chunked, functional, reference
-from contrastive_kernels._common import draw_mixing, pack_multi_hot
-from _helpers import lse_case, lse_inputs
+from contrastive_kernels._common import draw_mixing
+from _helpers import LSE_EXCLUDES, LSE_LABELS, lse_case, lse_inputs, lse_options
 
 
 def _ops(name):
     return functional.resolve_backend(name, "loss", torch.device("cpu"))
 
 
-LABELS = {
-    "none": lambda b, n: (None, None),
-    "eq": lambda b, n: (torch.arange(b) % 3, torch.arange(n) % 4),
-    "bits": lambda b, n: (pack_multi_hot((torch.rand(b, 70) < 0.1).long()),
-                          pack_multi_hot((torch.rand(n, 70) < 0.1).long())),
-}
 
 
-@pytest.mark.parametrize("labels", list(LABELS))
-@pytest.mark.parametrize("exclude", ["none", "one", "two"])
+@pytest.mark.parametrize("labels", LSE_LABELS)
+@pytest.mark.parametrize("exclude", LSE_EXCLUDES)
 @pytest.mark.parametrize("gammas", [(1.0,), (1.5, 0.0), (2.0, 1.0)])
 @pytest.mark.parametrize("col_lse", [False, True])
 @pytest.mark.parametrize("grad_side", ["rows", "both"])
@@ -31,13 +25,7 @@ def test_lse_stats_matches_spec(backend, labels, exclude, gammas, col_lse, grad_
     b, n, d = 9, 23, 5
     torch.manual_seed(0)
     inputs = lse_inputs(b, n, d)
-    excl = {"none": None, "one": torch.arange(b)[:, None] % n,
-            "two": torch.stack([torch.arange(b) % n, (torch.arange(b) * 7 + 3) % n], 1)}[exclude]
-    if excl is not None:
-        excl[0] = -1  # a row that excludes nothing
-    ql, kl = LABELS[labels](b, n)
-    mask = [True, grad_side == "both", True, grad_side == "both", True, grad_side == "both"]
-    kw = dict(gammas=gammas, exclude=excl, q_labels=ql, k_labels=kl, want_col_lse=col_lse)
+    mask, kw = lse_options(b, n, exclude, labels, gammas, col_lse, grad_side)
     want = lse_case(reference.lse_stats, inputs, mask, **kw)
     got = lse_case(_ops(backend).lse_stats, inputs, mask, **kw)
     for i, (g, w) in enumerate(zip(got, want)):
