@@ -39,6 +39,14 @@ cuda-check:
 	@for arch in $(CUDA_CHECK_ARCHS); do for f in csrc/cuda/kernels_*.cu; do echo "$$arch $$f"; done; done | \
 	  xargs -P $$(nproc) -n 2 sh -c '$(NVCC) $(CUDA_CHECK_FLAGS) -arch=$$0 -Icsrc -c $$1 -o /dev/null && echo "ok  $$0 $$1"'
 
+# The real CUDA build of the extension without a GPU: torch's CUDA wheel of the installed version
+# (PyPI, into a venv under ~/.cache; ~5 GB, reused) builds contrastive_kernels._C with every
+# csrc/cuda glue file against ATen/c10's CUDA headers, then the build is loaded and checked (ops
+# registered for CPU and CUDA, its CPU kernels against reference.py). SKIPPED without nvcc or network.
+.PHONY: cuda-build-check
+cuda-build-check:
+	PY=$(PY) bash scripts/cuda_build_check.sh
+
 # The long CPU tests left out of `make test`.
 test-slow: install
 	TRITON_INTERPRET=1 $(PY) -m pytest -m "slow and not gpu" -q

@@ -47,6 +47,23 @@ def cuda_arch_token() -> str:
     return "_".join("sm" + p.replace(".", "").replace("+PTX", "ptx") for p in parts) or "default"
 
 
+def cuda_library_include_dirs():
+    """Include folders for the CUDA library headers that ATen's CUDA headers include (cusparse.h,
+    cublas_v2.h, cusolverDn.h), when the toolkit at CUDA_HOME lacks them (a compiler-only
+    install): those of the NVIDIA wheels that a CUDA torch from PyPI depends on
+    (site-packages/nvidia/*/include). Empty when the toolkit has them, so its own headers win."""
+    import sysconfig
+
+    from torch.utils import cpp_extension
+
+    home = cpp_extension.CUDA_HOME
+    if home and os.path.exists(os.path.join(home, "include", "cusparse.h")):
+        return []
+    site = sysconfig.get_paths()["purelib"]
+    return [d for d in sorted(glob.glob(os.path.join(site, "nvidia", "*", "include")))
+            if os.path.exists(os.path.join(d, "cusparse.h"))]
+
+
 def extension_kwargs(root: str, with_cuda: bool):
     """Keyword arguments of CppExtension / CUDAExtension (and, without `sources`-level changes,
     of torch.utils.cpp_extension.load). Macros carry no strings (quoting differs between ninja's
@@ -61,7 +78,8 @@ def extension_kwargs(root: str, with_cuda: bool):
         cxx = cxx + defines
         nvcc = nvcc_flags() + defines
     ldflags = ["-fopenmp"] if "-fopenmp" in cxx else []
-    return dict(sources=sources(root, with_cuda), include_dirs=[csrc_dir(root)],
+    include_dirs = [csrc_dir(root)] + (cuda_library_include_dirs() if with_cuda else [])
+    return dict(sources=sources(root, with_cuda), include_dirs=include_dirs,
                 extra_compile_args={"cxx": cxx, "nvcc": nvcc} if with_cuda else cxx,
                 extra_link_args=ldflags)
 

@@ -31,6 +31,29 @@ def test_extension_builds_where_required():
         assert "chunked" in reason  # says what runs instead
 
 
+def test_cuda_library_headers_come_from_the_wheels_only_when_the_toolkit_lacks_them(tmp_path, monkeypatch):
+    """A compiler-only CUDA toolkit lacks cusparse.h (which ATen's CUDA headers include): the build
+    then takes the NVIDIA wheels' include folders; a full toolkit's own headers are never shadowed."""
+    import sysconfig
+
+    from torch.utils import cpp_extension
+
+    from contrastive_kernels import _build
+
+    site = tmp_path / "site"
+    wheel_inc = site / "nvidia" / "cu13" / "include"
+    (site / "nvidia" / "cudnn" / "include").mkdir(parents=True)  # no cusparse.h: not taken
+    wheel_inc.mkdir(parents=True)
+    (wheel_inc / "cusparse.h").write_text("")
+    home = tmp_path / "cuda"
+    (home / "include").mkdir(parents=True)
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", str(home))
+    monkeypatch.setattr(sysconfig, "get_paths", lambda *a, **k: {"purelib": str(site)})
+    assert _build.cuda_library_include_dirs() == [str(wheel_inc)]
+    (home / "include" / "cusparse.h").write_text("")
+    assert _build.cuda_library_include_dirs() == []
+
+
 @needs_ext
 def test_build_info():
     info = _ext.build_info()
