@@ -6,7 +6,7 @@ from typing import Sequence
 
 import torch
 
-from . import _ext, chunked
+from . import _bank_chunks, _ext, chunked
 from ._common import MixingDraws
 
 _ext.load()  # registers the ops (and their autograd / fake kernels) when the extension exists
@@ -67,27 +67,30 @@ def _topk_on_device(query, bank, k, similarity, exclude_index, query_labels, ban
 
 
 def topk(query, bank, k, *, similarity="dot", exclude_index=None, query_labels=None,
-         bank_labels=None):
+         bank_labels=None, _chunk_rows=None):
     """Exact top-k (values fp32, int64 indices; ties to the lower index). A bank on another device
-    than the query (a host bank for a GPU query) is streamed in chunks, each chunk's top-k merged
-    into the running one by packed keys (chunked.pack_keys), which keeps the tie rule exact."""
+    than the query (a host bank for a GPU query) is streamed in chunks (_bank_chunks.HostChunks:
+    copies on a side stream overlap the kernels), each chunk's top-k merged into the running one
+    by packed keys (chunked.pack_keys), which keeps the tie rule exact. ``_chunk_rows`` (tests)
+    runs the same merge over a bank already on the query's device, in chunks of that many rows."""
     if _cuda_fallback_topk(query, k):
         return chunked.topk(query, bank, k, similarity=similarity, exclude_index=exclude_index,
                             query_labels=query_labels, bank_labels=bank_labels)
-    if bank.device == query.device:
+    if bank.device == query.device and _chunk_rows is None:
         return _topk_on_device(query, bank, k, similarity, exclude_index, query_labels, bank_labels)
-    n = bank.shape[0]
-    step = max(k, chunked.chunk_size(query.shape[0], n, 4, temporaries=3, minimum=max(4096, k)))
+    if bank.device != query.device:
+        rows = _chunk_rows or max(k, _bank_chunks.host_chunk_rows(bank))
+        chunks = _bank_chunks.HostChunks(bank, bank_labels, rows, query.device)
+    else:
+        chunks = _bank_chunks.DeviceChunks(bank, bank_labels, _chunk_rows)
     running = None
-    for j0 in range(0, n, step):
-        j1 = min(n, j0 + step)
-        chunk = bank[j0:j1].to(query.device, non_blocking=True)
-        kk = min(k, j1 - j0)
-        ex = None if exclude_index is None else exclude_index - j0
-        if ex is not None:
-            ex = torch.where(exclude_index >= 0, ex, torch.full_like(ex, -1))
-        bl = None if bank_labels is None else bank_labels[j0:j1].to(query.device)
-        values, indices = _topk_on_device(query, chunk, kk, similarity, ex, query_labels, bl)
+    for j0, data, labels in chunks:
+        ex = None
+        if exclude_index is not None:  # chunk-local rows; other chunks' rows match no column
+            ex = torch.where(exclude_index >= 0, exclude_index - j0, torch.full_like(exclude_index, -1))
+        values, indices = _topk_on_device(query, data, min(k, data.shape[0]), similarity, ex,
+                                          query_labels, labels)
+        chunks.consumed()
         keys = chunked.pack_keys(values, 0)
         # pack_keys numbers columns from 0; re-pack with the bank indices (missing: -1 -> excluded)
         keys = (keys & ~chunked._LOW_MASK) | (chunked._LOW_MASK - (indices + j0))
@@ -96,8 +99,7 @@ def topk(query, bank, k, *, similarity="dot", exclude_index=None, query_labels=N
         if running.shape[1] > k:
             running = running.topk(k, dim=1, sorted=False).values
     running = running.sort(dim=1, descending=True).values
-    values, indices = chunked.unpack_keys(running)
-    return values, indices
+    return chunked.unpack_keys(running)
 
 
 def mix(query, negatives, hard_index, draws: MixingDraws):

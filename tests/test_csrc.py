@@ -137,6 +137,23 @@ def test_every_isa_topk(isa, similarity):
 
 
 @needs_ext
+def test_topk_in_chunks_equals_one_pass():
+    """The merge of per-chunk top-k results that the host-bank path runs (exclusions shifted to each
+    chunk: other chunks' rows become negative or past-the-end indices, which exclude nothing),
+    over the CPU kernels: bitwise equal to one pass (integer features: exact scores)."""
+    g = torch.Generator().manual_seed(5)
+    q = torch.randint(-3, 4, (21, 12), generator=g).float()
+    bank = torch.randint(-3, 4, (2501, 12), generator=g).float()
+    ex = torch.randint(-1, 2501, (21, 2), generator=g)
+    ql, bl = torch.randint(0, 4, (21,), generator=g), torch.randint(0, 4, (2501,), generator=g)
+    once = _cpu().topk(q, bank, 64, similarity="cosine", exclude_index=ex, query_labels=ql, bank_labels=bl)
+    for rows in (1000, 64, 17):
+        got = _cpu().topk(q, bank, 64, similarity="cosine", exclude_index=ex, query_labels=ql, bank_labels=bl,
+                          _chunk_rows=rows)
+        assert torch.equal(got[0], once[0]) and torch.equal(got[1], once[1]), rows
+
+
+@needs_ext
 @pytest.mark.parametrize("isa", _isas(), indirect=True)
 @pytest.mark.parametrize("k", [1, 7, 300, 2000])
 @pytest.mark.parametrize("m", [9, 70])  # few rows: column parts; more: row parts (2 threads)

@@ -268,6 +268,55 @@ def test_topk_ties_exclusions_labels_and_host_bank(target):
     assert (a.indices.cpu() == b.indices).float().mean() > 0.99
 
 
+def test_topk_streamed_in_chunks_equals_one_pass(target):
+    """The host-bank path's merge of per-chunk top-k results (exclusions and labels shifted to each
+    chunk), run over a device bank in chunks: identical to one pass, whatever the chunk size,
+    including chunks smaller than k and a last chunk of one row. Integer features keep every score
+    exact, so the comparison is bitwise."""
+    DEV = target.dev
+    g = torch.Generator().manual_seed(8)
+    q = torch.randint(-3, 4, (13, 16), generator=g).float().to(DEV)
+    bank = torch.randint(-3, 4, (1201, 16), generator=g).float().to(DEV)
+    ex = torch.randint(-1, 1201, (13, 3), generator=g).to(DEV)
+    ql, bl = torch.randint(0, 3, (13,), generator=g).to(DEV), torch.randint(0, 3, (1201,), generator=g).to(DEV)
+    for sim in ("dot", "l2"):
+        once = target.ops.topk(q, bank, 40, similarity=sim, exclude_index=ex, query_labels=ql, bank_labels=bl)
+        for rows in (600, 256, 30):
+            streamed = target.ops.topk(q, bank, 40, similarity=sim, exclude_index=ex, query_labels=ql,
+                                       bank_labels=bl, _chunk_rows=rows)
+            assert torch.equal(streamed[0], once[0]) and torch.equal(streamed[1], once[1]), (sim, rows)
+        scores = reference.similarity_matrix(q.cpu(), bank.cpu(), sim)
+        rows = torch.arange(13)[:, None].expand_as(ex)
+        scores[rows[ex >= 0], ex.cpu()[ex >= 0]] = -math.inf
+        scores[ql.cpu()[:, None] == bl.cpu()[None, :]] = -math.inf
+        assert torch.equal(once[1].cpu(), scores.sort(dim=1, descending=True, stable=True).indices[:, :40]), sim
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("pinned", [False, True])
+def test_topk_host_bank_equals_device_bank(pinned):
+    """A host bank (pinned or not) streamed through _bank_chunks.HostChunks: equal to the device
+    bank's result, with exclusions and labels, in chunks and with the default chunk size."""
+    if _why() is not None:
+        pytest.skip(_why())
+    ops = functional.resolve_backend("cuda", "loss", torch.device("cuda"))
+    g = torch.Generator().manual_seed(2)
+    q = torch.randn(300, 128, generator=g).half().cuda()
+    bank_host = torch.randn(400_000, 128, generator=g).half()
+    ex = torch.randint(-1, 400_000, (300, 2), generator=g).cuda()
+    ql, bl = torch.randint(0, 50, (300,), generator=g).cuda(), torch.randint(0, 50, (400_000,), generator=g)
+    bank = bank_host.pin_memory() if pinned else bank_host
+    for sim in ("dot", "cosine"):
+        for k in (1, 100, 1024):
+            want = ops.topk(q, bank_host.cuda(), k, similarity=sim, exclude_index=ex, query_labels=ql,
+                            bank_labels=bl.cuda())
+            for rows in (None, 150_000):
+                got = ops.topk(q, bank, k, similarity=sim, exclude_index=ex, query_labels=ql, bank_labels=bl,
+                               _chunk_rows=rows)
+                assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), (sim, k, rows)
+
+
 # --------------------------------------------------------------------------------------------
 # mixing
 # --------------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import FUSED_BACKENDS
-from contrastive_kernels import reference
+from contrastive_kernels import _bank_chunks, reference
 
 pytestmark = pytest.mark.skipif("triton" not in FUSED_BACKENDS, reason="the Triton backend is unavailable")
 
@@ -197,11 +197,11 @@ def test_query_blocks(small, monkeypatch):
 
 
 def test_plan_chunks():
-    assert T.plan_chunks(10, 4) == [(0, 4, 0), (4, 8, 1), (8, 10, 0)]
-    assert T.plan_chunks(3, 10) == [(0, 3, 0)]
-    assert T.plan_chunks(0, 5) == []
+    assert _bank_chunks.plan_chunks(10, 4) == [(0, 4, 0), (4, 8, 1), (8, 10, 0)]
+    assert _bank_chunks.plan_chunks(3, 10) == [(0, 3, 0)]
+    assert _bank_chunks.plan_chunks(0, 5) == []
     with pytest.raises(ValueError):
-        T.plan_chunks(10, 0)
+        _bank_chunks.plan_chunks(10, 0)
 
 
 class _FakeCuda:
@@ -266,7 +266,7 @@ def test_host_chunks_schedule(pinned):
     rt = _FakeCuda()
     bank = torch.arange(23 * 2, dtype=torch.float32).view(23, 2)
     labels = torch.arange(23)
-    chunks = T._HostChunks(bank, labels, 5, torch.device("cpu"), runtime=rt)
+    chunks = _bank_chunks.HostChunks(bank, labels, 5, torch.device("cpu"), runtime=rt)
     chunks.pinned = pinned
     seen = []
     for j0, data, lab in chunks:
