@@ -220,6 +220,50 @@ __device__ __forceinline__ void stage_rows_async(T* dst, int ld, const T* __rest
   cp_async_commit();
 }
 
+// The key tiles of a block's column range [c_begin, c_end), BN rows [c0, c0 + BN) at a time, in two
+// shared-memory buffers (one may alias the other when prefetching is impossible). With tensor
+// cores (TC), rows of a multiple of 8 elements and a 16-byte aligned source, the next tile is
+// fetched with cp.async while the current one is consumed; otherwise each tile is staged when it
+// is acquired. Per tile c0: Ks = acquire(c0); (per-column work); __syncthreads(); prefetch_next(c0)
+// before the products that read Ks; ...; advance() at the end of the iteration.
+template <typename TS, typename TI, bool TC>
+struct KeyTiles {
+  TS* buf[2];
+  int ld, BN, dp, cur;
+  const TI* src;
+  int64_t nrows, D, c_end;
+  bool async_ok;
+
+  __device__ __forceinline__ KeyTiles(TS* buf0, TS* buf1, int ld_, const TI* src_, int64_t nrows_, int64_t D_,
+                                      int BN_, int dp_, int64_t c_begin, int64_t c_end_)
+      : buf{buf0, buf1}, ld(ld_), BN(BN_), dp(dp_), cur(0), src(src_), nrows(nrows_), D(D_), c_end(c_end_),
+        async_ok(false) {
+    if constexpr (TC) {
+      async_ok = (D % 8 == 0) && ((reinterpret_cast<uintptr_t>(src) & 15) == 0);
+      if (async_ok && c_begin < c_end) stage_async(0, c_begin);
+    }
+  }
+  // the tile of rows [c0, c0 + BN), visible to the block after the next __syncthreads
+  __device__ __forceinline__ TS* acquire(int64_t c0) {
+    if (async_ok) {
+      cp_async_wait_all();
+    } else {
+      stage_rows<TS, TI>(buf[cur], ld, src, c0, nrows, D, BN, dp);
+    }
+    return buf[cur];
+  }
+  // starts fetching the tile after c0 into the other buffer (no-op without cp.async)
+  __device__ __forceinline__ void prefetch_next(int64_t c0) {
+    if (async_ok && c0 + BN < c_end) stage_async(cur ^ 1, c0 + BN);
+  }
+  __device__ __forceinline__ void advance() { cur ^= 1; }
+
+ private:
+  __device__ __forceinline__ void stage_async(int b, int64_t c0) {
+    if constexpr (TC) stage_rows_async<TS>(buf[b], ld, reinterpret_cast<const TS*>(src), c0, nrows, D, BN, dp);
+  }
+};
+
 // ---------------------------------------------------------------------------------------------
 // tile products. Warp w of the block takes the 16-row m-tile (w % MT) and every (kWarps/MT)-th
 // n8-tile from (w / MT): all 4 warps busy for BM = 16, 32, 64.
@@ -283,6 +327,16 @@ __device__ __forceinline__ void tile_abt_simt(const TS* A, int ldA, const TS* B,
   for (int i = 0; i < RI; ++i)
 #pragma unroll
     for (int j = 0; j < CJ; ++j) S[(ty + 8 * i) * ldS + tx + 16 * j] = acc[i][j];
+}
+
+// S = A . B^T on tensor cores (TC: 2-byte operands, fp32 S) or on CUDA cores in TA.
+template <bool TC, typename TA, typename TS, int BM, int BN>
+__device__ __forceinline__ void tile_abt(const TS* A, int ldA, const TS* B, int ldB, int dp, TA* S, int ldS) {
+  if constexpr (TC) {
+    tile_abt_mma<TS, BM, BN>(A, ldA, B, ldB, dp, S, ldS);
+  } else {
+    tile_abt_simt<TA, TS, BM, BN>(A, ldA, B, ldB, dp, S, ldS);
+  }
 }
 
 // Acc[BM][dp] (ldC, fp32) = Acc * scale[row] (if scale) + P[BM][BN] (ldP) . K[BN][dp] (ldK),

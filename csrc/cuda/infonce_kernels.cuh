@@ -22,6 +22,8 @@
 // maxima and sums with warp shuffles.
 #pragma once
 
+#include <type_traits>
+
 #include "device_common.cuh"
 
 namespace ck {
@@ -70,27 +72,9 @@ struct LseTileParams {
 // operand type of the second product (P / G tiles)
 template <typename TI>
 struct LseTypes {
-  using TA = float;
-  using TS = float;
-  using TP = float;
-};
-template <>
-struct LseTypes<double> {
-  using TA = double;
-  using TS = double;
-  using TP = double;
-};
-template <>
-struct LseTypes<__half> {
-  using TA = float;
-  using TS = __half;
-  using TP = __half;
-};
-template <>
-struct LseTypes<__nv_bfloat16> {
-  using TA = float;
-  using TS = __nv_bfloat16;
-  using TP = __nv_bfloat16;
+  using TA = std::conditional_t<std::is_same_v<TI, double>, double, float>;  // fp64 stays fp64
+  using TS = TI;
+  using TP = TI;
 };
 
 __host__ __device__ constexpr int64_t align16(int64_t x) { return (x + 15) / 16 * 16; }
@@ -183,7 +167,6 @@ __global__ void __launch_bounds__(kThreads) lse_tile_kernel(LseTileParams<typena
   const int nslots = BWD ? 1 : p.slots;
   const LseSmem L = lse_smem<TI>(BM, dp, nslots > 0 ? nslots : 0);
   TS* Qs = reinterpret_cast<TS*>(smem + L.q);
-  TS* Kbuf[2] = {reinterpret_cast<TS*>(smem + L.k0), reinterpret_cast<TS*>(smem + (TC ? L.k1 : L.k0))};
   TA* St = reinterpret_cast<TA*>(smem + L.st);
   TP* Ps = reinterpret_cast<TP*>(smem + L.p);
   TA* Cs = reinterpret_cast<TA*>(smem + L.c);
@@ -192,8 +175,6 @@ __global__ void __launch_bounds__(kThreads) lse_tile_kernel(LseTileParams<typena
 
   const TI* rows_feat = static_cast<const TI*>(p.rows_feat);
   const TI* cols_feat = static_cast<const TI*>(p.cols_feat);
-  bool async_ok = false;
-  if constexpr (TC) async_ok = (p.D % 8 == 0) && ((reinterpret_cast<uintptr_t>(cols_feat) & 15) == 0);
 
   stage_rows<TS, TI>(Qs, L.ldF, rows_feat, r0, p.R, p.D, BM, dp);
   for (int e = threadIdx.x; e < nslots * BM * L.ldC; e += kThreads) Cs[e] = TA(0);
@@ -232,22 +213,10 @@ __global__ void __launch_bounds__(kThreads) lse_tile_kernel(LseTileParams<typena
     }
   }
 
-  int buf = 0;
-  if constexpr (TC) {
-    if (async_ok && c_begin < c_end)
-      stage_rows_async<TS>(Kbuf[0], L.ldF, reinterpret_cast<const TS*>(cols_feat), c_begin, p.C, p.D, BN, dp);
-  }
+  KeyTiles<TS, TI, TC> tiles(reinterpret_cast<TS*>(smem + L.k0), reinterpret_cast<TS*>(smem + (TC ? L.k1 : L.k0)),
+                             L.ldF, cols_feat, p.C, p.D, BN, dp, c_begin, c_end);
   for (int64_t c0 = c_begin; c0 < c_end; c0 += BN) {
-    TS* Ks = Kbuf[buf];
-    if constexpr (TC) {
-      if (async_ok) {
-        cp_async_wait_all();
-      } else {
-        stage_rows<TS, TI>(Ks, L.ldF, cols_feat, c0, p.C, p.D, BN, dp);
-      }
-    } else {
-      stage_rows<TS, TI>(Ks, L.ldF, cols_feat, c0, p.C, p.D, BN, dp);
-    }
+    const TS* Ks = tiles.acquire(c0);
     // per-column terms of this tile
     for (int cc = tid; cc < BN; cc += kThreads) {
       const int64_t gc = c0 + cc;
@@ -268,14 +237,8 @@ __global__ void __launch_bounds__(kThreads) lse_tile_kernel(LseTileParams<typena
       }
     }
     __syncthreads();
-    if constexpr (TC) {
-      if (async_ok && c0 + BN < c_end)  // prefetch the next tile while this one is consumed
-        stage_rows_async<TS>(Kbuf[buf ^ 1], L.ldF, reinterpret_cast<const TS*>(cols_feat), c0 + BN, p.C, p.D, BN,
-                             dp);
-      tile_abt_mma<TS, BM, BN>(Qs, L.ldF, Ks, L.ldF, dp, St, L.ldS);
-    } else {
-      tile_abt_simt<TA, TS, BM, BN>(Qs, L.ldF, Ks, L.ldF, dp, St, L.ldS);
-    }
+    tiles.prefetch_next(c0);  // the next tile arrives while this one is consumed
+    tile_abt<TC, TA, TS, BM, BN>(Qs, L.ldF, Ks, L.ldF, dp, St, L.ldS);
     __syncthreads();
 
     // ---- elementwise phase: row r, columns [sub*CPT, sub*CPT + CPT)
@@ -381,7 +344,7 @@ __global__ void __launch_bounds__(kThreads) lse_tile_kernel(LseTileParams<typena
       }
     }
     __syncthreads();
-    buf ^= 1;
+    tiles.advance();
   }
 
   // ---- partial results of this (row tile, column split)

@@ -108,72 +108,54 @@ __host__ __device__ inline TopkSmem topk_smem(int BM, int dp) {
   return s;
 }
 
+// One compare-exchange stage of a bitonic network over N = 32 * R keys held as v[i] = element
+// i*32 + lane: elements e and e ^ stride end up in descending order where (e & size) == 0 and in
+// ascending order elsewhere (size 0: descending everywhere).
+template <int R>
+__device__ __forceinline__ void warp_bitonic_stage(int64_t (&v)[R], int size, int stride) {
+  const int lane = threadIdx.x & 31;
+  if (stride >= 32) {  // partners in the same lane: registers i and i | rs
+    const int rs = stride / 32;
+#pragma unroll
+    for (int i = 0; i < R; ++i) {
+      if ((i & rs) == 0) {
+        const int j = i | rs;
+        const bool desc = (((i * 32 + lane) & size) == 0);
+        const int64_t a = v[i], b = v[j];
+        const bool swap = desc ? (a < b) : (a > b);
+        v[i] = swap ? b : a;
+        v[j] = swap ? a : b;
+      }
+    }
+  } else {  // partners in lanes lane ^ stride
+#pragma unroll
+    for (int i = 0; i < R; ++i) {
+      const int e = i * 32 + lane;
+      const int64_t other = __shfl_xor_sync(0xffffffffu, v[i], stride);
+      const bool desc = ((e & size) == 0);
+      const bool lower = (e & stride) == 0;
+      // descending pair: the lower index keeps the larger key
+      const bool keep_max = (lower == desc);
+      v[i] = keep_max ? (other > v[i] ? other : v[i]) : (other < v[i] ? other : v[i]);
+    }
+  }
+}
+
 // Bitonic sort (descending) of N = 32 * R keys held as v[i] = element i*32 + lane.
 template <int R>
 __device__ __forceinline__ void warp_bitonic_sort_desc(int64_t (&v)[R]) {
-  const int lane = threadIdx.x & 31;
   constexpr int N = 32 * R;
 #pragma unroll
-  for (int size = 2; size <= N; size <<= 1) {
+  for (int size = 2; size <= N; size <<= 1)
 #pragma unroll
-    for (int stride = size >> 1; stride > 0; stride >>= 1) {
-      if (stride >= 32) {
-        const int rs = stride / 32;
-#pragma unroll
-        for (int i = 0; i < R; ++i) {
-          if ((i & rs) == 0) {
-            const int j = i | rs;
-            const bool desc = (((i * 32 + lane) & size) == 0);
-            const int64_t a = v[i], b = v[j];
-            const bool swap = desc ? (a < b) : (a > b);
-            v[i] = swap ? b : a;
-            v[j] = swap ? a : b;
-          }
-        }
-      } else {
-#pragma unroll
-        for (int i = 0; i < R; ++i) {
-          const int e = i * 32 + lane;
-          const int64_t other = __shfl_xor_sync(0xffffffffu, v[i], stride);
-          const bool desc = ((e & size) == 0);
-          const bool lower = (e & stride) == 0;
-          // descending block: the lower index keeps the larger key
-          const bool keep_max = (lower == desc);
-          v[i] = keep_max ? (other > v[i] ? other : v[i]) : (other < v[i] ? other : v[i]);
-        }
-      }
-    }
-  }
+    for (int stride = size >> 1; stride > 0; stride >>= 1) warp_bitonic_stage<R>(v, size, stride);
 }
 
 // Sorts a bitonic sequence of N = 32 * R keys into descending order (half-cleaners).
 template <int R>
 __device__ __forceinline__ void warp_bitonic_merge_desc(int64_t (&v)[R]) {
-  const int lane = threadIdx.x & 31;
-  constexpr int N = 32 * R;
 #pragma unroll
-  for (int stride = N >> 1; stride > 0; stride >>= 1) {
-    if (stride >= 32) {
-      const int rs = stride / 32;
-#pragma unroll
-      for (int i = 0; i < R; ++i) {
-        if ((i & rs) == 0) {
-          const int j = i | rs;
-          const int64_t a = v[i], b = v[j];
-          v[i] = a > b ? a : b;
-          v[j] = a > b ? b : a;
-        }
-      }
-    } else {
-#pragma unroll
-      for (int i = 0; i < R; ++i) {
-        const int e = i * 32 + lane;
-        const int64_t other = __shfl_xor_sync(0xffffffffu, v[i], stride);
-        const bool lower = (e & stride) == 0;
-        v[i] = lower ? (other > v[i] ? other : v[i]) : (other < v[i] ? other : v[i]);
-      }
-    }
-  }
+  for (int stride = 16 * R; stride > 0; stride >>= 1) warp_bitonic_stage<R>(v, 0, stride);
 }
 
 // Merge a row's candidate buffer into its sorted queue (one warp); returns the new k-th key.
@@ -194,8 +176,6 @@ __device__ __forceinline__ int64_t warp_merge_row(int64_t* queue, const int64_t*
   // C_e = max(Q_e, B_{KP-1-e}): element KP-1-e of B lives in register QR-1-i of lane 31-lane
 #pragma unroll
   for (int i = 0; i < QR; ++i) {
-    constexpr int dummy = 0;
-    (void)dummy;
     const int src = QR - 1 - i;
     int64_t other = kEmptyKey;
     if (src < CR) other = __shfl_sync(0xffffffffu, b[src < CR ? src : 0], 31 - lane);
@@ -225,15 +205,12 @@ __global__ void __launch_bounds__(kThreads) topk_tile_kernel(TopkParams p) {
   const int dp = static_cast<int>((p.D + 15) / 16 * 16);
   const TopkSmem L = topk_smem<TI>(BM, dp);
   TS* Qs = reinterpret_cast<TS*>(smem + L.q);
-  TS* Kbuf[2] = {reinterpret_cast<TS*>(smem + L.k0), reinterpret_cast<TS*>(smem + (TC ? L.k1 : L.k0))};
   float* St = reinterpret_cast<float*>(smem + L.st);
   int64_t* cand = reinterpret_cast<int64_t*>(smem + L.buf);
   int* cnt = reinterpret_cast<int*>(smem + L.cnt);
   float* thrf = reinterpret_cast<float*>(smem + L.thrf);
   const TI* qsrc = static_cast<const TI*>(p.query);
   const TI* bsrc = static_cast<const TI*>(p.bank);
-  bool async_ok = false;
-  if constexpr (TC) async_ok = (p.D % 8 == 0) && ((reinterpret_cast<uintptr_t>(bsrc) & 15) == 0);
 
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   stage_rows<TS, TI>(Qs, L.ldF, qsrc, r0, p.M, p.D, BM, dp);
@@ -244,30 +221,13 @@ __global__ void __launch_bounds__(kThreads) topk_tile_kernel(TopkParams p) {
   int64_t* my_queue_base = p.queues + split * p.M * KP;
   __syncthreads();  // cnt / thrf initialized (also for an empty split)
 
-  int buf = 0;
-  if constexpr (TC) {
-    if (async_ok && c_begin < c_end)
-      stage_rows_async<TS>(Kbuf[0], L.ldF, reinterpret_cast<const TS*>(bsrc), c_begin, p.N, p.D, BN, dp);
-  }
+  KeyTiles<TS, TI, TC> tiles(reinterpret_cast<TS*>(smem + L.k0), reinterpret_cast<TS*>(smem + (TC ? L.k1 : L.k0)),
+                             L.ldF, bsrc, p.N, p.D, BN, dp, c_begin, c_end);
   for (int64_t c0 = c_begin; c0 < c_end; c0 += BN) {
-    TS* Ks = Kbuf[buf];
-    if constexpr (TC) {
-      if (async_ok) {
-        cp_async_wait_all();
-      } else {
-        stage_rows<TS, TI>(Ks, L.ldF, bsrc, c0, p.N, p.D, BN, dp);
-      }
-    } else {
-      stage_rows<TS, TI>(Ks, L.ldF, bsrc, c0, p.N, p.D, BN, dp);
-    }
+    const TS* Ks = tiles.acquire(c0);
     __syncthreads();
-    if constexpr (TC) {
-      if (async_ok && c0 + BN < c_end)
-        stage_rows_async<TS>(Kbuf[buf ^ 1], L.ldF, reinterpret_cast<const TS*>(bsrc), c0 + BN, p.N, p.D, BN, dp);
-      tile_abt_mma<TS, BM, BN>(Qs, L.ldF, Ks, L.ldF, dp, St, L.ldS);
-    } else {
-      tile_abt_simt<float, TS, BM, BN>(Qs, L.ldF, Ks, L.ldF, dp, St, L.ldS);
-    }
+    tiles.prefetch_next(c0);
+    tile_abt<TC, float, TS, BM, BN>(Qs, L.ldF, Ks, L.ldF, dp, St, L.ldS);
     __syncthreads();
     // filter + compaction: warp `warp` owns rows warp*ROWS_PER_WARP ..
 #pragma unroll 1
@@ -311,7 +271,7 @@ __global__ void __launch_bounds__(kThreads) topk_tile_kernel(TopkParams p) {
       __syncwarp();
     }
     __syncthreads();
-    buf ^= 1;
+    tiles.advance();
   }
   // flush the remaining candidates
 #pragma unroll 1
