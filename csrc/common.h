@@ -99,6 +99,36 @@ inline void check_lse_args(const char* op, const at::Tensor& q, const at::Tensor
   }
 }
 
+// lse_bwd: the lse_fwd arguments plus the saved statistics and the incoming gradients.
+inline void check_lse_bwd_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& row_scale,
+                               const c10::optional<at::Tensor>& col_scale, const c10::optional<at::Tensor>& row_bias,
+                               const c10::optional<at::Tensor>& col_bias, at::ArrayRef<double> gammas,
+                               const c10::optional<at::Tensor>& exclude, const c10::optional<at::Tensor>& q_labels,
+                               const c10::optional<at::Tensor>& k_labels, int max_gammas, const at::Tensor& row_lse,
+                               const at::Tensor& col_lse, const at::Tensor& d_row,
+                               const c10::optional<at::Tensor>& d_pos, const c10::optional<at::Tensor>& d_col) {
+  const char* op = "lse_bwd";
+  check_lse_args(op, q, k, row_scale, col_scale, row_bias, col_bias, gammas, exclude, q_labels, k_labels,
+                 max_gammas);
+  const int64_t B = q.size(0), N = k.size(0), G = static_cast<int64_t>(gammas.size());
+  TORCH_CHECK(row_lse.dim() == 2 && row_lse.size(0) == G && row_lse.size(1) == B, op, ": row_lse must be (", G,
+              ", ", B, "), got ", row_lse.sizes());
+  TORCH_CHECK(d_row.dim() == 2 && d_row.size(0) == G && d_row.size(1) == B, op, ": d_row must be (", G, ", ", B,
+              "), got ", d_row.sizes());
+  TORCH_CHECK(col_lse.dim() == 1 && (col_lse.numel() == 0 || col_lse.numel() == N), op, ": col_lse must be (", N,
+              ",) or empty, got ", col_lse.sizes());
+  if (d_pos.has_value()) {
+    TORCH_CHECK(d_pos->dim() == 1 && d_pos->size(0) == B, op, ": d_pos must be (", B, ",), got ", d_pos->sizes());
+    check_device(*d_pos, q, op, "d_pos");
+  }
+  if (d_col.has_value()) {
+    TORCH_CHECK(d_col->dim() == 1 && d_col->size(0) == N && col_lse.numel() == N, op, ": d_col must be (", N,
+                ",) and needs col_lse, got ", d_col->sizes());
+    check_device(*d_col, q, op, "d_col");
+  }
+  for (const at::Tensor* t : {&row_lse, &col_lse, &d_row}) check_device(*t, q, op, "a statistic");
+}
+
 // Equality labels -> dense int32 ids (equal iff equal), so kernels compare 32-bit words.
 inline std::pair<at::Tensor, at::Tensor> dense_labels(const at::Tensor& ql, const at::Tensor& kl) {
   at::Tensor all = at::cat({ql.reshape(-1), kl.reshape(-1)});

@@ -258,22 +258,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lse_bwd_cuda(
     const optional<Tensor>& exclude, const optional<Tensor>& q_labels, const optional<Tensor>& k_labels,
     const Tensor& row_lse, const Tensor& col_lse, const Tensor& d_row, const optional<Tensor>& d_pos,
     const optional<Tensor>& d_col, bool need_g_key, bool need_h, bool need_dc, bool need_dd) {
-  check_lse_args("lse_bwd", q, k, row_scale, col_scale, row_bias, col_bias, gammas, exclude, q_labels, k_labels,
-                 kMaxGammas);
+  check_lse_bwd_args(q, k, row_scale, col_scale, row_bias, col_bias, gammas, exclude, q_labels, k_labels, kMaxGammas,
+                     row_lse, col_lse, d_row, d_pos, d_col);
   TORCH_CHECK(on_kernel_device(q), "lse_bwd (CUDA): tensors must be on a CUDA device");
-  const int64_t B = q.size(0), N = k.size(0), G = static_cast<int64_t>(gammas.size());
-  TORCH_CHECK(row_lse.dim() == 2 && row_lse.size(0) == G && row_lse.size(1) == B, "lse_bwd: row_lse must be (",
-              G, ", ", B, "), got ", row_lse.sizes());
-  TORCH_CHECK(d_row.dim() == 2 && d_row.size(0) == G && d_row.size(1) == B, "lse_bwd: d_row must be (", G, ", ",
-              B, "), got ", d_row.sizes());
-  TORCH_CHECK(col_lse.dim() == 1 && (col_lse.numel() == 0 || col_lse.numel() == N),
-              "lse_bwd: col_lse must be (", N, ",) or empty, got ", col_lse.sizes());
-  if (d_pos.has_value())
-    TORCH_CHECK(d_pos->dim() == 1 && d_pos->size(0) == B, "lse_bwd: d_pos must be (", B, ",), got ", d_pos->sizes());
-  if (d_col.has_value())
-    TORCH_CHECK(d_col->dim() == 1 && d_col->size(0) == N && col_lse.numel() == N,
-                "lse_bwd: d_col must be (", N, ",) and needs col_lse, got ", d_col->sizes());
-  for (const Tensor* t : {&row_lse, &col_lse, &d_row}) check_device(*t, q, "lse_bwd", "a statistic");
   const c10::cuda::CUDAGuard guard(q.device());
   Common c = prepare(q, k, row_scale, col_scale, row_bias, col_bias, exclude, q_labels, k_labels);
   std::tuple<Tensor, Tensor, Tensor, Tensor> out;
