@@ -88,8 +88,8 @@ struct LseWork {
   T* scratch = nullptr;   // lse_scratch(D, Dp) elements
 };
 
-// top-k: packed int64 keys ((order-preserving fp32 bits) << 32 | (0xFFFFFFFF - column)), one
-// min-heap of k keys per query row and part, so that ties resolve to the lower column.
+// top-k: packed int64 keys ((order-preserving fp32 bits) << 32 | (0xFFFFFFFF - column)), so that
+// ties resolve to the lower column; one buffer of topk_capacity(k) keys per query row and part.
 struct TopkArgs {
   int64_t M = 0, Mp = 0, N = 0, D = 0, k = 0;
   const float* qt = nullptr;      // D x Mp, fp32
@@ -103,9 +103,13 @@ struct TopkArgs {
   const int64_t* b_lab = nullptr;    // N
 };
 
+// Candidate buffer length per query row: the k best so far plus room for k more, so that a
+// selection of the k best runs once per k insertions (linear time) instead of a heap update each.
+inline int64_t topk_capacity(int64_t k) { return 2 * k; }
+
 struct TopkWork {
-  int64_t* heap = nullptr;   // M x k
-  int64_t* count = nullptr;  // M
+  int64_t* keys = nullptr;   // M x topk_capacity(k): the row's candidates, the k best among them
+  int64_t* count = nullptr;  // M: keys held
   float* thr = nullptr;      // Mp: the part's current k-th score (NaN while not full)
   int64_t row0 = 0, row1 = 0;  // the part's padded query rows [row0, row1) (row-group multiples)
   float* scratch = nullptr;  // topk_scratch(D) elements

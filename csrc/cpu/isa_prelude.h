@@ -4,6 +4,7 @@
 // library function compiled for AVX-512 could otherwise be picked by the linker for all units).
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>

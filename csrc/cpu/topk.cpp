@@ -1,9 +1,9 @@
 // CPU implementation of topk: argument checks, packing, threads, and the merge of the parts'
-// heaps. The kernel (topk_kernel.h) is compiled per instruction set; see isa.h.
+// candidate buffers. The kernel (topk_kernel.h) is compiled per instruction set; see isa.h.
 //
 // Each thread takes a block of query rows over the whole bank, or, with too few rows, a
 // contiguous range of bank rows for every query, and keeps the k best packed keys per query (see
-// kernel_common.h, pack_key); the parts' keys are merged (and sorted) with one top-k over H * k
+// kernel_common.h, pack_key); the parts' keys are merged (and sorted) with one top-k over H * 2k
 // int64 keys per query, which is exact because the key order is the result order.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -83,22 +83,23 @@ std::tuple<Tensor, Tensor> topk_cpu(const Tensor& query, const Tensor& bank, int
   }
 
   // Parts, one per thread: blocks of query rows when there are enough row groups, each over the
-  // whole bank, so that a row's heap sees every column once (k (1 + ln(N/k)) insertions instead
+  // whole bank, so that a row's buffer sees every column once (k (1 + ln(N/k)) insertions instead
   // of k (1 + ln(N/(P k))) in each of P column parts: 40 % fewer at k = 1024, N = 65536, P = 2);
-  // else column ranges over all rows, whose heaps the merge below combines.
+  // else column ranges over all rows, whose buffers the merge below combines.
   const int64_t align = tab->col_align;
   const int64_t tiles = (N + align - 1) / align;
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   const int64_t groups = a.Mp / rg;
   const bool by_rows = groups >= threads;
   const int64_t P = by_rows ? threads : std::min<int64_t>(threads, tiles);
-  const int64_t H = by_rows ? 1 : P;  // heap sets: row parts share one (disjoint rows)
+  const int64_t H = by_rows ? 1 : P;  // buffer sets: row parts share one (disjoint rows)
   std::vector<int64_t> bounds(P + 1);
   for (int64_t t = 0; t <= P; ++t)
     bounds[t] = by_rows ? (groups * t / P) * rg : std::min<int64_t>(N, (tiles * t / P) * align);
   bounds[P] = by_rows ? a.Mp : N;
   const int64_t empty_key = std::numeric_limits<int64_t>::min();
-  Tensor heaps = at::full({H, M, k}, empty_key, query.options().dtype(at::kLong));
+  const int64_t C = cpu::topk_capacity(k);
+  Tensor buffers = at::full({H, M, C}, empty_key, query.options().dtype(at::kLong));
   Tensor counts = at::zeros({H, M}, query.options().dtype(at::kLong));
   Tensor thr = at::empty({H, a.Mp}, qf.options());
   Tensor scratch = at::empty({P, tab->topk_scratch(D)}, qf.options());
@@ -106,7 +107,7 @@ std::tuple<Tensor, Tensor> topk_cpu(const Tensor& query, const Tensor& bank, int
     for (int64_t t = begin; t < end; ++t) {
       const int64_t h = by_rows ? 0 : t;
       cpu::TopkWork w;
-      w.heap = heaps[h].data_ptr<int64_t>();
+      w.keys = buffers[h].data_ptr<int64_t>();
       w.count = counts[h].data_ptr<int64_t>();
       w.thr = thr[h].data_ptr<float>();
       w.scratch = scratch[t].data_ptr<float>();
@@ -116,7 +117,7 @@ std::tuple<Tensor, Tensor> topk_cpu(const Tensor& query, const Tensor& bank, int
     }
   });
   // merge: the k largest keys over the parts, sorted (key order = score, then lower index)
-  Tensor keys = heaps.permute({1, 0, 2}).reshape({M, H * k});
+  Tensor keys = buffers.permute({1, 0, 2}).reshape({M, H * C});
   keys = std::get<0>(keys.topk(k, 1, /*largest=*/true, /*sorted=*/true));
   Tensor ordered = keys.__rshift__(32);
   Tensor bits = at::where(ordered >= 0, ordered, ordered.bitwise_xor(0x7FFFFFFF)).to(at::kInt);
