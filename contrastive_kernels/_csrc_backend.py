@@ -2,6 +2,7 @@
 the "cpu" and "cuda" backends (the op dispatches on the tensors' device; see csrc/)."""
 from __future__ import annotations
 
+import os
 from typing import Sequence
 
 import torch
@@ -61,9 +62,23 @@ def lse_stats(q, k, row_scale, col_scale=None, row_bias=None, col_bias=None, *,
     return out[0], out[1], out[2], out[3]
 
 
+# The CPU kernel's candidate buffers take 16 k bytes per query row (2k int64 keys): query rows go
+# in blocks that keep them under this many bytes (each block reads the bank once more, which is
+# small next to its M_block N D multiply-adds).
+CPU_TOPK_BUFFER_BYTES = int(float(os.environ.get("CK_TOPK_BUFFER_MB", "512")) * 2**20)
+
+
 def _topk_on_device(query, bank, k, similarity, exclude_index, query_labels, bank_labels):
-    return _ops().topk(query.detach(), bank.detach(), k, similarity, exclude_index, query_labels,
-                       bank_labels)
+    query, bank = query.detach(), bank.detach()
+    m = query.shape[0]
+    step = m if _on_cuda_kernels(query) else max(256, CPU_TOPK_BUFFER_BYTES // (16 * k))
+    if m <= step:
+        return _ops().topk(query, bank, k, similarity, exclude_index, query_labels, bank_labels)
+    parts = [_ops().topk(query[i0:i0 + step], bank, k, similarity,
+                         None if exclude_index is None else exclude_index[i0:i0 + step],
+                         None if query_labels is None else query_labels[i0:i0 + step], bank_labels)
+             for i0 in range(0, m, step)]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
 def topk(query, bank, k, *, similarity="dot", exclude_index=None, query_labels=None,

@@ -154,6 +154,33 @@ def test_topk_in_chunks_equals_one_pass():
 
 
 @needs_ext
+def test_topk_query_blocks_bound_the_candidate_buffers(monkeypatch):
+    """Query rows beyond CPU_TOPK_BUFFER_BYTES / (16 k) run in blocks (exclusions and labels sliced
+    with them): the same result as one call."""
+    from contrastive_kernels import _csrc_backend
+
+    g = torch.Generator().manual_seed(6)
+    q, bank = torch.randn(700, 16, generator=g), torch.randn(900, 16, generator=g)
+    ex = torch.randint(-1, 900, (700, 2), generator=g)
+    ql, bl = torch.randint(0, 3, (700,), generator=g), torch.randint(0, 3, (900,), generator=g)
+    once = _cpu().topk(q, bank, 20, similarity="l2", exclude_index=ex, query_labels=ql, bank_labels=bl)
+    calls = []
+    real = torch.ops.contrastive_kernels.topk
+
+    class CountingOps:
+        @staticmethod
+        def topk(*args):
+            calls.append(args[0].shape[0])
+            return real(*args)
+
+    monkeypatch.setattr(_csrc_backend, "CPU_TOPK_BUFFER_BYTES", 16 * 20 * 256)  # 256-row blocks
+    monkeypatch.setattr(_csrc_backend, "_ops", lambda: CountingOps)
+    got = _cpu().topk(q, bank, 20, similarity="l2", exclude_index=ex, query_labels=ql, bank_labels=bl)
+    assert calls == [256, 256, 188]
+    assert torch.equal(got[0], once[0]) and torch.equal(got[1], once[1])
+
+
+@needs_ext
 @pytest.mark.parametrize("isa", _isas(), indirect=True)
 @pytest.mark.parametrize("k", [1, 7, 300, 2000])
 @pytest.mark.parametrize("m", [9, 70])  # few rows: column parts; more: row parts (2 threads)
