@@ -16,6 +16,9 @@ from typing import List, Tuple
 import torch
 
 HOST_CHUNK_BYTES = int(float(os.environ.get("CK_TOPK_HOST_CHUNK_MB", "256")) * 2**20)
+# The top-k kernels' per-query-row candidate memory budget (Triton's candidate slots, the CPU
+# kernel's key buffers): query rows are processed in blocks that stay under it.
+TOPK_BUFFER_BYTES = int(float(os.environ.get("CK_TOPK_BUFFER_MB", "512")) * 2**20)
 
 
 def host_chunk_rows(bank) -> int:

@@ -2,7 +2,6 @@
 the "cpu" and "cuda" backends (the op dispatches on the tensors' device; see csrc/)."""
 from __future__ import annotations
 
-import os
 from typing import Sequence
 
 import torch
@@ -63,9 +62,9 @@ def lse_stats(q, k, row_scale, col_scale=None, row_bias=None, col_bias=None, *,
 
 
 # The CPU kernel's candidate buffers take 16 k bytes per query row (2k int64 keys): query rows go
-# in blocks that keep them under this many bytes (each block reads the bank once more, which is
+# in blocks that keep them under the top-k budget (each block reads the bank once more, which is
 # small next to its M_block N D multiply-adds).
-CPU_TOPK_BUFFER_BYTES = int(float(os.environ.get("CK_TOPK_BUFFER_MB", "512")) * 2**20)
+CPU_TOPK_BUFFER_BYTES = _bank_chunks.TOPK_BUFFER_BYTES
 
 
 def _topk_on_device(query, bank, k, similarity, exclude_index, query_labels, bank_labels):

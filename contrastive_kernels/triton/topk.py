@@ -105,7 +105,7 @@ NAME = "triton"
 MAX_K = 2048             # larger k: the chunked backend (see the module docstring)
 SAMPLE_STEP = 8          # the threshold sample of a view takes every 8th row
 DENSE_MIN = 4096         # views of at most max(DENSE_MIN, 16 k) rows run in DENSE mode
-BUFFER_BYTES = int(float(os.environ.get("CK_TOPK_BUFFER_MB", "512")) * 2**20)
+BUFFER_BYTES = _bank_chunks.TOPK_BUFFER_BYTES
 INT64_MIN = -(2**63)
 _LOW = 0xFFFFFFFF
 
