@@ -2,11 +2,11 @@
 the "cpu" and "cuda" backends (the op dispatches on the tensors' device; see csrc/)."""
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
-from . import _bank_chunks, _ext, chunked
+from . import _bank_chunks, _ext, _loss_topk, chunked
 from ._common import MixingDraws
 
 _ext.load()  # registers the ops (and their autograd / fake kernels) when the extension exists
@@ -41,6 +41,14 @@ def _cuda_fallback_topk(query, k) -> bool:
     return _on_cuda_kernels(query) and (k > CUDA_TOPK_MAX_K or query.shape[1] > CUDA_TOPK_MAX_DIM)
 
 
+def _row_only(q, k, row_scale, col_scale, row_bias, col_bias) -> bool:
+    """Only the query side needs a gradient (a queue, a frozen bank): the forward also returns the
+    softmax-weighted key sums and backward is O(B D)."""
+    key_side = any(t is not None and t.requires_grad for t in (k, col_scale, col_bias))
+    query_side = any(t is not None and t.requires_grad for t in (q, row_scale, row_bias))
+    return torch.is_grad_enabled() and query_side and not key_side
+
+
 def lse_stats(q, k, row_scale, col_scale=None, row_bias=None, col_bias=None, *,
               gammas: Sequence[float] = (1.0,), exclude=None, q_labels=None, k_labels=None,
               want_col_lse=False):
@@ -52,13 +60,46 @@ def lse_stats(q, k, row_scale, col_scale=None, row_bias=None, col_bias=None, *,
         return chunked.lse_stats(q, k, row_scale, col_scale, row_bias, col_bias, gammas=gammas,
                                  exclude=exclude, q_labels=q_labels, k_labels=k_labels,
                                  want_col_lse=want_col_lse)
-    key_side_grad = any(t is not None and t.requires_grad for t in (k, col_scale, col_bias))
-    query_side_grad = any(t is not None and t.requires_grad for t in (q, row_scale, row_bias))
-    row_only = (torch.is_grad_enabled() and query_side_grad and not key_side_grad
-                and not want_col_lse)
+    row_only = _row_only(q, k, row_scale, col_scale, row_bias, col_bias) and not want_col_lse
     out = _ops().lse_fwd(q, k, row_scale, col_scale, row_bias, col_bias, [float(g) for g in gammas],
                          exclude, q_labels, k_labels, bool(want_col_lse), bool(row_only))
     return out[0], out[1], out[2], out[3]
+
+
+def cpu_fused_topk_reason(q, k, n_hard: int) -> Optional[str]:
+    """None when ``lse_stats_topk`` can take the hard negatives from the CPU loss kernel's pass."""
+    why = _loss_topk.common_reason(q, k, n_hard)
+    if why is not None:
+        return why
+    if _on_cuda_kernels(q):
+        return "lse_topk_fwd has CPU kernels only"
+    cap = _loss_topk.candidate_plan(int(k.shape[0]), n_hard)[2]
+    # per column part (one per thread) a list of cap int64 keys per row
+    if 8 * cap * q.shape[0] * torch.get_num_threads() > CPU_TOPK_BUFFER_BYTES:
+        return "candidate lists over CK_TOPK_BUFFER_MB"
+    return None
+
+
+def lse_stats_topk(q, k, row_scale, col_scale=None, row_bias=None, col_bias=None, *,
+                   gammas: Sequence[float] = (1.0,), n_hard: int):
+    """(row_lse (G, B), hard (B, n_hard) int64): ``lse_stats(...)[0]`` over the queue k and
+    ``topk(q.detach(), k.detach(), n_hard, similarity="dot").indices``, the hard negatives taken
+    from the loss kernel's own pass over the queue (op lse_topk_fwd; _loss_topk.py) where
+    ``cpu_fused_topk_reason`` allows: the CPU kernel's raw dot is the top-k kernel's, bitwise
+    (the same microkernel over the same fp32 operands). CPU backend only."""
+    def fused(thr, cap):
+        out = _ops().lse_topk_fwd(q, k, row_scale, col_scale, row_bias, col_bias, [float(g) for g in gammas],
+                                  None, None, None, False, _row_only(q, k, row_scale, col_scale, row_bias, col_bias),
+                                  thr, cap, n_hard)
+        return out[0], out[6], out[7]
+
+    return _loss_topk.lse_stats_topk(
+        "cpu", cpu_fused_topk_reason(q, k, n_hard), q, k, gammas, n_hard,
+        (col_scale is not None, row_bias is not None, col_bias is not None), fused,
+        lambda: lse_stats(q, k, row_scale, col_scale, row_bias, col_bias, gammas=gammas)[0],
+        lambda a, b, n: topk(a, b, n, similarity="dot")[1],
+        # the threshold sample's k-th score by this top-k too: half the time of mm + torch.topk
+        lambda a, sample, n: topk(a, sample.contiguous(), n, similarity="dot")[0][:, -1])
 
 
 # The CPU kernel's candidate buffers take 16 k bytes per query row (2k int64 keys): query rows go

@@ -154,6 +154,14 @@ def register_python_parts(lib: str):
         return (q.new_empty((g, b), dtype=acc), q.new_empty((b,), dtype=acc), q.new_empty((b,), dtype=acc),
                 q.new_empty((n if want_col_lse else 0,), dtype=acc), e_key, p_key)
 
+    @torch.library.register_fake(f"{lib}::lse_topk_fwd")
+    def _lse_topk_fwd_fake(q, k, row_scale, col_scale, row_bias, col_bias, gammas, exclude, q_labels, k_labels,
+                           want_col_lse, row_only, threshold, capacity, n_best):
+        b = q.shape[0]
+        return _lse_fwd_fake(q, k, row_scale, col_scale, row_bias, col_bias, gammas, exclude, q_labels, k_labels,
+                             want_col_lse, row_only) + (q.new_empty((b, n_best), dtype=torch.int64),
+                                                        q.new_empty((b,), dtype=torch.int64))
+
     @torch.library.register_fake(f"{lib}::lse_bwd")
     def _lse_bwd_fake(q, k, row_scale, col_scale, row_bias, col_bias, gammas, exclude, q_labels, k_labels,
                       row_lse, col_lse, d_row, d_pos, d_col, need_g_key, need_h, need_dc, need_dd):
@@ -184,6 +192,9 @@ def register_python_parts(lib: str):
 
     torch.library.register_autograd(f"{lib}::lse_fwd", functools.partial(_lse_fwd_backward, ns),
                                     setup_context=_lse_fwd_setup)
+    # lse_topk_fwd: lse_fwd's formula; its 3 extra inputs and 2 extra outputs carry no gradient
+    torch.library.register_autograd(f"{lib}::lse_topk_fwd", functools.partial(_lse_topk_fwd_backward, ns),
+                                    setup_context=_lse_topk_fwd_setup)
     torch.library.register_autograd(f"{lib}::mixed_dots", functools.partial(_mixed_dots_backward, ns),
                                     setup_context=_mixed_dots_setup)
 
@@ -250,6 +261,15 @@ def _lse_fwd_backward(ns, ctx, d_row, d_pos, _d_count, d_col, _d_e, _d_p):
     dc_out = _cast(dc, dt[4]) if need[4] else None
     dd_out = _cast(dd, dt[5]) if need[5] else None
     return dq, dk, da, db, dc_out, dd_out, None, None, None, None, None, None
+
+
+def _lse_topk_fwd_setup(ctx, inputs, output):
+    _lse_fwd_setup(ctx, inputs[:12], output[:6])
+    ctx.mark_non_differentiable(output[6], output[7])
+
+
+def _lse_topk_fwd_backward(ns, ctx, d_row, d_pos, d_count, d_col, d_e, d_p, _d_best, _d_cnt):
+    return _lse_fwd_backward(ns, ctx, d_row, d_pos, d_count, d_col, d_e, d_p) + (None, None, None)
 
 
 def _mixed_dots_setup(ctx, inputs, output):

@@ -14,6 +14,15 @@ inline void define_ops(torch::Library& m) {
       "lse_fwd(Tensor q, Tensor k, Tensor row_scale, Tensor? col_scale, Tensor? row_bias, Tensor? col_bias, "
       "float[] gammas, Tensor? exclude, Tensor? q_labels, Tensor? k_labels, bool want_col_lse, bool row_only) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // lse_fwd and, from the same pass, the hard negatives of mixing (CPU only; fp16/bf16/fp32): ->
+  // (the 6 outputs of lse_fwd, best (B, n_best) int64, count (B,) int64). count[i] = #columns j with
+  // !(<q_i, k_j> <= threshold[i]) (the raw dot, no exclusions or labels); best[i] = the n_best of
+  // them with the largest dots in topk's order (ties to the lower column; -1 where fewer), exact
+  // when n_best <= count[i] <= capacity (more than capacity: some were dropped).
+  m.def(
+      "lse_topk_fwd(Tensor q, Tensor k, Tensor row_scale, Tensor? col_scale, Tensor? row_bias, Tensor? col_bias, "
+      "float[] gammas, Tensor? exclude, Tensor? q_labels, Tensor? k_labels, bool want_col_lse, bool row_only, "
+      "Tensor threshold, int capacity, int n_best) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   // lse_stats backward by recomputation: -> (g_key (B,D) = sum_j G_ij b_j k_j, h (N,D) =
   // sum_i G_ij a_i q_i, dc (B,) = sum_j G_ij, dd (N,) = sum_i G_ij), each (0,) unless asked for.
   m.def(

@@ -28,17 +28,20 @@ def test_mixing_preset_reports_the_ratio_to_plain_infonce(tmp_path, capsys, monk
     """The preset pairs each mixing case with plain InfoNCE at the same B, K, D; the report gives
     mixing / plain of the same backend, and eager MoCHi against the eager reference."""
     cases._load_baselines()
-    assert {"eager-mochi", "triton-separate-topk"} <= set(cases.BASELINES)
+    assert {"eager-mochi", "triton-separate-topk", "cpu-separate-topk"} <= set(cases.BASELINES)
     ops = [(c.op, c.dims["K"]) for c in cases.PRESETS["mixing"]]
     assert ops == [("info_nce_bank", 65536), ("mixing", 65536), ("info_nce_bank", 2**20),
                    ("mixing", 2**20)]
     tiny = [cases.case("info_nce_bank", B=8, K=64, D=8, label="m"),
             cases.case("mixing", B=8, K=64, D=8, n_hard=8, s=4, s_q=2, label="m")]
     monkeypatch.setitem(cases.PRESETS, "tiny-mixing", tiny)
-    assert main(["--preset", "tiny-mixing", "--backends", "chunked,eager-mochi,reference",
+    backends = ["chunked", "eager-mochi", "reference"]
+    if ck.available_backends("cpu")["cpu"] is None:  # the C++ backend with and without the fusion
+        backends += ["cpu", "cpu-separate-topk"]
+    assert main(["--preset", "tiny-mixing", "--backends", ",".join(backends),
                  "--repeats", "1", "--no-isolate", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     ratios = next(line for line in out.splitlines() if "against plain InfoNCE" in line)
-    for backend in ("chunked", "eager-mochi", "reference"):
+    for backend in backends:
         assert f"B=8 K=64 D=8 n_hard=8 s=4 s_q=2 {backend}: " in ratios, backend
     assert "eager-mochi does not support info_nce_bank" in out

@@ -271,6 +271,41 @@ def test_opcheck_cpu_ops():
     torch.library.opcheck(ops.mix, (q.detach(), k, *args))
     torch.library.opcheck(ops.mixed_dots, (q, q.detach(), k, *args))
     torch.library.opcheck(ops.mixed_dots_bwd, (torch.randn(20, 6), q.detach(), k, *args))
+    thr = torch.full((20,), 1.5)
+    torch.library.opcheck(ops.lse_topk_fwd, (q, k, a, None, None, None, [1.0], None, None, None, False, True,
+                                             thr, 40, 5))
+    torch.library.opcheck(ops.lse_topk_fwd, (q, kk, a, bb, c, dd, [1.5, 0.5], None, None, None, False, False,
+                                             thr, 40, 5))
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("capacity", [70, 9])
+def test_lse_topk_fwd_lists_the_columns_over_the_threshold(dtype, capacity):
+    """The op's contract (ops_schema.h): count = #columns whose raw dot (the top-k kernel's fp32
+    score) is above the threshold, with no exclusions or labels; best = the n_best of them in
+    topk's order while they fit the capacity; its lse outputs = lse_fwd's, exclusions included."""
+    ops = torch.ops.contrastive_kernels
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(21, 12, generator=g).to(dtype), torch.randn(70, 12, generator=g).to(dtype)
+    a = torch.rand(21, generator=g) + 0.5
+    ex = torch.randint(-1, 70, (21, 2), generator=g)
+    scores = ops.topk(q, k, 70, "dot", None, None, None)[0]  # every column, sorted
+    thr = scores[:, torch.randint(0, 70, (21,), generator=g)].diagonal().contiguous()
+    thr[0] = float("inf")
+    thr[1] = float("-inf")
+    out = ops.lse_topk_fwd(q, k, a, None, None, None, [1.0], ex, None, None, True, False, thr, capacity, 6)
+    want = ops.lse_fwd(q, k, a, None, None, None, [1.0], ex, None, None, True, False)
+    for x, y in zip(out[:6], want):
+        assert torch.equal(x, y)
+    count = (scores > thr[:, None]).sum(1)
+    assert torch.equal(out[7], count) and count[0] == 0 and count[1] == 70
+    best = ops.topk(q, k, 6, "dot", None, None, None)[1]
+    fits = (count >= 6) & (count <= capacity)
+    assert fits.any()
+    assert torch.equal(out[6][fits], best[fits])
+    few = count < 6  # the rest of such a row is -1
+    assert (out[6][few][:, -1] == -1).all() and (out[6][0] == -1).all()
 
 
 @needs_ext
@@ -315,6 +350,14 @@ def test_torch_compile_traces_the_ops():
                          True, True), "d_pos must be"),
     (lambda o: o.topk(torch.randn(3, 4), torch.randn(5, 4), 6, "dot", None, None, None), "k must be in"),
     (lambda o: o.topk(torch.randn(3, 4), torch.randn(5, 4), 2, "manhattan", None, None, None), "similarity"),
+    (lambda o: o.lse_topk_fwd(torch.randn(3, 4).double(), torch.randn(5, 4).double(), torch.ones(3), None, None,
+                              None, [1.0], None, None, None, False, False, torch.zeros(3), 8, 2), "float64"),
+    (lambda o: o.lse_topk_fwd(torch.randn(3, 4), torch.randn(5, 4), torch.ones(3), None, None, None, [1.0], None,
+                              None, None, False, False, torch.zeros(2), 8, 2), "threshold must be"),
+    (lambda o: o.lse_topk_fwd(torch.randn(3, 4), torch.randn(5, 4), torch.ones(3), None, None, None, [1.0], None,
+                              None, None, False, False, torch.zeros(3), 1, 2), "capacity >= n_best"),
+    (lambda o: o.lse_topk_fwd(torch.randn(3, 4), torch.randn(5, 4), torch.ones(3), None, None, None, [1.0], None,
+                              None, None, False, False, torch.zeros(3), 8, 6), "n_best <= rows"),
     (lambda o: o.mix(torch.randn(3, 4), torch.randn(5, 4), torch.full((3, 2), 9), torch.zeros(3, 1, 2, dtype=torch.long),
                      torch.rand(3, 1), torch.zeros(3, 0, dtype=torch.long), torch.rand(3, 0)), "hard_index"),
 ])
@@ -369,7 +412,8 @@ def test_coexists_with_the_triton_ops_module(order):
     from contrastive_kernels import _ext
     assert _ext.unavailable_reason() is None, _ext.unavailable_reason()
     ops = torch.ops.contrastive_kernels
-    assert all(hasattr(ops, n) for n in ("lse_fwd", "lse_bwd", "topk", "mix", "mixed_dots", "mixed_dots_bwd"))
+    assert all(hasattr(ops, n) for n in ("lse_fwd", "lse_topk_fwd", "lse_bwd", "topk", "mix", "mixed_dots",
+                                         "mixed_dots_bwd"))
     if tops.TRITON_OPS_AVAILABLE:
         assert hasattr(torch.ops.contrastive_kernels, "triton_lse_fwd")
     v, i = torch.ops.contrastive_kernels.topk(torch.eye(3), torch.eye(3), 1, "dot", None, None, None)

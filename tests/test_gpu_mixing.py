@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import contrastive_kernels as ck
+from contrastive_kernels import _loss_topk as LT
 from contrastive_kernels import functional, reference
 from contrastive_kernels._common import draw_mixing
 
@@ -38,8 +39,8 @@ def _triton_ready():
 @pytest.fixture
 def mixing_module(monkeypatch):
     m = importlib.import_module("contrastive_kernels.triton.mixing")
-    monkeypatch.setattr(m, "STATS", {"fused_calls": 0, "separate_calls": 0, "fallback_rows": 0})
-    monkeypatch.setattr(m, "_checked_keys", {})
+    monkeypatch.setattr(LT, "STATS", {"fused_calls": 0, "separate_calls": 0, "fallback_rows": 0})
+    monkeypatch.setattr(LT, "_checked_keys", {})
     return m
 
 
@@ -66,9 +67,9 @@ def test_loss_pass_hard_negatives_equal_topk(mixing_module, dtype, k):
     row, hard = _fused_hard(mixing_module, q, queue, N_HARD)
     want = ck.topk_similarity(q.detach(), queue, N_HARD, backend="triton").indices
     assert torch.equal(hard, want)
-    assert mixing_module.STATS["fused_calls"] == 1
-    assert mixing_module.STATS["fallback_rows"] <= 2  # the sample threshold rarely misses
-    assert list(mixing_module._checked_keys.values()) == [True]
+    assert LT.STATS["fused_calls"] == 1
+    assert LT.STATS["fallback_rows"] <= 2  # the sample threshold rarely misses
+    assert list(LT._checked_keys.values()) == [True]
     lse = torch.logsumexp(q.detach().double() @ queue.double().T / 0.07, 1)
     assert torch.allclose(row[0].double(), lse, rtol=1e-3, atol=1e-2)
 
@@ -111,7 +112,7 @@ def test_mixing_loss_twice_eager(mixing_module, dtype, similarity):
         return out.detach().double(), torch.autograd.grad((out * w).sum(), q_)[0].double()
 
     fused = loss("triton", q, p, queue)
-    assert mixing_module.STATS["fused_calls"] == 1
+    assert LT.STATS["fused_calls"] == 1
     draws_gen = torch.Generator().manual_seed(0)
     synth64 = reference.mix_hard_negatives(q.double(), queue.double(), hard, S, SQ,
                                            generator=draws_gen)

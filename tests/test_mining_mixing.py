@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import contrastive_kernels as ck
+from contrastive_kernels import _loss_topk as LT
 from contrastive_kernels import chunked
 
 from conftest import FUSED_BACKENDS
@@ -233,8 +234,8 @@ def test_mixing_against_a_per_row_statement_of_mochi(backend, similarity, counts
 @pytest.mark.parametrize("shape", [(6, 64, 16, 12, 8, 4), (7, 300, 20, 9, 0, 5), (3, 150, 24, 40, 13, 0)],
                          ids=str)
 def test_fused_mixing_equals_explicit_path_fp32(backend, similarity, estimator, shape):
-    """The same contract in fp32, where the Triton backend takes the hard negatives from the loss
-    kernel's own pass (triton/mixing.py, lse_stats_topk): the hard set and its order must be the
+    """The same contract in fp32, where the Triton and C++ CPU backends take the hard negatives from
+    the loss kernel's own pass (_loss_topk.py, lse_stats_topk): the hard set and its order must be the
     separate top-k's, so both paths give the same loss and gradients (up to fp32 rounding)."""
     b, n, d, n_hard, s, sq = shape
     tau_plus, beta = estimator
@@ -242,15 +243,12 @@ def test_fused_mixing_equals_explicit_path_fp32(backend, similarity, estimator, 
     q = F.normalize(torch.randn(b, d, generator=g), dim=1).requires_grad_()
     k = F.normalize(torch.randn(b, d, generator=g), dim=1).requires_grad_()
     queue = F.normalize(torch.randn(n, d, generator=g), dim=1)
-    if backend == "triton":
-        from contrastive_kernels.triton import mixing as triton_mixing
-
-        fused_before = triton_mixing.STATS["fused_calls"]
+    fused_before = LT.STATS["fused_calls"]
     fused = ck.info_nce(q, k, queue, temperature=0.1, similarity=similarity, tau_plus=tau_plus,
                         beta=beta, mixing=ck.Mixing(n_hard, s, sq, torch.Generator().manual_seed(2)),
                         reduction="none", backend=backend)
-    if backend == "triton":  # the loss pass gave the hard negatives
-        assert triton_mixing.STATS["fused_calls"] == fused_before + 1
+    if backend in ("triton", "cpu"):  # the loss pass gave the hard negatives
+        assert LT.STATS["fused_calls"] == fused_before + 1
     hard = ck.topk_similarity(q.detach(), queue, n_hard, backend=backend).indices
     synthetic = ck.mix_hard_negatives(q.detach(), queue, hard, s, sq,
                                       generator=torch.Generator().manual_seed(2), backend=backend)

@@ -8,19 +8,19 @@ harness:
   cross-entropy. It holds the logits (B x K) and the gathered hard rows (B x n_hard x D) and the
   synthetic points (B x (s+s') x D). Its random draws follow ``draw_mixing``, so with equal
   generators it computes the same loss as ``info_nce(mixing=)`` (up to ties in the logits).
-- ``triton-separate-topk``: ``backend="triton"`` with the hard negatives from the separate top-k
-  kernel instead of the loss's own pass (``CK_MIXING_FUSED_TOPK=0``): the A/B of the fusion.
+- ``triton-separate-topk``, ``cpu-separate-topk``: that backend with the hard negatives from its
+  separate top-k kernel instead of the loss's own pass (``CK_MIXING_FUSED_TOPK=0``): the A/B of
+  the fusion.
 
 The plain fused InfoNCE at the same shape is the preset's ``info_nce_bank`` case (backend triton),
 so that the overhead of mixing (target: at most 15 %) reads off one table (``vs_plain`` column).
 """
 from __future__ import annotations
 
-import importlib
-
 import torch
 import torch.nn.functional as F
 
+from .. import _loss_topk
 from .._common import draw_mixing
 from .cases import DTYPES, Case, _train_step, _unit, build_step, register_baseline
 
@@ -65,18 +65,26 @@ def _eager_mochi(c: Case, device: str):
                                                 mix_gen), [q])
 
 
-@register_baseline("triton-separate-topk")
-def _separate_topk(c: Case, device: str):
-    if c.op != "mixing":
-        return None
-    mixing = importlib.import_module("contrastive_kernels.triton.mixing")
-    step, _ = build_step(c, "triton", device)
+# the backends whose info_nce(mixing=) takes the hard negatives from the loss's own pass
+FUSED_TOPK_BACKENDS = ("triton", "cpu")
 
-    def run():
-        old = mixing.FUSED_TOPK
-        mixing.FUSED_TOPK = False
-        try:
-            step()
-        finally:
-            mixing.FUSED_TOPK = old
-    return run
+
+def _separate_topk_for(backend: str):
+    def build(c: Case, device: str):
+        if c.op != "mixing":
+            return None
+        step, _ = build_step(c, backend, device)
+
+        def run():
+            old = _loss_topk.FUSED_TOPK
+            _loss_topk.FUSED_TOPK = False
+            try:
+                step()
+            finally:
+                _loss_topk.FUSED_TOPK = old
+        return run
+    return build
+
+
+for _backend in FUSED_TOPK_BACKENDS:
+    register_baseline(f"{_backend}-separate-topk")(_separate_topk_for(_backend))

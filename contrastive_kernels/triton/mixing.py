@@ -45,24 +45,14 @@ loss forward that already computes every <q_i, k_j>) plus its own threshold pass
 (see triton/topk.py). Here the loss forward (``infonce._lse_fwd_kernel`` with CAND=True) also
 emits candidates, so the queue is read once:
 
-1. Threshold (host, cheap): T_i = the k_s-th largest score of row i over a strided sample of the
-   queue (every f-th row, f = K // (SAMPLE_ROWS_PER_HARD * n_hard), at least 1; k_s = the expected
-   number of sample rows among the true top-n_hard plus four standard deviations plus 4). About
-   f * k_s >= n_hard queue rows score above T_i. One (B x K/f) matmul and a small torch.topk.
-2. The loss kernel, in each tile, tests the raw dot s_ij = <q_i, k_j> (the tile's fp32 tensor-core
-   result, before any scaling) against T_i. Tiles where some row passes append the keys
-   pack(s_ij, j) of the passing elements (the int64 keys of triton/topk.py: order = score, then
-   lower index) to the row's candidate list: one atomic add per row and tile reserves the slots,
-   a prefix sum over the tile's columns places them. Capacity C per row (from the expected
-   count, a function of shapes only).
-3. Merge: the n_hard largest keys of each row (torch.topk over (B, C) int64), decoded to indices.
-
-Exactness is checked, not assumed: row i is exact when it found at least n_hard candidates, did
-not overflow C and its log-sum-exp is finite (finite scores). Then every queue row missing from
-the list scored below T_i <= the n_hard-th candidate, so the list holds the whole top-n_hard, in
-the order of the keys. Other rows (an unlucky sample, non-finite features) are recomputed with
-``topk`` (one device synchronization per call, as topk itself has). The threshold only decides
-how many candidates are written, never the result.
+The algorithm and its exactness check are shared with the C++ CPU backend (_loss_topk.py):
+a threshold T_i from a strided sample of the queue, the candidates that pass it listed by the
+loss kernel, the n_hard best of them, rows that cannot be proven exact recomputed by ``topk``.
+Here the loss kernel, in each tile, tests the raw dot s_ij = <q_i, k_j> (the tile's fp32
+tensor-core result, before any scaling) against T_i. Tiles where some row passes append the
+keys pack(s_ij, j) of the passing elements (the int64 keys of triton/topk.py: order = score, then
+lower index) to the row's candidate list: one atomic add per row and tile reserves the slots, a
+prefix sum over the tile's columns places them. The merge is a torch.topk over (B, C) int64 keys.
 
 Equality with ``topk_similarity`` (the contract of ``info_nce(mixing=)``) needs the loss kernel's
 s_ij to be bitwise the top-k kernel's score: both are one ``tl.dot`` of the (rows x D) query tile
@@ -108,15 +98,13 @@ simplicity; or a smaller n_hard (the candidate density, and so the emission cost
 from __future__ import annotations
 
 import importlib
-import math
-import os
-import warnings
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
+from .. import _loss_topk
 from .._common import NORM_EPS, MixingDraws
 from . import INTERPRETER
 
@@ -136,16 +124,6 @@ NAME = "triton"
 # (fp64: 64). Small under the interpreter so that the tests' small shapes span several blocks.
 BLOCK_T = 8 if INTERPRETER else 32
 BLOCK_D_MAX = 128
-
-# Threshold sample of the fused top-k: about SAMPLE_ROWS_PER_HARD * n_hard queue rows.
-SAMPLE_ROWS_PER_HARD = 8
-FUSED_TOPK = os.environ.get("CK_MIXING_FUSED_TOPK", "1") != "0"
-
-# Diagnostics of the fused top-k (tests, benchmarks): calls that took the fused path or the
-# separate top-k, rows that were recomputed by ``topk``; and per shape key the outcome of the
-# first-call comparison (the first call of a key also runs ``topk``).
-STATS = {"fused_calls": 0, "separate_calls": 0, "fallback_rows": 0}
-_checked_keys: dict = {}   # shape key -> True (fused == topk on its first call) / False
 
 
 # ------------------------------------------------------------------------------------------------
@@ -412,54 +390,18 @@ def mixed_dots(q, mix_query, negatives, hard_index, draws: MixingDraws):
 
 def fused_topk_reason(q: torch.Tensor, k: torch.Tensor, n_hard: int, n_gammas: int) -> Optional[str]:
     """None when ``lse_stats_topk`` can take the hard negatives from the loss kernel, else why not."""
-    if not FUSED_TOPK:
-        return "CK_MIXING_FUSED_TOPK=0"
-    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        return f"{q.dtype}: the top-k kernel scores fp64 in fp32"
+    why = _loss_topk.common_reason(q, k, n_hard)
+    if why is not None:
+        return why
     if INTERPRETER and q.dtype == torch.bfloat16:
         return "bf16 under the interpreter (its top-k dot is unreliable)"
     if _infonce._d_blocks(int(q.shape[1]), q.dtype)[1] != 1:
         return "feature dim too wide for a resident tile"
     if q.dtype == torch.float32 and _infonce._precision(q.dtype) not in ("tf32x3", "ieee"):
         return "TF32 matmuls allowed: the loss kernel's fp32 dot is not the top-k kernel's"
-    if n_gammas not in (1, 2) or n_hard > k.shape[0] or n_hard > _topk.MAX_K:
+    if n_gammas not in (1, 2) or n_hard > _topk.MAX_K:
         return "unsupported estimator or n_hard"
-    if k.device != q.device:
-        return "queue on another device"
     return None
-
-
-def candidate_plan(n_rows: int, n_hard: int):
-    """(f, k_s, capacity): the threshold sample takes every f-th queue row and its k_s-th largest
-    score; about f * k_s rows pass it, and each row keeps at most ``capacity`` candidates.
-    Depends on shapes only (the fake kernel needs the capacity)."""
-    f = max(1, n_rows // max(1, SAMPLE_ROWS_PER_HARD * n_hard))
-    n_sample = triton.cdiv(n_rows, f)
-    mean = n_hard * n_sample / n_rows  # sample rows among the true top n_hard
-    k_s = int(min(n_sample, math.ceil(mean + 4.0 * math.sqrt(mean) + 4.0)))
-    expected = k_s * n_rows / n_sample
-    cap = int(math.ceil(1.5 * expected + 6.0 * math.sqrt(expected) + 32.0))
-    cap = min(n_rows, triton.cdiv(cap, 16) * 16)
-    return f, k_s, max(cap, n_hard)
-
-
-@torch.no_grad()
-def sample_threshold(q, k, f: int, k_s: int) -> torch.Tensor:
-    """T_i (fp32): the k_s-th largest <q_i, k_j> over the sample k[::f], lowered by 2^-7 of its
-    magnitude (the matmul here rounds differently from the loss kernel, and a 16-bit result is
-    rounded: a candidate at the margin must not be missed); -inf when k_s is the whole sample.
-    Any arithmetic will do: the threshold only sizes the candidate lists, the check decides."""
-    sample = k.detach()[::f]
-    if k_s >= sample.shape[0]:
-        return torch.full((q.shape[0],), float("-inf"), dtype=torch.float32, device=q.device)
-    scores = (q.detach() @ sample.T).float()
-    kth = torch.topk(scores, k_s, dim=1, sorted=False).values.amin(1)
-    return (kth - kth.abs() * 2.0 ** -7).contiguous()
-
-
-def _shape_key(q, k, gammas, flags):
-    return (str(q.device), str(q.dtype), int(q.shape[0]), int(k.shape[0]), int(q.shape[1]),
-            len(gammas), flags)
 
 
 def lse_stats_topk(q, k, row_scale, col_scale=None, row_bias=None, col_bias=None, *,
@@ -467,50 +409,31 @@ def lse_stats_topk(q, k, row_scale, col_scale=None, row_bias=None, col_bias=None
     """(row_lse (G, B), hard (B, n_hard) int64) where row_lse = ``lse_stats(...)[0]`` over the
     queue k and hard = ``topk(q.detach(), k.detach(), n_hard, similarity="dot").indices``, with
     the hard negatives taken from the loss kernel's own pass when ``fused_topk_reason`` allows
-    (module docstring), else from the separate top-k."""
+    (module docstring, _loss_topk.py), else from the separate top-k."""
     from .. import ops
 
-    reason = fused_topk_reason(q, k, n_hard, len(gammas))
-    flags = (col_scale is not None, row_bias is not None, col_bias is not None)
-    key = _shape_key(q, k, gammas, flags)
-    if reason is not None or _checked_keys.get(key) is False:
-        STATS["separate_calls"] += 1
-        row_lse = _infonce.lse_stats(q, k, row_scale, col_scale, row_bias, col_bias,
-                                     gammas=gammas)[0]
-        return row_lse, _topk.topk(q.detach(), k.detach(), n_hard, similarity="dot")[1]
-    STATS["fused_calls"] += 1
-    f, k_s, cap = candidate_plan(int(k.shape[0]), n_hard)
-    thr = sample_threshold(q, k, f, k_s)
-    key_side = any(t is not None and t.requires_grad for t in (k, col_scale, col_bias))
-    query_side = any(t is not None and t.requires_grad for t in (q, row_scale, row_bias))
-    row_only = (torch.is_grad_enabled() and query_side and not key_side
-                and _infonce.row_only_supported(q.shape[1], q.dtype, len(gammas), False))
-    out = ops.triton_lse_topk_fwd(q, k, row_scale, col_scale, row_bias, col_bias,
-                                  [float(g) for g in gammas], bool(row_only), thr, cap)
-    row_lse, cand_s, cand_j, count = out[0], out[5], out[6], out[7]
-    hard, ok = merge_candidates(cand_s, cand_j, count, n_hard, row_lse)
-    redo = torch.nonzero(~ok).flatten()  # the one synchronization
-    if redo.numel():
-        STATS["fallback_rows"] += int(redo.numel())
-        hard[redo] = _topk.topk(q.detach()[redo], k.detach(), n_hard, similarity="dot")[1]
-    if key not in _checked_keys and not torch.compiler.is_compiling():
-        want = _topk.topk(q.detach(), k.detach(), n_hard, similarity="dot")[1]
-        _checked_keys[key] = bool(torch.equal(hard, want))
-        if not _checked_keys[key]:
-            warnings.warn("contrastive_kernels: the hard negatives taken from the loss kernel differ "
-                          "from topk_similarity's on this GPU/shape; using the separate top-k for "
-                          f"{key} from now on", RuntimeWarning, stacklevel=2)
-            hard = want
-    return row_lse, hard
+    def fused(thr, cap):
+        key_side = any(t is not None and t.requires_grad for t in (k, col_scale, col_bias))
+        query_side = any(t is not None and t.requires_grad for t in (q, row_scale, row_bias))
+        row_only = (torch.is_grad_enabled() and query_side and not key_side
+                    and _infonce.row_only_supported(q.shape[1], q.dtype, len(gammas), False))
+        out = ops.triton_lse_topk_fwd(q, k, row_scale, col_scale, row_bias, col_bias,
+                                      [float(g) for g in gammas], bool(row_only), thr, cap)
+        return (out[0],) + merge_candidates(out[5], out[6], out[7], n_hard)
+
+    return _loss_topk.lse_stats_topk(
+        NAME, fused_topk_reason(q, k, n_hard, len(gammas)), q, k, gammas, n_hard,
+        (col_scale is not None, row_bias is not None, col_bias is not None), fused,
+        lambda: _infonce.lse_stats(q, k, row_scale, col_scale, row_bias, col_bias, gammas=gammas)[0],
+        lambda a, b, n: _topk.topk(a, b, n, similarity="dot")[1])
 
 
-def merge_candidates(cand_s, cand_j, count, n_hard, row_lse):
-    """(hard (B, n_hard) int64, exact (B,) bool) from each row's candidates: the n_hard largest
-    top-k keys (score, then lower index; triton/topk.py's encoding)."""
+def merge_candidates(cand_s, cand_j, count, n_hard):
+    """(hard (B, n_hard) int64, count (B,)) from each row's candidates: the n_hard largest top-k
+    keys (score, then lower index; triton/topk.py's encoding)."""
     keys = _topk.encode_keys(cand_s, cand_j)
     _, hard = _topk.decode_keys(_topk._topk_keys(keys, n_hard))
-    exact = (count >= n_hard) & (count <= cand_s.shape[1]) & torch.isfinite(row_lse).all(0)
-    return hard, exact
+    return hard, count
 
 
 # ------------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "../common.h"
+#include "glue.h"
 #include "isa.h"
 
 namespace ck {
@@ -140,12 +141,21 @@ Prepared<T> prepare(const Tensor& q, const Tensor& k, const Tensor& row_scale, c
   return p;
 }
 
+// The hard-negative candidates of lse_topk_fwd: per row, every column whose raw dot passes the
+// threshold, in a list of `capacity` keys per column part; merged into the n best.
+struct Candidates {
+  const Tensor* threshold = nullptr;  // (B,) fp32, or null: plain lse_fwd
+  int64_t capacity = 0, n_best = 0;
+  Tensor best;   // out: (B, n_best) int64 columns, -1 where fewer
+  Tensor count;  // out: (B,) int64, columns that passed (over capacity: some were dropped)
+};
+
 template <typename T>
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lse_fwd_impl(
     const Tensor& q, const Tensor& k, const Tensor& row_scale, const optional<Tensor>& col_scale,
     const optional<Tensor>& row_bias, const optional<Tensor>& col_bias, at::ArrayRef<double> gammas,
     const optional<Tensor>& exclude, const optional<Tensor>& q_labels, const optional<Tensor>& k_labels,
-    bool want_col_lse, bool row_only) {
+    bool want_col_lse, bool row_only, Candidates* cand = nullptr) {
   const at::ScalarType acc = c10::CppTypeToScalarType<T>::value;
   const bool f64 = acc == at::kDouble;
   const cpu::KernelTable* tab = cpu::kernel_table();
@@ -169,6 +179,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lse_fwd_impl(
   Tensor accum = at::zeros({slots > 0 ? std::max<int64_t>(P, 1) : 0, slots, D, Bp}, opts);
   const int64_t scratch_n = (f64 ? tab->lse_scratch_f64 : tab->lse_scratch_f32)(D, a.Dp);
   Tensor scratch = at::empty({std::max<int64_t>(P, 1), scratch_n}, opts);
+  const bool candidates = cand != nullptr && cand->threshold != nullptr;
+  const int64_t cap = candidates ? cand->capacity : 0;
+  Tensor cand_keys = at::empty({candidates ? std::max<int64_t>(P, 1) : 0, B, cap}, q.options().dtype(at::kLong));
+  Tensor cand_count = at::zeros({candidates ? std::max<int64_t>(P, 1) : 0, B}, q.options().dtype(at::kLong));
+  if (candidates) {
+    Tensor thr = at::full({Bp}, std::numeric_limits<double>::infinity(), opts);
+    thr.narrow(0, 0, B).copy_(*cand->threshold);
+    p.keep.push_back(thr);
+    a.cand_thr = thr.data_ptr<T>();
+    a.cand_cap = cap;
+  }
   void (*fwd)(const cpu::LseArgs<T>&, const cpu::LseWork<T>&, int64_t, int64_t);
   if constexpr (std::is_same_v<T, double>) fwd = tab->lse_fwd_f64; else fwd = tab->lse_fwd_f32;
   at::parallel_for(0, P, 1, [&](int64_t begin, int64_t end) {
@@ -180,9 +201,20 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lse_fwd_impl(
       w.pos_cnt = pos[t][1].data_ptr<T>();
       w.acc = slots > 0 ? accum[t].data_ptr<T>() : nullptr;
       w.scratch = scratch[t].data_ptr<T>();
+      if (candidates) {
+        w.cand_keys = cand_keys[t].data_ptr<int64_t>();
+        w.cand_count = cand_count[t].data_ptr<int64_t>();
+      }
       fwd(a, w, parts.bounds[t], parts.bounds[t + 1]);
     }
   });
+
+  if (candidates) {
+    // a part holds all of its row's candidates unless the row's total exceeds the capacity
+    // (then the row is reported as such by its count, and the caller recomputes it)
+    cand->count = cand_count.sum(0);
+    cand->best = std::get<1>(cpu_glue::best_keys(cand_keys, cand_count, cand->n_best));
+  }
 
   // merge the parts (see the file comment)
   Tensor m = std::get<0>(run_max.max(0));                                    // (G, Bp)
@@ -222,6 +254,34 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lse_fwd_cpu(
                                 want_col_lse, row_only);
   return lse_fwd_impl<float>(q, k, row_scale, col_scale, row_bias, col_bias, gammas, exclude, q_labels, k_labels,
                              want_col_lse, row_only);
+}
+
+// lse_fwd plus the hard negatives of mixing from the same pass (ops_schema.h). fp32 accumulation
+// only: the top-k kernel scores in fp32, and the candidates must carry its scores bitwise.
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lse_topk_fwd_cpu(
+    const Tensor& q, const Tensor& k, const Tensor& row_scale, const optional<Tensor>& col_scale,
+    const optional<Tensor>& row_bias, const optional<Tensor>& col_bias, at::ArrayRef<double> gammas,
+    const optional<Tensor>& exclude, const optional<Tensor>& q_labels, const optional<Tensor>& k_labels,
+    bool want_col_lse, bool row_only, const Tensor& threshold, int64_t capacity, int64_t n_best) {
+  check_lse_args("lse_topk_fwd", q, k, row_scale, col_scale, row_bias, col_bias, gammas, exclude, q_labels,
+                 k_labels, cpu::kMaxGammas);
+  TORCH_CHECK(q.device().is_cpu() && threshold.device().is_cpu(), "lse_topk_fwd (CPU): tensors must be on the CPU");
+  TORCH_CHECK(q.scalar_type() != at::kDouble, "lse_topk_fwd: float64 features are not supported (the top-k "
+              "kernel scores in fp32); use lse_fwd and topk");
+  TORCH_CHECK(threshold.dim() == 1 && threshold.size(0) == q.size(0) && threshold.scalar_type() == at::kFloat,
+              "lse_topk_fwd: threshold must be float32 of shape (", q.size(0), ",), got ", threshold.scalar_type(),
+              " ", threshold.sizes());
+  TORCH_CHECK(n_best >= 1 && n_best <= k.size(0) && capacity >= n_best,
+              "lse_topk_fwd: need 1 <= n_best <= rows of k and capacity >= n_best, got n_best=", n_best,
+              ", capacity=", capacity, ", ", k.size(0), " rows");
+  Candidates cand;
+  cand.threshold = &threshold;
+  cand.capacity = capacity;
+  cand.n_best = n_best;
+  auto out = lse_fwd_impl<float>(q, k, row_scale, col_scale, row_bias, col_bias, gammas, exclude, q_labels,
+                                 k_labels, want_col_lse, row_only, &cand);
+  return {std::get<0>(out), std::get<1>(out), std::get<2>(out), std::get<3>(out), std::get<4>(out),
+          std::get<5>(out), cand.best, cand.count};
 }
 
 template <typename T>
@@ -313,5 +373,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lse_bwd_cpu(
 
 TORCH_LIBRARY_IMPL(contrastive_kernels, CPU, m) {
   m.impl("lse_fwd", &ck::lse_fwd_cpu);
+  m.impl("lse_topk_fwd", &ck::lse_topk_fwd_cpu);
   m.impl("lse_bwd", &ck::lse_bwd_cpu);
 }

@@ -24,6 +24,9 @@
 //   4. positives: pos_sum += l, pos_count += 1 where pos (and row-only: their sum of b_j k_j);
 //   5. column log-sum-exp: per column, a horizontal max / sum over the tile's rows merged
 //      online into the column's running (max, sum).
+// With a candidate threshold (lse_topk_fwd, fp32), step 1's raw dots <q_i, k_j> (bitwise the
+// top-k kernel's: the same microkernel over the same fp32 operands) are also tested against
+// the row's threshold, and the passing columns listed (collect_candidates).
 //
 // Backward (recompute): per tile, l again, then
 //   G_ij = valid (sum_g dR_gi gamma_g e^{gamma_g l_ij - R_gi} + dP_i pos_ij + dC_j e^{l_ij - C_j})
@@ -105,6 +108,35 @@ CK_INLINE void build_positive(const LseArgs<T>& A, int64_t i0, int64_t rows, int
   }
 }
 
+// lse_topk_fwd: the columns of the tile whose raw dot passes the row's threshold, appended to
+// the row's candidate list as packed keys (one vector comparison per W scores; the scalar path
+// only for passing lanes, about n_hard (1 + margin) per row over the whole queue).
+template <class V>
+CK_INLINE void collect_candidates(const LseArgs<float>& A, const LseWork<float>& Wk, int64_t i0, int64_t j0,
+                                  int64_t nc, const float* S) {
+  using R = typename V::R;
+  constexpr int W = V::W, MV = V::MV, RG = Tiles<V>::RG;
+  alignas(64) float lanes[W];
+  R thr[MV];
+  for (int m = 0; m < MV; ++m) thr[m] = V::load(A.cand_thr + i0 + m * W);
+  for (int64_t jj = 0; jj < nc; ++jj)
+    for (int m = 0; m < MV; ++m) {
+      const R s = V::load(S + jj * RG + m * W);
+      const auto pass = V::not_le(s, thr[m]);
+      if (!V::any(pass)) continue;
+      V::store(lanes, s);
+      unsigned bits = V::bits(pass);
+      while (bits) {
+        const int lane = __builtin_ctz(bits);
+        bits &= bits - 1;
+        const int64_t i = i0 + m * W + lane;
+        if (i >= A.B) continue;  // a padding row (NaN scores pass any threshold)
+        const int64_t n = Wk.cand_count[i]++;
+        if (n < A.cand_cap) Wk.cand_keys[i * A.cand_cap + n] = pack_key(lanes[lane], j0 + jj);
+      }
+    }
+}
+
 template <class V>
 void lse_fwd_part(const LseArgs<typename V::T>& A, const LseWork<typename V::T>& Wk, int64_t c0, int64_t c1) {
   using T = typename V::T;
@@ -142,6 +174,8 @@ void lse_fwd_part(const LseArgs<typename V::T>& A, const LseWork<typename V::T>&
         const int64_t j0 = jb + t0;
         T* S = sc.S;
         tile_scores<V>(A.qt + i0, Bp, sc.kpanel, t0, nc, D, S);
+        if constexpr (std::is_same_v<T, float>)
+          if (A.cand_thr != nullptr) collect_candidates<V>(A, Wk, i0, j0, nc, S);
         const bool masked = build_valid<V>(A, i0, rows, j0, nc, sc.vmask);
         if (labels) build_positive<V>(A, i0, rows, j0, nc, masked, sc.vmask, sc.posm);
 

@@ -62,6 +62,10 @@ struct LseArgs {
   bool want_col = false;
   bool row_only = false;
   T* col_lse = nullptr;       // N (forward, want_col): written by the part that owns the column
+  // forward, fp32 only (lse_topk_fwd): candidates of the row's hard negatives, every column with
+  // !(<q_i, k_j> <= cand_thr[i]) on the raw dot, as packed top-k keys (pack_key)
+  const T* cand_thr = nullptr;  // Bp (+inf on padding rows) or null
+  int64_t cand_cap = 0;         // keys kept per row and part
   // backward
   const T* row_lse = nullptr;   // G x Bp
   const T* col_lse_in = nullptr;  // N or null
@@ -86,6 +90,8 @@ struct LseWork {
                           // the positives' key sum); backward: D x Bp, g_key^T
   T* dc = nullptr;        // Bp (backward)
   T* scratch = nullptr;   // lse_scratch(D, Dp) elements
+  int64_t* cand_keys = nullptr;   // B x cand_cap (forward, cand_thr): the part's candidates
+  int64_t* cand_count = nullptr;  // B: candidates seen by the part (those past cand_cap dropped)
 };
 
 // top-k: packed int64 keys ((order-preserving fp32 bits) << 32 | (0xFFFFFFFF - column)), so that

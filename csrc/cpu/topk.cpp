@@ -3,8 +3,8 @@
 //
 // Each thread takes a block of query rows over the whole bank, or, with too few rows, a
 // contiguous range of bank rows for every query, and keeps the k best packed keys per query (see
-// kernel_common.h, pack_key); the parts' keys are merged (and sorted) with one top-k over H * 2k
-// int64 keys per query, which is exact because the key order is the result order.
+// kernel_common.h, pack_key); the parts' keys are merged (and sorted) per query over its H * 2k
+// int64 keys (glue.h, best_keys), which is exact because the key order is the result order.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "../common.h"
+#include "glue.h"
 #include "isa.h"
 
 namespace ck {
@@ -97,9 +98,8 @@ std::tuple<Tensor, Tensor> topk_cpu(const Tensor& query, const Tensor& bank, int
   for (int64_t t = 0; t <= P; ++t)
     bounds[t] = by_rows ? (groups * t / P) * rg : std::min<int64_t>(N, (tiles * t / P) * align);
   bounds[P] = by_rows ? a.Mp : N;
-  const int64_t empty_key = std::numeric_limits<int64_t>::min();
   const int64_t C = cpu::topk_capacity(k);
-  Tensor buffers = at::full({H, M, C}, empty_key, query.options().dtype(at::kLong));
+  Tensor buffers = at::empty({H, M, C}, query.options().dtype(at::kLong));
   Tensor counts = at::zeros({H, M}, query.options().dtype(at::kLong));
   Tensor thr = at::empty({H, a.Mp}, qf.options());
   Tensor scratch = at::empty({P, tab->topk_scratch(D)}, qf.options());
@@ -117,16 +117,7 @@ std::tuple<Tensor, Tensor> topk_cpu(const Tensor& query, const Tensor& bank, int
     }
   });
   // merge: the k largest keys over the parts, sorted (key order = score, then lower index)
-  Tensor keys = buffers.permute({1, 0, 2}).reshape({M, H * C});
-  keys = std::get<0>(keys.topk(k, 1, /*largest=*/true, /*sorted=*/true));
-  Tensor ordered = keys.__rshift__(32);
-  Tensor bits = at::where(ordered >= 0, ordered, ordered.bitwise_xor(0x7FFFFFFF)).to(at::kInt);
-  Tensor values = bits.view(at::kFloat).clone();
-  Tensor indices = 0xFFFFFFFFLL - keys.bitwise_and(0xFFFFFFFFLL);
-  Tensor missing = keys == empty_key;  // fewer than k bank rows left after exclusions
-  values.masked_fill_(missing, -std::numeric_limits<float>::infinity());
-  indices.masked_fill_(missing, -1);
-  return {values, indices};
+  return cpu_glue::best_keys(buffers, counts, k);
 }
 
 }  // namespace

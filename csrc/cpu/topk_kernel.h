@@ -14,8 +14,8 @@
 // N = 65536 the heap's updates took three quarters of the kernel's time.) Within a part, columns
 // are visited in increasing order, so a later score equal to the threshold has a higher column
 // and loses the tie: the strict filter is exact. The threshold lags behind the true k-th score
-// between selections, which lets more keys pass, never fewer. At the end the buffer's unused
-// slots are emptied; the glue merges the parts' buffers by key.
+// between selections, which lets more keys pass, never fewer. The glue merges the first count[i]
+// keys of each part's buffer by key.
 
 inline int64_t topk_scratch_impl_elems(int64_t D, int nb, int tile, int w) {
   return 2 * static_cast<int64_t>(nb) * D + tile + nb + w + 64;
@@ -117,6 +117,4 @@ void topk_part(const TopkArgs& A, const TopkWork& Wk, int64_t c0, int64_t c1) {
       }
     }
   }
-  for (int64_t i = r0; i < ck_min<int64_t>(r1, M); ++i)  // keys dropped by the last selection
-    for (int64_t e = Wk.count[i]; e < C; ++e) Wk.keys[i * C + e] = INT64_MIN;
 }

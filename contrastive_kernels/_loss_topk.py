@@ -1,0 +1,121 @@
+"""The hard negatives of ``info_nce(mixing=)`` from the loss's own pass over the queue, the part
+every backend shares (the Triton and the C++ CPU backends; their kernels: triton/mixing.py and
+csrc/cpu/infonce_kernel.h).
+
+A backend's ``lse_stats_topk(q, k, ...)`` returns the loss's ``row_lse`` AND exactly
+``topk(q.detach(), k.detach(), n_hard, similarity="dot").indices``, reading the queue once:
+
+1. Threshold (``sample_threshold``): T_i = the k_s-th largest score of row i over a strided sample
+   of the queue (every f-th row, ``candidate_plan``), lowered by a small margin. About f * k_s
+   >= n_hard queue rows score above it: one (B x K/f) matmul and a small top-k.
+2. The loss kernel tests each raw dot <q_i, k_j> (before any scaling) against T_i and lists the
+   passing columns of each row, at most ``capacity`` of them, and counts them all.
+3. The n_hard best listed columns, in topk's order (score, then the lower index).
+
+Exactness is checked, not assumed: row i is exact when n_hard <= count_i <= capacity and its
+log-sum-exp is finite. Then every unlisted queue row scored no higher than T_i, which is below
+the n_hard-th listed score, so the list holds the whole top-n_hard. Other rows (an unlucky
+sample, ties piled on the threshold, non-finite features) are recomputed by the backend's
+``topk``. The threshold only sizes the lists, never the result.
+
+Equality with ``topk`` also needs the loss kernel's dot to be bitwise the top-k kernel's. Each
+backend states where it is (``reason``), and the first call of each shape key compares the
+fused hard set with ``topk``'s and, on any difference, warns and uses ``topk`` for that key from
+then on. ``CK_MIXING_FUSED_TOPK=0`` turns the fused path off everywhere.
+"""
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from typing import Callable, Optional, Sequence
+
+import torch
+
+# Threshold sample: about SAMPLE_ROWS_PER_HARD * n_hard queue rows.
+SAMPLE_ROWS_PER_HARD = 8
+FUSED_TOPK = os.environ.get("CK_MIXING_FUSED_TOPK", "1") != "0"
+
+# Diagnostics (tests, benchmarks): calls that took the fused path or the separate top-k, rows
+# recomputed by ``topk``; and per shape key the outcome of the first-call comparison (the first
+# call of a key also runs ``topk``).
+STATS = {"fused_calls": 0, "separate_calls": 0, "fallback_rows": 0}
+_checked_keys: dict = {}   # shape key -> True (fused == topk on its first call) / False
+
+
+def candidate_plan(n_rows: int, n_hard: int):
+    """(f, k_s, capacity): the threshold sample takes every f-th queue row and its k_s-th largest
+    score; about f * k_s rows pass it, and each row keeps at most ``capacity`` candidates.
+    Depends on shapes only (fake kernels need the capacity)."""
+    f = max(1, n_rows // max(1, SAMPLE_ROWS_PER_HARD * n_hard))
+    n_sample = -(-n_rows // f)
+    mean = n_hard * n_sample / n_rows  # sample rows among the true top n_hard
+    k_s = int(min(n_sample, math.ceil(mean + 4.0 * math.sqrt(mean) + 4.0)))
+    expected = k_s * n_rows / n_sample
+    cap = int(math.ceil(1.5 * expected + 6.0 * math.sqrt(expected) + 32.0))
+    cap = min(n_rows, -(-cap // 16) * 16)
+    return f, k_s, max(cap, n_hard)
+
+
+def _kth_by_matmul(q, sample, k_s):
+    return torch.topk((q @ sample.T).float(), k_s, dim=1, sorted=False).values.amin(1)
+
+
+@torch.no_grad()
+def sample_threshold(q, k, f: int, k_s: int, kth: Optional[Callable] = None) -> torch.Tensor:
+    """T_i (fp32): the k_s-th largest <q_i, k_j> over the sample k[::f], lowered by 2^-7 of its
+    magnitude (this product rounds differently from the loss kernel, and a 16-bit result is
+    rounded: a candidate at the margin must not be missed); -inf when k_s is the whole sample.
+    ``kth(q, sample, k_s)`` -> the k_s-th largest score per row (default: a matmul and torch.topk;
+    a backend may pass its own top-k). Any arithmetic will do: the threshold only sizes the
+    candidate lists, the check decides."""
+    sample = k.detach()[::f]
+    if k_s >= sample.shape[0]:
+        return torch.full((q.shape[0],), float("-inf"), dtype=torch.float32, device=q.device)
+    t = (kth or _kth_by_matmul)(q.detach(), sample, k_s).float()
+    return (t - t.abs() * 2.0 ** -7).contiguous()
+
+
+def common_reason(q: torch.Tensor, k: torch.Tensor, n_hard: int) -> Optional[str]:
+    """Why no backend can take the hard negatives from the loss pass here (None: they can)."""
+    if not FUSED_TOPK:
+        return "CK_MIXING_FUSED_TOPK=0"
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"{q.dtype}: the top-k kernels score fp64 in fp32"
+    if n_hard > k.shape[0]:
+        return "n_hard exceeds the queue"
+    if k.device != q.device:
+        return "queue on another device"
+    return None
+
+
+def lse_stats_topk(backend: str, reason: Optional[str], q, k, gammas: Sequence[float], n_hard: int,
+                   flags: tuple, fused: Callable, separate_lse: Callable, topk: Callable,
+                   kth: Optional[Callable] = None):
+    """(row_lse, hard) of a backend's ``lse_stats_topk``. ``fused(threshold, capacity)`` runs the
+    loss pass with candidates -> (row_lse, best (B, n_hard) int64, count (B,)); ``separate_lse()``
+    -> row_lse without them; ``topk(q, k, n)`` -> the backend's exact top-k indices. ``reason``:
+    why the fused path cannot run (None: it can); ``flags`` tell the affine forms apart; ``kth``
+    goes to ``sample_threshold``."""
+    key = (backend, str(q.device), str(q.dtype), int(q.shape[0]), int(k.shape[0]), int(q.shape[1]),
+           len(gammas), n_hard, flags)
+    if reason is not None or _checked_keys.get(key) is False:
+        STATS["separate_calls"] += 1
+        return separate_lse(), topk(q.detach(), k.detach(), n_hard)
+    STATS["fused_calls"] += 1
+    f, k_s, cap = candidate_plan(int(k.shape[0]), n_hard)
+    row_lse, hard, count = fused(sample_threshold(q, k, f, k_s, kth), cap)
+    exact = (count >= n_hard) & (count <= cap) & torch.isfinite(row_lse).all(0)
+    redo = torch.nonzero(~exact).flatten()  # the one synchronization
+    if redo.numel():
+        STATS["fallback_rows"] += int(redo.numel())
+        hard[redo] = topk(q.detach()[redo], k.detach(), n_hard)
+    if key not in _checked_keys and not torch.compiler.is_compiling():
+        want = topk(q.detach(), k.detach(), n_hard)
+        _checked_keys[key] = bool(torch.equal(hard, want))
+        if not _checked_keys[key]:
+            warnings.warn(f"contrastive_kernels: the hard negatives taken from the {backend} loss kernel "
+                          "differ from topk_similarity's on this device/shape; using the separate top-k "
+                          f"for {key} from now on", RuntimeWarning, stacklevel=3)
+            hard = want
+    return row_lse, hard
