@@ -8,15 +8,18 @@ A backend's ``lse_stats_topk(q, k, ...)`` returns the loss's ``row_lse`` AND exa
 1. Threshold (``sample_threshold``): T_i = the k_s-th largest score of row i over a strided sample
    of the queue (every f-th row, ``candidate_plan``), lowered by a small margin. About f * k_s
    >= n_hard queue rows score above it: one (B x K/f) matmul and a small top-k.
-2. The loss kernel tests each raw dot <q_i, k_j> (before any scaling) against T_i and lists the
-   passing columns of each row, at most ``capacity`` of them, and counts them all.
+2. The loss kernel tests each raw dot <q_i, k_j> (before any scaling) against T_i (Triton:
+   s >= T_i; CPU: s > T_i) and lists the passing columns of each row, at most ``capacity`` of
+   them (per row; on the CPU per row and thread, whose column ranges are disjoint), and counts
+   them all.
 3. The n_hard best listed columns, in topk's order (score, then the lower index).
 
 Exactness is checked, not assumed: row i is exact when n_hard <= count_i <= capacity and its
-log-sum-exp is finite. Then every unlisted queue row scored no higher than T_i, which is below
-the n_hard-th listed score, so the list holds the whole top-n_hard. Other rows (an unlucky
-sample, ties piled on the threshold, non-finite features) are recomputed by the backend's
-``topk``. The threshold only sizes the lists, never the result.
+log-sum-exp is finite. Then every unlisted score is strictly below every listed one (Triton:
+unlisted < T_i <= listed; CPU: unlisted <= T_i < listed), so the list holds the whole
+top-n_hard, ties included. Other rows (an unlucky sample, ties piled on the threshold,
+non-finite features) are recomputed by the backend's ``topk``. The threshold only sizes the
+lists, never the result.
 
 Equality with ``topk`` also needs the loss kernel's dot to be bitwise the top-k kernel's. Each
 backend states where it is (``reason``), and the first call of each shape key compares the

@@ -10,7 +10,7 @@ from typing import Optional
 import torch
 
 from . import _ext
-from ._csrc_backend import lse_stats, lse_stats_topk, mix, mixed_dots, topk  # noqa: F401
+from ._csrc_backend import lse_stats, lse_stats_topk, mix, mixed_dots, mixed_lse, topk  # noqa: F401
 
 NAME = "cpu"
 

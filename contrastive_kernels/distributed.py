@@ -762,8 +762,8 @@ def info_nce(query, positive_key, queue=None, *, temperature, similarity, in_bat
     if mixing is not None and mixing.n_total > 0:
         hard = run.ops.topk(query.detach(), queue.detach(), mixing.n_hard, similarity="dot",
                             exclude_index=None, query_labels=None, bank_labels=None)[1]
-        own.append(losses.synthetic_logits(run.ops, query, rows, query.detach(), queue.detach(),
-                                           hard, mixing, scale))
+        losses.add_synthetic_terms(run.ops, query, rows, query.detach(), queue.detach(), hard, mixing,
+                                   scale, gammas, parts, own)
         n_neg += mixing.n_total
     loss = losses._finish(l_pos, parts, own, n_neg, tau_plus, beta, temperature,
                           positive_in_parts=in_batch_negatives and not debiased)

@@ -14,12 +14,14 @@ cosine and l2 transforms, the own logits of positives and extra negatives):
   h = mix(mix_query, negatives, hard_index, draws), with a gradient to q only (the synthetic
   points are constants, as in MoCHi)
 
-Optional (``info_nce(mixing=)`` uses it when the backend module has it, else ``lse_stats`` and
-``topk``):
+Optional (mixing uses them when the backend module has them):
 - ``lse_stats_topk(q, k, row_scale, col_scale, row_bias, col_bias, *, gammas, n_hard)``
   -> (row_lse (G,B), hard (B, n_hard) int64): ``lse_stats(...)[0]`` over a queue and exactly
   ``topk(q.detach(), k.detach(), n_hard, similarity="dot").indices``, in one pass over the queue
-  (triton/mixing.py)
+  (_loss_topk.py; triton, cpu); else ``lse_stats`` and ``topk``
+- ``mixed_lse(q, mix_query, negatives, hard_index, draws, row_scale, row_bias, *, gammas)``
+  -> (G,B): log sum_t exp(gamma_g (row_scale_i u_it + row_bias_i)) with u = mixed_dots(...), whose
+  backward needs no second gather of the points (cpu); else ``mixed_dots`` and torch ops
 
 Similarities become the affine form of ``lse_stats``, l_ij = a_i b_j <q_i,k_j> + c_i + d_j, with
 scale = 1/T (or CLIP's logit_scale):
@@ -105,18 +107,21 @@ def _logsumexp_rows(parts):
     return torch.logsumexp(torch.stack(parts), 0)
 
 
-def synthetic_logits(ops, query, rows: Side, mix_query, bank, hard, mixing: Mixing, scale):
-    """Logits of MoCHi's synthetic negatives without forming them: u = <q, h> from
-    ``ops.mixed_dots`` (h mixes rows of ``bank`` picked by ``hard``, and ``mix_query``); the
-    synthetic points are unit vectors, so cosine uses a = scale/|q| and l2 adds
-    d = -scale * |h|^2 = -scale."""
+def add_synthetic_terms(ops, query, rows: Side, mix_query, bank, hard, mixing: Mixing, scale,
+                        gammas, parts, own):
+    """MoCHi's synthetic negatives without forming them, as a log-sum-exp part (G, B) in ``parts``
+    where the backend has ``mixed_lse`` (no second gather in backward), else as logits (B, s+s')
+    in ``own``: u = <q, h> from ``ops.mixed_dots`` (h mixes rows of ``bank`` picked by ``hard``,
+    and ``mix_query``). The synthetic points are unit vectors, so cosine uses a = scale/|q| and l2
+    adds d = -scale * |h|^2 = -scale."""
     draws = draw_mixing(query.shape[0], mixing.n_hard, mixing.n_synthetic,
                         mixing.n_query_synthetic, mixing.generator, query.device)
-    u = ops.mixed_dots(query, mix_query, bank, hard, draws)
-    logits = u * rows.scale[:, None]
-    if rows.bias is not None:
-        logits = logits + rows.bias[:, None] - scale
-    return logits
+    bias = rows.bias - scale if rows.bias is not None else None
+    if hasattr(ops, "mixed_lse"):
+        parts.append(ops.mixed_lse(query, mix_query, bank, hard, draws, rows.scale, bias, gammas=gammas))
+        return
+    logits = ops.mixed_dots(query, mix_query, bank, hard, draws) * rows.scale[:, None]
+    own.append(logits if bias is None else logits + bias[:, None])
 
 
 def _finish(l_pos, parts, own, n_neg, tau_plus, beta, temperature, positive_in_parts):
@@ -173,8 +178,8 @@ def info_nce(ops, query, positive_key, queue=None, *, temperature, similarity, i
         if hard is None:
             hard = ops.topk(query.detach(), queue.detach(), mixing.n_hard, similarity="dot",
                             exclude_index=None, query_labels=None, bank_labels=None)[1]
-        own.append(synthetic_logits(ops, query, rows, query.detach(), queue.detach(), hard,
-                                    mixing, scale))
+        add_synthetic_terms(ops, query, rows, query.detach(), queue.detach(), hard, mixing, scale,
+                            gammas, parts, own)
         n_neg += mixing.n_total
     loss = _finish(l_pos, parts, own, n_neg, tau_plus, beta, temperature,
                    positive_in_parts=in_batch_negatives and not debiased)
@@ -199,7 +204,7 @@ def nt_xent(ops, z1, z2, *, temperature, similarity, tau_plus, beta, mixing, red
         unit = torch.nn.functional.normalize(z.detach(), dim=-1, eps=NORM_EPS)
         hard = ops.topk(unit, unit, mixing.n_hard, similarity="dot", exclude_index=self_and_partner,
                         query_labels=None, bank_labels=None)[1]
-        own.append(synthetic_logits(ops, z, rows, unit, unit, hard, mixing, scale))
+        add_synthetic_terms(ops, z, rows, unit, unit, hard, mixing, scale, gammas, parts, own)
         n_neg += mixing.n_total
     loss = _finish(l_pos, parts, own, n_neg, tau_plus, beta, temperature, positive_in_parts=True)
     return reference.reduce_loss(loss, reduction)

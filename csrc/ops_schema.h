@@ -46,6 +46,13 @@ inline void define_ops(torch::Library& m) {
   m.def(
       "mixed_dots_bwd(Tensor grad, Tensor mix_query, Tensor negatives, Tensor hard_index, Tensor pair_index, "
       "Tensor alpha, Tensor query_index, Tensor query_weight) -> Tensor");
+  // the synthetic logits l_it = row_scale_i u_it + row_bias_i reduced to the loss's terms (CPU only):
+  // -> (lse (G,B) = log sum_t e^{gamma_g l_it}, e (G,B,D) = sum_t softmax_t(gamma_g l_i.) h_it,
+  // su (G,B) = sum_t softmax_t(gamma_g l_i.) u_it), in the accumulation dtype; backward is O(B D).
+  m.def(
+      "mixed_lse(Tensor q, Tensor mix_query, Tensor negatives, Tensor hard_index, Tensor pair_index, "
+      "Tensor alpha, Tensor query_index, Tensor query_weight, Tensor row_scale, Tensor? row_bias, float[] gammas) "
+      "-> (Tensor, Tensor, Tensor)");
 }
 
 }  // namespace ck

@@ -271,11 +271,44 @@ def test_opcheck_cpu_ops():
     torch.library.opcheck(ops.mix, (q.detach(), k, *args))
     torch.library.opcheck(ops.mixed_dots, (q, q.detach(), k, *args))
     torch.library.opcheck(ops.mixed_dots_bwd, (torch.randn(20, 6), q.detach(), k, *args))
+    torch.library.opcheck(ops.mixed_lse, (q, q.detach(), k, *args, a.clone().requires_grad_(),
+                                          c.clone().requires_grad_(), [1.5, 0.5]))
+    torch.library.opcheck(ops.mixed_lse, (q, q.detach(), k, *args, a, None, [1.0]))
     thr = torch.full((20,), 1.5)
     torch.library.opcheck(ops.lse_topk_fwd, (q, k, a, None, None, None, [1.0], None, None, None, False, True,
                                              thr, 40, 5))
     torch.library.opcheck(ops.lse_topk_fwd, (q, kk, a, bb, c, dd, [1.5, 0.5], None, None, None, False, False,
                                              thr, 40, 5))
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("s,sq,gammas", [(5, 3, [1.0]), (0, 4, [1.5, 0.5]), (6, 0, [1.0, 0.0])])
+def test_mixed_lse_is_the_logsumexp_of_the_synthetic_logits(dtype, s, sq, gammas):
+    """mixed_lse = logsumexp_t(gamma (a u + c)) with u from mixed_dots, and its O(B D) backward
+    gives the gradients of that formula to q, row_scale and row_bias (h constant)."""
+    ops = torch.ops.contrastive_kernels
+    g = torch.Generator().manual_seed(s + sq)
+    q = torch.randn(9, 20, generator=g).to(dtype)
+    neg = torch.randn(40, 20, generator=g).to(dtype)
+    hard = torch.randint(0, 40, (9, 7), generator=g)
+    dr = draw_mixing(9, 7, s, sq, torch.Generator().manual_seed(1), torch.device("cpu"))
+    draws = (hard, dr.pair_index, dr.alpha, dr.query_index, dr.query_weight)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    a0, c0 = torch.rand(9, generator=g, dtype=acc) + 1.0, torch.randn(9, generator=g, dtype=acc)
+    w = torch.rand(len(gammas), 9, generator=g, dtype=acc)
+    grads = []
+    for fused in (True, False):
+        qq, a, c = q.clone().requires_grad_(), a0.clone().requires_grad_(), c0.clone().requires_grad_()
+        if fused:
+            lse = ops.mixed_lse(qq, q, neg, *draws, a, c, gammas)[0]
+        else:
+            logits = ops.mixed_dots(qq, q, neg, *draws) * a[:, None] + c[:, None]
+            lse = torch.stack([torch.logsumexp(gm * logits, 1) for gm in gammas])
+        grads.append((lse.detach(),) + torch.autograd.grad((lse * w).sum(), [qq, a, c]))
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
+    for x, y in zip(*grads):
+        assert x.dtype == y.dtype and torch.allclose(x, y, **tol)
 
 
 @needs_ext
@@ -358,6 +391,12 @@ def test_torch_compile_traces_the_ops():
                               None, None, False, False, torch.zeros(3), 1, 2), "capacity >= n_best"),
     (lambda o: o.lse_topk_fwd(torch.randn(3, 4), torch.randn(5, 4), torch.ones(3), None, None, None, [1.0], None,
                               None, None, False, False, torch.zeros(3), 8, 6), "n_best <= rows"),
+    (lambda o: o.mixed_lse(torch.randn(3, 4), torch.randn(3, 4), torch.randn(5, 4), torch.zeros(3, 2, dtype=torch.long),
+                           torch.zeros(3, 1, 2, dtype=torch.long), torch.rand(3, 1), torch.zeros(3, 0, dtype=torch.long),
+                           torch.rand(3, 0), torch.ones(2), None, [1.0]), "row_scale"),
+    (lambda o: o.mixed_lse(torch.randn(3, 4), torch.randn(3, 4), torch.randn(5, 4), torch.zeros(3, 2, dtype=torch.long),
+                           torch.zeros(3, 1, 2, dtype=torch.long), torch.rand(3, 1), torch.zeros(3, 0, dtype=torch.long),
+                           torch.rand(3, 0), torch.ones(3), None, []), "gammas"),
     (lambda o: o.mix(torch.randn(3, 4), torch.randn(5, 4), torch.full((3, 2), 9), torch.zeros(3, 1, 2, dtype=torch.long),
                      torch.rand(3, 1), torch.zeros(3, 0, dtype=torch.long), torch.rand(3, 0)), "hard_index"),
 ])
@@ -413,7 +452,7 @@ def test_coexists_with_the_triton_ops_module(order):
     assert _ext.unavailable_reason() is None, _ext.unavailable_reason()
     ops = torch.ops.contrastive_kernels
     assert all(hasattr(ops, n) for n in ("lse_fwd", "lse_topk_fwd", "lse_bwd", "topk", "mix", "mixed_dots",
-                                         "mixed_dots_bwd"))
+                                         "mixed_dots_bwd", "mixed_lse"))
     if tops.TRITON_OPS_AVAILABLE:
         assert hasattr(torch.ops.contrastive_kernels, "triton_lse_fwd")
     v, i = torch.ops.contrastive_kernels.topk(torch.eye(3), torch.eye(3), 1, "dot", None, None, None)

@@ -43,7 +43,7 @@ Hard negatives from the loss's own forward pass (``lse_stats_topk``)
 The separate top-k is a second GEMM over the queue (2BKD flops, against 4BKD for the row-only
 loss forward that already computes every <q_i, k_j>) plus its own threshold pass and selection
 (see triton/topk.py). Here the loss forward (``infonce._lse_fwd_kernel`` with CAND=True) also
-emits candidates, so the queue is read once:
+emits candidates, so the queue is read once.
 
 The algorithm and its exactness check are shared with the C++ CPU backend (_loss_topk.py):
 a threshold T_i from a strided sample of the queue, the candidates that pass it listed by the

@@ -17,6 +17,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
+#include <tuple>
 #include <vector>
 
 #include "../common.h"
@@ -237,10 +239,95 @@ Tensor mixed_dots_bwd_cpu(const Tensor& grad_in, const Tensor& mix_query, const 
   return dq;
 }
 
+// The synthetic logits l_it = a_i <q_i, h_it> + c_i reduced to the loss's log-sum-exp per gamma,
+// with the softmax-weighted sums its gradient needs (ops_schema.h), in one pass over the points:
+// online softmax per gamma (flash-attention style), m' = max(m, z), s' = s e^{m - m'} + e^{z - m'},
+// E and U rescaled alike. Backward is then O(B D) (_ext.py), with no second gather of the points.
+std::tuple<Tensor, Tensor, Tensor> mixed_lse_cpu(const Tensor& q_in, const Tensor& mix_query, const Tensor& negatives,
+                                                 const Tensor& hard_index, const Tensor& pair_index,
+                                                 const Tensor& alpha, const Tensor& query_index,
+                                                 const Tensor& query_weight, const Tensor& row_scale,
+                                                 const c10::optional<Tensor>& row_bias, at::ArrayRef<double> gammas) {
+  check_mix_args("mixed_lse", mix_query, negatives, hard_index, pair_index, alpha, query_index, query_weight);
+  check_features(q_in, "mixed_lse", "q");
+  TORCH_CHECK(q_in.sizes() == mix_query.sizes(), "mixed_lse: q and mix_query must have one shape, got ",
+              q_in.sizes(), " and ", mix_query.sizes());
+  const int64_t B = mix_query.size(0), D = mix_query.size(1), T = pair_index.size(1) + query_index.size(1);
+  const int64_t G = static_cast<int64_t>(gammas.size());
+  TORCH_CHECK(G >= 1 && G <= 4, "mixed_lse: 1 to 4 gammas, got ", G);
+  check_vector(row_scale, B, "mixed_lse", "row_scale");
+  if (row_bias.has_value()) check_vector(*row_bias, B, "mixed_lse", "row_bias");
+  TORCH_CHECK(q_in.device().is_cpu() && mix_query.device().is_cpu() && row_scale.device().is_cpu(),
+              "mixed_lse (CPU): tensors must be on the CPU");
+  Prepared p = prepare(negatives, hard_index, pair_index, alpha, query_index, query_weight);
+  const Tensor mq = mix_query.contiguous(), neg = negatives.contiguous();
+  const at::ScalarType acc = acc_type(mq.scalar_type());
+  const Tensor q = q_in.to(acc).contiguous(), a = row_scale.to(acc).contiguous();
+  const Tensor c = row_bias.has_value() ? row_bias->to(acc).contiguous() : at::zeros({B}, q.options());
+  Tensor lse = at::empty({G, B}, q.options());
+  Tensor e_sum = at::zeros({G, B, D}, q.options());
+  Tensor u_sum = at::zeros({G, B}, q.options());
+  if (B == 0) return {lse, e_sum, u_sum};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, mq.scalar_type(), "mixed_lse_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const Draws dr = draws_of(p.hard, p.pair, p.alpha, p.qidx, p.qw);
+    const scalar_t* mp = mq.data_ptr<scalar_t>();
+    const scalar_t* np = neg.data_ptr<scalar_t>();
+    const acc_t* qp = q.data_ptr<acc_t>();
+    const acc_t* ap = a.data_ptr<acc_t>();
+    const acc_t* cp = c.data_ptr<acc_t>();
+    acc_t* lp = lse.data_ptr<acc_t>();
+    acc_t* ep = e_sum.data_ptr<acc_t>();
+    acc_t* up = u_sum.data_ptr<acc_t>();
+    at::parallel_for(0, B, 16, [&](int64_t b0, int64_t b1) {
+      std::vector<acc_t> h(D);
+      for (int64_t i = b0; i < b1; ++i) {
+        acc_t m[4], s[4];
+        for (int64_t g = 0; g < G; ++g) {
+          m[g] = -std::numeric_limits<acc_t>::infinity();
+          s[g] = acc_t(0);
+        }
+        for (int64_t t = 0; t < T; ++t) {
+          prefetch_point(np, dr, i, t + kPrefetchAhead, T, D);
+          mixed_point<scalar_t, acc_t>(mp, np, dr, i, t, D, h.data());
+          const acc_t u = dot_lanes(qp + i * D, h.data(), D);
+          const acc_t l = ap[i] * u + cp[i];
+          for (int64_t g = 0; g < G; ++g) {
+            const acc_t z = static_cast<acc_t>(gammas[g]) * l;
+            acc_t* e = ep + (g * B + i) * D;
+            if (z > m[g]) {  // the maximum moves: rescale (e^{-inf} = 0 on the first point)
+              const acc_t r = std::exp(m[g] - z);
+              s[g] *= r;
+              up[g * B + i] *= r;
+              for (int64_t d = 0; d < D; ++d) e[d] *= r;
+              m[g] = z;
+            }
+            const acc_t w = std::exp(z - m[g]);  // NaN logits make the row NaN
+            s[g] += w;
+            up[g * B + i] += w * u;
+            for (int64_t d = 0; d < D; ++d) e[d] += w * h[d];
+          }
+        }
+        for (int64_t g = 0; g < G; ++g) {
+          acc_t* e = ep + (g * B + i) * D;
+          const bool live = s[g] > acc_t(0);
+          lp[g * B + i] = live ? m[g] + std::log(s[g]) : (s[g] == s[g] ? -std::numeric_limits<acc_t>::infinity() : s[g]);
+          if (live) {
+            for (int64_t d = 0; d < D; ++d) e[d] /= s[g];
+            up[g * B + i] /= s[g];
+          }
+        }
+      }
+    });
+  });
+  return {lse, e_sum, u_sum};
+}
+
 }  // namespace
 }  // namespace ck
 
 TORCH_LIBRARY_IMPL(contrastive_kernels, CPU, m) {
+  m.impl("mixed_lse", &ck::mixed_lse_cpu);
   m.impl("mix", &ck::mix_cpu);
   m.impl("mixed_dots", &ck::mixed_dots_cpu);
   m.impl("mixed_dots_bwd", &ck::mixed_dots_bwd_cpu);
