@@ -169,3 +169,20 @@ def lse_options(b, n, exclude, labels, gammas, col_lse, grad_side):
     both = grad_side == "both"
     mask = [True, both, True, both, True, both]
     return mask, dict(gammas=gammas, exclude=excl, q_labels=ql, k_labels=kl, want_col_lse=col_lse)
+
+
+def queue_case(b, n, d, dtype, affine="dot", gammas=(1.0,), seed=0, integer=False):
+    """(q, k, row_scale, col_scale, row_bias, col_bias, gammas) of lse_stats over a queue, with
+    the affine form of a similarity (tests of lse_stats_topk)."""
+    g = torch.Generator().manual_seed(seed)
+    if integer:  # exact scores with many ties
+        q = torch.randint(-1, 2, (b, d), generator=g).to(dtype)
+        k = torch.randint(-1, 2, (n, d), generator=g).to(dtype)
+    else:
+        q = torch.randn(b, d, generator=g).to(dtype)
+        k = torch.randn(n, d, generator=g).to(dtype)
+    a = torch.rand(b, generator=g) + 2.0
+    col = torch.rand(n, generator=g) + 0.5 if affine == "cosine" else None
+    rb = -torch.rand(b, generator=g) if affine == "l2" else None
+    cb = -torch.rand(n, generator=g) if affine == "l2" else None
+    return q, k, a, col, rb, cb, list(gammas)

@@ -15,6 +15,7 @@ import contrastive_kernels as ck
 from conftest import FUSED_BACKENDS
 from contrastive_kernels import _loss_topk as LT
 from contrastive_kernels._common import Mixing
+from _helpers import queue_case as _case
 
 NAMES = [b for b in ("triton", "cpu") if b in FUSED_BACKENDS]
 pytestmark = pytest.mark.skipif(not NAMES, reason="no backend with lse_stats_topk")
@@ -47,21 +48,6 @@ def stats(monkeypatch):
     monkeypatch.setattr(LT, "STATS", s)
     monkeypatch.setattr(LT, "_checked_keys", {})
     return s
-
-
-def _case(b, n, d, dtype, affine="dot", gammas=(1.0,), seed=0, integer=False):
-    g = torch.Generator().manual_seed(seed)
-    if integer:  # exact scores with many ties
-        q = torch.randint(-1, 2, (b, d), generator=g).to(dtype)
-        k = torch.randint(-1, 2, (n, d), generator=g).to(dtype)
-    else:
-        q = torch.randn(b, d, generator=g).to(dtype)
-        k = torch.randn(n, d, generator=g).to(dtype)
-    a = torch.rand(b, generator=g) + 2.0
-    col = torch.rand(n, generator=g) + 0.5 if affine == "cosine" else None
-    rb = -torch.rand(b, generator=g) if affine == "l2" else None
-    cb = -torch.rand(n, generator=g) if affine == "l2" else None
-    return q, k, a, col, rb, cb, list(gammas)
 
 
 def _separate(be, q, k, a, col, rb, cb, gammas, n_hard):

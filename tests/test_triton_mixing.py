@@ -15,6 +15,7 @@ import sys
 import pytest
 import torch
 
+from _helpers import queue_case as _lse_case
 from conftest import FUSED_BACKENDS
 from contrastive_kernels import _loss_topk as LT
 from contrastive_kernels import reference
@@ -130,22 +131,6 @@ def test_backward_splits_are_summed(monkeypatch):
     monkeypatch.setattr(M, "INTERPRETER", False)  # CPU tensors: the one-split plan
     one = M.mixed_dots_backward(g, nrm, q, neg, *args, torch.float64)
     assert torch.allclose(one, two, rtol=1e-13, atol=1e-13)
-
-
-def _lse_case(b, n, d, dtype, affine="dot", gammas=(1.0,), seed=0, integer=False):
-    g = torch.Generator().manual_seed(seed)
-    if integer:  # exact scores with many ties
-        q = torch.randint(-1, 2, (b, d), generator=g).to(dtype)
-        k = torch.randint(-1, 2, (n, d), generator=g).to(dtype)
-    else:
-        q = torch.randn(b, d, generator=g).to(dtype)
-        k = torch.randn(n, d, generator=g).to(dtype)
-    a = torch.rand(b, generator=g) + 2.0
-    col = torch.rand(n, generator=g) + 0.5 if affine == "cosine" else None
-    rb = -torch.rand(b, generator=g) if affine == "l2" else None
-    cb = -torch.rand(n, generator=g) if affine == "l2" else None
-    return q, k, a, col, rb, cb, list(gammas)
-
 
 
 # ------------------------------------------------------------------------------------------------

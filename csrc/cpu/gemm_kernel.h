@@ -160,6 +160,20 @@ CK_INLINE void pack_panels(const typename V::T* krow, int64_t nb, int64_t D, typ
   }
 }
 
+// f(lane, score) for each lane of the vector s whose comparison `pass` holds, lanes in increasing
+// order (the scalar path of the top-k filters: only passing lanes reach it).
+template <class V, class F>
+CK_INLINE void for_passing_lanes(typename V::M pass, typename V::R s, F&& f) {
+  alignas(64) typename V::T lanes[V::W];
+  V::store(lanes, s);
+  unsigned bits = V::bits(pass);
+  while (bits) {
+    const int lane = __builtin_ctz(bits);
+    bits &= bits - 1;
+    f(lane, lanes[lane]);
+  }
+}
+
 // Scores of one tile: S^T[j][RG rows] for the ceil(nc/NR) panels of columns t0.. of the block.
 template <class V>
 CK_INLINE void tile_scores(const typename V::T* qt_group, int64_t ldq, const typename V::T* kpanel,

@@ -116,7 +116,6 @@ CK_INLINE void collect_candidates(const LseArgs<float>& A, const LseWork<float>&
                                   int64_t nc, const float* S) {
   using R = typename V::R;
   constexpr int W = V::W, MV = V::MV, RG = Tiles<V>::RG;
-  alignas(64) float lanes[W];
   R thr[MV];
   for (int m = 0; m < MV; ++m) thr[m] = V::load(A.cand_thr + i0 + m * W);
   for (int64_t jj = 0; jj < nc; ++jj)
@@ -124,16 +123,12 @@ CK_INLINE void collect_candidates(const LseArgs<float>& A, const LseWork<float>&
       const R s = V::load(S + jj * RG + m * W);
       const auto pass = V::not_le(s, thr[m]);
       if (!V::any(pass)) continue;
-      V::store(lanes, s);
-      unsigned bits = V::bits(pass);
-      while (bits) {
-        const int lane = __builtin_ctz(bits);
-        bits &= bits - 1;
+      for_passing_lanes<V>(pass, s, [&](int lane, float score) {
         const int64_t i = i0 + m * W + lane;
-        if (i >= A.B) continue;  // a padding row (NaN scores pass any threshold)
+        if (i >= A.B) return;  // a padding row (NaN scores pass any threshold)
         const int64_t n = Wk.cand_count[i]++;
-        if (n < A.cand_cap) Wk.cand_keys[i * A.cand_cap + n] = pack_key(lanes[lane], j0 + jj);
-      }
+        if (n < A.cand_cap) Wk.cand_keys[i * A.cand_cap + n] = pack_key(score, j0 + jj);
+      });
     }
 }
 

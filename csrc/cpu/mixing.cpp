@@ -144,6 +144,27 @@ Prepared prepare(const Tensor& negatives, const Tensor& hard_index, const Tensor
                   query_index.contiguous(), query_weight.to(at::kFloat).contiguous()};
 }
 
+// The inputs of an op that dots the points with q (mixed_dots, mixed_lse), checked and laid out.
+struct DotsCall {
+  Prepared p;
+  Tensor mq, neg, q;  // mix_query and negatives contiguous, q in the accumulation dtype
+  int64_t B, D, T;
+};
+
+DotsCall dots_call(const char* op, const Tensor& q_in, const Tensor& mix_query, const Tensor& negatives,
+                   const Tensor& hard_index, const Tensor& pair_index, const Tensor& alpha,
+                   const Tensor& query_index, const Tensor& query_weight) {
+  check_mix_args(op, mix_query, negatives, hard_index, pair_index, alpha, query_index, query_weight);
+  check_features(q_in, op, "q");
+  TORCH_CHECK(q_in.sizes() == mix_query.sizes(), op, ": q and mix_query must have one shape, got ", q_in.sizes(),
+              " and ", mix_query.sizes());
+  TORCH_CHECK(q_in.device().is_cpu() && mix_query.device().is_cpu(), op, " (CPU): tensors must be on the CPU");
+  DotsCall c{prepare(negatives, hard_index, pair_index, alpha, query_index, query_weight), mix_query.contiguous(),
+             negatives.contiguous(), q_in.to(acc_type(mix_query.scalar_type())).contiguous(), mix_query.size(0),
+             mix_query.size(1), pair_index.size(1) + query_index.size(1)};
+  return c;
+}
+
 Tensor mix_cpu(const Tensor& query, const Tensor& negatives, const Tensor& hard_index, const Tensor& pair_index,
                const Tensor& alpha, const Tensor& query_index, const Tensor& query_weight) {
   check_mix_args("mix", query, negatives, hard_index, pair_index, alpha, query_index, query_weight);
@@ -172,16 +193,11 @@ Tensor mix_cpu(const Tensor& query, const Tensor& negatives, const Tensor& hard_
 Tensor mixed_dots_cpu(const Tensor& q_in, const Tensor& mix_query, const Tensor& negatives, const Tensor& hard_index,
                       const Tensor& pair_index, const Tensor& alpha, const Tensor& query_index,
                       const Tensor& query_weight) {
-  check_mix_args("mixed_dots", mix_query, negatives, hard_index, pair_index, alpha, query_index, query_weight);
-  check_features(q_in, "mixed_dots", "q");
-  TORCH_CHECK(q_in.sizes() == mix_query.sizes(), "mixed_dots: q and mix_query must have one shape, got ",
-              q_in.sizes(), " and ", mix_query.sizes());
-  TORCH_CHECK(q_in.device().is_cpu() && mix_query.device().is_cpu(), "mixed_dots (CPU): tensors must be on the CPU");
-  Prepared p = prepare(negatives, hard_index, pair_index, alpha, query_index, query_weight);
-  const Tensor mq = mix_query.contiguous(), neg = negatives.contiguous();
-  const int64_t B = mq.size(0), D = mq.size(1), T = pair_index.size(1) + query_index.size(1);
-  const at::ScalarType acc = acc_type(mq.scalar_type());
-  const Tensor q = q_in.to(acc).contiguous();
+  const DotsCall call = dots_call("mixed_dots", q_in, mix_query, negatives, hard_index, pair_index, alpha,
+                                  query_index, query_weight);
+  const Prepared& p = call.p;
+  const Tensor &mq = call.mq, &neg = call.neg, &q = call.q;
+  const int64_t B = call.B, D = call.D, T = call.T;
   Tensor out = at::empty({B, T}, q.options());
   if (out.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, mq.scalar_type(), "mixed_dots_cpu", [&] {
@@ -248,21 +264,19 @@ std::tuple<Tensor, Tensor, Tensor> mixed_lse_cpu(const Tensor& q_in, const Tenso
                                                  const Tensor& alpha, const Tensor& query_index,
                                                  const Tensor& query_weight, const Tensor& row_scale,
                                                  const c10::optional<Tensor>& row_bias, at::ArrayRef<double> gammas) {
-  check_mix_args("mixed_lse", mix_query, negatives, hard_index, pair_index, alpha, query_index, query_weight);
-  check_features(q_in, "mixed_lse", "q");
-  TORCH_CHECK(q_in.sizes() == mix_query.sizes(), "mixed_lse: q and mix_query must have one shape, got ",
-              q_in.sizes(), " and ", mix_query.sizes());
-  const int64_t B = mix_query.size(0), D = mix_query.size(1), T = pair_index.size(1) + query_index.size(1);
+  const DotsCall call = dots_call("mixed_lse", q_in, mix_query, negatives, hard_index, pair_index, alpha,
+                                  query_index, query_weight);
+  const Prepared& p = call.p;
+  const Tensor &mq = call.mq, &neg = call.neg, &q = call.q;
+  const int64_t B = call.B, D = call.D, T = call.T;
   const int64_t G = static_cast<int64_t>(gammas.size());
   TORCH_CHECK(G >= 1 && G <= 4, "mixed_lse: 1 to 4 gammas, got ", G);
   check_vector(row_scale, B, "mixed_lse", "row_scale");
   if (row_bias.has_value()) check_vector(*row_bias, B, "mixed_lse", "row_bias");
-  TORCH_CHECK(q_in.device().is_cpu() && mix_query.device().is_cpu() && row_scale.device().is_cpu(),
+  TORCH_CHECK(row_scale.device().is_cpu() && (!row_bias.has_value() || row_bias->device().is_cpu()),
               "mixed_lse (CPU): tensors must be on the CPU");
-  Prepared p = prepare(negatives, hard_index, pair_index, alpha, query_index, query_weight);
-  const Tensor mq = mix_query.contiguous(), neg = negatives.contiguous();
-  const at::ScalarType acc = acc_type(mq.scalar_type());
-  const Tensor q = q_in.to(acc).contiguous(), a = row_scale.to(acc).contiguous();
+  const at::ScalarType acc = q.scalar_type();
+  const Tensor a = row_scale.to(acc).contiguous();
   const Tensor c = row_bias.has_value() ? row_bias->to(acc).contiguous() : at::zeros({B}, q.options());
   Tensor lse = at::empty({G, B}, q.options());
   Tensor e_sum = at::zeros({G, B, D}, q.options());

@@ -17,8 +17,8 @@
 // between selections, which lets more keys pass, never fewer. The glue merges the first count[i]
 // keys of each part's buffer by key.
 
-inline int64_t topk_scratch_impl_elems(int64_t D, int nb, int tile, int w) {
-  return 2 * static_cast<int64_t>(nb) * D + tile + nb + w + 64;
+inline int64_t topk_scratch_impl_elems(int64_t D, int nb, int tile) {
+  return 2 * static_cast<int64_t>(nb) * D + tile + nb + 64;
 }
 
 // Keeps the k largest of the C keys in h, moved to the front; returns the k-th largest.
@@ -30,7 +30,7 @@ CK_SCALAR_INLINE int64_t keep_largest(int64_t* h, int64_t C, int64_t k) {
 template <class V>
 int64_t topk_scratch(int64_t D) {
   using TL = Tiles<V>;
-  return topk_scratch_impl_elems(D, TL::NB, TL::NC * TL::RG, V::W);
+  return topk_scratch_impl_elems(D, TL::NB, TL::NC * TL::RG);
 }
 
 template <class V>
@@ -54,7 +54,6 @@ void topk_part(const TopkArgs& A, const TopkWork& Wk, int64_t c0, int64_t c1) {
   float* kpanel = kbuf + NB * D;
   float* S = kpanel + NB * D;
   float* kscale = S + NC * RG;
-  float* lanes = kscale + NB;
 
   const int64_t r0 = Wk.row0, r1 = Wk.row1;
   for (int64_t i = r0; i < ck_min<int64_t>(r1, M); ++i) {
@@ -95,22 +94,18 @@ void topk_part(const TopkArgs& A, const TopkWork& Wk, int64_t c0, int64_t c1) {
             }
             const auto pass = V::not_le(s, thr[m]);
             if (!V::any(pass)) continue;
-            V::store(lanes, s);
-            unsigned bits = V::bits(pass);
-            while (bits) {
-              const int lane = __builtin_ctz(bits);
-              bits &= bits - 1;
+            for_passing_lanes<V>(pass, s, [&](int lane, float score) {
               const int64_t i = i0 + m * W + lane;
-              if (i >= M || topk_excluded<V>(A, i, j)) continue;
+              if (i >= M || topk_excluded<V>(A, i, j)) return;
               int64_t* h = Wk.keys + i * C;
               int64_t n = Wk.count[i];
-              h[n++] = pack_key(lanes[lane], j);
+              h[n++] = pack_key(score, j);
               if (n == C) {
                 Wk.thr[i] = key_score(keep_largest(h, C, k));
                 n = k;
               }
               Wk.count[i] = n;
-            }
+            });
             thr[m] = V::load(Wk.thr + i0 + m * W);
           }
         }
