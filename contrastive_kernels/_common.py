@@ -117,6 +117,14 @@ def pack_multi_hot(labels: torch.Tensor) -> torch.Tensor:
     return (hot.view(b, words, 64) << shifts).sum(-1)
 
 
+def query_side_only(q, k, row_scale, col_scale=None, row_bias=None, col_bias=None) -> bool:
+    """lse_stats' row-only rule: only the query side needs a gradient (a queue, a frozen bank), so
+    the forward can keep the softmax-weighted key sums and backward is O(B D)."""
+    key_side = any(t is not None and t.requires_grad for t in (k, col_scale, col_bias))
+    query_side = any(t is not None and t.requires_grad for t in (q, row_scale, row_bias))
+    return torch.is_grad_enabled() and query_side and not key_side
+
+
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype statistics and losses are kept in: fp32, or fp64 for fp64 inputs."""
     return torch.float64 if dtype == torch.float64 else torch.float32

@@ -7,7 +7,7 @@ from typing import Optional, Sequence
 import torch
 
 from . import _bank_chunks, _ext, _loss_topk, chunked
-from ._common import MixingDraws
+from ._common import MixingDraws, query_side_only
 
 _ext.load()  # registers the ops (and their autograd / fake kernels) when the extension exists
 
@@ -41,14 +41,6 @@ def _cuda_fallback_topk(query, k) -> bool:
     return _on_cuda_kernels(query) and (k > CUDA_TOPK_MAX_K or query.shape[1] > CUDA_TOPK_MAX_DIM)
 
 
-def _row_only(q, k, row_scale, col_scale, row_bias, col_bias) -> bool:
-    """Only the query side needs a gradient (a queue, a frozen bank): the forward also returns the
-    softmax-weighted key sums and backward is O(B D)."""
-    key_side = any(t is not None and t.requires_grad for t in (k, col_scale, col_bias))
-    query_side = any(t is not None and t.requires_grad for t in (q, row_scale, row_bias))
-    return torch.is_grad_enabled() and query_side and not key_side
-
-
 def lse_stats(q, k, row_scale, col_scale=None, row_bias=None, col_bias=None, *,
               gammas: Sequence[float] = (1.0,), exclude=None, q_labels=None, k_labels=None,
               want_col_lse=False):
@@ -60,7 +52,7 @@ def lse_stats(q, k, row_scale, col_scale=None, row_bias=None, col_bias=None, *,
         return chunked.lse_stats(q, k, row_scale, col_scale, row_bias, col_bias, gammas=gammas,
                                  exclude=exclude, q_labels=q_labels, k_labels=k_labels,
                                  want_col_lse=want_col_lse)
-    row_only = _row_only(q, k, row_scale, col_scale, row_bias, col_bias) and not want_col_lse
+    row_only = query_side_only(q, k, row_scale, col_scale, row_bias, col_bias) and not want_col_lse
     out = _ops().lse_fwd(q, k, row_scale, col_scale, row_bias, col_bias, [float(g) for g in gammas],
                          exclude, q_labels, k_labels, bool(want_col_lse), bool(row_only))
     return out[0], out[1], out[2], out[3]
@@ -89,7 +81,7 @@ def lse_stats_topk(q, k, row_scale, col_scale=None, row_bias=None, col_bias=None
     (the same microkernel over the same fp32 operands). CPU backend only."""
     def fused(thr, cap):
         out = _ops().lse_topk_fwd(q, k, row_scale, col_scale, row_bias, col_bias, [float(g) for g in gammas],
-                                  None, None, None, False, _row_only(q, k, row_scale, col_scale, row_bias, col_bias),
+                                  None, None, None, False, query_side_only(q, k, row_scale, col_scale, row_bias, col_bias),
                                   thr, cap, n_hard)
         return out[0], out[6], out[7]
 

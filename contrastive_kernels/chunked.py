@@ -26,7 +26,7 @@ from typing import Optional, Sequence
 import torch
 
 from . import reference
-from ._common import MixingDraws, acc_dtype
+from ._common import MixingDraws, acc_dtype, query_side_only
 
 NAME = "chunked"
 _budget_bytes = int(float(os.environ.get("CK_CHUNK_MB", "32")) * 2**20)
@@ -232,10 +232,7 @@ def lse_stats(q, k, row_scale, col_scale=None, row_bias=None, col_bias=None, *,
               gammas: Sequence[float] = (1.0,), exclude=None, q_labels=None, k_labels=None,
               want_col_lse=False):
     """``reference.lse_stats`` in column chunks; see the module docstring."""
-    key_side_grad = any(t is not None and t.requires_grad for t in (k, col_scale, col_bias))
-    query_side_grad = any(t is not None and t.requires_grad for t in (q, row_scale, row_bias))
-    row_only = (torch.is_grad_enabled() and query_side_grad and not key_side_grad
-                and not want_col_lse)
+    row_only = query_side_only(q, k, row_scale, col_scale, row_bias, col_bias) and not want_col_lse
     return _LseStats.apply(q, k, row_scale, col_scale, row_bias, col_bias, tuple(gammas), exclude,
                            q_labels, k_labels, want_col_lse, row_only)
 

@@ -72,6 +72,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .._common import query_side_only
+
 INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 # Widest feature dim whose q / k tiles and accumulators stay resident (bytes per row of a tile:
@@ -1125,9 +1127,7 @@ def lse_stats(q, k, row_scale, col_scale=None, row_bias=None, col_bias=None, *,
     ``contrastive_kernels::triton_lse_fwd`` (see ``contrastive_kernels.ops``)."""
     from .. import ops
 
-    key_side = any(t is not None and t.requires_grad for t in (k, col_scale, col_bias))
-    query_side = any(t is not None and t.requires_grad for t in (q, row_scale, row_bias))
-    row_only = (torch.is_grad_enabled() and query_side and not key_side and not want_col_lse
+    row_only = (query_side_only(q, k, row_scale, col_scale, row_bias, col_bias) and not want_col_lse
                 and row_only_supported(q.shape[1], q.dtype, len(gammas), q_labels is not None))
     out = ops.triton_lse_fwd(q, k, row_scale, col_scale, row_bias, col_bias,
                              [float(g) for g in gammas], exclude, q_labels, k_labels,

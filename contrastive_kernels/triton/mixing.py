@@ -105,7 +105,7 @@ import triton
 import triton.language as tl
 
 from .. import _loss_topk
-from .._common import NORM_EPS, MixingDraws
+from .._common import NORM_EPS, MixingDraws, query_side_only
 from . import INTERPRETER
 
 # the modules themselves (the package's attribute ``topk`` is the family op of the same name)
@@ -413,13 +413,11 @@ def lse_stats_topk(q, k, row_scale, col_scale=None, row_bias=None, col_bias=None
     from .. import ops
 
     def fused(thr, cap):
-        key_side = any(t is not None and t.requires_grad for t in (k, col_scale, col_bias))
-        query_side = any(t is not None and t.requires_grad for t in (q, row_scale, row_bias))
-        row_only = (torch.is_grad_enabled() and query_side and not key_side
+        row_only = (query_side_only(q, k, row_scale, col_scale, row_bias, col_bias)
                     and _infonce.row_only_supported(q.shape[1], q.dtype, len(gammas), False))
         out = ops.triton_lse_topk_fwd(q, k, row_scale, col_scale, row_bias, col_bias,
                                       [float(g) for g in gammas], bool(row_only), thr, cap)
-        return (out[0],) + merge_candidates(out[5], out[6], out[7], n_hard)
+        return out[0], merge_candidates(out[5], out[6], n_hard), out[7]
 
     return _loss_topk.lse_stats_topk(
         NAME, fused_topk_reason(q, k, n_hard, len(gammas)), q, k, gammas, n_hard,
@@ -428,12 +426,11 @@ def lse_stats_topk(q, k, row_scale, col_scale=None, row_bias=None, col_bias=None
         lambda a, b, n: _topk.topk(a, b, n, similarity="dot")[1])
 
 
-def merge_candidates(cand_s, cand_j, count, n_hard):
-    """(hard (B, n_hard) int64, count (B,)) from each row's candidates: the n_hard largest top-k
-    keys (score, then lower index; triton/topk.py's encoding)."""
+def merge_candidates(cand_s, cand_j, n_hard):
+    """hard (B, n_hard) int64 from each row's candidates: the n_hard largest top-k keys (score,
+    then lower index; triton/topk.py's encoding)."""
     keys = _topk.encode_keys(cand_s, cand_j)
-    _, hard = _topk.decode_keys(_topk._topk_keys(keys, n_hard))
-    return hard, count
+    return _topk.decode_keys(_topk._topk_keys(keys, n_hard))[1]
 
 
 # ------------------------------------------------------------------------------------------------
