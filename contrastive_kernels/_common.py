@@ -132,3 +132,50 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def to_acc(x: torch.Tensor) -> torch.Tensor:
     return x.to(acc_dtype(x.dtype))
+
+
+# ------------------------------------------------------------------------------------------------
+# the autograd formula of the mixed_lse ops (C++ ``mixed_lse``, Triton ``triton_mixed_lse``): both
+# take (q, mix_query, negatives, hard_index, pair_index, alpha, query_index, query_weight,
+# row_scale, row_bias, gammas) and return (lse (G,B), e_sum (G,B,D), u_sum (G,B))
+# ------------------------------------------------------------------------------------------------
+
+
+def mixed_lse_outputs(q, mix_query, gammas):
+    """Empty outputs (lse (G,B), e_sum (G,B,D), u_sum (G,B)) in the accumulation dtype: the
+    ops' fake kernels, and the Triton op's output buffers."""
+    acc = acc_dtype(mix_query.dtype)
+    g, (b, d) = len(gammas), mix_query.shape
+    return (q.new_empty((g, b), dtype=acc), q.new_empty((g, b, d), dtype=acc),
+            q.new_empty((g, b), dtype=acc))
+
+
+def mixed_lse_setup_context(ctx, inputs, output):
+    q, row_scale, row_bias, gammas = inputs[0], inputs[8], inputs[9], inputs[10]
+    lse, e_sum, u_sum = output
+    ctx.gammas = tuple(float(g) for g in gammas)
+    ctx.dtypes = (q.dtype, row_scale.dtype, None if row_bias is None else row_bias.dtype)
+    ctx.mark_non_differentiable(e_sum, u_sum)
+    ctx.save_for_backward(row_scale, lse, e_sum, u_sum)
+
+
+def mixed_lse_backward(ctx, d_lse, _d_e, _d_u):
+    """lse_gi = log sum_t e^{gamma_g l_it}, l_it = a_i <q_i, h_it> + c_i (h constant), with the
+    forward's softmax-weighted sums e_gi = sum_t p_git h_it and su_gi = sum_t p_git u_it:
+    dq_i = a_i sum_g w_gi e_gi, da_i = sum_g w_gi su_gi, dc_i = sum_g w_gi, where w = d_lse gamma
+    (rows with no point, lse = -inf, get nothing)."""
+    need = ctx.needs_input_grad
+    row_scale, lse, e_sum, u_sum = ctx.saved_tensors
+    acc = lse.dtype
+    if d_lse is None:
+        return (None,) * 11
+    w = d_lse.to(acc) * torch.tensor(ctx.gammas, dtype=acc, device=lse.device)[:, None]
+    w = torch.where(lse == float("-inf"), torch.zeros_like(w), w)
+    dq = da = dc = None
+    if need[0]:
+        dq = (row_scale.to(acc)[:, None] * (w[..., None] * e_sum).sum(0)).to(ctx.dtypes[0])
+    if need[8]:
+        da = (w * u_sum).sum(0).to(ctx.dtypes[1])
+    if need[9]:
+        dc = w.sum(0).to(ctx.dtypes[2])
+    return (dq,) + (None,) * 7 + (da, dc, None)

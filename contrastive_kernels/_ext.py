@@ -28,6 +28,8 @@ from typing import Optional
 
 import torch
 
+from ._common import mixed_lse_backward, mixed_lse_outputs, mixed_lse_setup_context
+
 _lock = threading.Lock()
 _module = None
 _reason: Optional[str] = None
@@ -195,11 +197,9 @@ def register_python_parts(lib: str):
     @torch.library.register_fake(f"{lib}::mixed_lse")
     def _mixed_lse_fake(q, mix_query, negatives, hard_index, pair_index, alpha, query_index, query_weight,
                         row_scale, row_bias, gammas):
-        acc = _acc(mix_query.dtype)
-        g, (b, d) = len(gammas), mix_query.shape
-        return (q.new_empty((g, b), dtype=acc), q.new_empty((g, b, d), dtype=acc), q.new_empty((g, b), dtype=acc))
+        return mixed_lse_outputs(q, mix_query, gammas)
 
-    torch.library.register_autograd(f"{lib}::mixed_lse", _mixed_lse_backward, setup_context=_mixed_lse_setup)
+    torch.library.register_autograd(f"{lib}::mixed_lse", mixed_lse_backward, setup_context=mixed_lse_setup_context)
     # lse_topk_fwd: lse_fwd's formula; its 3 extra inputs and 2 extra outputs carry no gradient
     torch.library.register_autograd(f"{lib}::lse_topk_fwd", functools.partial(_lse_topk_fwd_backward, ns),
                                     setup_context=_lse_topk_fwd_setup)
@@ -279,32 +279,6 @@ def _lse_topk_fwd_setup(ctx, inputs, output):
 
 def _lse_topk_fwd_backward(ns, ctx, d_row, d_pos, d_count, d_col, d_e, d_p, _d_best, _d_cnt):
     return _lse_fwd_backward(ns, ctx, d_row, d_pos, d_count, d_col, d_e, d_p) + (None, None, None)
-
-
-def _mixed_lse_setup(ctx, inputs, output):
-    q, row_scale, row_bias, gammas = inputs[0], inputs[8], inputs[9], inputs[10]
-    lse, e_sum, u_sum = output
-    ctx.gammas = tuple(float(g) for g in gammas)
-    ctx.dtypes = (q.dtype, row_scale.dtype, None if row_bias is None else row_bias.dtype)
-    ctx.mark_non_differentiable(e_sum, u_sum)
-    ctx.save_for_backward(row_scale, lse, e_sum, u_sum)
-
-
-def _mixed_lse_backward(ctx, d_lse, _d_e, _d_u):
-    """lse_gi = log sum_t e^{gamma_g l_it}, l_it = a_i <q_i, h_it> + c_i (h constant):
-    dq_i = a_i sum_g w_gi e_gi, da_i = sum_g w_gi su_gi, dc_i = sum_g w_gi, with w = d_lse gamma
-    (rows with no point, lse = -inf, get nothing)."""
-    need = ctx.needs_input_grad
-    row_scale, lse, e_sum, u_sum = ctx.saved_tensors
-    acc = lse.dtype
-    if d_lse is None:
-        return (None,) * 11
-    w = d_lse.to(acc) * torch.tensor(ctx.gammas, dtype=acc, device=lse.device)[:, None]
-    w = torch.where(lse == float("-inf"), torch.zeros_like(w), w)
-    dq = _cast(row_scale.to(acc)[:, None] * (w[..., None] * e_sum).sum(0), ctx.dtypes[0]) if need[0] else None
-    da = _cast((w * u_sum).sum(0), ctx.dtypes[1]) if need[8] else None
-    dc = _cast(w.sum(0), ctx.dtypes[2]) if need[9] else None
-    return (dq,) + (None,) * 7 + (da, dc, None)
 
 
 def _mixed_dots_setup(ctx, inputs, output):

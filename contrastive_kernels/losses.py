@@ -21,7 +21,7 @@ Optional (mixing uses them when the backend module has them):
   (_loss_topk.py; triton, cpu); else ``lse_stats`` and ``topk``
 - ``mixed_lse(q, mix_query, negatives, hard_index, draws, row_scale, row_bias, *, gammas)``
   -> (G,B): log sum_t exp(gamma_g (row_scale_i u_it + row_bias_i)) with u = mixed_dots(...), whose
-  backward needs no second gather of the points (cpu); else ``mixed_dots`` and torch ops
+  backward needs no second gather of the points (triton, cpu); else ``mixed_dots`` and torch ops
 
 Similarities become the affine form of ``lse_stats``, l_ij = a_i b_j <q_i,k_j> + c_i + d_j, with
 scale = 1/T (or CLIP's logit_scale):
@@ -31,6 +31,7 @@ scale = 1/T (or CLIP's logit_scale):
 """
 from __future__ import annotations
 
+import os
 from typing import NamedTuple, Optional
 
 import torch
@@ -107,6 +108,11 @@ def _logsumexp_rows(parts):
     return torch.logsumexp(torch.stack(parts), 0)
 
 
+# CK_MIXING_LSE=0: the synthetic logits through mixed_dots even where a backend has mixed_lse (the
+# A/B of the benchmark candidates "X-mixed-dots")
+MIXED_LSE = os.environ.get("CK_MIXING_LSE", "1") != "0"
+
+
 def add_synthetic_terms(ops, query, rows: Side, mix_query, bank, hard, mixing: Mixing, scale,
                         gammas, parts, own):
     """MoCHi's synthetic negatives without forming them, as a log-sum-exp part (G, B) in ``parts``
@@ -117,7 +123,7 @@ def add_synthetic_terms(ops, query, rows: Side, mix_query, bank, hard, mixing: M
     draws = draw_mixing(query.shape[0], mixing.n_hard, mixing.n_synthetic,
                         mixing.n_query_synthetic, mixing.generator, query.device)
     bias = rows.bias - scale if rows.bias is not None else None
-    if hasattr(ops, "mixed_lse"):
+    if MIXED_LSE and hasattr(ops, "mixed_lse"):
         parts.append(ops.mixed_lse(query, mix_query, bank, hard, draws, rows.scale, bias, gammas=gammas))
         return
     logits = ops.mixed_dots(query, mix_query, bank, hard, draws) * rows.scale[:, None]

@@ -40,6 +40,12 @@ Mixing (triton/mixing.py; the synthetic points never carry a gradient):
     norm they were divided by. Its autograd formula gives q the gradient dq_i = sum_t du_it h_it
     through ``triton_mixed_dots_bwd(grad, nrm, mix_query, negatives, hard_index, pair_index,
     alpha, query_index, query_weight, q_dtype) -> dq (B, D)``; the other inputs get none.
+``contrastive_kernels::triton_mixed_lse(q, mix_query, negatives, hard_index, pair_index, alpha,
+    query_index, query_weight, row_scale, row_bias?, gammas) -> (lse (G,B), e_sum (G,B,D),
+    u_sum (G,B))``: the synthetic logits row_scale_i u_it + row_bias_i reduced to their
+    log-sum-exp per gamma, with the softmax-weighted sums of h and u; the same schema and autograd
+    formula (``_common.mixed_lse_backward``: gradients to q, row_scale, row_bias, with no second
+    pass over the points) as the C++ op ``mixed_lse``.
 """
 from __future__ import annotations
 
@@ -49,6 +55,8 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
+from ._common import mixed_lse_backward, mixed_lse_outputs, mixed_lse_setup_context
+
 TRITON_OPS_AVAILABLE = False
 TRITON_OPS_ERROR: Optional[str] = None
 
@@ -56,7 +64,7 @@ try:
     from .triton.infonce import (backward_outputs, forward_outputs, forward_topk_outputs,
                                  lse_backward, lse_forward, lse_forward_topk)
     from .triton.mixing import (mix_forward, mix_outputs, mixed_dots_backward,
-                                mixed_dots_forward, mixed_dots_outputs)
+                                mixed_dots_forward, mixed_dots_outputs, mixed_lse_forward)
 except ImportError as exc:  # triton missing: the C++ / chunked backends still work
     TRITON_OPS_ERROR = f"{type(exc).__name__}: {exc}"
 else:
@@ -223,6 +231,21 @@ if TRITON_OPS_AVAILABLE:
     triton_mixed_dots_fwd.register_autograd(_mixed_dots_backward,
                                             setup_context=_mixed_dots_setup_context)
 
+    @torch.library.triton_op("contrastive_kernels::triton_mixed_lse", mutates_args=())
+    def triton_mixed_lse(q: Tensor, mix_query: Tensor, negatives: Tensor, hard_index: Tensor,
+                         pair_index: Tensor, alpha: Tensor, query_index: Tensor,
+                         query_weight: Tensor, row_scale: Tensor, row_bias: Optional[Tensor],
+                         gammas: List[float]) -> Tuple[Tensor, Tensor, Tensor]:
+        return mixed_lse_forward(q, mix_query, negatives, hard_index, pair_index, alpha,
+                                 query_index, query_weight, row_scale, row_bias, gammas)
+
+    @triton_mixed_lse.register_fake
+    def _triton_mixed_lse_fake(q, mix_query, negatives, hard_index, pair_index, alpha, query_index,
+                               query_weight, row_scale, row_bias, gammas):
+        return mixed_lse_outputs(q, mix_query, gammas)
+
+    triton_mixed_lse.register_autograd(mixed_lse_backward, setup_context=mixed_lse_setup_context)
+
 else:  # pragma: no cover - exercised only without triton
 
     def triton_lse_fwd(*args, **kwargs):
@@ -232,7 +255,9 @@ else:  # pragma: no cover - exercised only without triton
         raise RuntimeError(f"the Triton ops are unavailable: {TRITON_OPS_ERROR}")
 
     triton_lse_topk_fwd = triton_mix = triton_mixed_dots_fwd = triton_mixed_dots_bwd = triton_lse_bwd
+    triton_mixed_lse = triton_lse_bwd
 
 
 __all__ = ["TRITON_OPS_AVAILABLE", "TRITON_OPS_ERROR", "triton_lse_fwd", "triton_lse_bwd",
-           "triton_lse_topk_fwd", "triton_mix", "triton_mixed_dots_fwd", "triton_mixed_dots_bwd"]
+           "triton_lse_topk_fwd", "triton_mix", "triton_mixed_dots_fwd", "triton_mixed_dots_bwd",
+           "triton_mixed_lse"]

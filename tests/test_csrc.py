@@ -282,36 +282,6 @@ def test_opcheck_cpu_ops():
 
 
 @needs_ext
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("s,sq,gammas", [(5, 3, [1.0]), (0, 4, [1.5, 0.5]), (6, 0, [1.0, 0.0])])
-def test_mixed_lse_is_the_logsumexp_of_the_synthetic_logits(dtype, s, sq, gammas):
-    """mixed_lse = logsumexp_t(gamma (a u + c)) with u from mixed_dots, and its O(B D) backward
-    gives the gradients of that formula to q, row_scale and row_bias (h constant)."""
-    ops = torch.ops.contrastive_kernels
-    g = torch.Generator().manual_seed(s + sq)
-    q = torch.randn(9, 20, generator=g).to(dtype)
-    neg = torch.randn(40, 20, generator=g).to(dtype)
-    hard = torch.randint(0, 40, (9, 7), generator=g)
-    dr = draw_mixing(9, 7, s, sq, torch.Generator().manual_seed(1), torch.device("cpu"))
-    draws = (hard, dr.pair_index, dr.alpha, dr.query_index, dr.query_weight)
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
-    a0, c0 = torch.rand(9, generator=g, dtype=acc) + 1.0, torch.randn(9, generator=g, dtype=acc)
-    w = torch.rand(len(gammas), 9, generator=g, dtype=acc)
-    grads = []
-    for fused in (True, False):
-        qq, a, c = q.clone().requires_grad_(), a0.clone().requires_grad_(), c0.clone().requires_grad_()
-        if fused:
-            lse = ops.mixed_lse(qq, q, neg, *draws, a, c, gammas)[0]
-        else:
-            logits = ops.mixed_dots(qq, q, neg, *draws) * a[:, None] + c[:, None]
-            lse = torch.stack([torch.logsumexp(gm * logits, 1) for gm in gammas])
-        grads.append((lse.detach(),) + torch.autograd.grad((lse * w).sum(), [qq, a, c]))
-    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
-    for x, y in zip(*grads):
-        assert x.dtype == y.dtype and torch.allclose(x, y, **tol)
-
-
-@needs_ext
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("capacity", [70, 9])
 def test_lse_topk_fwd_lists_the_columns_over_the_threshold(dtype, capacity):

@@ -3,8 +3,9 @@
 The hard negatives taken from the loss kernel's own pass must be exactly ``topk_similarity``'s
 (set and order) at the MoCHi shapes (B=256, D=128, n_hard=1024, K=65536 and 2^20) in bf16, fp16
 and fp32, with the autotuned tiles too; info_nce(mixing=) against the explicit path under the
-twice-the-eager-error rule; the mixing kernels at big shapes and past 2^31 elements; opcheck with
-the compile-based check, torch.compile(fullgraph=True) through mixed_dots, reproducibility.
+twice-the-eager-error rule; the mixing kernels (mix, mixed_dots, mixed_lse) at big shapes and past 2^31 elements; opcheck
+with the compile-based check, torch.compile(fullgraph=True) through mixed_dots and mixed_lse,
+reproducibility.
 """
 import importlib
 import warnings
@@ -149,6 +150,38 @@ def test_mix_and_mixed_dots_big(dtype):
         assert err <= 2 * (eager - exact).abs().max().item() + 1e-5 * (1 + exact.abs().max().item())
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("d,b", [(128, B), (768, B), (128, 24)])
+def test_mixed_lse_big(dtype, d, b):
+    """mixed_lse at the MoCHi shape (one feature chunk: E in registers; 768: E in memory; 24 rows:
+    the launcher splits the points and combines partials): the lse per gamma and the gradients of
+    q, row_scale and row_bias err at most twice as much as the mixed_dots path against fp64."""
+    m = importlib.import_module("contrastive_kernels.triton.mixing")
+    q, neg = _unit(b, d, 20, dtype), _unit(65536, d, 21, dtype)
+    hard = torch.randint(0, 65536, (b, N_HARD), device=DEV)
+    draws = draw_mixing(b, N_HARD, S, SQ, torch.Generator().manual_seed(6), torch.device(DEV))
+    gammas = [1.5, 0.5]
+    a0 = torch.full((b,), 1 / 0.07, device=DEV)
+    c0 = torch.randn(b, device=DEV)
+    w = torch.rand(2, b, device=DEV)
+
+    def run(fused, qd, negd, dt):
+        qq, a, c = qd.clone().requires_grad_(), a0.to(dt).requires_grad_(), c0.to(dt).requires_grad_()
+        if fused:
+            lse = m.mixed_lse(qq, qd, negd, hard, draws, a, c, gammas=gammas)
+        else:
+            u = torch.einsum("bd,btd->bt", qq.to(dt), reference.mix_points(qd, negd, hard, draws).to(dt))
+            lse = torch.stack([torch.logsumexp(g * (u * a[:, None] + c[:, None]), 1) for g in gammas])
+        return [lse.detach().double()] + [x.double() for x in torch.autograd.grad((lse * w.to(dt)).sum(), [qq, a, c])]
+
+    got = run(True, q, neg, torch.float32)
+    eager = run(False, q, neg, torch.float32)
+    exact = run(False, q.double(), neg.double(), torch.float64)
+    for x, e, ref in zip(got, eager, exact):
+        err = (x - ref).abs().max().item()
+        assert err <= 2 * (e - ref).abs().max().item() + 1e-5 * (1 + ref.abs().max().item()), (err,)
+
+
 def test_int64_offsets_past_2_31_elements():
     """A (2^24 + 64) x 128 bf16 bank (2^31 + 8192 elements): hard rows at its end."""
     m = importlib.import_module("contrastive_kernels.triton.mixing")
@@ -184,6 +217,10 @@ def test_opcheck_with_aot_dispatch():
     torch.library.opcheck(torch.ops.contrastive_kernels.triton_mixed_dots_fwd.default, args)
     torch.library.opcheck(torch.ops.contrastive_kernels.triton_mix.default,
                           (q.detach(),) + args[2:])
+    scale = torch.rand(32, device=DEV).add_(1.0).requires_grad_()
+    bias = torch.randn(32, device=DEV).requires_grad_()
+    torch.library.opcheck(torch.ops.contrastive_kernels.triton_mixed_lse.default,
+                          args + (scale, bias, [1.5, 0.5]))
 
 
 def test_torch_compile_fullgraph_mixed_dots():
@@ -195,6 +232,27 @@ def test_torch_compile_fullgraph_mixed_dots():
         u = torch.ops.contrastive_kernels.triton_mixed_dots_fwd(
             q, q.detach(), neg, hard, d.pair_index, d.alpha, d.query_index, d.query_weight)[0]
         return (u ** 2).sum()
+
+    q1, q2 = q.clone().requires_grad_(), q.clone().requires_grad_()
+    eager = f(q1)
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True)(q2)
+    assert torch.allclose(compiled, eager, rtol=1e-5)
+    assert torch.allclose(torch.autograd.grad(compiled, q2)[0].float(),
+                          torch.autograd.grad(eager, q1)[0].float(), rtol=1e-2, atol=1e-3)
+
+
+def test_torch_compile_fullgraph_mixed_lse():
+    q, neg = _unit(64, D, 22, torch.bfloat16), _unit(4096, D, 23, torch.bfloat16)
+    hard = torch.randint(0, 4096, (64, 128), device=DEV)
+    d = draw_mixing(64, 128, 48, 16, torch.Generator().manual_seed(8), torch.device(DEV))
+    scale = torch.full((64,), 1 / 0.07, device=DEV)
+
+    def f(q):
+        lse = torch.ops.contrastive_kernels.triton_mixed_lse(
+            q, q.detach(), neg, hard, d.pair_index, d.alpha, d.query_index, d.query_weight, scale,
+            None, [1.0])[0]
+        return lse.sum()
 
     q1, q2 = q.clone().requires_grad_(), q.clone().requires_grad_()
     eager = f(q1)

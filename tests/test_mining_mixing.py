@@ -6,7 +6,8 @@ import torch.nn.functional as F
 
 import contrastive_kernels as ck
 from contrastive_kernels import _loss_topk as LT
-from contrastive_kernels import chunked
+from contrastive_kernels import chunked, functional, losses
+from contrastive_kernels._common import draw_mixing
 
 from conftest import FUSED_BACKENDS
 from _helpers import faiss_topk
@@ -259,3 +260,90 @@ def test_fused_mixing_equals_explicit_path_fp32(backend, similarity, estimator, 
     for a, c in zip(torch.autograd.grad((fused * w).sum(), [q, k]),
                     torch.autograd.grad((explicit * w).sum(), [q, k])):
         assert torch.allclose(a, c, rtol=1e-4, atol=1e-5)
+
+
+MIXED_LSE = [b for b in FUSED_BACKENDS if hasattr(functional._module(b), "mixed_lse")]
+
+
+@pytest.mark.parametrize("backend", MIXED_LSE)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("b,n_hard,s,sq,d,gammas", [(9, 7, 5, 3, 20, [1.0]), (4, 9, 0, 11, 24, [1.5, 0.5]),
+                                                   (5, 6, 19, 0, 200, [1.0, 0.0]), (3, 1, 2, 2, 8, [2.0])])
+def test_mixed_lse_is_the_logsumexp_of_the_synthetic_logits(backend, dtype, b, n_hard, s, sq, d, gammas):
+    """The optional family op mixed_lse = logsumexp_t(gamma (a u + c)) with u from the backend's
+    mixed_dots, and its O(B D) backward gives that formula's gradients to q, row_scale and row_bias
+    (h constant). Shapes: several point blocks, one kind of point missing, D over one feature chunk
+    (Triton: 128), a single hard negative."""
+    ops = functional._module(backend)
+    g = torch.Generator().manual_seed(s + sq)
+    q = torch.randn(b, d, generator=g).to(dtype)
+    neg = torch.randn(40, d, generator=g).to(dtype)
+    hard = torch.randint(0, 40, (b, n_hard), generator=g)
+    draws = draw_mixing(b, n_hard, s, sq, torch.Generator().manual_seed(1), torch.device("cpu"))
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    a0, c0 = torch.rand(b, generator=g, dtype=acc) + 1.0, torch.randn(b, generator=g, dtype=acc)
+    w = torch.rand(len(gammas), b, generator=g, dtype=acc)
+    grads = []
+    for fused in (True, False):
+        qq, a, c = q.clone().requires_grad_(), a0.clone().requires_grad_(), c0.clone().requires_grad_()
+        if fused:
+            lse = ops.mixed_lse(qq, q, neg, hard, draws, a, c, gammas=gammas)
+        else:
+            logits = ops.mixed_dots(qq, q, neg, hard, draws) * a[:, None] + c[:, None]
+            lse = torch.stack([torch.logsumexp(gm * logits, 1) for gm in gammas])
+        grads.append((lse.detach(),) + torch.autograd.grad((lse * w).sum(), [qq, a, c]))
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
+    for x, y in zip(*grads):
+        assert x.dtype == y.dtype and x.shape == y.shape and torch.allclose(x, y, **tol)
+
+
+@pytest.mark.parametrize("backend", MIXED_LSE)
+@pytest.mark.filterwarnings("ignore:All-NaN slice")  # the Triton interpreter's max over the NaN row
+def test_mixed_lse_edges(backend):
+    """No points: lse = -inf and no gradient; a row without a bias; a NaN query row makes its own
+    lse NaN and no other row's."""
+    ops = functional._module(backend)
+    q = torch.randn(4, 16, dtype=torch.float64)
+    neg = torch.randn(30, 16, dtype=torch.float64)
+    hard = torch.randint(0, 30, (4, 5))
+    a = torch.rand(4, dtype=torch.float64) + 0.5
+    none = draw_mixing(4, 5, 0, 0, torch.Generator().manual_seed(0), torch.device("cpu"))
+    qq = q.clone().requires_grad_()
+    lse = ops.mixed_lse(qq, q, neg, hard, none, a, None, gammas=(1.0,))
+    assert lse.shape == (1, 4) and torch.all(lse == float("-inf"))
+    dq, = torch.autograd.grad(lse.clamp(min=-1.0).sum(), qq, allow_unused=True, materialize_grads=True)
+    assert torch.equal(dq, torch.zeros_like(q))
+    draws = draw_mixing(4, 5, 6, 3, torch.Generator().manual_seed(0), torch.device("cpu"))
+    want = torch.logsumexp(ops.mixed_dots(q, q, neg, hard, draws) * a[:, None], 1)
+    assert torch.allclose(ops.mixed_lse(q, q, neg, hard, draws, a, None, gammas=(1.0,))[0], want, rtol=1e-12)
+    bad = q.clone()
+    bad[2, 3] = float("nan")
+    got = ops.mixed_lse(bad, q, neg, hard, draws, a, None, gammas=(1.0,))[0]
+    assert torch.isnan(got[2]) and torch.allclose(got[[0, 1, 3]], want[[0, 1, 3]], rtol=1e-12)
+
+
+@pytest.mark.parametrize("backend", MIXED_LSE)
+@pytest.mark.parametrize("estimator", [(0.0, 0.0), (0.1, 0.5)])
+def test_losses_take_mixed_lse_and_equal_the_mixed_dots_path(backend, estimator, monkeypatch):
+    """info_nce and nt_xent with mixing give the same value and gradients with the synthetic logits
+    reduced by mixed_lse and as a (B, s+s') tensor from mixed_dots (CK_MIXING_LSE=0)."""
+    tau_plus, beta = estimator
+    q = F.normalize(torch.randn(6, 16, dtype=torch.float64), dim=1).requires_grad_()
+    k = F.normalize(torch.randn(6, 16, dtype=torch.float64), dim=1).requires_grad_()
+    queue = F.normalize(torch.randn(64, 16, dtype=torch.float64), dim=1)
+    t = torch.tensor(0.1, dtype=torch.float64, requires_grad=True)
+    calls = []
+    module = functional._module(backend)
+    monkeypatch.setattr(module, "mixed_lse", lambda *a, _f=module.mixed_lse, **kw: calls.append(1) or _f(*a, **kw))
+    results = []
+    for use in (True, False):
+        monkeypatch.setattr(losses, "MIXED_LSE", use)
+        mixing = ck.Mixing(12, 8, 4, torch.Generator().manual_seed(9))
+        moco = ck.info_nce(q, k, queue, temperature=t, similarity="cosine", tau_plus=tau_plus, beta=beta,
+                           mixing=mixing, backend=backend)
+        simclr = ck.nt_xent(q, k, temperature=t, tau_plus=tau_plus, beta=beta,
+                            mixing=ck.Mixing(4, 6, 3, torch.Generator().manual_seed(2)), backend=backend)
+        results.append([moco, simclr, *torch.autograd.grad(moco + simclr, [q, k, t])])
+        assert len(calls) == 2  # info_nce and nt_xent with MIXED_LSE on; no call with it off
+    for x, y in zip(*results):
+        assert torch.allclose(x, y, rtol=1e-10, atol=1e-12)

@@ -133,6 +133,21 @@ def test_backward_splits_are_summed(monkeypatch):
     assert torch.allclose(one, two, rtol=1e-13, atol=1e-13)
 
 
+@pytest.mark.parametrize("d", [24, 200])
+def test_mixed_lse_splits_are_combined(monkeypatch, d):
+    """mixed_lse's point splits (online-softmax partials combined on the host) give the one-split
+    result, with the feature dim in one chunk (E in registers) and in four (E in memory)."""
+    q, neg, hard, draws = _inputs(4, 6, 40, 21, d, torch.float64)
+    args = (q, q, neg, hard, draws.pair_index, draws.alpha, draws.query_index, draws.query_weight,
+            torch.rand(4, dtype=torch.float64) + 1.0, torch.randn(4, dtype=torch.float64), [1.5, 0.5])
+    one = M.mixed_lse_forward(*args)
+    n_blocks = -(-40 // M.BLOCK_T) + -(-21 // M.BLOCK_T)
+    for splits in (2, 3, n_blocks):
+        monkeypatch.setattr(M, "_lse_splits", lambda b, n, dev, k=splits: k)
+        for x, y in zip(M.mixed_lse_forward(*args), one):
+            assert torch.allclose(x, y, rtol=1e-13, atol=1e-13), splits
+
+
 # ------------------------------------------------------------------------------------------------
 # custom ops
 # ------------------------------------------------------------------------------------------------
@@ -156,6 +171,12 @@ def test_opcheck_mixing_ops():
     u, nrm = ops.triton_mixed_dots_fwd(*args)
     torch.library.opcheck(torch.ops.contrastive_kernels.triton_mixed_dots_bwd.default,
                           (torch.ones_like(u), nrm) + args[1:] + (torch.float64,), test_utils=utils)
+    scale, bias = torch.rand(5, dtype=torch.float64) + 1.0, torch.randn(5, dtype=torch.float64)
+    torch.library.opcheck(torch.ops.contrastive_kernels.triton_mixed_lse.default,
+                          args + (scale.requires_grad_(), bias.requires_grad_(), [1.5, 0.5]),
+                          test_utils=utils)
+    torch.library.opcheck(torch.ops.contrastive_kernels.triton_mixed_lse.default,
+                          args + (scale.detach(), None, [1.0]), test_utils=utils)
     q, k, a, col, rb, cb, gammas = _lse_case(7, 90, 8, torch.float32, "l2", (1.0, 0.5))
     thr = LT.sample_threshold(q, k, 2, 5)
     torch.library.opcheck(torch.ops.contrastive_kernels.triton_lse_topk_fwd.default,
@@ -171,6 +192,8 @@ def test_fake_kernels_give_the_real_shapes(dtype):
     calls = [(ops.triton_mixed_dots_fwd, args), (ops.triton_mix, (args[1],) + args[2:])]
     u, nrm = ops.triton_mixed_dots_fwd(*args)
     calls.append((ops.triton_mixed_dots_bwd, (u, nrm) + args[1:] + (dtype,)))
+    scale = torch.rand(5, dtype=u.dtype) + 1.0
+    calls.append((ops.triton_mixed_lse, args + (scale, None, [1.5, 0.5])))
     if dtype != torch.float64:
         q, k, a, col, rb, cb, gammas = _lse_case(7, 90, 8, dtype)
         calls.append((ops.triton_lse_topk_fwd, (q, k, a, col, rb, cb, gammas, True,
@@ -203,7 +226,7 @@ def _aot(only, arch="90"):
 def test_aot_compile_of_the_mixing_kernels():
     """The mixing kernels compile for sm_90 (the errors the interpreter cannot see); the full
     report over every spec and config is ``make triton-check``."""
-    _aot("mixed_dots_fwd[D=768],mixed_dots_bwd[D=128],mix[D=768]")
+    _aot("mixed_dots_fwd[D=768],mixed_dots_bwd[D=128],mix[D=768],mixed_lse[")
 
 
 @pytest.mark.slow

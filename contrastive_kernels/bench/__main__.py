@@ -14,7 +14,7 @@ import sys
 
 import torch
 
-from .baselines_mochi import FUSED_TOPK_BACKENDS
+from .baselines_mochi import FUSED_TOPK_BACKENDS, MIXED_LSE_BACKENDS
 from .cases import DTYPES, PRESETS, Case
 from .measure import h2d_bandwidth, matmul_tflops, measure_in_process, measure_isolated, memory_limit
 from .report import environment, markdown, plot, write_csv
@@ -114,7 +114,8 @@ def run(args) -> list:
     # mixing against plain InfoNCE at the same B, K, D, dtype and backend (the issue's "at most
     # 15 %"); the mixing-only candidates against the backend they stand beside
     plain_of = {"eager-mochi": "reference",
-                **{f"{b}-separate-topk": b for b in FUSED_TOPK_BACKENDS}}
+                **{f"{b}-separate-topk": b for b in FUSED_TOPK_BACKENDS},
+                **{f"{b}-mixed-dots": b for b in MIXED_LSE_BACKENDS}}
     plain = {(r["backend"], r["dtype"], r["shape"]): r for r in rows
              if r["op"] == "info_nce_bank" and not r.get("note")}
     for r in rows:

@@ -11,6 +11,9 @@ harness:
 - ``triton-separate-topk``, ``cpu-separate-topk``: that backend with the hard negatives from its
   separate top-k kernel instead of the loss's own pass (``CK_MIXING_FUSED_TOPK=0``): the A/B of
   the fusion.
+- ``triton-mixed-dots``, ``cpu-mixed-dots``: that backend with the synthetic logits as a (B, s+s')
+  tensor from ``mixed_dots`` (whose backward gathers the hard rows again) instead of their
+  log-sum-exp from ``mixed_lse`` (``CK_MIXING_LSE=0``): the A/B of that fusion.
 
 The plain fused InfoNCE at the same shape is the preset's ``info_nce_bank`` case (backend triton),
 so that the overhead of mixing (target: at most 15 %) reads off one table (``vs_plain`` column).
@@ -20,7 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .. import _loss_topk
+from .. import _loss_topk, losses
 from .._common import draw_mixing
 from .cases import DTYPES, Case, _train_step, _unit, build_step, register_baseline
 
@@ -65,26 +68,31 @@ def _eager_mochi(c: Case, device: str):
                                                 mix_gen), [q])
 
 
-# the backends whose info_nce(mixing=) takes the hard negatives from the loss's own pass
+# the backends whose info_nce(mixing=) takes the hard negatives from the loss's own pass, and those
+# that reduce the synthetic logits with mixed_lse
 FUSED_TOPK_BACKENDS = ("triton", "cpu")
+MIXED_LSE_BACKENDS = ("triton", "cpu")
 
 
-def _separate_topk_for(backend: str):
+def _with_flag_off(backend: str, module, flag: str):
+    """``backend``'s mixing step with ``module.flag`` set to False while it runs."""
     def build(c: Case, device: str):
         if c.op != "mixing":
             return None
         step, _ = build_step(c, backend, device)
 
         def run():
-            old = _loss_topk.FUSED_TOPK
-            _loss_topk.FUSED_TOPK = False
+            old = getattr(module, flag)
+            setattr(module, flag, False)
             try:
                 step()
             finally:
-                _loss_topk.FUSED_TOPK = old
+                setattr(module, flag, old)
         return run
     return build
 
 
 for _backend in FUSED_TOPK_BACKENDS:
-    register_baseline(f"{_backend}-separate-topk")(_separate_topk_for(_backend))
+    register_baseline(f"{_backend}-separate-topk")(_with_flag_off(_backend, _loss_topk, "FUSED_TOPK"))
+for _backend in MIXED_LSE_BACKENDS:
+    register_baseline(f"{_backend}-mixed-dots")(_with_flag_off(_backend, losses, "MIXED_LSE"))

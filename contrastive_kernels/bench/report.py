@@ -92,7 +92,7 @@ def markdown(rows: List[Dict], env: Dict[str, str], cpu: bool) -> str:
     mixing = [r for r in rows if r.get("vs_plain")]
     if mixing:
         lines += ["", "Hard-negative mixing against plain InfoNCE of the same backend (eager MoCHi: "
-                  "the eager reference; X-separate-topk: X) at the same B, K, D: " + "; ".join(f"{r['shape']} {r['backend']}: {_fmt(r['vs_plain'], 3)}x"
+                  "the eager reference; X-separate-topk, X-mixed-dots: X) at the same B, K, D: " + "; ".join(f"{r['shape']} {r['backend']}: {_fmt(r['vs_plain'], 3)}x"
                                           for r in mixing) + "."]
     lines += ["", "Effective throughput uses DESIGN.md's FLOP models (bank mode 6BKD, in-batch 8BND, "
               "CLIP 8N^2D, top-k 2MND); speed-up and memory are relative to the eager reference "

@@ -47,5 +47,6 @@ def _family(module: str, names):
 (lse_stats,) = _family("infonce", ["lse_stats"])
 (topk,) = _family("topk", ["topk"])
 mix, mixed_dots = _family("mixing", ["mix", "mixed_dots"])
-# optional op of losses.py: the loss's pass over the queue also yields mixing's hard negatives
-from .mixing import lse_stats_topk  # noqa: E402
+# optional ops of losses.py: the loss's pass over the queue also yields mixing's hard negatives;
+# the synthetic logits reduced to their log-sum-exp in one pass
+from .mixing import lse_stats_topk, mixed_lse  # noqa: E402

@@ -5,6 +5,10 @@ The family ops of ``losses.py`` (spec: ``reference.mix_points``; random draws: `
 ``mix(query, negatives, hard_index, draws)`` -> the synthetic points (B, s+s', D) in the query dtype
 ``mixed_dots(q, mix_query, negatives, hard_index, draws)`` -> u (B, s+s') fp32 (fp64 for fp64),
     without materializing the points, gradient to q only
+``mixed_lse(q, mix_query, negatives, hard_index, draws, row_scale, row_bias, *, gammas)``
+    -> (G, B): log sum_t exp(gamma_g (row_scale_i u_it + row_bias_i)), the synthetic logits
+    reduced in the pass that forms them; gradients to q, row_scale, row_bias with no second
+    gather (what ``losses.add_synthetic_terms`` uses)
 ``lse_stats_topk(q, k, row_scale, col_scale, row_bias, col_bias, *, gammas, n_hard)``
     -> (row_lse (G, B), hard (B, n_hard) int64): the streamed log-sum-exp of ``lse_stats`` over the
     queue AND the row's n_hard hardest queue rows by dot product, from ONE pass over the queue.
@@ -29,8 +33,20 @@ The unit-vector algebra <q, h> = (a <q,n_x> + (1-a) <q,n_y>) / sqrt(a^2|n_x|^2 +
 D-long dot products where v needs three FMAs per element (v, |v|^2, <q,v>); the loads dominate
 (the hard rows come from L2: at B=256, s+s'=768, D=128 bf16, 100 MB of gathered reads per pass).
 So the kernels form v in registers and never write it; passing in the top-k's <q, n_x> values
-would save FMAs only, not loads, and is not done. Same for backward: the rows are gathered again
-(nrm is saved by the forward: (B, s+s') floats).
+would save FMAs only, not loads, and is not done. ``mixed_dots``'s backward gathers the rows again
+(nrm is saved by the forward: (B, s+s') floats); ``mixed_lse`` needs no second gather:
+
+``mixed_lse`` (l_it = a_i u_it + c_i, z_git = gamma_g l_it, one online softmax per gamma):
+    forward:  lse_gi = log sum_t e^{z_git},  p_git = e^{z_git - lse_gi},
+              E_gi = sum_t p_git h_it (D floats),  U_gi = sum_t p_git u_it
+    backward: with w_gi = dL/dlse_gi gamma_g:  dq_i = a_i sum_g w_gi E_gi,
+              da_i = sum_g w_gi U_gi,  dc_i = sum_g w_gi          (``_common.mixed_lse_backward``)
+``_mixed_lse_kernel`` grid (rows, point splits): per block of BLOCK_T points it forms v, u and nrm
+as above, moves the running max m_g, rescales (s, U, E) by e^{m_old - m_new} and adds the block's
+p-weighted terms. E lives in registers when the feature dim is one chunk, else in its
+output slot (one read-modify-write per block and chunk). With one split the kernel writes the
+final (lse, E, U); with several (few rows: about two programs per SM) it writes the raw partials
+(m, s, U, E) per split and ``_combine_splits`` merges them on the host.
 
 Kernels: ``_mix_fwd_kernel`` grid (rows, blocks of BLOCK_T points: pair blocks, then query-mix
 blocks), the feature dim in BLOCK_D chunks (any D); WANT_DOTS writes u and nrm, WANT_POINTS writes
@@ -84,9 +100,10 @@ top-k results (benchmarks/results/gpu-mining-h100), to be replaced by ``make ben
   vs 113; 128x64/8 warps spills 456 B where the plain kernel uses 214 registers), so the
   autotuner will settle on a smaller tile for it: estimated +30-60 % of the loss kernel. Fixed
   costs: the sample threshold (one B x 8192 matmul and a small top-k, ~20-30 us), the merge
-  (torch.topk of n_hard over ~2.5-5 n_hard keys per row, ~30-60 us), mixed_dots forward and
-  backward (two gathers of 2 x 768 rows per query row from L2, ~30-60 us), one host
-  synchronization. K=2^20: ~+50-80 %; K=65536: ~+150 %.
+  (torch.topk of n_hard over ~2.5-5 n_hard keys per row, ~30-60 us), the synthetic logits
+  (``mixed_lse``: one gather of 2 x 768 rows per query row from L2, ~15-30 us; ``mixed_dots``
+  forward and backward gathered twice), one host synchronization. K=2^20: ~+50-80 %;
+  K=65536: ~+150 %.
 The issue's target (mixing at most 15 % over plain InfoNCE) is out of reach with an exact
 top-1024: at K=65536 the fixed costs alone exceed 15 % of a ~0.1 ms loss, and at K=2^20 the
 candidate emission alone is estimated above it. What would approach it: the merge inside the
@@ -105,7 +122,7 @@ import triton
 import triton.language as tl
 
 from .. import _loss_topk
-from .._common import NORM_EPS, MixingDraws, query_side_only
+from .._common import NORM_EPS, MixingDraws, mixed_lse_outputs, query_side_only
 from . import INTERPRETER
 
 # the modules themselves (the package's attribute ``topk`` is the family op of the same name)
@@ -245,6 +262,101 @@ def _mix_bwd_kernel(G, NRM, MQ, NEG, HARD, PAIR, ALPHA, QIDX, QW, DQ_P,
     tl.store(DQ_P + (sp * B + row) * D + dd, acc, mask=dd < D)
 
 
+@triton.jit
+def _mixed_lse_kernel(Q, MQ, NEG, HARD, PAIR, ALPHA, QIDX, QW, A, C, GAM, LSE, M_P, S_P, U_P, E_P,
+                      B, n_hard, S, SQ, D, stride_q, stride_m, stride_n, eps, blocks_per_split,
+                      G: tl.constexpr, GP: tl.constexpr, FINAL: tl.constexpr,
+                      BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, D_CHUNKS: tl.constexpr):
+    """Online softmax of z_gt = gamma_g (A[row] u_t + C[row]) over the split's points t of one
+    row, u_t = <q, v_t> / nrm_t, per gamma g (GP lanes, the first G real): running max m, sum s,
+    U = sum p u and E = sum p h (h = v / nrm), p = e^{z - m}, all rescaled when m moves.
+    FINAL (one split): LSE = m + log s, U_P = U / s, E_P = E / s (rows with no point: -inf, 0, 0);
+    else the raw partials go to M_P, S_P, U_P, E_P[split, g, row] for the host to combine.
+    E_P is accumulated in place (zero on entry), one read-modify-write per block and chunk, unless
+    the feature dim is one chunk: then E stays in registers and v is formed once per block."""
+    row = tl.program_id(0).to(tl.int64)
+    sp = tl.program_id(1)
+    acc_ty: tl.constexpr = M_P.dtype.element_ty
+    offs_g = tl.arange(0, GP)
+    g_ok = offs_g < G
+    gam = tl.load(GAM + offs_g, mask=g_ok, other=0.0).to(acc_ty)
+    a = tl.load(A + row).to(acc_ty)
+    c = tl.load(C + row).to(acc_ty)
+    offs_d = tl.arange(0, BLOCK_D)
+    n_blocks = tl.cdiv(S, BLOCK_T) + tl.cdiv(SQ, BLOCK_T)
+    tb0 = sp * blocks_per_split
+    tb1 = tl.minimum(tb0 + blocks_per_split, n_blocks)
+    m = tl.full([GP], float("-inf"), dtype=acc_ty)
+    s_run = tl.zeros([GP], dtype=acc_ty)
+    u_run = tl.zeros([GP], dtype=acc_ty)
+    e_reg = tl.zeros([GP, BLOCK_D], dtype=acc_ty)
+    out_g = (sp * G + offs_g) * B + row  # (GP,) offsets of the [split, g, row] slots
+    e_ptr = E_P + out_g[:, None] * D
+    if D_CHUNKS == 1:
+        qv = tl.load(Q + row * stride_q + offs_d, mask=offs_d < D, other=0.0).to(acc_ty)
+    for tb in range(tb0, tb1):
+        x_ptr, y_ptr, w, ok, t_out = _point_block(NEG, MQ, HARD, PAIR, ALPHA, QIDX, QW, row, tb,
+                                                  n_hard, S, SQ, stride_n, stride_m, BLOCK_T)
+        wx = w.to(acc_ty)
+        wy = 1.0 - wx
+        if D_CHUNKS == 1:
+            v = _mixed_chunk(x_ptr, y_ptr, wx, wy, ok, offs_d, D, acc_ty)
+            sq = tl.sum(v * v, 1)
+            dot = tl.sum(v * qv[None, :], 1)
+        else:
+            sq = tl.zeros([BLOCK_T], dtype=acc_ty)
+            dot = tl.zeros([BLOCK_T], dtype=acc_ty)
+            for ch in range(D_CHUNKS):
+                dd = ch * BLOCK_D + offs_d
+                vc = _mixed_chunk(x_ptr, y_ptr, wx, wy, ok, dd, D, acc_ty)
+                qc = tl.load(Q + row * stride_q + dd, mask=dd < D, other=0.0).to(acc_ty)
+                sq += tl.sum(vc * vc, 1)
+                dot += tl.sum(vc * qc[None, :], 1)
+        nrm = tl.maximum(_sqrt(sq), eps)
+        u = dot / nrm
+        z = gam[:, None] * (a * u + c)[None, :]
+        z = tl.where(ok[None, :], z, float("-inf"))
+        m_new = tl.maximum(m, tl.max(z, 1))
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # no point yet: keep e^{-inf} = 0
+        r = tl.exp(m - m_ref)
+        p = tl.exp(z - m_ref[:, None])  # (GP, BLOCK_T); NaN logits make the row NaN
+        s_run = s_run * r + tl.sum(p, 1)
+        u_run = u_run * r + tl.sum(p * u[None, :], 1)
+        ph = p / nrm[None, :]  # the weight of v in E (h = v / nrm)
+        if D_CHUNKS == 1:
+            e_reg = e_reg * r[:, None] + tl.sum(ph[:, :, None] * v[None, :, :], 1)
+        else:
+            for ch in range(D_CHUNKS):
+                dd = ch * BLOCK_D + offs_d
+                vc = _mixed_chunk(x_ptr, y_ptr, wx, wy, ok, dd, D, acc_ty)
+                msk = g_ok[:, None] & (dd < D)[None, :]
+                old = tl.load(e_ptr + dd[None, :], mask=msk, other=0.0)
+                tl.store(e_ptr + dd[None, :],
+                         old * r[:, None] + tl.sum(ph[:, :, None] * vc[None, :, :], 1), mask=msk)
+        m = m_new
+    if FINAL:
+        live = s_run > 0
+        inv = tl.where(live, 1.0 / tl.where(live, s_run, 1.0), 0.0)
+        lse = tl.where(live, m + tl.log(tl.where(live, s_run, 1.0)),
+                       tl.where(s_run == s_run, float("-inf"), s_run))
+        tl.store(LSE + out_g, lse, mask=g_ok)
+        tl.store(U_P + out_g, u_run * inv, mask=g_ok)
+    else:
+        inv = tl.full([GP], 1.0, dtype=acc_ty)
+        tl.store(M_P + out_g, m, mask=g_ok)
+        tl.store(S_P + out_g, s_run, mask=g_ok)
+        tl.store(U_P + out_g, u_run, mask=g_ok)
+    if D_CHUNKS == 1:
+        tl.store(e_ptr + offs_d[None, :], e_reg * inv[:, None],
+                 mask=g_ok[:, None] & (offs_d < D)[None, :])
+    elif FINAL:
+        for ch in range(D_CHUNKS):
+            dd = ch * BLOCK_D + offs_d
+            msk = g_ok[:, None] & (dd < D)[None, :]
+            tl.store(e_ptr + dd[None, :], tl.load(e_ptr + dd[None, :], mask=msk) * inv[:, None],
+                     mask=msk)
+
+
 # ------------------------------------------------------------------------------------------------
 # host side
 # ------------------------------------------------------------------------------------------------
@@ -355,6 +467,73 @@ def mixed_dots_backward(grad, nrm, mix_query, negatives, hard_index, pair_index,
     return dq.to(q_dtype)
 
 
+def _lse_splits(b: int, n_blocks: int, device: torch.device) -> int:
+    """Point splits per row of ``_mixed_lse_kernel``: about two programs per SM on a GPU, one
+    under the interpreter (tests force more through this function)."""
+    if INTERPRETER or device.type != "cuda":
+        return 1
+    return max(1, min(n_blocks, triton.cdiv(2 * _n_sm(device), max(b, 1))))
+
+
+def _combine_splits(m, s, u, e):
+    """The final (lse, e_sum, u_sum) from per-split online-softmax partials (split first)."""
+    top = m.amax(0)
+    ref = torch.where(top == float("-inf"), torch.zeros_like(top), top)
+    f = torch.exp(m - ref)
+    total = (s * f).sum(0)
+    live = total > 0
+    safe = torch.where(live, total, torch.ones_like(total))
+    lse = torch.where(live, ref + torch.log(safe),
+                      torch.where(total == total, torch.full_like(total, float("-inf")), total))
+    inv = torch.where(live, 1.0 / safe, torch.zeros_like(total))
+    return lse, (e * f[..., None]).sum(0) * inv[..., None], (u * f).sum(0) * inv
+
+
+def mixed_lse_forward(q, mix_query, negatives, hard_index, pair_index, alpha, query_index,
+                      query_weight, row_scale, row_bias, gammas):
+    """(lse (G, B), e_sum (G, B, D), u_sum (G, B)): lse_gi = log sum_t e^{gamma_g l_it} over the
+    synthetic logits l_it = row_scale_i <q_i, h_it> + row_bias_i, and the softmax-weighted sums
+    e_gi = sum_t p_git h_it, u_sum_gi = sum_t p_git <q_i, h_it> that make its backward O(B D)
+    (``_common.mixed_lse_backward``). One pass over the points; nothing of size B x (s+s')."""
+    lse, e_sum, u_sum = mixed_lse_outputs(q, mix_query, gammas)
+    b, d = mix_query.shape
+    g = len(gammas)
+    s, sq = int(pair_index.shape[1]), int(query_weight.shape[1])
+    n_blocks = triton.cdiv(s, BLOCK_T) + triton.cdiv(sq, BLOCK_T)
+    if b == 0 or n_blocks == 0:
+        return lse.fill_(float("-inf")), e_sum.zero_(), u_sum.zero_()
+    acc = lse.dtype
+    q = _rows(q)
+    negatives = _rows(negatives)
+    mix_query = _rows(mix_query).to(negatives.dtype)
+    hard, pair, al, qidx, qw = _draw_args(hard_index, pair_index, alpha, query_index, query_weight)
+    scale = row_scale.to(acc).contiguous()
+    bias = (row_bias.to(acc).contiguous() if row_bias is not None
+            else torch.zeros_like(scale))
+    gam = torch.tensor([float(x) for x in gammas], dtype=acc, device=q.device)
+    block_d, d_chunks = _d_block(d, acc)
+    splits = _lse_splits(b, n_blocks, q.device)
+    per = triton.cdiv(n_blocks, splits)
+    splits = triton.cdiv(n_blocks, per)
+    final = splits == 1
+    if final:
+        m_p = s_p = lse  # unused
+        u_p, e_p = u_sum, (e_sum if d_chunks == 1 else e_sum.zero_())
+    else:
+        m_p = q.new_empty((splits, g, b), dtype=acc)
+        s_p = torch.empty_like(m_p)
+        u_p = torch.empty_like(m_p)
+        e_p = q.new_zeros((splits, g, b, d), dtype=acc)
+    wrap_triton(_mixed_lse_kernel)[(b, splits)](
+        q, mix_query, negatives, hard, pair, al, qidx, qw, scale, bias, gam, lse, m_p, s_p, u_p,
+        e_p, b, hard.shape[1], s, sq, d, q.stride(0), mix_query.stride(0), negatives.stride(0),
+        NORM_EPS, per, G=g, GP=max(2, triton.next_power_of_2(g)), FINAL=final, BLOCK_T=BLOCK_T,
+        BLOCK_D=block_d, D_CHUNKS=d_chunks, num_warps=4)
+    if final:
+        return lse, e_sum, u_sum
+    return _combine_splits(m_p, s_p, u_p, e_p)
+
+
 # ------------------------------------------------------------------------------------------------
 # the family ops
 # ------------------------------------------------------------------------------------------------
@@ -381,6 +560,19 @@ def mixed_dots(q, mix_query, negatives, hard_index, draws: MixingDraws):
 
     return ops.triton_mixed_dots_fwd(q, mix_query.detach(), negatives.detach(), hard_index,
                                      *_draws_tuple(draws))[0]
+
+
+def mixed_lse(q, mix_query, negatives, hard_index, draws: MixingDraws, row_scale, row_bias=None,
+              *, gammas=(1.0,)):
+    """The log-sum-exp (G, B) over t of gamma_g (row_scale_i u_it + row_bias_i), u = mixed_dots(...),
+    from one pass over the points that also keeps the softmax-weighted sums its gradient needs, so
+    that backward gathers nothing. Gradients to q, row_scale and row_bias. Through the custom op
+    ``contrastive_kernels::triton_mixed_lse``."""
+    from .. import ops
+
+    return ops.triton_mixed_lse(q, mix_query.detach(), negatives.detach(), hard_index,
+                                *_draws_tuple(draws), row_scale, row_bias,
+                                [float(g) for g in gammas])[0]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -446,6 +638,10 @@ def _aot_specs():
     bwd_sig = {"G": "*{acc}", "NRM": "*{acc}", "MQ": "*{dt}", "NEG": "*{dt}", **idx,
                "DQ_P": "*{acc}", "B": "i32", "n_hard": "i32", "S": "i32", "SQ": "i32", "D": "i32",
                "stride_m": "i32", "stride_n": "i32", "blocks_per_split": "i32"}
+    lse_sig = {"Q": "*{dt}", "MQ": "*{dt}", "NEG": "*{dt}", **idx,
+               **{p: "*{acc}" for p in ("A", "C", "GAM", "LSE", "M_P", "S_P", "U_P", "E_P")},
+               "B": "i32", "n_hard": "i32", "S": "i32", "SQ": "i32", "D": "i32", "stride_q": "i32",
+               "stride_m": "i32", "stride_n": "i32", "eps": "fp32", "blocks_per_split": "i32"}
     divisible = ("D", "stride_q", "stride_m", "stride_n")
     specs = []
     for d in (128, 768):
@@ -465,6 +661,16 @@ def _aot_specs():
             signature={**bwd_sig, "BLOCK_T": "constexpr", "BLOCK_D": "constexpr"},
             constexprs=dict(BLOCK_T=32, BLOCK_D=lambda dt, c=chunks: c(dt)[0]),
             divisible=divisible, num_warps=4, num_stages=3))
+        for g, final in ((1, True), (2, False)):
+            specs.append(dict(
+                name=f"mixed_lse[D={d},{g} gammas,{'final' if final else 'splits'}]",
+                kernel=_mixed_lse_kernel, dtypes=dtypes,
+                signature={**lse_sig, **{c: "constexpr" for c in
+                                         ("G", "GP", "FINAL", "BLOCK_T", "BLOCK_D", "D_CHUNKS")}},
+                constexprs=dict(G=g, GP=2, FINAL=final, BLOCK_T=32,
+                                BLOCK_D=lambda dt, c=chunks: c(dt)[0],
+                                D_CHUNKS=lambda dt, c=chunks: c(dt)[1]),
+                divisible=divisible, num_warps=4, num_stages=3))
     return specs
 
 
