@@ -47,6 +47,7 @@ def stats(monkeypatch):
     s = {"fused_calls": 0, "separate_calls": 0, "fallback_rows": 0}
     monkeypatch.setattr(LT, "STATS", s)
     monkeypatch.setattr(LT, "_checked_keys", {})
+    monkeypatch.setattr(LT, "MIN_SAMPLE_STRIDE", 1)  # the small queues here cover the f = 1 plan too
     return s
 
 
@@ -167,7 +168,7 @@ def test_when_the_fused_path_is_not_taken(be, stats, monkeypatch):
 @pytest.mark.skipif("triton" not in NAMES, reason="the Triton backend is unavailable")
 def test_triton_reasons():
     be = _backend("triton")
-    q, k = _case(5, 60, 8, torch.bfloat16)[:2]
+    q, k = _case(5, 200, 8, torch.bfloat16)[:2]
     assert "interpreter" in be.reason(q, k, 5, 1)
 
 
@@ -217,6 +218,23 @@ def test_info_nce_takes_the_fused_path(be, stats):
     assert stats["fused_calls"] == 1
     assert torch.allclose(losses[0][0], losses[1][0], rtol=1e-5)
     assert torch.allclose(losses[0][1], losses[1][1], rtol=1e-4, atol=1e-6)
+
+
+def test_short_queues_take_the_separate_topk(be, monkeypatch):
+    """By default a queue shorter than 2 x SAMPLE_ROWS_PER_HARD x n_hard (threshold sample = the
+    whole queue) takes the separate top-k, with the same result."""
+    s = {"fused_calls": 0, "separate_calls": 0, "fallback_rows": 0}
+    monkeypatch.setattr(LT, "STATS", s)
+    monkeypatch.setattr(LT, "_checked_keys", {})
+    q, k, a, col, rb, cb, gammas = _case(9, 300, 16, torch.float32, seed=7)
+    assert LT.candidate_plan(300, 20)[0] == 1 and LT.candidate_plan(320, 20)[0] == 2
+    assert "queue shorter" in be.reason(q, k, 20, 1)
+    row, hard = be.run(q, k, a, col, rb, cb, gammas=gammas, n_hard=20)
+    want_row, want_hard = _separate(be, q, k, a, col, rb, cb, gammas, 20)
+    assert torch.equal(hard, want_hard) and torch.allclose(row, want_row, rtol=1e-6, atol=1e-6)
+    assert s == {"fused_calls": 0, "separate_calls": 1, "fallback_rows": 0}
+    q2, k2 = _case(9, 320, 16, torch.float32, seed=7)[:2]
+    assert be.reason(q2, k2, 20, 1) is None
 
 
 def test_candidate_plan():

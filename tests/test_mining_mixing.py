@@ -234,10 +234,12 @@ def test_mixing_against_a_per_row_statement_of_mochi(backend, similarity, counts
 @pytest.mark.parametrize("estimator", [(0.0, 0.0), (0.1, 0.5)])
 @pytest.mark.parametrize("shape", [(6, 64, 16, 12, 8, 4), (7, 300, 20, 9, 0, 5), (3, 150, 24, 40, 13, 0)],
                          ids=str)
-def test_fused_mixing_equals_explicit_path_fp32(backend, similarity, estimator, shape):
+def test_fused_mixing_equals_explicit_path_fp32(backend, similarity, estimator, shape, monkeypatch):
     """The same contract in fp32, where the Triton and C++ CPU backends take the hard negatives from
     the loss kernel's own pass (_loss_topk.py, lse_stats_topk): the hard set and its order must be the
-    separate top-k's, so both paths give the same loss and gradients (up to fp32 rounding)."""
+    separate top-k's, so both paths give the same loss and gradients (up to fp32 rounding). Short
+    queues too (whose threshold sample is the whole queue; by default they take the separate top-k)."""
+    monkeypatch.setattr(LT, "MIN_SAMPLE_STRIDE", 1)
     b, n, d, n_hard, s, sq = shape
     tau_plus, beta = estimator
     g = torch.Generator().manual_seed(n)
