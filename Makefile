@@ -104,9 +104,9 @@ example-ddp:
 # Hard-negative mixing (issue 5), on the GPU machine: the mixing preset (MoCHi at B=256, D=128,
 # n_hard=1024, s=512, s'=256, K=65536 and 2^20, bf16) next to plain fused InfoNCE at the same
 # shapes (the vs_plain ratio), the hard negatives from the loss pass against the separate top-k
-# (triton-separate-topk), mixed_lse against mixed_dots (triton-mixed-dots), eager MoCHi and the
-# eager/compiled reference; then the GPU mixing tests.
+# (triton-separate-topk), mixed_lse against mixed_dots (triton-mixed-dots), the cuda backend,
+# eager MoCHi and the eager/compiled reference; then the GPU mixing tests.
 .PHONY: bench-mixing-gpu
 bench-mixing-gpu:
-	$(PY) -m contrastive_kernels.bench --preset mixing --backends triton,triton-separate-topk,triton-mixed-dots,eager-mochi,reference,compile --repeats 10 --out benchmarks/results/gpu-mixing
+	$(PY) -m contrastive_kernels.bench --preset mixing --backends triton,triton-separate-topk,triton-mixed-dots,cuda,eager-mochi,reference,compile --repeats 10 --out benchmarks/results/gpu-mixing
 	$(PY) -m pytest -m gpu -q -rs tests/test_gpu_mixing.py

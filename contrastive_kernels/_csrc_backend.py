@@ -159,7 +159,7 @@ def mixed_lse(q, mix_query, negatives, hard_index, draws: MixingDraws, row_scale
               gammas: Sequence[float] = (1.0,)):
     """The log-sum-exp (G, B) over t of gamma_g (row_scale_i u_it + row_bias_i), u = mixed_dots(...),
     in one pass over the points that also keeps the softmax-weighted sums its gradient needs, so
-    that backward gathers nothing (op mixed_lse; CPU kernels only). Gradients to q, row_scale and
+    that backward gathers nothing (op mixed_lse; CPU and CUDA kernels). Gradients to q, row_scale and
     row_bias."""
     return _ops().mixed_lse(q, mix_query.detach(), negatives.detach(), hard_index, draws.pair_index, draws.alpha,
                             draws.query_index, draws.query_weight, row_scale, row_bias,

@@ -9,7 +9,7 @@ from typing import Optional
 import torch
 
 from . import _ext
-from ._csrc_backend import lse_stats, mix, mixed_dots, topk  # noqa: F401
+from ._csrc_backend import lse_stats, mix, mixed_dots, mixed_lse, topk  # noqa: F401
 
 NAME = "cuda"
 

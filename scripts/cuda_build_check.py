@@ -13,9 +13,9 @@ import sys
 
 import torch
 
-# ops with no CUDA kernel: lse_topk_fwd (the CPU loss pass's hard negatives) and mixed_lse (the
-# CPU synthetic logits' loss terms); backend="cuda" takes the separate top-k and mixed_dots
-CPU_ONLY_OPS = {"lse_topk_fwd", "mixed_lse"}
+# ops with no CUDA kernel: lse_topk_fwd (the CPU loss pass's hard negatives); backend="cuda" takes
+# the separate top-k
+CPU_ONLY_OPS = {"lse_topk_fwd"}
 
 
 def check(cond, what):

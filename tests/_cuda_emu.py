@@ -64,12 +64,12 @@ def ops():
 
 def activate(monkeypatch):
     """Route backend="cpu" (CPU tensors) through the emulated CUDA ops for one test, with the
-    family ops the cuda backend has (not the CPU-only lse_stats_topk and mixed_lse)."""
+    family ops the cuda backend has (not the CPU-only lse_stats_topk)."""
     from contrastive_kernels import _csrc_backend, cpu_backend, cuda_backend
 
     ops()
     monkeypatch.setattr(_csrc_backend, "OPS_NAMESPACE", NAMESPACE)
     monkeypatch.setattr(_csrc_backend, "_on_cuda_kernels", lambda t: t.device.type == "cpu")
-    for name in ("lse_stats_topk", "mixed_lse"):
+    for name in ("lse_stats_topk",):
         if not hasattr(cuda_backend, name):
             monkeypatch.delattr(cpu_backend, name)

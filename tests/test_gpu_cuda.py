@@ -340,6 +340,41 @@ def test_mix_and_mixed_dots(target, dtype):
     assert torch.allclose(u.detach().cpu(), want_u, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("s,sq,gammas,bias", [(12, 5, [1.0], True), (0, 7, [1.5, 0.5], False), (9, 0, [1.0, 0.0], True)])
+def test_mixed_lse(target, dtype, s, sq, gammas, bias):
+    """mixed_lse = logsumexp_t(gamma (a u + c)) over the backend's own mixed_dots, value and the
+    gradients of q, row_scale and row_bias (D = 200: threads stride the features unevenly)."""
+    DEV = target.dev
+    g = torch.Generator().manual_seed(s)
+    q, neg = torch.randn(30, 200, generator=g).to(dtype), torch.randn(300, 200, generator=g).to(dtype)
+    hard = torch.randint(0, 300, (30, 16), generator=g).to(DEV)
+    draws = draw_mixing(30, 16, s, sq, torch.Generator().manual_seed(1), torch.device("cpu"))
+    dd = type(draws)(*(t.to(DEV) for t in (draws.pair_index, draws.alpha, draws.query_index, draws.query_weight)))
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    a0 = (torch.rand(30, generator=g, dtype=acc) + 1.0).to(DEV)
+    c0 = torch.randn(30, generator=g, dtype=acc).to(DEV) if bias else None
+    w = torch.rand(len(gammas), 30, generator=g, dtype=acc).to(DEV)
+    q, neg = q.to(DEV), neg.to(DEV)
+    outs = []
+    for fused in (True, False):
+        qq, a = q.clone().requires_grad_(), a0.clone().requires_grad_()
+        c = c0.clone().requires_grad_() if bias else None
+        if fused:
+            lse = target.ops.mixed_lse(qq, q, neg, hard, dd, a, c, gammas=gammas)
+        else:
+            logits = target.ops.mixed_dots(qq, q, neg, hard, dd) * a[:, None]
+            logits = logits + c[:, None] if bias else logits
+            lse = torch.stack([torch.logsumexp(gm * logits, 1) for gm in gammas])
+        leaves = [qq, a] + ([c] if bias else [])
+        outs.append([lse.detach()] + list(torch.autograd.grad((lse * w).sum(), leaves)))
+    # fp32 sums in another order; dq in bf16 may then round to a neighbour
+    tols = {torch.float64: (1e-12, 1e-12), torch.float32: (1e-5, 1e-5), torch.bfloat16: (2.0 ** -7, 1e-4)}
+    for x, y in zip(*outs):
+        rtol, atol = tols[x.dtype]
+        assert x.dtype == y.dtype and torch.allclose(x, y, rtol=rtol, atol=atol)
+
+
 def test_mix_equals_reference_bitwise_fp32(target):
     DEV = target.dev
     q, neg = torch.randn(8, 32, device=DEV), torch.randn(40, 32, device=DEV)
@@ -377,6 +412,9 @@ def test_opcheck_cuda_ops(target):
     args = (hard, draws.pair_index, draws.alpha, draws.query_index, draws.query_weight)
     torch.library.opcheck(ops.mix, (q.detach(), k, *args))
     torch.library.opcheck(ops.mixed_dots, (q, q.detach(), k, *args))
+    torch.library.opcheck(ops.mixed_lse, (q, q.detach(), k, *args, a.clone().requires_grad_(),
+                                          torch.randn(20, device=DEV, requires_grad=True), [1.5, 0.5]))
+    torch.library.opcheck(ops.mixed_lse, (q, q.detach(), k, *args, a, None, [1.0]))
 
 
 def test_torch_compile_fullgraph(target):

@@ -31,6 +31,8 @@ __device__ __forceinline__ double neg_inf<double>() { return neg_inf_d(); }
 
 __device__ __forceinline__ float ck_exp(float x) { return expf(x); }  // full-precision expf (no fast-math)
 __device__ __forceinline__ double ck_exp(double x) { return exp(x); }
+__device__ __forceinline__ float ck_log(float x) { return logf(x); }
+__device__ __forceinline__ double ck_log(double x) { return log(x); }
 
 template <typename T>
 __device__ __forceinline__ T zero_of() { return T(0); }

@@ -16,7 +16,7 @@
 namespace ck {
 namespace cuda {
 
-enum MixKernel : int { kMixVectors = 0, kMixedDots = 1, kMixedDotsBwd = 2 };
+enum MixKernel : int { kMixVectors = 0, kMixedDots = 1, kMixedDotsBwd = 2, kMixedLse = 3 };
 
 template <typename TI>
 size_t lse_smem_bytes(int bm, int dp, int nslots);

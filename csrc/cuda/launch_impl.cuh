@@ -95,7 +95,9 @@ cudaError_t launch_mix(const MixParams& p, int which, cudaStream_t stream) {
     auto kernel = mix_vectors_kernel<TI, TA>;
     CK_LAUNCH(kernel, grid, kThreads, 0, stream)(p);
   } else {
-    auto kernel = which == kMixedDots ? mixed_dots_kernel<TI, TA> : mixed_dots_bwd_kernel<TI, TA>;
+    auto kernel = which == kMixedDots ? mixed_dots_kernel<TI, TA>
+                  : which == kMixedLse ? mixed_lse_kernel<TI, TA>
+                                       : mixed_dots_bwd_kernel<TI, TA>;
     cudaError_t err = allow_smem(kernel, smem);
     if (err != cudaSuccess) return err;
     CK_LAUNCH(kernel, grid, kThreads, smem, stream)(p);

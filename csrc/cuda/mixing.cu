@@ -1,5 +1,8 @@
-// CUDA implementation of mix / mixed_dots / mixed_dots_bwd (kernels: mixing_kernels.cuh).
+// CUDA implementation of mix / mixed_dots / mixed_dots_bwd / mixed_lse (kernels: mixing_kernels.cuh).
 #include <torch/library.h>
+
+#include <limits>
+#include <tuple>
 
 #include "../common.h"
 #include "glue.h"
@@ -109,11 +112,56 @@ Tensor mixed_dots_bwd_cuda(const Tensor& grad, const Tensor& mix_query, const Te
   return dq;
 }
 
+// The synthetic logits reduced to the loss's log-sum-exp per gamma, with the softmax-weighted sums
+// its O(B D) backward needs (ops_schema.h; kernel: mixed_lse_kernel).
+std::tuple<Tensor, Tensor, Tensor> mixed_lse_cuda(const Tensor& q, const Tensor& mix_query, const Tensor& negatives,
+                                                  const Tensor& hard_index, const Tensor& pair_index,
+                                                  const Tensor& alpha, const Tensor& query_index,
+                                                  const Tensor& query_weight, const Tensor& row_scale,
+                                                  const c10::optional<Tensor>& row_bias, at::ArrayRef<double> gammas) {
+  check_mix_args("mixed_lse", mix_query, negatives, hard_index, pair_index, alpha, query_index, query_weight);
+  check_features(q, "mixed_lse", "q");
+  const int64_t B = mix_query.size(0), D = mix_query.size(1);
+  TORCH_CHECK(q.sizes() == mix_query.sizes(), "mixed_lse: q and mix_query must have one shape, got ", q.sizes(),
+              " and ", mix_query.sizes());
+  const int64_t G = static_cast<int64_t>(gammas.size());
+  TORCH_CHECK(G >= 1 && G <= kMaxGammas, "mixed_lse: 1 to ", kMaxGammas, " gammas, got ", G);
+  check_vector(row_scale, B, "mixed_lse", "row_scale");
+  if (row_bias.has_value()) check_vector(*row_bias, B, "mixed_lse", "row_bias");
+  TORCH_CHECK(on_kernel_device(q) && on_kernel_device(mix_query) && on_kernel_device(row_scale) &&
+                  (!row_bias.has_value() || on_kernel_device(*row_bias)) && q.device() == mix_query.device(),
+              "mixed_lse (CUDA): tensors must be on one CUDA device");
+  const c10::cuda::CUDAGuard guard(q.device());
+  Prepared r = prepare(mix_query, negatives, hard_index, pair_index, alpha, query_index, query_weight);
+  const at::ScalarType acc = acc_type(mix_query.scalar_type());
+  Tensor qa = q.to(acc).contiguous();
+  Tensor a = row_scale.to(acc).contiguous();
+  Tensor c = row_bias.has_value() ? row_bias->to(acc).contiguous() : Tensor();
+  Tensor lse = at::full({G, B}, -std::numeric_limits<double>::infinity(), qa.options());
+  Tensor e_sum = at::zeros({G, B, D}, qa.options());
+  Tensor u_sum = at::zeros({G, B}, qa.options());
+  if (B == 0 || r.p.S + r.p.SQ == 0) return {lse, e_sum, u_sum};
+  r.p.q = qa.data_ptr();
+  r.p.row_scale = a.data_ptr();
+  r.p.row_bias = c.defined() ? c.data_ptr() : nullptr;
+  r.p.out = lse.data_ptr();
+  r.p.e_sum = e_sum.data_ptr();
+  r.p.u_sum = u_sum.data_ptr();
+  r.p.G = static_cast<int>(G);
+  for (int64_t g = 0; g < G; ++g) r.p.gamma[g] = gammas[g];
+  dispatch_input(mix_query.scalar_type(), "mixed_lse", [&](auto tag) {
+    const cudaError_t err = launch_mix<decltype(tag)>(r.p, kMixedLse, at::cuda::getCurrentCUDAStream());
+    TORCH_CHECK(err == cudaSuccess, "mixed_lse (CUDA) launch failed: ", cudaGetErrorString(err));
+  });
+  return {lse, e_sum, u_sum};
+}
+
 }  // namespace
 }  // namespace cuda
 }  // namespace ck
 
 CK_CUDA_LIBRARY_IMPL(m) {
+  m.impl("mixed_lse", &ck::cuda::mixed_lse_cuda);
   m.impl("mix", &ck::cuda::mix_cuda);
   m.impl("mixed_dots", &ck::cuda::mixed_dots_cuda);
   m.impl("mixed_dots_bwd", &ck::cuda::mixed_dots_bwd_cuda);

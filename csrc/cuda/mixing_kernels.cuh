@@ -7,6 +7,11 @@
 // mix_vectors_kernel writes v (the host normalizes it with ATen, F.normalize's own reduction, so
 // the points equal the reference's bit for bit); mixed_dots_kernel computes u_it = <q_i, h_it>
 // and mixed_dots_bwd_kernel dq_i = sum_t g_it h_it without storing any point.
+// mixed_lse_kernel reduces the synthetic logits l_it = a_i u_it + c_i to lse_gi = log sum_t
+// e^{gamma_g l_it} per gamma with an online softmax (m' = max(m, z), s' = s e^{m - m'} + e^{z - m'})
+// that also keeps E_gi = sum_t p_git h_it and U_gi = sum_t p_git u_it (p = the softmax weights),
+// so that the backward (dq_i = a_i sum_g w_gi E_gi, w = dL/dlse gamma; _common.mixed_lse_backward)
+// gathers nothing: the CPU kernel's formula, point by point in the same order.
 // Indices are clamped into range (the Python layer validates them; a bad direct call must not
 // fault the device).
 #pragma once
@@ -25,9 +30,17 @@ struct MixParams {
   const float* alpha = nullptr;     // B x S
   const int64_t* qidx = nullptr;    // B x SQ
   const float* qw = nullptr;        // B x SQ
-  void* out = nullptr;              // mix: B x (S+SQ) x D (acc); dots: B x (S+SQ) (acc); bwd: B x D (acc)
-  const void* q = nullptr;          // dots: B x D (acc)
+  void* out = nullptr;              // mix: B x (S+SQ) x D (acc); dots: B x (S+SQ) (acc); bwd: B x D (acc);
+                                    // lse: G x B (acc)
+  const void* q = nullptr;          // dots, lse: B x D (acc)
   const void* grad = nullptr;       // bwd: B x (S+SQ) (acc)
+  // mixed_lse only
+  const void* row_scale = nullptr;  // B (acc)
+  const void* row_bias = nullptr;   // B (acc) or null
+  void* e_sum = nullptr;            // G x B x D (acc), zero on entry
+  void* u_sum = nullptr;            // G x B (acc)
+  int G = 0;
+  double gamma[kMaxGammas] = {};
 };
 
 __device__ __forceinline__ int64_t clamp_index(int64_t i, int64_t n) { return i < 0 ? 0 : (i >= n ? n - 1 : i); }
@@ -138,6 +151,62 @@ __global__ void __launch_bounds__(kThreads) mixed_dots_bwd_kernel(MixParams p) {
     const TA w = g[t];
     for (int64_t d = threadIdx.x; d < p.D; d += kThreads) dq[d] += w * h[d];
     __syncthreads();
+  }
+}
+
+// One block per row; E accumulates in e_sum (each thread owns its features, no synchronization);
+// the running (m, s, U) per gamma are block-uniform (block_sum gives every thread the same total).
+template <typename TI, typename TA>
+__global__ void __launch_bounds__(kThreads) mixed_lse_kernel(MixParams p) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  TA* h = reinterpret_cast<TA*>(smem);
+  TA* red = h + p.D;
+  const int64_t i = blockIdx.x;
+  const int64_t T = p.S + p.SQ;
+  const TA* q = static_cast<const TA*>(p.q) + i * p.D;
+  const TA a = static_cast<const TA*>(p.row_scale)[i];
+  const TA c = p.row_bias ? static_cast<const TA*>(p.row_bias)[i] : TA(0);
+  TA* lse = static_cast<TA*>(p.out);
+  TA* e_sum = static_cast<TA*>(p.e_sum);
+  TA* u_sum = static_cast<TA*>(p.u_sum);
+  TA m[kMaxGammas], s[kMaxGammas], us[kMaxGammas];
+  for (int g = 0; g < p.G; ++g) {
+    m[g] = neg_inf<TA>();
+    s[g] = TA(0);
+    us[g] = TA(0);
+  }
+  for (int64_t t = 0; t < T; ++t) {
+    mixed_point_smem<TI, TA>(p, i, t, h, red);
+    TA dot = 0;
+    for (int64_t d = threadIdx.x; d < p.D; d += kThreads) dot += q[d] * h[d];
+    const TA u = block_sum<TA>(dot, red + kWarps);
+    const TA l = a * u + c;
+    for (int g = 0; g < p.G; ++g) {
+      const TA z = static_cast<TA>(p.gamma[g]) * l;
+      TA* e = e_sum + (g * p.B + i) * p.D;
+      if (z > m[g]) {  // the maximum moves: rescale (e^{-inf} = 0 on the first point)
+        const TA r = ck_exp(m[g] - z);
+        s[g] *= r;
+        us[g] *= r;
+        for (int64_t d = threadIdx.x; d < p.D; d += kThreads) e[d] *= r;
+        m[g] = z;
+      }
+      const TA w = ck_exp(z - m[g]);  // NaN logits make the row NaN
+      s[g] += w;
+      us[g] += w * u;
+      for (int64_t d = threadIdx.x; d < p.D; d += kThreads) e[d] += w * h[d];
+    }
+    __syncthreads();  // h is rewritten by the next point
+  }
+  for (int g = 0; g < p.G; ++g) {
+    TA* e = e_sum + (g * p.B + i) * p.D;
+    const bool live = s[g] > TA(0);
+    if (threadIdx.x == 0) {
+      lse[g * p.B + i] = live ? m[g] + ck_log(s[g]) : (s[g] == s[g] ? neg_inf<TA>() : s[g]);
+      u_sum[g * p.B + i] = live ? us[g] / s[g] : us[g];
+    }
+    if (live)
+      for (int64_t d = threadIdx.x; d < p.D; d += kThreads) e[d] /= s[g];
   }
 }
 
