@@ -117,20 +117,25 @@ __device__ __forceinline__ void mixed_point_smem(const MixParams& p, int64_t i, 
   for (int64_t d = threadIdx.x; d < p.D; d += kThreads) h[d] = to_compute<TA>(from_acc_round<TI>(h[d] * inv));
 }
 
+// u_it = <q_i, h_it> (every thread gets it), with h_it left in shared memory; red: 2 kWarps slots
+template <typename TI, typename TA>
+__device__ __forceinline__ TA mixed_point_dot(const MixParams& p, int64_t i, int64_t t, const TA* q, TA* h, TA* red) {
+  mixed_point_smem<TI, TA>(p, i, t, h, red);
+  TA dot = 0;
+  for (int64_t d = threadIdx.x; d < p.D; d += kThreads) dot += q[d] * h[d];
+  return block_sum<TA>(dot, red + kWarps);
+}
+
 template <typename TI, typename TA>
 __global__ void __launch_bounds__(kThreads) mixed_dots_kernel(MixParams p) {
   extern __shared__ __align__(16) unsigned char smem[];
   TA* h = reinterpret_cast<TA*>(smem);
-  TA* red = h + p.D;
   const int64_t i = blockIdx.x;
   const int64_t T = p.S + p.SQ;
   const TA* q = static_cast<const TA*>(p.q) + i * p.D;
   TA* out = static_cast<TA*>(p.out);
   for (int64_t t = 0; t < T; ++t) {
-    mixed_point_smem<TI, TA>(p, i, t, h, red);
-    TA dot = 0;
-    for (int64_t d = threadIdx.x; d < p.D; d += kThreads) dot += q[d] * h[d];
-    dot = block_sum<TA>(dot, red + kWarps);
+    const TA dot = mixed_point_dot<TI, TA>(p, i, t, q, h, h + p.D);
     if (threadIdx.x == 0) out[i * T + t] = dot;
     __syncthreads();
   }
@@ -160,7 +165,6 @@ template <typename TI, typename TA>
 __global__ void __launch_bounds__(kThreads) mixed_lse_kernel(MixParams p) {
   extern __shared__ __align__(16) unsigned char smem[];
   TA* h = reinterpret_cast<TA*>(smem);
-  TA* red = h + p.D;
   const int64_t i = blockIdx.x;
   const int64_t T = p.S + p.SQ;
   const TA* q = static_cast<const TA*>(p.q) + i * p.D;
@@ -176,10 +180,7 @@ __global__ void __launch_bounds__(kThreads) mixed_lse_kernel(MixParams p) {
     us[g] = TA(0);
   }
   for (int64_t t = 0; t < T; ++t) {
-    mixed_point_smem<TI, TA>(p, i, t, h, red);
-    TA dot = 0;
-    for (int64_t d = threadIdx.x; d < p.D; d += kThreads) dot += q[d] * h[d];
-    const TA u = block_sum<TA>(dot, red + kWarps);
+    const TA u = mixed_point_dot<TI, TA>(p, i, t, q, h, h + p.D);
     const TA l = a * u + c;
     for (int g = 0; g < p.G; ++g) {
       const TA z = static_cast<TA>(p.gamma[g]) * l;
