@@ -141,6 +141,9 @@ NAME = "triton"
 # (fp64: 64). Small under the interpreter so that the tests' small shapes span several blocks.
 BLOCK_T = 8 if INTERPRETER else 32
 BLOCK_D_MAX = 128
+# mixed_lse's (gammas x points x features) product for E: with 8 warps it needs ~120 registers a
+# thread on sm_90 (bf16/fp32, D=128; 4 warps: ~200), so twice the warps per SM hide the gathers
+LSE_WARPS = 8
 
 
 # ------------------------------------------------------------------------------------------------
@@ -528,7 +531,7 @@ def mixed_lse_forward(q, mix_query, negatives, hard_index, pair_index, alpha, qu
         q, mix_query, negatives, hard, pair, al, qidx, qw, scale, bias, gam, lse, m_p, s_p, u_p,
         e_p, b, hard.shape[1], s, sq, d, q.stride(0), mix_query.stride(0), negatives.stride(0),
         NORM_EPS, per, G=g, GP=max(2, triton.next_power_of_2(g)), FINAL=final, BLOCK_T=BLOCK_T,
-        BLOCK_D=block_d, D_CHUNKS=d_chunks, num_warps=4)
+        BLOCK_D=block_d, D_CHUNKS=d_chunks, num_warps=LSE_WARPS)
     if final:
         return lse, e_sum, u_sum
     return _combine_splits(m_p, s_p, u_p, e_p)
@@ -670,7 +673,7 @@ def _aot_specs():
                 constexprs=dict(G=g, GP=2, FINAL=final, BLOCK_T=32,
                                 BLOCK_D=lambda dt, c=chunks: c(dt)[0],
                                 D_CHUNKS=lambda dt, c=chunks: c(dt)[1]),
-                divisible=divisible, num_warps=4, num_stages=3))
+                divisible=divisible, num_warps=LSE_WARPS, num_stages=3))
     return specs
 
 
