@@ -148,6 +148,12 @@ def test_mixed_lse_splits_are_combined(monkeypatch, d):
             assert torch.allclose(x, y, rtol=1e-13, atol=1e-13), splits
 
 
+def test_mixed_lse_takes_one_or_two_gammas():
+    q, neg, hard, draws = _inputs(3, 4, 5, 2, 16, torch.float32)
+    with pytest.raises(ValueError, match="1 or 2 gammas"):
+        M.mixed_lse(q, q, neg, hard, draws, torch.ones(3), gammas=(1.0, 0.5, 0.25))
+
+
 # ------------------------------------------------------------------------------------------------
 # custom ops
 # ------------------------------------------------------------------------------------------------

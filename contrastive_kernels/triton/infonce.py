@@ -919,6 +919,16 @@ def backward_outputs(q, k, row_scale, col_scale, row_bias, col_bias, need):
     return tuple(out)
 
 
+def gamma_pairs(gammas):
+    """One or two gammas as the kernels' scalar arguments (g0_hi, g0_lo, g1_hi, g1_lo): each an
+    exact fp32 pair (``_gammas`` adds them back), a missing second one 0; no H2D copy."""
+    gam = []
+    for g in list(gammas) + [0.0] * (2 - len(gammas)):
+        hi = struct.unpack("f", struct.pack("f", float(g)))[0]
+        gam += [hi, float(g) - hi]
+    return gam
+
+
 def _prep(q, k, row_scale, col_scale, row_bias, col_bias, gammas, exclude, q_labels, k_labels):
     acc = _acc_dtype(q.dtype)
     q = q.contiguous()
@@ -929,10 +939,7 @@ def _prep(q, k, row_scale, col_scale, row_bias, col_bias, gammas, exclude, q_lab
         q, k = q.float(), k.float()
     vec = lambda t: t.to(acc).contiguous() if t is not None else None  # noqa: E731
     a, b, c, d = vec(row_scale), vec(col_scale), vec(row_bias), vec(col_bias)
-    gam = []  # each gamma as an exact fp32 pair (hi, lo): scalar kernel arguments, no H2D copy
-    for g in list(gammas) + [0.0] * (2 - len(gammas)):
-        hi = struct.unpack("f", struct.pack("f", float(g)))[0]
-        gam += [hi, float(g) - hi]
+    gam = gamma_pairs(gammas)
     excl = exclude.to(torch.int64).contiguous() if exclude is not None else None
     ql = q_labels.to(torch.int64).contiguous() if q_labels is not None else None
     kl = k_labels.to(torch.int64).contiguous() if k_labels is not None else None

@@ -266,12 +266,13 @@ def _mix_bwd_kernel(G, NRM, MQ, NEG, HARD, PAIR, ALPHA, QIDX, QW, DQ_P,
 
 
 @triton.jit
-def _mixed_lse_kernel(Q, MQ, NEG, HARD, PAIR, ALPHA, QIDX, QW, A, C, GAM, LSE, M_P, S_P, U_P, E_P,
+def _mixed_lse_kernel(Q, MQ, NEG, HARD, PAIR, ALPHA, QIDX, QW, A, C, LSE, M_P, S_P, U_P, E_P,
                       B, n_hard, S, SQ, D, stride_q, stride_m, stride_n, eps, blocks_per_split,
-                      G: tl.constexpr, GP: tl.constexpr, FINAL: tl.constexpr,
+                      g0_hi, g0_lo, g1_hi, g1_lo, G: tl.constexpr, FINAL: tl.constexpr,
                       BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, D_CHUNKS: tl.constexpr):
     """Online softmax of z_gt = gamma_g (A[row] u_t + C[row]) over the split's points t of one
-    row, u_t = <q, v_t> / nrm_t, per gamma g (GP lanes, the first G real): running max m, sum s,
+    row, u_t = <q, v_t> / nrm_t, per gamma g (two lanes, the first G real; the gammas come as
+    infonce's scalar (hi, lo) pairs): running max m, sum s,
     U = sum p u and E = sum p h (h = v / nrm), p = e^{z - m}, all rescaled when m moves.
     FINAL (one split): LSE = m + log s, U_P = U / s, E_P = E / s (rows with no point: -inf, 0, 0);
     else the raw partials go to M_P, S_P, U_P, E_P[split, g, row] for the host to combine.
@@ -280,20 +281,21 @@ def _mixed_lse_kernel(Q, MQ, NEG, HARD, PAIR, ALPHA, QIDX, QW, A, C, GAM, LSE, M
     row = tl.program_id(0).to(tl.int64)
     sp = tl.program_id(1)
     acc_ty: tl.constexpr = M_P.dtype.element_ty
-    offs_g = tl.arange(0, GP)
+    offs_g = tl.arange(0, 2)
     g_ok = offs_g < G
-    gam = tl.load(GAM + offs_g, mask=g_ok, other=0.0).to(acc_ty)
+    g0, g1 = _infonce._gammas(g0_hi, g0_lo, g1_hi, g1_lo, acc_ty)
+    gam = tl.where(offs_g == 0, g0, g1)
     a = tl.load(A + row).to(acc_ty)
     c = tl.load(C + row).to(acc_ty)
     offs_d = tl.arange(0, BLOCK_D)
     n_blocks = tl.cdiv(S, BLOCK_T) + tl.cdiv(SQ, BLOCK_T)
     tb0 = sp * blocks_per_split
     tb1 = tl.minimum(tb0 + blocks_per_split, n_blocks)
-    m = tl.full([GP], float("-inf"), dtype=acc_ty)
-    s_run = tl.zeros([GP], dtype=acc_ty)
-    u_run = tl.zeros([GP], dtype=acc_ty)
-    e_reg = tl.zeros([GP, BLOCK_D], dtype=acc_ty)
-    out_g = (sp * G + offs_g) * B + row  # (GP,) offsets of the [split, g, row] slots
+    m = tl.full([2], float("-inf"), dtype=acc_ty)
+    s_run = tl.zeros([2], dtype=acc_ty)
+    u_run = tl.zeros([2], dtype=acc_ty)
+    e_reg = tl.zeros([2, BLOCK_D], dtype=acc_ty)
+    out_g = (sp * G + offs_g) * B + row  # (2,) offsets of the [split, g, row] slots
     e_ptr = E_P + out_g[:, None] * D
     if D_CHUNKS == 1:
         qv = tl.load(Q + row * stride_q + offs_d, mask=offs_d < D, other=0.0).to(acc_ty)
@@ -322,7 +324,7 @@ def _mixed_lse_kernel(Q, MQ, NEG, HARD, PAIR, ALPHA, QIDX, QW, A, C, GAM, LSE, M
         m_new = tl.maximum(m, tl.max(z, 1))
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # no point yet: keep e^{-inf} = 0
         r = tl.exp(m - m_ref)
-        p = tl.exp(z - m_ref[:, None])  # (GP, BLOCK_T); NaN logits make the row NaN
+        p = tl.exp(z - m_ref[:, None])  # (2, BLOCK_T); NaN logits make the row NaN
         s_run = s_run * r + tl.sum(p, 1)
         u_run = u_run * r + tl.sum(p * u[None, :], 1)
         ph = p / nrm[None, :]  # the weight of v in E (h = v / nrm)
@@ -345,7 +347,7 @@ def _mixed_lse_kernel(Q, MQ, NEG, HARD, PAIR, ALPHA, QIDX, QW, A, C, GAM, LSE, M
         tl.store(LSE + out_g, lse, mask=g_ok)
         tl.store(U_P + out_g, u_run * inv, mask=g_ok)
     else:
-        inv = tl.full([GP], 1.0, dtype=acc_ty)
+        inv = tl.full([2], 1.0, dtype=acc_ty)
         tl.store(M_P + out_g, m, mask=g_ok)
         tl.store(S_P + out_g, s_run, mask=g_ok)
         tl.store(U_P + out_g, u_run, mask=g_ok)
@@ -498,14 +500,30 @@ def mixed_lse_forward(q, mix_query, negatives, hard_index, pair_index, alpha, qu
     synthetic logits l_it = row_scale_i <q_i, h_it> + row_bias_i, and the softmax-weighted sums
     e_gi = sum_t p_git h_it, u_sum_gi = sum_t p_git <q_i, h_it> that make its backward O(B D)
     (``_common.mixed_lse_backward``). One pass over the points; nothing of size B x (s+s')."""
-    lse, e_sum, u_sum = mixed_lse_outputs(q, mix_query, gammas)
+    if len(gammas) not in (1, 2):
+        raise ValueError(f"the Triton mixed_lse supports 1 or 2 gammas, got {len(gammas)}")
     b, d = mix_query.shape
     g = len(gammas)
     s, sq = int(pair_index.shape[1]), int(query_weight.shape[1])
     n_blocks = triton.cdiv(s, BLOCK_T) + triton.cdiv(sq, BLOCK_T)
     if b == 0 or n_blocks == 0:
+        lse, e_sum, u_sum = mixed_lse_outputs(q, mix_query, gammas)
         return lse.fill_(float("-inf")), e_sum.zero_(), u_sum.zero_()
-    acc = lse.dtype
+    acc = _acc_dtype(mix_query.dtype)
+    block_d, d_chunks = _d_block(d, acc)
+    per = triton.cdiv(n_blocks, _lse_splits(b, n_blocks, q.device))
+    splits = triton.cdiv(n_blocks, per)
+    final = splits == 1
+    if final:  # the kernel writes the outputs themselves
+        lse, e_sum, u_sum = mixed_lse_outputs(q, mix_query, gammas)
+        m_p = s_p = lse  # unused
+        u_p, e_p = u_sum, (e_sum if d_chunks == 1 else e_sum.zero_())
+    else:  # raw partials per split, merged by _combine_splits
+        m_p = q.new_empty((splits, g, b), dtype=acc)
+        s_p = torch.empty_like(m_p)
+        u_p = torch.empty_like(m_p)
+        e_p = q.new_zeros((splits, g, b, d), dtype=acc)
+        lse = m_p  # unused
     q = _rows(q)
     negatives = _rows(negatives)
     mix_query = _rows(mix_query).to(negatives.dtype)
@@ -513,24 +531,10 @@ def mixed_lse_forward(q, mix_query, negatives, hard_index, pair_index, alpha, qu
     scale = row_scale.to(acc).contiguous()
     bias = (row_bias.to(acc).contiguous() if row_bias is not None
             else torch.zeros_like(scale))
-    gam = torch.tensor([float(x) for x in gammas], dtype=acc, device=q.device)
-    block_d, d_chunks = _d_block(d, acc)
-    splits = _lse_splits(b, n_blocks, q.device)
-    per = triton.cdiv(n_blocks, splits)
-    splits = triton.cdiv(n_blocks, per)
-    final = splits == 1
-    if final:
-        m_p = s_p = lse  # unused
-        u_p, e_p = u_sum, (e_sum if d_chunks == 1 else e_sum.zero_())
-    else:
-        m_p = q.new_empty((splits, g, b), dtype=acc)
-        s_p = torch.empty_like(m_p)
-        u_p = torch.empty_like(m_p)
-        e_p = q.new_zeros((splits, g, b, d), dtype=acc)
     wrap_triton(_mixed_lse_kernel)[(b, splits)](
-        q, mix_query, negatives, hard, pair, al, qidx, qw, scale, bias, gam, lse, m_p, s_p, u_p,
-        e_p, b, hard.shape[1], s, sq, d, q.stride(0), mix_query.stride(0), negatives.stride(0),
-        NORM_EPS, per, G=g, GP=max(2, triton.next_power_of_2(g)), FINAL=final, BLOCK_T=BLOCK_T,
+        q, mix_query, negatives, hard, pair, al, qidx, qw, scale, bias, lse, m_p, s_p, u_p, e_p,
+        b, hard.shape[1], s, sq, d, q.stride(0), mix_query.stride(0), negatives.stride(0),
+        NORM_EPS, per, *_infonce.gamma_pairs(gammas), G=g, FINAL=final, BLOCK_T=BLOCK_T,
         BLOCK_D=block_d, D_CHUNKS=d_chunks, num_warps=LSE_WARPS)
     if final:
         return lse, e_sum, u_sum
@@ -642,9 +646,10 @@ def _aot_specs():
                "DQ_P": "*{acc}", "B": "i32", "n_hard": "i32", "S": "i32", "SQ": "i32", "D": "i32",
                "stride_m": "i32", "stride_n": "i32", "blocks_per_split": "i32"}
     lse_sig = {"Q": "*{dt}", "MQ": "*{dt}", "NEG": "*{dt}", **idx,
-               **{p: "*{acc}" for p in ("A", "C", "GAM", "LSE", "M_P", "S_P", "U_P", "E_P")},
+               **{p: "*{acc}" for p in ("A", "C", "LSE", "M_P", "S_P", "U_P", "E_P")},
                "B": "i32", "n_hard": "i32", "S": "i32", "SQ": "i32", "D": "i32", "stride_q": "i32",
-               "stride_m": "i32", "stride_n": "i32", "eps": "fp32", "blocks_per_split": "i32"}
+               "stride_m": "i32", "stride_n": "i32", "eps": "fp32", "blocks_per_split": "i32",
+               **{p: "fp32" for p in ("g0_hi", "g0_lo", "g1_hi", "g1_lo")}}
     divisible = ("D", "stride_q", "stride_m", "stride_n")
     specs = []
     for d in (128, 768):
@@ -669,8 +674,8 @@ def _aot_specs():
                 name=f"mixed_lse[D={d},{g} gammas,{'final' if final else 'splits'}]",
                 kernel=_mixed_lse_kernel, dtypes=dtypes,
                 signature={**lse_sig, **{c: "constexpr" for c in
-                                         ("G", "GP", "FINAL", "BLOCK_T", "BLOCK_D", "D_CHUNKS")}},
-                constexprs=dict(G=g, GP=2, FINAL=final, BLOCK_T=32,
+                                         ("G", "FINAL", "BLOCK_T", "BLOCK_D", "D_CHUNKS")}},
+                constexprs=dict(G=g, FINAL=final, BLOCK_T=32,
                                 BLOCK_D=lambda dt, c=chunks: c(dt)[0],
                                 D_CHUNKS=lambda dt, c=chunks: c(dt)[1]),
                 divisible=divisible, num_warps=LSE_WARPS, num_stages=3))
