@@ -108,5 +108,5 @@ example-ddp:
 # eager MoCHi and the eager/compiled reference; then the GPU mixing tests.
 .PHONY: bench-mixing-gpu
 bench-mixing-gpu:
-	$(PY) -m contrastive_kernels.bench --preset mixing --backends triton,triton-separate-topk,triton-mixed-dots,cuda,eager-mochi,reference,compile --repeats 10 --out benchmarks/results/gpu-mixing
+	$(PY) -m contrastive_kernels.bench --preset mixing --backends triton,triton-separate-topk,triton-mixed-dots,cuda,cuda-mixed-dots,eager-mochi,reference,compile --repeats 10 --out benchmarks/results/gpu-mixing
 	$(PY) -m pytest -m gpu -q -rs tests/test_gpu_mixing.py

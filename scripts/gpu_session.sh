@@ -46,7 +46,7 @@ for stage in "$@"; do
         pack loss "benchmarks/results/gpu-loss-$GPU" "benchmarks/results/gpu-clip-$GPU"
         ;;
     bench-mixing)
-        $PY -m contrastive_kernels.bench --preset mixing --backends triton,triton-separate-topk,triton-mixed-dots,cuda,eager-mochi,reference,compile \
+        $PY -m contrastive_kernels.bench --preset mixing --backends triton,triton-separate-topk,triton-mixed-dots,cuda,cuda-mixed-dots,eager-mochi,reference,compile \
             --repeats 10 --out "benchmarks/results/gpu-mixing-$GPU" || status=1
         pack mixing "benchmarks/results/gpu-mixing-$GPU"
         ;;

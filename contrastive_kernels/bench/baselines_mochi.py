@@ -11,9 +11,9 @@ harness:
 - ``triton-separate-topk``, ``cpu-separate-topk``: that backend with the hard negatives from its
   separate top-k kernel instead of the loss's own pass (``CK_MIXING_FUSED_TOPK=0``): the A/B of
   the fusion.
-- ``triton-mixed-dots``, ``cpu-mixed-dots``: that backend with the synthetic logits as a (B, s+s')
-  tensor from ``mixed_dots`` (whose backward gathers the hard rows again) instead of their
-  log-sum-exp from ``mixed_lse`` (``CK_MIXING_LSE=0``): the A/B of that fusion.
+- ``triton-mixed-dots``, ``cpu-mixed-dots``, ``cuda-mixed-dots``: that backend with the synthetic
+  logits as a (B, s+s') tensor from ``mixed_dots`` (whose backward gathers the hard rows again)
+  instead of their log-sum-exp from ``mixed_lse`` (``CK_MIXING_LSE=0``): the A/B of that fusion.
 
 The plain fused InfoNCE at the same shape is the preset's ``info_nce_bank`` case (backend triton),
 so that the overhead of mixing (target: at most 15 %) reads off one table (``vs_plain`` column).
@@ -71,7 +71,7 @@ def _eager_mochi(c: Case, device: str):
 # the backends whose info_nce(mixing=) takes the hard negatives from the loss's own pass, and those
 # that reduce the synthetic logits with mixed_lse
 FUSED_TOPK_BACKENDS = ("triton", "cpu")
-MIXED_LSE_BACKENDS = ("triton", "cpu")
+MIXED_LSE_BACKENDS = ("triton", "cpu", "cuda")
 
 
 def _with_flag_off(backend: str, module, flag: str):
