@@ -378,9 +378,12 @@ def run(cfg) -> Dict:
     saved = (torch.are_deterministic_algorithms_enabled(),
              torch.is_deterministic_algorithms_warn_only_enabled(), torch.get_num_threads())
     trainer = None
+    finished = False
     try:
         trainer = Trainer(cfg)
-        return trainer.run()
+        metrics = trainer.run()
+        finished = True
+        return metrics
     finally:
         torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
         torch.set_num_threads(saved[2])
@@ -388,4 +391,9 @@ def run(cfg) -> Dict:
             import torch.distributed as dist
 
             if dist.is_initialized():
+                if finished:
+                    # every rank reaches teardown before any closes its gloo pairs: a rank that
+                    # tore down first could abort a peer still sending (std::terminate at exit,
+                    # seen under load); after a failure, no barrier (a peer may never come)
+                    dist.barrier()
                 dist.destroy_process_group()
