@@ -64,6 +64,7 @@ All offsets are int64. On CPU tensors the kernels run under Triton's interpreter
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import struct
 from typing import Sequence
@@ -83,7 +84,8 @@ CHUNK_D = 128
 # Every tile config's BLOCK_M / BLOCK_N divides these (row groups and key splits are multiples).
 ALIGN_M, ALIGN_N = (16, 32) if INTERPRETER else (128, 128)
 
-_NEG_INF = tl.constexpr(float("-inf"))
+# -inf is written float("-inf") inside the kernels, not as a global tl.constexpr: inductor (torch
+# 2.11) re-emits a user kernel's global constexprs by repr, and repr(-inf) is not Python
 
 
 # ------------------------------------------------------------------------------------------------
@@ -146,13 +148,13 @@ def _grad_tile(l, valid, pos, r0, w0, r1, w1, dp, cl, dc, g0, g1,
                N_GAMMA: tl.constexpr, LABELS: tl.constexpr, WANT_COL: tl.constexpr):
     """G_ij = valid * (w0_i exp(g0 l - r0_i) [+ w1_i exp(g1 l - r1_i)] [+ dp_i pos_ij]
     [+ dc_j exp(l - cl_j)]) with w = dR * gamma."""
-    g = w0[:, None] * tl.exp(tl.where(valid, g0 * l - r0[:, None], _NEG_INF))
+    g = w0[:, None] * tl.exp(tl.where(valid, g0 * l - r0[:, None], float("-inf")))
     if N_GAMMA == 2:
-        g += w1[:, None] * tl.exp(tl.where(valid, g1 * l - r1[:, None], _NEG_INF))
+        g += w1[:, None] * tl.exp(tl.where(valid, g1 * l - r1[:, None], float("-inf")))
     if LABELS != 0:
         g += tl.where(pos, dp[:, None], 0.0)
     if WANT_COL:
-        g += dc[None, :] * tl.exp(tl.where(valid, l - cl[None, :], _NEG_INF))
+        g += dc[None, :] * tl.exp(tl.where(valid, l - cl[None, :], float("-inf")))
     return tl.where(valid, g, 0.0)
 
 
@@ -209,13 +211,13 @@ def _tile_logits_t(Q, K, A, BS, CB, DB, EXCL, QL, KL, q, k, rows, cols, row_ok, 
 def _grad_tile_t(l, valid, pos, r0, w0, r1, w1, dp, cl, dc, g0, g1,
                  N_GAMMA: tl.constexpr, LABELS: tl.constexpr, WANT_COL: tl.constexpr):
     """``_grad_tile`` on the transposed tile: G^T (keys x rows)."""
-    g = w0[None, :] * tl.exp(tl.where(valid, g0 * l - r0[None, :], _NEG_INF))
+    g = w0[None, :] * tl.exp(tl.where(valid, g0 * l - r0[None, :], float("-inf")))
     if N_GAMMA == 2:
-        g += w1[None, :] * tl.exp(tl.where(valid, g1 * l - r1[None, :], _NEG_INF))
+        g += w1[None, :] * tl.exp(tl.where(valid, g1 * l - r1[None, :], float("-inf")))
     if LABELS != 0:
         g += tl.where(pos, dp[None, :], 0.0)
     if WANT_COL:
-        g += dc[:, None] * tl.exp(tl.where(valid, l - cl[:, None], _NEG_INF))
+        g += dc[:, None] * tl.exp(tl.where(valid, l - cl[:, None], float("-inf")))
     return tl.where(valid, g, 0.0)
 
 
@@ -249,8 +251,10 @@ def _dot_cols(g, q, SCALE_G: tl.constexpr, PREC: tl.constexpr):
 @triton.jit
 def _gammas(g0_hi, g0_lo, g1_hi, g1_lo, acc_ty: tl.constexpr):
     """The two gammas, passed as fp32 (hi, lo) pairs: ~48-bit exact for fp64."""
+    # cast each part: inductor may pass the float arguments as fp64 scalars
     zero = tl.zeros([], dtype=acc_ty)
-    return (g0_hi + zero) + (g0_lo + zero), (g1_hi + zero) + (g1_lo + zero)
+    return (((g0_hi + zero).to(acc_ty) + (g0_lo + zero).to(acc_ty)),
+            ((g1_hi + zero).to(acc_ty) + (g1_lo + zero).to(acc_ty)))
 
 
 @triton.jit
@@ -322,11 +326,43 @@ def _configs(kind: str):
             for m, n, w, s in shapes]
 
 
-# Autotuning on (default): every config is timed once per key. Off (CK_TRITON_AUTOTUNE=0 or
-# set_autotune(False), e.g. for correctness tests): the first 64 x 64 config of each list, which
-# fits the shared memory of every variant and dtype on sm_80 / sm_90.
+# Autotuning on (default): every config is timed once per key (Triton skips configs that exceed
+# the shared memory). Off (CK_TRITON_AUTOTUNE=0 or set_autotune(False), e.g. for correctness
+# tests): the first 64 x 64 config of each list, with fewer pipeline stages where its estimated
+# shared memory exceeds the device's (fp32 with a resident D of 128 on the key side, on an H100:
+# 258 KiB at 3 stages against 227 KiB).
 _AUTOTUNE = os.environ.get("CK_TRITON_AUTOTUNE", "1") != "0"
 _DEFAULT_TILE = (64, 64)
+
+
+@functools.lru_cache(maxsize=None)
+def _smem_limit(device_index: int) -> int:
+    props = torch.cuda.get_device_properties(device_index)
+    return int(getattr(props, "shared_memory_per_block_optin", 0) or 101376)
+
+
+def _smem_estimate(config, block_d: int, elem_bytes: int) -> int:
+    """An upper estimate of a tile config's shared memory: the pipelined (q, k) tiles of every stage
+    plus fp32 staging of a key tile pair and of the score tile (calibrated on the sm_90 reports of
+    the key-side kernel, whose fp32 variants need 258-262 KiB at (64, 64, 3 stages), D=128)."""
+    bm, bn = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
+    return config.num_stages * (bm + bn) * block_d * elem_bytes + 2 * bn * block_d * 4 + bm * bn * 4
+
+
+def _fit_stages(config, named_args, kwargs):
+    """``config`` with as many pipeline stages as fit the device's shared memory (at least 1)."""
+    q, block_d = named_args.get("Q"), kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
+    if not (torch.is_tensor(q) and q.is_cuda and block_d):
+        return config
+    limit = _smem_limit(q.device.index if q.device.index is not None else torch.cuda.current_device())
+    stages = config.num_stages
+    while stages > 1 and _smem_estimate(_with_stages(config, stages), block_d, q.element_size()) > limit:
+        stages -= 1
+    return config if stages == config.num_stages else _with_stages(config, stages)
+
+
+def _with_stages(config, stages: int):
+    return triton.Config(dict(config.kwargs), num_warps=config.num_warps, num_stages=stages)
 
 
 def set_autotune(enabled: bool) -> None:
@@ -340,8 +376,8 @@ def _prune(configs, named_args, **kwargs):
         return configs
     for c in configs:
         if (c.kwargs.get("BLOCK_M"), c.kwargs.get("BLOCK_N")) == _DEFAULT_TILE:
-            return [c]
-    return configs[-1:]
+            return [_fit_stages(c, named_args, kwargs)]
+    return [_fit_stages(configs[-1], named_args, kwargs)]
 
 
 _PRUNE = {"early_config_prune": _prune}
@@ -389,9 +425,9 @@ def _lse_fwd_kernel(Q, K, A, BS, CB, DB, EXCL, QL, KL, g0_hi, g0_lo, g1_hi, g1_l
         rows = (i0 + offs_m).to(tl.int64)
         row_ok = rows < row_hi
         q = _resident_tile(Q, rows, row_ok, stride_q, offs_d, d_ok, D_CHUNKS)
-        m0 = tl.full([BLOCK_M], _NEG_INF, acc_ty)
+        m0 = tl.full([BLOCK_M], float("-inf"), acc_ty)
         s0 = tl.zeros([BLOCK_M], dtype=acc_ty)
-        m1 = tl.full([BLOCK_M], _NEG_INF, acc_ty)
+        m1 = tl.full([BLOCK_M], float("-inf"), acc_ty)
         s1 = tl.zeros([BLOCK_M], dtype=acc_ty)
         psum = tl.zeros([BLOCK_M], dtype=acc_ty)
         pcnt = tl.zeros([BLOCK_M], dtype=acc_ty)
@@ -407,9 +443,9 @@ def _lse_fwd_kernel(Q, K, A, BS, CB, DB, EXCL, QL, KL, g0_hi, g0_lo, g1_hi, g1_l
                                             row_ok, col_ok, D, stride_q, stride_k, n_words,
                                             HAS_B, HAS_C, HAS_D, N_EXCL, LABELS, PREC,
                                             BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS)
-            z = tl.where(valid, l * g0, _NEG_INF)
+            z = tl.where(valid, l * g0, float("-inf"))
             m_new = tl.maximum(m0, tl.max(z, 1))
-            shift = tl.where(m_new == _NEG_INF, 0.0, m_new)
+            shift = tl.where(m_new == float("-inf"), 0.0, m_new)
             alpha = tl.exp(m0 - shift)
             p = tl.exp(z - shift[:, None])
             s0 = s0 * alpha + tl.sum(p, 1)
@@ -420,9 +456,9 @@ def _lse_fwd_kernel(Q, K, A, BS, CB, DB, EXCL, QL, KL, g0_hi, g0_lo, g1_hi, g1_l
                 e_acc = e_acc * alpha[:, None] + tl.dot(p.to(k.dtype), k, input_precision=PREC,
                                                         out_dtype=acc_ty)
             if N_GAMMA == 2:
-                z = tl.where(valid, l * g1, _NEG_INF)
+                z = tl.where(valid, l * g1, float("-inf"))
                 m_new = tl.maximum(m1, tl.max(z, 1))
-                shift = tl.where(m_new == _NEG_INF, 0.0, m_new)
+                shift = tl.where(m_new == float("-inf"), 0.0, m_new)
                 s1 = s1 * tl.exp(m1 - shift) + tl.sum(tl.exp(z - shift[:, None]), 1)
                 m1 = m_new
             if LABELS != 0:
@@ -440,13 +476,13 @@ def _lse_fwd_kernel(Q, K, A, BS, CB, DB, EXCL, QL, KL, g0_hi, g0_lo, g1_hi, g1_l
                     tl.store(CAND_J + ptr, cols.to(tl.int32)[None, :], mask=keep)
             if WANT_COL:
                 # running (max, sum) of this row group for these columns; fresh at its first row block
-                zc = tl.where(valid, l, _NEG_INF)
+                zc = tl.where(valid, l, float("-inf"))
                 c_ptr = rg.to(tl.int64) * N + cols
                 keep = col_ok & ((offs_n * 0 + i0) != row_lo)
-                cm = tl.load(COL_M + c_ptr, mask=keep, other=_NEG_INF)
+                cm = tl.load(COL_M + c_ptr, mask=keep, other=float("-inf"))
                 cs = tl.load(COL_S + c_ptr, mask=keep, other=0.0)
                 cm_new = tl.maximum(cm, tl.max(zc, 0))
-                cshift = tl.where(cm_new == _NEG_INF, 0.0, cm_new)
+                cshift = tl.where(cm_new == float("-inf"), 0.0, cm_new)
                 cs = cs * tl.exp(cm - cshift) + tl.sum(tl.exp(zc - cshift[None, :]), 0)
                 tl.store(COL_M + c_ptr, cm_new, mask=col_ok)
                 tl.store(COL_S + c_ptr, cs, mask=col_ok)
@@ -469,7 +505,7 @@ def _lse_fwd_kernel(Q, K, A, BS, CB, DB, EXCL, QL, KL, g0_hi, g0_lo, g1_hi, g1_l
 @triton.jit
 def _log_total(mx, tot):
     """mx + log(tot): -inf for an empty sum (without evaluating log 0), NaN stays NaN."""
-    return tl.where(tot == 0, _NEG_INF, mx + tl.log(tl.where(tot == 0, 1.0, tot)))
+    return tl.where(tot == 0, float("-inf"), mx + tl.log(tl.where(tot == 0, 1.0, tot)))
 
 
 @triton.jit
@@ -482,25 +518,25 @@ def _row_merge_kernel(ROW_M, ROW_S, POS_P, CNT_P, ROW_E, OUT_LSE, OUT_POS, OUT_C
     row_ok = rows < B
     acc_ty = OUT_LSE.dtype.element_ty
     for g in tl.static_range(N_GAMMA):
-        mx = tl.full([BLOCK_R], _NEG_INF, acc_ty)
+        mx = tl.full([BLOCK_R], float("-inf"), acc_ty)
         tot = tl.zeros([BLOCK_R], dtype=acc_ty)
         for s in range(S):
             ptr = (s * N_GAMMA + g) * B + rows
-            m = tl.load(ROW_M + ptr, mask=row_ok, other=_NEG_INF)
+            m = tl.load(ROW_M + ptr, mask=row_ok, other=float("-inf"))
             t = tl.load(ROW_S + ptr, mask=row_ok, other=0.0)
             new = tl.maximum(mx, m)
-            shift = tl.where(new == _NEG_INF, 0.0, new)
+            shift = tl.where(new == float("-inf"), 0.0, new)
             tot = tot * tl.exp(mx - shift) + t * tl.exp(m - shift)
             mx = new
         tl.store(OUT_LSE + g * B + rows, _log_total(mx, tot), mask=row_ok)
         if ROW_ONLY and g == 0:
             offs_d = tl.arange(0, BLOCK_D)
             d_ok = offs_d < D
-            shift = tl.where(mx == _NEG_INF, 0.0, mx)
+            shift = tl.where(mx == float("-inf"), 0.0, mx)
             inv = tl.where(tot > 0, 1.0 / tl.where(tot > 0, tot, 1.0), 0.0)
             e = tl.zeros([BLOCK_R, BLOCK_D], dtype=acc_ty)
             for s in range(S):
-                m = tl.load(ROW_M + s * N_GAMMA * B + rows, mask=row_ok, other=_NEG_INF)
+                m = tl.load(ROW_M + s * N_GAMMA * B + rows, mask=row_ok, other=float("-inf"))
                 w = tl.exp(m - shift) * inv
                 part = tl.load(ROW_E + (s * B + rows)[:, None] * D + offs_d[None, :],
                                mask=row_ok[:, None] & d_ok[None, :] & (w > 0)[:, None], other=0.0)
@@ -523,13 +559,13 @@ def _col_merge_kernel(COL_M, COL_S, OUT, R, N, BLOCK: tl.constexpr):
     cols = (tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
     ok = cols < N
     acc_ty = OUT.dtype.element_ty
-    mx = tl.full([BLOCK], _NEG_INF, acc_ty)
+    mx = tl.full([BLOCK], float("-inf"), acc_ty)
     tot = tl.zeros([BLOCK], dtype=acc_ty)
     for r in range(R):
-        m = tl.load(COL_M + r * N + cols, mask=ok, other=_NEG_INF)
+        m = tl.load(COL_M + r * N + cols, mask=ok, other=float("-inf"))
         t = tl.load(COL_S + r * N + cols, mask=ok, other=0.0)
         new = tl.maximum(mx, m)
-        shift = tl.where(new == _NEG_INF, 0.0, new)
+        shift = tl.where(new == float("-inf"), 0.0, new)
         tot = tot * tl.exp(mx - shift) + t * tl.exp(m - shift)
         mx = new
     tl.store(OUT + cols, _log_total(mx, tot), mask=ok)
@@ -839,10 +875,20 @@ _waves_cache: dict = {}
 _forced_waves = None
 
 
-def _bench(fn) -> float:
-    from triton.testing import do_bench
-
-    return float(do_bench(fn, warmup=10, rep=40))
+def _bench(fn, reps: int = 10) -> float:
+    """Median ms of ``fn`` over CUDA-event-timed calls. No L2 flush between calls, unlike
+    triton.testing.do_bench, whose 256 MB flush buffer would be a first-call memory spike; the
+    plans compared here differ by more than the cache effect."""
+    fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[reps // 2]
 
 
 def _can_tune(t: torch.Tensor) -> bool:
@@ -1051,12 +1097,12 @@ def lse_backward(d_row, d_pos, d_col, q, k, row_scale, col_scale, row_bias, col_
     one recompute with atomics (nondeterministic summation order) when both sides are needed."""
     args = (d_row, d_pos, d_col, q, k, row_scale, col_scale, row_bias, col_bias, gammas, exclude,
             q_labels, k_labels, row_lse, col_lse, need, fused)
-    outs = list(backward_outputs(q, k, row_scale, col_scale, row_bias, col_bias, need))
+    new_outputs = lambda: list(backward_outputs(q, k, row_scale, col_scale, row_bias, col_bias, need))  # noqa: E731
     bsz, dim, n = int(q.shape[0]), int(q.shape[1]), int(k.shape[0])  # launch plans need ints
     need_q = need[0] or need[2] or need[4]
     need_k = need[1] or need[3] or need[5]
     if n == 0 or not (need_q or need_k):
-        return tuple(o.zero_() if o.numel() else o for o in outs)
+        return tuple(o.zero_() if o.numel() else o for o in new_outputs())
     in_dtype = q.dtype
     q, k, a, b, c, d, gam, excl, ql, kl = _prep(q, k, row_scale, col_scale, row_bias, col_bias,
                                                 gammas, exclude, q_labels, k_labels)
@@ -1074,6 +1120,7 @@ def lse_backward(d_row, d_pos, d_col, q, k, row_scale, col_scale, row_bias, col_
     scale_g = q.dtype == torch.float16
     key = ("bwd", bsz, n, dim, str(in_dtype), tuple(need), fused, want_col, tuple(flags.items()))
     waves = _waves(key, q, lambda: lse_backward(*args))
+    outs = new_outputs()  # after the split tuning, whose runs allocate a set of their own
     common = (q, k, a, b if b is not None else a, c if c is not None else a,
               d if d is not None else a, excl if excl is not None else a,
               ql if ql is not None else a, kl if kl is not None else a, *gam,

@@ -128,6 +128,9 @@ from . import INTERPRETER
 # the modules themselves (the package's attribute ``topk`` is the family op of the same name)
 _infonce = importlib.import_module(f"{__package__}.infonce")
 _topk = importlib.import_module(f"{__package__}.topk")
+# a plain global: inductor re-emits a user kernel's source with its JIT dependencies and resolves
+# global names, not attributes of modules
+_gammas = _infonce._gammas
 
 try:  # torch >= 2.6: kernels launched through wrap_triton are visible to torch.compile
     from torch.library import wrap_triton
@@ -226,7 +229,7 @@ def _mix_fwd_kernel(Q, MQ, NEG, HARD, PAIR, ALPHA, QIDX, QW, U, NRM, OUT,
         if WANT_DOTS:
             qv = tl.load(Q + row * stride_q + dd, mask=dd < D, other=0.0).to(acc_ty)
             dot += tl.sum(v * qv[None, :], 1)
-    nrm = tl.maximum(_sqrt(sq), eps)
+    nrm = tl.maximum(_sqrt(sq), (eps + tl.zeros([], acc_ty)).to(acc_ty))  # eps: fp64 under inductor
     out_t = row * (S + SQ) + t_out
     if WANT_DOTS:
         tl.store(U + out_t, dot / nrm, mask=ok)
@@ -283,7 +286,7 @@ def _mixed_lse_kernel(Q, MQ, NEG, HARD, PAIR, ALPHA, QIDX, QW, A, C, LSE, M_P, S
     acc_ty: tl.constexpr = M_P.dtype.element_ty
     offs_g = tl.arange(0, 2)
     g_ok = offs_g < G
-    g0, g1 = _infonce._gammas(g0_hi, g0_lo, g1_hi, g1_lo, acc_ty)
+    g0, g1 = _gammas(g0_hi, g0_lo, g1_hi, g1_lo, acc_ty)
     gam = tl.where(offs_g == 0, g0, g1)
     a = tl.load(A + row).to(acc_ty)
     c = tl.load(C + row).to(acc_ty)
@@ -317,7 +320,7 @@ def _mixed_lse_kernel(Q, MQ, NEG, HARD, PAIR, ALPHA, QIDX, QW, A, C, LSE, M_P, S
                 qc = tl.load(Q + row * stride_q + dd, mask=dd < D, other=0.0).to(acc_ty)
                 sq += tl.sum(vc * vc, 1)
                 dot += tl.sum(vc * qc[None, :], 1)
-        nrm = tl.maximum(_sqrt(sq), eps)
+        nrm = tl.maximum(_sqrt(sq), (eps + tl.zeros([], acc_ty)).to(acc_ty))  # eps: fp64 under inductor
         u = dot / nrm
         z = gam[:, None] * (a * u + c)[None, :]
         z = tl.where(ok[None, :], z, float("-inf"))
