@@ -34,6 +34,7 @@ _lock = threading.Lock()
 _module = None
 _reason: Optional[str] = None
 _loaded = False
+_cuda_kernels = False  # read once at load: torch.compile cannot trace the pybind build_info call
 _SOURCE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FALLBACK = "backend='auto' uses the 'chunked' backend (pure PyTorch) instead"
 
@@ -76,7 +77,7 @@ def _try_jit():
 
 def load():
     """The extension module (build info functions; its import registered the ops), or None."""
-    global _module, _reason, _loaded
+    global _module, _reason, _loaded, _cuda_kernels
     if _loaded:
         return _module
     with _lock:
@@ -91,6 +92,7 @@ def load():
                 register_python_parts("contrastive_kernels")
             except Exception as exc:  # noqa: BLE001
                 mod, why = None, f"registering the ops' autograd/fake kernels failed ({exc})"
+        _cuda_kernels = mod is not None and mod.build_info()["cuda"] != "not built"
         _module, _reason, _loaded = mod, (None if mod is not None else f"{why}. {FALLBACK}"), True
         return _module
 
@@ -119,8 +121,8 @@ def build_info() -> dict:
 
 
 def has_cuda_kernels() -> bool:
-    mod = load()
-    return mod is not None and mod.build_info()["cuda"] != "not built"
+    load()
+    return _cuda_kernels
 
 
 def set_cpu_isa(name: str) -> bool:

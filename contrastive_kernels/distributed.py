@@ -634,7 +634,7 @@ def _ops(backend, device):
     from .functional import resolve_backend
 
     ops = resolve_backend(backend, "loss", device)
-    return REFERENCE_OPS if ops == "reference" else ops
+    return REFERENCE_OPS if isinstance(ops, str) else ops
 
 
 class _Setup:

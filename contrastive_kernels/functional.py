@@ -95,6 +95,12 @@ def resolve_backend(backend: str, family: str, device: torch.device):
     return _module("chunked")
 
 
+def _is_reference(ops) -> bool:
+    """resolve_backend's result is the string "reference" or a module (a module == str comparison
+    breaks torch.compile(fullgraph=True) on torch 2.11)."""
+    return isinstance(ops, str)
+
+
 def _preload():
     """Import the backend modules that are cheap to import, now rather than at the first call:
     torch.compile cannot trace an import, so a first call under torch.compile(fullgraph=True)
@@ -357,7 +363,7 @@ def info_nce(query, positive_key, queue=None, *, temperature=0.07, similarity="d
     kwargs = dict(temperature=temperature, similarity=similarity,
                   in_batch_negatives=in_batch_negatives, tau_plus=tau_plus, beta=beta,
                   extra_negatives=extra_negatives, mixing=mixing, reduction=reduction)
-    if ops == "reference":
+    if _is_reference(ops):
         return reference.info_nce(query, positive_key, queue, **kwargs)
     return losses.info_nce(ops, query, positive_key, queue, **kwargs)
 
@@ -393,7 +399,7 @@ def nt_xent(z1, z2, *, temperature=0.5, similarity="cosine", tau_plus=0.0, beta=
         return distributed.nt_xent(z1, z2, **kwargs, backend=backend, group=group,
                                    group_strategy=group_strategy)
     ops = resolve_backend(backend, "loss", z1.device)
-    if ops == "reference":
+    if _is_reference(ops):
         return reference.nt_xent(z1, z2, **kwargs)
     return losses.nt_xent(ops, z1, z2, **kwargs)
 
@@ -419,7 +425,7 @@ def clip_loss(image_features, text_features, logit_scale, *, similarity="dot", r
         return distributed.clip_loss(image_features, text_features, logit_scale, **kwargs,
                                      backend=backend, group=group, group_strategy=group_strategy)
     ops = resolve_backend(backend, "loss", image_features.device)
-    if ops == "reference":
+    if _is_reference(ops):
         return reference.clip_loss(image_features, text_features, logit_scale, **kwargs)
     return losses.clip_loss(ops, image_features, text_features, logit_scale, **kwargs)
 
@@ -445,7 +451,7 @@ def sup_con(features, labels, *, temperature=0.07, similarity="cosine", reductio
         return distributed.sup_con(features, labels, **kwargs, backend=backend, group=group,
                                    group_strategy=group_strategy)
     ops = resolve_backend(backend, "loss", features.device)
-    if ops == "reference":
+    if _is_reference(ops):
         return reference.sup_con(features, labels, **kwargs)
     return losses.sup_con(ops, features, labels, **kwargs)
 
@@ -491,7 +497,7 @@ def multi_positive_info_nce(query, keys, positive_index, queue=None, *, temperat
                                                    group_strategy=group_strategy)
         return _poison(loss, bad)
     ops = resolve_backend(backend, "loss", query.device)
-    if ops == "reference":
+    if _is_reference(ops):
         loss = reference.multi_positive_info_nce(query, keys, positive_index, queue, **kwargs)
     else:
         loss = losses.multi_positive_info_nce(ops, query, keys, positive_index, queue, **kwargs)
@@ -556,7 +562,7 @@ def topk_similarity(query, bank, k, *, similarity="dot", exclude_index=None, que
             raise ValueError(f"k={k} exceeds the bank rows left after exclusions: query row {worst} "
                              f"has only {int(avail[worst])}")
     ops = resolve_backend(backend, "topk", query.device)
-    if ops == "reference":
+    if _is_reference(ops):
         return reference.topk_similarity(query, bank, k, similarity=similarity,
                                          exclude_index=exclude_index, query_labels=query_labels,
                                          bank_labels=bank_labels,
@@ -606,7 +612,7 @@ def mix_hard_negatives(query, negatives, hard_index, n_synthetic, n_query_synthe
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
     _choice("backend", backend, BACKENDS)
     ops = resolve_backend(backend, "mix", query.device)
-    if ops == "reference":
+    if _is_reference(ops):
         return reference.mix_hard_negatives(query, negatives, hard_index, n_synthetic,
                                             n_query_synthetic, generator=generator)
     draws = draw_mixing(query.shape[0], hard_index.shape[1], n_synthetic, n_query_synthetic,
