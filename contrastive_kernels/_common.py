@@ -169,7 +169,8 @@ def mixed_lse_backward(ctx, d_lse, _d_e, _d_u):
     acc = lse.dtype
     if d_lse is None:
         return (None,) * 11
-    w = d_lse.to(acc) * torch.tensor(ctx.gammas, dtype=acc, device=lse.device)[:, None]
+    # gammas as Python scalars: a tensor of them would be a blocking host-to-device copy per step
+    w = torch.stack([d_lse[g].to(acc) * gamma for g, gamma in enumerate(ctx.gammas)])
     w = torch.where(lse == float("-inf"), torch.zeros_like(w), w)
     dq = da = dc = None
     if need[0]:

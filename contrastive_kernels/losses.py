@@ -47,8 +47,13 @@ class Side(NamedTuple):
     bias: Optional[torch.Tensor]
 
 
+def _sq_norm(x: torch.Tensor) -> torch.Tensor:
+    return _paired_dot(x, x)
+
+
 def _inv_norm(x: torch.Tensor) -> torch.Tensor:
-    return 1.0 / to_acc(x).norm(dim=-1).clamp(min=NORM_EPS)
+    # clamp before the square root: rows shorter than NORM_EPS get gradient 0, not 0 * inf
+    return 1.0 / _sq_norm(x).clamp(min=NORM_EPS ** 2).sqrt()
 
 
 def row_side(x: torch.Tensor, similarity: str, scale: torch.Tensor) -> Side:
@@ -58,7 +63,7 @@ def row_side(x: torch.Tensor, similarity: str, scale: torch.Tensor) -> Side:
         return Side(scale.expand(n).contiguous(), None)
     if similarity == "cosine":
         return Side(scale * _inv_norm(x), None)
-    return Side((2 * scale).expand(n).contiguous(), -scale * to_acc(x).pow(2).sum(-1))
+    return Side((2 * scale).expand(n).contiguous(), -scale * _sq_norm(x))
 
 
 def col_side(x: torch.Tensor, similarity: str, scale: torch.Tensor) -> Side:
@@ -66,7 +71,53 @@ def col_side(x: torch.Tensor, similarity: str, scale: torch.Tensor) -> Side:
         return Side(None, None)
     if similarity == "cosine":
         return Side(_inv_norm(x), None)
-    return Side(None, -scale * to_acc(x).pow(2).sum(-1))
+    return Side(None, -scale * _sq_norm(x))
+
+
+# rows per chunk of _PairedDot's fp32 temporaries: about 32 MiB at D = 128
+_PAIRED_CHUNK_ELEMENTS = 1 << 23
+
+
+class _PairedDot(torch.autograd.Function):
+    """<a_i, b_i> (B,) in fp32 for fp16/bf16 rows (B, D), saving only a and b for backward: the fp32
+    copies and products are formed a chunk of rows at a time (forward: sum_d a_id b_id; backward:
+    da_i = g_i b_i, db_i = g_i a_i, each rounded to its input's dtype). With plain autograd the fp32
+    copies of both sides would live until backward (CLIP at N = 65536, D = 512: 256 MiB)."""
+
+    @staticmethod
+    def forward(ctx, a, b):
+        ctx.save_for_backward(a, b)
+        out = torch.empty(a.shape[0], dtype=torch.float32, device=a.device)
+        for i, j in _row_chunks(a):
+            out[i:j] = (a[i:j].float() * b[i:j].float()).sum(-1)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        a, b = ctx.saved_tensors
+        want_a, want_b = ctx.needs_input_grad[:2]
+        da = torch.empty_like(a) if want_a else None
+        db = torch.empty_like(b) if want_b else None
+        for i, j in _row_chunks(a):
+            gi = g[i:j, None].float()
+            if want_a:
+                da[i:j] = gi * b[i:j].float()
+            if want_b:
+                db[i:j] = gi * a[i:j].float()
+        return da, db
+
+
+def _row_chunks(x: torch.Tensor):
+    step = max(1, _PAIRED_CHUNK_ELEMENTS // max(1, x.shape[-1]))
+    return [(i, min(i + step, x.shape[0])) for i in range(0, x.shape[0], step)]
+
+
+def _paired_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """<a_i, b_i> in the accumulation dtype, for (B, D) x (B, D)."""
+    if a.dtype in (torch.float16, torch.bfloat16) and b.dtype == a.dtype \
+            and not torch.compiler.is_compiling():
+        return _PairedDot.apply(a, b)
+    return (to_acc(a) * to_acc(b)).sum(-1)
 
 
 def paired_logits(q: torch.Tensor, rows: Side, k: torch.Tensor, similarity: str,
@@ -74,13 +125,12 @@ def paired_logits(q: torch.Tensor, rows: Side, k: torch.Tensor, similarity: str,
     """l_i = a_i b_i <q_i, k_i> + c_i + d_i for paired rows (B, D) x (B, D) -> (B,), or
     (B, D) x (B, S, D) -> (B, S); fp32. The column terms come from k itself."""
     cols = col_side(k.reshape(-1, k.shape[-1]), similarity, scale)
-    qf = to_acc(q)
     if k.dim() == 3:
-        dot = torch.einsum("bd,bsd->bs", qf, to_acc(k))
+        dot = torch.einsum("bd,bsd->bs", to_acc(q), to_acc(k))
         a = rows.scale[:, None]
         c = rows.bias[:, None] if rows.bias is not None else None
     else:
-        dot = (qf * to_acc(k)).sum(-1)
+        dot = _paired_dot(q, k)
         a, c = rows.scale, rows.bias
     out = dot * a
     if cols.scale is not None:
@@ -98,7 +148,8 @@ def _scale(value, like: torch.Tensor) -> torch.Tensor:
     dtype = acc_dtype(like.dtype)
     if torch.is_tensor(value):
         return value.to(device=like.device, dtype=dtype)
-    return torch.tensor(float(value), dtype=dtype, device=like.device)
+    # torch.full, not torch.tensor: no host-to-device copy (which waits for the stream) per step
+    return torch.full((), float(value), dtype=dtype, device=like.device)
 
 
 def _logsumexp_rows(parts):
@@ -150,7 +201,10 @@ def _finish(l_pos, parts, own, n_neg, tau_plus, beta, temperature, positive_in_p
 def info_nce(ops, query, positive_key, queue=None, *, temperature, similarity, in_batch_negatives,
              tau_plus, beta, extra_negatives, mixing, reduction):
     b = query.shape[0]
-    scale = 1.0 / _scale(temperature, query)
+    # one cast of the temperature: every use below then accumulates its gradient in fp32 (fp16
+    # partial gradients of separate casts can overflow where their sum does not)
+    temperature = _scale(temperature, query)
+    scale = 1.0 / temperature
     rows = row_side(query, similarity, scale)
     pos_cols = col_side(positive_key, similarity, scale)
     l_pos = paired_logits(query, rows, positive_key, similarity, scale)
@@ -195,7 +249,8 @@ def info_nce(ops, query, positive_key, queue=None, *, temperature, similarity, i
 def nt_xent(ops, z1, z2, *, temperature, similarity, tau_plus, beta, mixing, reduction):
     b = z1.shape[0]
     z = torch.cat([z1, z2], 0)
-    scale = 1.0 / _scale(temperature, z)
+    temperature = _scale(temperature, z)  # one cast, as in info_nce
+    scale = 1.0 / temperature
     rows, cols = row_side(z, similarity, scale), col_side(z, similarity, scale)
     idx = torch.arange(2 * b, device=z.device)
     partner = (idx + b) % (2 * b)
