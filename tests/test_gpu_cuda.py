@@ -286,8 +286,9 @@ def test_topk_streamed_in_chunks_equals_one_pass(target):
                                        bank_labels=bl, _chunk_rows=rows)
             assert torch.equal(streamed[0], once[0]) and torch.equal(streamed[1], once[1]), (sim, rows)
         scores = reference.similarity_matrix(q.cpu(), bank.cpu(), sim)
-        rows = torch.arange(13)[:, None].expand_as(ex)
-        scores[rows[ex >= 0], ex.cpu()[ex >= 0]] = -math.inf
+        ex_cpu = ex.cpu()
+        rows = torch.arange(13)[:, None].expand_as(ex_cpu)
+        scores[rows[ex_cpu >= 0], ex_cpu[ex_cpu >= 0]] = -math.inf
         scores[ql.cpu()[:, None] == bl.cpu()[None, :]] = -math.inf
         assert torch.equal(once[1].cpu(), scores.sort(dim=1, descending=True, stable=True).indices[:, :40]), sim
 
