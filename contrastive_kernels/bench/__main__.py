@@ -75,6 +75,7 @@ def run(args) -> list:
     limit = memory_limit(args.device)
     bar = tqdm([(c, b) for c in cases for b in backends], desc="bench", unit="run", file=sys.stderr)
     for c, backend in bar:
+        _save_partial(args.out, rows)
         bar.set_postfix_str(f"{c.label or c.op} {c.shape_str} {c.dtype} {backend}")
         row = {"label": c.label, "op": c.op, "shape": c.shape_str, "dtype": c.dtype,
                "device": args.device, "backend": backend, "negatives": c.negatives,
@@ -111,6 +112,7 @@ def run(args) -> list:
             row["h2d_gbps"] = mm_cache["h2d"]
             row["pct_of_h2d"] = 100.0 * row["bank_gbps"] / row["h2d_gbps"]
         rows.append(row)
+        _save_partial(args.out, rows)
     # mixing against plain InfoNCE at the same B, K, D, dtype and backend (the issue's "at most
     # 15 %"); the mixing-only candidates against the backend they stand beside
     plain_of = {"eager-mochi": "reference",
@@ -136,6 +138,23 @@ def run(args) -> list:
     return rows
 
 
+PARTIAL = "results.partial.json"
+
+
+def _write_atomic(path: str, text: str) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _save_partial(out, rows) -> None:
+    """The rows measured so far, so that a run cut short (a time limit, a crash) keeps them."""
+    if out and rows:
+        os.makedirs(out, exist_ok=True)
+        _write_atomic(os.path.join(out, PARTIAL), json.dumps({"rows": rows}, indent=1, default=str))
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.list:
@@ -150,10 +169,11 @@ def main(argv=None) -> int:
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         write_csv(rows, os.path.join(args.out, "results.csv"))
-        with open(os.path.join(args.out, "results.md"), "w") as f:
-            f.write(table)
-        with open(os.path.join(args.out, "results.json"), "w") as f:
-            json.dump({"environment": env, "rows": rows}, f, indent=1, default=str)
+        _write_atomic(os.path.join(args.out, "results.md"), table)
+        _write_atomic(os.path.join(args.out, "results.json"),
+                      json.dumps({"environment": env, "rows": rows}, indent=1, default=str))
+        if os.path.exists(os.path.join(args.out, PARTIAL)):
+            os.remove(os.path.join(args.out, PARTIAL))
         for path in plot(rows, args.out, cpu):
             print(f"wrote {path}")
         print(f"wrote {args.out}/results.csv, results.md, results.json")
