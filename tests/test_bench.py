@@ -25,6 +25,29 @@ def test_bench_cli_writes_every_output(tmp_path, capsys):
     data = json.load(open(out / "results.json"))
     assert data["environment"]["torch"] and len(data["rows"]) == len(rows)
     assert (out / "results.md").read_text().startswith("Measured on")
+    assert not (out / "results.partial.json").exists()  # replaced by the final files
+
+
+def test_bench_keeps_the_rows_of_a_run_cut_short(tmp_path, monkeypatch):
+    """Rows are saved as they are measured: a run that dies after its first measurement leaves
+    that row in results.partial.json."""
+    from contrastive_kernels.bench import __main__ as cli
+
+    calls = []
+
+    def measure_then_die(c, backend, device, repeats):
+        if calls:
+            raise KeyboardInterrupt  # the time limit, in the middle of the second measurement
+        calls.append(backend)
+        return {"median_ms": 1.0, "min_ms": 1.0, "max_ms": 1.0, "peak_extra_bytes": 0, "memory_exact": True}
+
+    monkeypatch.setattr(cli, "measure_in_process", measure_then_die)
+    out = tmp_path / "res"
+    with pytest.raises(KeyboardInterrupt):
+        main(["--preset", "cpu-quick", "--backends", "chunked,reference", "--no-isolate", "--out", str(out)])
+    rows = json.load(open(out / "results.partial.json"))["rows"]
+    assert [r["backend"] for r in rows] == ["chunked"] and rows[0]["median_ms"] == 1.0
+    assert not (out / "results.csv").exists()
 
 
 def test_bench_sweep_plot(tmp_path):

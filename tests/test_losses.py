@@ -201,3 +201,55 @@ def test_chunking_boundaries(backend):
         test_sup_con(backend, torch.float64, "cosine", "multi_hot", "none")
     finally:
         chunked.set_memory_budget(old)
+
+
+@pytest.mark.parametrize("backend_name", ["chunked", "cpu"])
+def test_fp16_temperature_gradient_stays_finite(backend_name):
+    """A learned fp16 temperature whose gradient fits fp16: DCL/HCL with l2 at B=300, K=5000 has
+    d/dT = -49667 (fp32), but its partial gradients along separate uses of T exceeded 65504 when
+    each use cast T on its own (d/dT was -inf on every backend, seen on an H100); one cast keeps
+    the sum in fp32."""
+    if ck.available_backends("cpu")[backend_name] is not None:
+        pytest.skip(ck.available_backends("cpu")[backend_name])
+    g = torch.Generator().manual_seed(1)
+
+    def rows(n):
+        x = torch.nn.functional.normalize(torch.randn(n, 96, generator=g, dtype=torch.float64), dim=1)
+        return x * (1 + 0.3 * torch.rand(n, 1, generator=g, dtype=torch.float64))
+
+    q, p, queue = rows(300), rows(300), rows(5000)
+    grads = {}
+    for dtype in (torch.float16, torch.float32):
+        t = torch.tensor(0.1, dtype=dtype, requires_grad=True)
+        loss = ck.info_nce(q.to(dtype), p.to(dtype), queue.to(dtype), temperature=t, similarity="l2",
+                           in_batch_negatives=True, tau_plus=0.1, beta=0.5, reduction="sum",
+                           backend=backend_name)
+        grads[dtype] = torch.autograd.grad(loss, [t])[0].double()
+    assert abs(grads[torch.float32].item()) > 4e4  # the case is the one that overflowed
+    assert torch.isfinite(grads[torch.float16])
+    assert abs(grads[torch.float16] - grads[torch.float32]).item() < 2e-3 * abs(grads[torch.float32].item())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_paired_dot_in_chunks(dtype, monkeypatch):
+    """losses._PairedDot (row dots of low-precision rows, fp32 formed a chunk at a time) against
+    plain fp32 autograd: value and both gradients, with chunks of 7 rows (a ragged last one) and
+    the same tensor on both sides (squared norms)."""
+    from contrastive_kernels import losses
+
+    monkeypatch.setattr(losses, "_PAIRED_CHUNK_ELEMENTS", 7 * 33)
+    g = torch.Generator().manual_seed(2)
+    a = torch.randn(50, 33, generator=g).to(dtype).requires_grad_()
+    b = torch.randn(50, 33, generator=g).to(dtype).requires_grad_()
+    w = torch.randn(50, generator=g)
+    af, bf = a.detach().float().requires_grad_(), b.detach().float().requires_grad_()
+    cases = [(losses._paired_dot(a, b), (af * bf).sum(-1), [a, b], [af, bf]),
+             (losses._paired_dot(a, a), (af * af).sum(-1), [a], [af])]
+    for got, want, leaves, leaves_f in cases:
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, want.detach(), rtol=1e-6, atol=1e-6)
+        got_g = torch.autograd.grad((got * w).sum(), leaves)
+        want_g = torch.autograd.grad((want * w).sum(), leaves_f)
+        for gg, wg in zip(got_g, want_g):
+            assert gg.dtype == dtype
+            torch.testing.assert_close(gg.float(), wg.to(dtype).float(), rtol=1e-2, atol=1e-2)

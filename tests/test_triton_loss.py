@@ -370,3 +370,18 @@ def test_split_count_tuning(monkeypatch):
         assert len(timed) == 6 and len(infonce._waves_cache) == 2
     _assert_close(got, want)
     _assert_close(again, want)
+
+
+def test_default_tile_drops_stages_that_exceed_shared_memory():
+    """With autotuning off, the default tile loses pipeline stages until its estimated shared
+    memory fits the device: the fp32 key-side backward at a resident D of 128 needed 258 KiB at
+    3 stages on an H100 (227 KiB); bf16 keeps its 3 stages, and nothing goes below 1."""
+    import triton
+
+    cfg = triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=8, num_stages=3)
+    h100 = 232448
+    fp32 = infonce.stages_that_fit(cfg, 128, 4, h100)
+    assert fp32.num_stages == 2 and fp32.kwargs == cfg.kwargs and fp32.num_warps == 8
+    assert infonce._smem_estimate(cfg, 128, 4) > 264192  # above what ptxas reported (an upper estimate)
+    assert infonce.stages_that_fit(cfg, 128, 2, h100) is cfg
+    assert infonce.stages_that_fit(cfg, 512, 4, 1024).num_stages == 1

@@ -355,8 +355,13 @@ def _fit_stages(config, named_args, kwargs):
     if not (torch.is_tensor(q) and q.is_cuda and block_d):
         return config
     limit = _smem_limit(q.device.index if q.device.index is not None else torch.cuda.current_device())
+    return stages_that_fit(config, block_d, q.element_size(), limit)
+
+
+def stages_that_fit(config, block_d: int, elem_bytes: int, limit: int):
+    """``config`` with its pipeline stages lowered until the estimate fits ``limit`` (at least 1)."""
     stages = config.num_stages
-    while stages > 1 and _smem_estimate(_with_stages(config, stages), block_d, q.element_size()) > limit:
+    while stages > 1 and _smem_estimate(_with_stages(config, stages), block_d, elem_bytes) > limit:
         stages -= 1
     return config if stages == config.num_stages else _with_stages(config, stages)
 
