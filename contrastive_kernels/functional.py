@@ -41,8 +41,10 @@ BACKEND_MODULES = {
 # fp32, shared and noisy machine, ratios within one run): "cpu" beats "chunked" everywhere measured:
 # info_nce QK B=256 K=2^20 D=128 fwd+bwd 0.37 s vs chunked 1.7 s vs eager 4.7 s (1.3 MiB extra
 # memory vs eager's 4.1 GiB); MoCo K=65536 0.09 s vs 0.60 s vs 0.53 s; topk M=1024 N=2^20 D=128
-# k=64 1.4 s vs chunked 51 s (FAISS flat index 5.3 s). CUDA: not measured yet (the GPU run of
-# backend="cuda" is owed), so Triton stays first there.
+# k=64 1.4 s vs chunked 51 s (FAISS flat index 5.3 s). CUDA (H100, bf16, benchmarks/results/
+# gpu-backends-h100): triton < cuda < chunked on every op: topk M=8192 N=2^20 k=256 22 ms vs 156 vs
+# 3419; info_nce B=1024 K=2^20 2.5 ms vs 24.8 vs 192; clip N=16384 D=256 7.0 ms vs 25.4 vs 120;
+# MoCHi B=256 K=2^20 6.1 ms vs 46.5 (chunked not run).
 AUTO_ORDER = {
     ("loss", "cuda"): ("triton", "cuda", "chunked"),
     ("loss", "cpu"): ("cpu", "chunked"),
