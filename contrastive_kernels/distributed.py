@@ -631,10 +631,10 @@ REFERENCE_OPS = types.SimpleNamespace(NAME="reference", lse_stats=reference.lse_
 
 
 def _ops(backend, device):
-    from .functional import resolve_backend
+    from .functional import _is_reference, resolve_backend
 
     ops = resolve_backend(backend, "loss", device)
-    return REFERENCE_OPS if isinstance(ops, str) else ops
+    return REFERENCE_OPS if _is_reference(ops) else ops
 
 
 class _Setup:

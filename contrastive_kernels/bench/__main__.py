@@ -75,7 +75,7 @@ def run(args) -> list:
     limit = memory_limit(args.device)
     bar = tqdm([(c, b) for c in cases for b in backends], desc="bench", unit="run", file=sys.stderr)
     for c, backend in bar:
-        _save_partial(args.out, rows)
+        _save_partial(args.out, rows)  # the rows before this one (also those skipped or failed)
         bar.set_postfix_str(f"{c.label or c.op} {c.shape_str} {c.dtype} {backend}")
         row = {"label": c.label, "op": c.op, "shape": c.shape_str, "dtype": c.dtype,
                "device": args.device, "backend": backend, "negatives": c.negatives,
@@ -112,7 +112,7 @@ def run(args) -> list:
             row["h2d_gbps"] = mm_cache["h2d"]
             row["pct_of_h2d"] = 100.0 * row["bank_gbps"] / row["h2d_gbps"]
         rows.append(row)
-        _save_partial(args.out, rows)
+    _save_partial(args.out, rows)
     # mixing against plain InfoNCE at the same B, K, D, dtype and backend (the issue's "at most
     # 15 %"); the mixing-only candidates against the backend they stand beside
     plain_of = {"eager-mochi": "reference",
