@@ -170,13 +170,15 @@ def mixed_lse_backward(ctx, d_lse, _d_e, _d_u):
     if d_lse is None:
         return (None,) * 11
     # gammas as Python scalars: a tensor of them would be a blocking host-to-device copy per step
-    w = torch.stack([d_lse[g].to(acc) * gamma for g, gamma in enumerate(ctx.gammas)])
-    w = torch.where(lse == float("-inf"), torch.zeros_like(w), w)
+    w = [d_lse[g].to(acc) * gamma for g, gamma in enumerate(ctx.gammas)]
+    w = torch.stack(w) if len(w) > 1 else w[0][None]  # one gamma (cross-entropy): a view
+    w = w.masked_fill(lse == float("-inf"), 0.0)
+    sum_g = lambda x: x[0] if x.shape[0] == 1 else x.sum(0)  # noqa: E731 - no copy for one gamma
     dq = da = dc = None
     if need[0]:
-        dq = (row_scale.to(acc)[:, None] * (w[..., None] * e_sum).sum(0)).to(ctx.dtypes[0])
+        dq = (row_scale.to(acc)[:, None] * sum_g(w[..., None] * e_sum)).to(ctx.dtypes[0])
     if need[8]:
-        da = (w * u_sum).sum(0).to(ctx.dtypes[1])
+        da = sum_g(w * u_sum).to(ctx.dtypes[1])
     if need[9]:
-        dc = w.sum(0).to(ctx.dtypes[2])
+        dc = sum_g(w).to(ctx.dtypes[2])
     return (dq,) + (None,) * 7 + (da, dc, None)

@@ -739,7 +739,7 @@ def info_nce(query, positive_key, queue=None, *, temperature, similarity, in_bat
     run = _Setup(group, meta, group_strategy, backend, query.device)
 
     b = query.shape[0]
-    scale = 1.0 / losses._scale(temperature, query)
+    temperature, scale = losses._temperature_and_scale(temperature, query)
     rows = losses.row_side(query, similarity, scale)
     l_pos = losses.paired_logits(query, rows, positive_key, similarity, scale)
     debiased = tau_plus != 0.0 or beta != 0.0
@@ -787,7 +787,7 @@ def nt_xent(z1, z2, *, temperature, similarity, tau_plus, beta, mixing, reductio
 
     b = z1.shape[0]
     z = torch.cat([z1, z2], 0)
-    scale = 1.0 / losses._scale(temperature, z)
+    temperature, scale = losses._temperature_and_scale(temperature, z)
     rows = losses.row_side(z, similarity, scale)
     idx = torch.arange(2 * b, device=z.device)
     partner = (idx + b) % (2 * b)
@@ -859,7 +859,7 @@ def multi_positive_info_nce(query, keys, positive_index, queue=None, *, temperat
     _scalar_meta(meta, "temperature", temperature)
     run = _Setup(group, meta, group_strategy, backend, query.device)
 
-    scale = 1.0 / losses._scale(temperature, query)
+    scale = losses._temperature_and_scale(temperature, query)[1]
     rows = losses.row_side(query, similarity, scale)
     n_keys = run.world * keys.shape[0]
     valid = positive_index >= 0

@@ -87,8 +87,11 @@ class _PairedDot(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a, b):
         ctx.save_for_backward(a, b)
+        chunks = _row_chunks(a)
+        if len(chunks) == 1:  # the usual case: no output buffer and copies into it
+            return (a.float() * b.float()).sum(-1)
         out = torch.empty(a.shape[0], dtype=torch.float32, device=a.device)
-        for i, j in _row_chunks(a):
+        for i, j in chunks:
             out[i:j] = (a[i:j].float() * b[i:j].float()).sum(-1)
         return out
 
@@ -96,9 +99,14 @@ class _PairedDot(torch.autograd.Function):
     def backward(ctx, g):
         a, b = ctx.saved_tensors
         want_a, want_b = ctx.needs_input_grad[:2]
+        chunks = _row_chunks(a)
+        if len(chunks) == 1:
+            gi = g[:, None].float()
+            return ((gi * b.float()).to(a.dtype) if want_a else None,
+                    (gi * a.float()).to(b.dtype) if want_b else None)
         da = torch.empty_like(a) if want_a else None
         db = torch.empty_like(b) if want_b else None
-        for i, j in _row_chunks(a):
+        for i, j in chunks:
             gi = g[i:j, None].float()
             if want_a:
                 da[i:j] = gi * b[i:j].float()
@@ -152,6 +160,17 @@ def _scale(value, like: torch.Tensor) -> torch.Tensor:
     return torch.full((), float(value), dtype=dtype, device=like.device)
 
 
+def _temperature_and_scale(temperature, like: torch.Tensor):
+    """(temperature, scale = 1 / temperature). A tensor temperature is cast once to the
+    accumulation dtype (every use then accumulates its gradient in fp32: fp16 partial gradients of
+    separate casts can overflow where their sum does not); a number stays a number and its scale
+    is one fill, not a fill, a reciprocal and a multiply per step."""
+    if torch.is_tensor(temperature):
+        temperature = _scale(temperature, like)
+        return temperature, 1.0 / temperature
+    return float(temperature), _scale(1.0 / float(temperature), like)
+
+
 def _logsumexp_rows(parts):
     """log sum exp over a list of (B,) log-sum-exp terms."""
     if len(parts) == 1:
@@ -201,10 +220,7 @@ def _finish(l_pos, parts, own, n_neg, tau_plus, beta, temperature, positive_in_p
 def info_nce(ops, query, positive_key, queue=None, *, temperature, similarity, in_batch_negatives,
              tau_plus, beta, extra_negatives, mixing, reduction):
     b = query.shape[0]
-    # one cast of the temperature: every use below then accumulates its gradient in fp32 (fp16
-    # partial gradients of separate casts can overflow where their sum does not)
-    temperature = _scale(temperature, query)
-    scale = 1.0 / temperature
+    temperature, scale = _temperature_and_scale(temperature, query)
     rows = row_side(query, similarity, scale)
     pos_cols = col_side(positive_key, similarity, scale)
     l_pos = paired_logits(query, rows, positive_key, similarity, scale)
@@ -249,8 +265,7 @@ def info_nce(ops, query, positive_key, queue=None, *, temperature, similarity, i
 def nt_xent(ops, z1, z2, *, temperature, similarity, tau_plus, beta, mixing, reduction):
     b = z1.shape[0]
     z = torch.cat([z1, z2], 0)
-    temperature = _scale(temperature, z)  # one cast, as in info_nce
-    scale = 1.0 / temperature
+    temperature, scale = _temperature_and_scale(temperature, z)
     rows, cols = row_side(z, similarity, scale), col_side(z, similarity, scale)
     idx = torch.arange(2 * b, device=z.device)
     partner = (idx + b) % (2 * b)
@@ -285,7 +300,7 @@ def clip_loss(ops, image_features, text_features, logit_scale, *, similarity, re
 
 def sup_con(ops, features, labels, *, temperature, similarity, reduction):
     b = features.shape[0]
-    scale = 1.0 / _scale(temperature, features)
+    scale = _temperature_and_scale(temperature, features)[1]
     rows, cols = row_side(features, similarity, scale), col_side(features, similarity, scale)
     lab = labels.long() if labels.dim() == 1 else pack_multi_hot(labels)
     self_index = torch.arange(b, device=features.device)[:, None]
@@ -299,7 +314,7 @@ def sup_con(ops, features, labels, *, temperature, similarity, reduction):
 
 def multi_positive_info_nce(ops, query, keys, positive_index, queue=None, *, temperature,
                             similarity, reduction):
-    scale = 1.0 / _scale(temperature, query)
+    scale = _temperature_and_scale(temperature, query)[1]
     rows = row_side(query, similarity, scale)
     key_cols = col_side(keys, similarity, scale)
     parts = [ops.lse_stats(query, keys, rows.scale, key_cols.scale, rows.bias, key_cols.bias,

@@ -518,7 +518,8 @@ def _row_merge_kernel(ROW_M, ROW_S, POS_P, CNT_P, ROW_E, OUT_LSE, OUT_POS, OUT_C
                       S, B, D, N_GAMMA: tl.constexpr, LABELS: tl.constexpr,
                       ROW_ONLY: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     """Merge the (m, s) partials of S key splits: lse = M + log sum_s s_s exp(m_s - M); label
-    sums add up; with ROW_ONLY the normalized E = sum_s exp(m_s - M) E_s / sum."""
+    sums add up (zeros without labels); with ROW_ONLY the normalized E = sum_s exp(m_s - M) E_s /
+    sum."""
     rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
     row_ok = rows < B
     acc_ty = OUT_LSE.dtype.element_ty
@@ -548,14 +549,15 @@ def _row_merge_kernel(ROW_M, ROW_S, POS_P, CNT_P, ROW_E, OUT_LSE, OUT_POS, OUT_C
                 e += w[:, None] * part
             tl.store(OUT_E + rows[:, None] * D + offs_d[None, :], e,
                      mask=row_ok[:, None] & d_ok[None, :])
+    # without labels the sums are zeros: written here, not by two fills on the host
+    ps = tl.zeros([BLOCK_R], dtype=acc_ty)
+    pc = tl.zeros([BLOCK_R], dtype=acc_ty)
     if LABELS != 0:
-        ps = tl.zeros([BLOCK_R], dtype=acc_ty)
-        pc = tl.zeros([BLOCK_R], dtype=acc_ty)
         for s in range(S):
             ps += tl.load(POS_P + s * B + rows, mask=row_ok, other=0.0)
             pc += tl.load(CNT_P + s * B + rows, mask=row_ok, other=0.0)
-        tl.store(OUT_POS + rows, ps, mask=row_ok)
-        tl.store(OUT_CNT + rows, pc, mask=row_ok)
+    tl.store(OUT_POS + rows, ps, mask=row_ok)
+    tl.store(OUT_CNT + rows, pc, mask=row_ok)
 
 
 @triton.jit
@@ -808,7 +810,7 @@ def _precision(dtype: torch.dtype) -> str:
 def _d_blocks(d: int, dtype: torch.dtype):
     """(BLOCK_D, D_CHUNKS): the whole feature dim resident up to MAX_REG_D_BYTES per row, else
     chunks of CHUNK_D (of MAX_REG_D_BYTES / itemsize when that is smaller)."""
-    itemsize = torch.empty((), dtype=dtype).element_size()
+    itemsize = dtype.itemsize
     max_reg = _plan_overrides.get("max_reg_d", MAX_REG_D_BYTES // itemsize)
     if d <= max_reg:
         return max(16, triton.next_power_of_2(d)), 1
@@ -1082,12 +1084,10 @@ def _forward(q, k, row_scale, col_scale, row_bias, col_bias, gammas, exclude, q_
         WANT_COL=want_col_lse, ROW_ONLY=row_only, CAND=cand, **flags)
     block_r = 32 if (row_only or INTERPRETER) else 128
     wrap_triton(_row_merge_kernel)[(triton.cdiv(bsz, block_r),)](
-        row_m, row_s, pos_p, cnt_p, e_p, row_lse, pos_sum if labels else row_lse,
-        pos_count if labels else row_lse, row_e if row_only else row_lse, n_sp, bsz, dim,
+        row_m, row_s, pos_p, cnt_p, e_p, row_lse, pos_sum, pos_count,
+        row_e if row_only else row_lse, n_sp, bsz, dim,
         N_GAMMA=n_g, LABELS=flags["LABELS"], ROW_ONLY=row_only, BLOCK_R=block_r,
         BLOCK_D=flags["BLOCK_D"])
-    if not labels:
-        pos_sum, pos_count = torch.zeros_like(pos_sum), torch.zeros_like(pos_count)
     if want_col_lse:
         block_c = 64 if INTERPRETER else 256
         wrap_triton(_col_merge_kernel)[(triton.cdiv(n, block_c),)](col_m, col_s, col_lse, n_rg, n,

@@ -630,9 +630,10 @@ def lse_stats_topk(q, k, row_scale, col_scale=None, row_bias=None, col_bias=None
 
 def merge_candidates(cand_s, cand_j, n_hard):
     """hard (B, n_hard) int64 from each row's candidates: the n_hard largest top-k keys (score,
-    then lower index; triton/topk.py's encoding)."""
+    then lower index; triton/topk.py's encoding). Rows with fewer than n_hard candidates get
+    arbitrary indices: the caller recomputes them (``_loss_topk``: count < n_hard is inexact)."""
     keys = _topk.encode_keys(cand_s, cand_j)
-    return _topk.decode_keys(_topk._topk_keys(keys, n_hard))[1]
+    return _topk.decode_indices(_topk._topk_keys(keys, n_hard))
 
 
 # ------------------------------------------------------------------------------------------------

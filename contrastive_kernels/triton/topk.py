@@ -425,6 +425,11 @@ def decode_keys(keys: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     return values, index
 
 
+def decode_indices(keys: torch.Tensor) -> torch.Tensor:
+    """The indices of ``decode_keys`` alone, for keys known to hold a candidate (not INT64_MIN)."""
+    return _LOW - (keys & _LOW)
+
+
 def encode_keys(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """The inverse of ``decode_keys`` (for tests and host-side merges)."""
     bits = values.float().contiguous().view(torch.int32)
