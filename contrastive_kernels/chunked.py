@@ -15,7 +15,9 @@ so backward is O(B D) with no second pass over the keys (4 B K D flops in all in
 high word, the complement of the bank index in the low word), so merging chunks is exact and ties
 resolve to the lower index whatever torch.topk does with equal values.
 
-The budget: ``CK_CHUNK_MB`` (environment, default 32) or ``set_memory_budget(bytes)``.
+The budget: ``CK_CHUNK_MB`` (environment) or ``set_memory_budget(bytes)``; without either,
+32 MiB on a CPU (chunks that stay near the caches) and 256 MiB on a GPU (whose launches cost more
+than its memory: at 32 MiB a 2^20-key bank is 512 chunks of a dozen small kernels each).
 """
 from __future__ import annotations
 
@@ -29,7 +31,9 @@ from . import reference
 from ._common import MixingDraws, acc_dtype, query_side_only
 
 NAME = "chunked"
-_budget_bytes = int(float(os.environ.get("CK_CHUNK_MB", "32")) * 2**20)
+DEFAULT_BUDGET_MB = {"cpu": 32, "cuda": 256}  # per device type; others take the CPU's
+_budget_bytes: Optional[int] = (int(float(os.environ["CK_CHUNK_MB"]) * 2**20)
+                                if os.environ.get("CK_CHUNK_MB") else None)
 _LIVE_TEMPORARIES = 4  # (rows x chunk) buffers alive at once in the loops below
 
 
@@ -38,23 +42,30 @@ def available(device: torch.device) -> Optional[str]:
     return None
 
 
-def set_memory_budget(nbytes: int) -> None:
-    """Bytes that the per-chunk temporaries of this backend may take together."""
+def set_memory_budget(nbytes: Optional[int]) -> Optional[int]:
+    """Bytes that the per-chunk temporaries of this backend may take together, on every device;
+    None: the per-device defaults (``DEFAULT_BUDGET_MB``). Returns the previous setting."""
     global _budget_bytes
-    if nbytes < 1:
+    if nbytes is not None and nbytes < 1:
         raise ValueError(f"the memory budget must be positive, got {nbytes}")
-    _budget_bytes = int(nbytes)
+    old, _budget_bytes = _budget_bytes, (None if nbytes is None else int(nbytes))
+    return old
 
 
-def memory_budget() -> int:
-    return _budget_bytes
+def memory_budget(device=None) -> int:
+    """The budget in bytes on ``device`` (a torch.device or its string; None: the CPU)."""
+    if _budget_bytes is not None:
+        return _budget_bytes
+    kind = torch.device(device).type if device is not None else "cpu"
+    return DEFAULT_BUDGET_MB.get(kind, DEFAULT_BUDGET_MB["cpu"]) << 20
 
 
 def chunk_size(rows: int, total: int, itemsize: int = 4, temporaries: int = _LIVE_TEMPORARIES,
-               minimum: int = 16) -> int:
-    """Columns per chunk so that ``temporaries`` (rows x chunk) buffers fit in the budget."""
+               minimum: int = 16, device=None) -> int:
+    """Columns per chunk so that ``temporaries`` (rows x chunk) buffers fit in the budget of
+    ``device``."""
     per_col = max(1, rows * itemsize * temporaries)
-    return int(max(1, min(total, max(minimum, _budget_bytes // per_col))))
+    return int(max(1, min(total, max(minimum, memory_budget(device) // per_col))))
 
 
 # --------------------------------------------------------------------------------------------
@@ -90,7 +101,7 @@ def _logit_chunks(qf, k, a, b, c, d, exclude, acc):
     """The streaming loop of lse_stats' forward and backward: for each column chunk (its size from
     the memory budget), (j0, j1, the chunk's keys in ``acc``, its logits, its valid mask or None)."""
     bsz, n, dev = qf.shape[0], k.shape[0], qf.device
-    step = chunk_size(bsz, n, torch.finfo(acc).bits // 8)
+    step = chunk_size(bsz, n, torch.finfo(acc).bits // 8, device=dev)
     for j0 in range(0, n, step):
         j1 = min(n, j0 + step)
         kc = k[j0:j1].to(device=dev, dtype=acc)
@@ -268,7 +279,7 @@ def topk(query, bank, k, *, similarity="dot", exclude_index=None, query_labels=N
     dev = query.device
     out_keys = torch.empty((m, k), dtype=torch.int64, device=dev)
     row_block = min(m, 4096)
-    step = chunk_size(row_block, n, 4, temporaries=5, minimum=max(64, k))
+    step = chunk_size(row_block, n, 4, temporaries=5, minimum=max(64, k), device=dev)
     for i0 in range(0, m, row_block):
         i1 = min(m, i0 + row_block)
         qf = query[i0:i1].float()
@@ -324,7 +335,8 @@ class _MixedDots(torch.autograd.Function):
         acc = acc_dtype(q.dtype)
         bsz, t = q.shape[0], draws.alpha.shape[1] + draws.query_weight.shape[1]
         out = torch.empty((bsz, t), dtype=acc, device=q.device)
-        step = chunk_size(max(1, t), bsz, torch.finfo(acc).bits // 8 * q.shape[1], temporaries=4)
+        step = chunk_size(max(1, t), bsz, torch.finfo(acc).bits // 8 * q.shape[1], temporaries=4,
+                          device=q.device)
         for i0 in range(0, bsz, step):
             i1 = min(bsz, i0 + step)
             h = mix(mix_query[i0:i1], negatives, hard_index[i0:i1], _slice_draws(draws, i0, i1))

@@ -192,8 +192,7 @@ def test_chunking_boundaries(backend):
     """Tiny chunks: every loss crosses many chunk boundaries (and exclusions fall across them)."""
     from contrastive_kernels import chunked
 
-    old = chunked.memory_budget()
-    chunked.set_memory_budget(2048)
+    old = chunked.set_memory_budget(2048)
     try:
         test_info_nce_modes(backend, torch.float64, "l2", "queue+in_batch", "dcl+hcl")
         test_nt_xent(backend, torch.float64, "cosine", "dcl", 20)

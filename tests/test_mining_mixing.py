@@ -76,8 +76,7 @@ def test_mine_large_set_in_blocks():
     """Query blocks and bank chunks both smaller than the set."""
     torch.manual_seed(1)
     emb = torch.randn(5000, 8)
-    old = chunked.memory_budget()
-    chunked.set_memory_budget(1 << 20)
+    old = chunked.set_memory_budget(1 << 20)
     try:
         pairs, scores = ck.mine_semantic_positives(emb, 3, 0.8, backend="chunked")
     finally:

@@ -62,8 +62,7 @@ def test_chunked_gradcheck(row_only):
     if not row_only:
         k.requires_grad_(), b.requires_grad_(), d.requires_grad_()
     labels = torch.tensor([0, 1, 0, 2]), torch.arange(11) % 3
-    old = chunked.memory_budget()
-    chunked.set_memory_budget(512)  # several chunks
+    old = chunked.set_memory_budget(512)  # several chunks
     try:
         def f(q, k, a, b, c, d):
             row, ps, _, col = chunked.lse_stats(q, k, a, b, c, d, gammas=(1.3, 0.4),
@@ -132,11 +131,31 @@ def test_topk_exclusions(backend):
         assert got_i[i].tolist() == order
 
 
+def test_chunked_memory_budget_per_device():
+    """Without an override the chunks are sized per device type (a GPU gets bigger chunks);
+    set_memory_budget overrides every device and returns the previous setting."""
+    old = chunked.set_memory_budget(None)
+    try:
+        assert chunked.memory_budget() == chunked.memory_budget("cpu") == 32 << 20
+        assert chunked.memory_budget(torch.device("cuda", 0)) == 256 << 20
+        assert chunked.memory_budget("meta") == 32 << 20  # other devices: the CPU's
+        rows = 1024  # fp32, 4 temporaries: 16 KiB per column
+        assert chunked.chunk_size(rows, 1 << 30) == 2048
+        assert chunked.chunk_size(rows, 1 << 30, device="cuda") == 16384
+        assert chunked.chunk_size(rows, 100, device="cuda") == 100
+        assert chunked.set_memory_budget(1 << 20) is None
+        assert chunked.memory_budget("cuda") == chunked.memory_budget("cpu") == 1 << 20
+        assert chunked.set_memory_budget(None) == 1 << 20
+        with pytest.raises(ValueError, match="positive"):
+            chunked.set_memory_budget(0)
+    finally:
+        chunked.set_memory_budget(old)
+
+
 def test_topk_host_bank_equals_device_bank(backend):
     """The bank may live elsewhere than the query; on the CPU this checks the streaming path."""
     q, bank = torch.randn(4, 8), torch.randn(3000, 8)
-    old = chunked.memory_budget()
-    chunked.set_memory_budget(4096)
+    old = chunked.set_memory_budget(4096)
     try:
         a = _ops(backend).topk(q, bank, 50, similarity="cosine", exclude_index=None,
                                query_labels=None, bank_labels=None)
