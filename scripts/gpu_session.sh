@@ -9,6 +9,9 @@
 #   bench-loss   GPU loss presets (moco, qk, simclr; clip with Inf-CL) -> benchmarks/results/gpu-*
 #   bench-mixing the mixing preset next to plain fused InfoNCE and eager MoCHi
 #   bench-backends  cuda vs triton vs chunked, per op (benchmarks/gpu_backends.py)
+#   profile      host against kernels per training step (scripts/profile_gpu_step.py) for the MoCo,
+#                QK and MoCHi steps: wall, kernels, no launches, the CUDA-graph replay, the host's
+#                Python profile -> $OUT/profile-*.txt
 set -uo pipefail
 OUT=${OUT:-out/gpu}
 mkdir -p "$OUT"
@@ -61,6 +64,13 @@ for stage in "$@"; do
         ;;
     bench-backends)
         $PY benchmarks/gpu_backends.py --backends cuda,triton,chunked,reference 2>&1 | tee "$OUT/gpu-backends.md" || status=1
+        ;;
+    profile)
+        for c in moco qk mochi; do  # one process per case: a failed graph capture spoils CUDA
+            timeout 120 $PY scripts/profile_gpu_step.py --case "$c" --no-launch --cprofile --graph \
+                --rows 30 > "$OUT/profile-$c.txt" 2>&1 || status=1
+            grep -E "^(case|kernels|no Triton|graph)" "$OUT/profile-$c.txt"
+        done
         ;;
     *) echo "unknown stage $stage"; status=2 ;;
     esac
