@@ -22,13 +22,14 @@ O(B D) torch ops; otherwise it calls ``triton_lse_bwd``, fused (dQ and dK from o
 atomics) unless ``torch.use_deterministic_algorithms(True)`` asks for reproducible sums.
 
 ``contrastive_kernels::triton_lse_topk_fwd(q, k, row_scale, col_scale?, row_bias?, col_bias?,
-    gammas, row_only, threshold, capacity) -> (the 5 outputs of triton_lse_fwd, scores (B, capacity)
-    fp32, columns (B, capacity) int32, count (B,) int32)``
+    gammas, row_only, threshold, capacity) -> (the 5 outputs of triton_lse_fwd, keys (B, capacity)
+    int64, count (B,) int32)``
     ``triton_lse_fwd`` over a queue (no exclusions, labels or column statistics) whose kernel also
-    lists, per row, every column j with <q_i, k_j> >= threshold[i] and its score (``count`` of
-    them; those past ``capacity`` are dropped, empty slots hold -inf): the hard negatives of mixing
-    from the loss's own pass (triton/mixing.py). Same autograd formula as ``triton_lse_fwd``; the
-    candidates carry no gradient.
+    lists, per row, every column j with <q_i, k_j> >= threshold[i] as a top-k key of
+    triton/topk.py (score, then the lower column first; ``count`` of them; those past ``capacity``
+    are dropped, empty slots hold INT64_MIN): the hard negatives of mixing from the loss's own pass
+    (triton/mixing.py). Same autograd formula as ``triton_lse_fwd``; the candidates carry no
+    gradient.
 
 Mixing (triton/mixing.py; the synthetic points never carry a gradient):
 
@@ -159,7 +160,7 @@ if TRITON_OPS_AVAILABLE:
                             row_bias: Optional[Tensor], col_bias: Optional[Tensor],
                             gammas: List[float], row_only: bool, threshold: Tensor,
                             capacity: int) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
-                                                    Tensor, Tensor]:
+                                                    Tensor]:
         return lse_forward_topk(q, k, row_scale, col_scale, row_bias, col_bias, gammas, row_only,
                                 threshold, capacity)
 
@@ -173,7 +174,7 @@ if TRITON_OPS_AVAILABLE:
         _save_lse_context(ctx, q, k, row_scale, col_scale, row_bias, col_bias, gammas, None, None,
                           None, row_only, output)
 
-    def _topk_fwd_backward(ctx, d_row, d_pos, _d_count, d_col, _d_e, _d_s, _d_j, _d_cnt):
+    def _topk_fwd_backward(ctx, d_row, d_pos, _d_count, d_col, _d_e, _d_keys, _d_cnt):
         return _lse_grads(ctx, d_row, d_pos, d_col) + (None,) * 4
 
     triton_lse_topk_fwd.register_autograd(_topk_fwd_backward, setup_context=_topk_fwd_setup_context)

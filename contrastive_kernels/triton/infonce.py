@@ -35,8 +35,8 @@ Kernels (all statistics and accumulators fp32, fp64 for fp64 inputs; tiles of q 
     CAND mode (the hard negatives of MoCHi mixing, triton/mixing.py): in the same pass, every
     valid (i, j) whose raw dot <q_i, k_j> (the tile's fp32 tl.dot result, before any scaling)
     reaches a per-row threshold is appended to row i's candidate list: one atomic add per row and
-    tile reserves the slots, a prefix sum over the tile's columns places (score, j). Off (the
-    constexpr is False) it compiles to the kernel without it.
+    tile reserves the slots, a prefix sum over the tile's columns places the top-k key of (score,
+    j). Off (the constexpr is False) it compiles to the kernel without it.
 ``_row_merge_kernel`` / ``_col_merge_kernel``  merge the partials of the splits / row groups:
     M = max_s m_s, S = sum_s s_s exp(m_s - M), lse = M + log S (and E = sum_s exp(m_s - M) E_s / S).
 ``_lse_bwd_q_kernel``  grid (row blocks, key splits): recomputes the tiles of a row block, forms
@@ -402,7 +402,7 @@ _KEY = ["D", "rows_per_group", "cols_per_split", "HAS_B", "HAS_C", "HAS_D", "N_E
                  reset_to_zero=["CAND_CNT"])
 @triton.jit
 def _lse_fwd_kernel(Q, K, A, BS, CB, DB, EXCL, QL, KL, g0_hi, g0_lo, g1_hi, g1_lo,
-                  ROW_M, ROW_S, POS_P, CNT_P, COL_M, COL_S, ROW_E, THR, CAND_S, CAND_J, CAND_CNT,
+                  ROW_M, ROW_S, POS_P, CNT_P, COL_M, COL_S, ROW_E, THR, CAND_K, CAND_CNT,
                   B, N, D, stride_q, stride_k, n_words, rows_per_group, cols_per_split, cand_cap,
                   HAS_B: tl.constexpr, HAS_C: tl.constexpr, HAS_D: tl.constexpr,
                   N_EXCL: tl.constexpr, LABELS: tl.constexpr, N_GAMMA: tl.constexpr,
@@ -410,9 +410,10 @@ def _lse_fwd_kernel(Q, K, A, BS, CB, DB, EXCL, QL, KL, g0_hi, g0_lo, g1_hi, g1_l
                   PREC: tl.constexpr, BLOCK_D: tl.constexpr, D_CHUNKS: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Split-K forward (module docstring). CAND (the hard negatives of mixing, triton/mixing.py):
-    also append to row i's list (CAND_S: the raw dot fp32, CAND_J: the column, int32) every valid
-    column with the raw dot s_ij >= THR[i]: per tile one atomic add on CAND_CNT[i] reserves the
-    slots, a prefix sum over the columns places them; slots at or past cand_cap are dropped
+    also append to row i's list (CAND_K: int64 top-k keys of triton/topk.py, the order-preserving
+    bits of the raw fp32 dot in the high word and the complemented column in the low word) every
+    valid column with the raw dot s_ij >= THR[i]: per tile one atomic add on CAND_CNT[i] reserves
+    the slots, a prefix sum over the columns places them; slots at or past cand_cap are dropped
     (CAND_CNT still counts them, so the caller sees the overflow)."""
     rg = tl.program_id(0)
     sp = tl.program_id(1)
@@ -477,8 +478,10 @@ def _lse_fwd_kernel(Q, K, A, BS, CB, DB, EXCL, QL, KL, g0_hi, g0_lo, g1_hi, g1_l
                     slot = base[:, None] + tl.cumsum(hit, 1) - 1
                     ptr = rows[:, None] * cand_cap + slot
                     keep = (hit != 0) & (slot < cand_cap)
-                    tl.store(CAND_S + ptr, s.to(tl.float32), mask=keep)
-                    tl.store(CAND_J + ptr, cols.to(tl.int32)[None, :], mask=keep)
+                    bits = s.to(tl.float32).to(tl.int32, bitcast=True)
+                    ordered = tl.where(bits >= 0, bits, -(bits & 0x7FFFFFFF)).to(tl.int64)
+                    low = tl.full([BLOCK_N], 4294967295, tl.int64) - cols  # 2^32 - 1 - j
+                    tl.store(CAND_K + ptr, (ordered << 32) | low[None, :], mask=keep)
             if WANT_COL:
                 # running (max, sum) of this row group for these columns; fresh at its first row block
                 zc = tl.where(valid, l, float("-inf"))
@@ -767,6 +770,7 @@ except ImportError:  # pragma: no cover
 MIN_SPLIT_COLS = 1024
 MIN_SPLIT_ROWS = 1024
 _plan_overrides: dict = {}
+_INT64_MIN = torch.iinfo(torch.int64).min  # an empty candidate slot (triton/topk.py's encoding)
 
 
 @contextlib.contextmanager
@@ -941,11 +945,10 @@ def _label_mode(q_labels) -> tuple:
 
 def forward_topk_outputs(q, k, gammas, row_only, capacity):
     """``forward_outputs`` plus the candidates of ``lse_forward_topk`` (also its fake kernel):
-    scores (B, capacity) fp32, columns (B, capacity) int32, counts (B,) int32."""
+    keys (B, capacity) int64, counts (B,) int32."""
     b = q.shape[0]
     return (*forward_outputs(q, k, gammas, False, row_only),
-            q.new_empty((b, capacity), dtype=torch.float32),
-            q.new_empty((b, capacity), dtype=torch.int32), q.new_empty((b,), dtype=torch.int32))
+            q.new_empty((b, capacity), dtype=torch.int64), q.new_empty((b,), dtype=torch.int32))
 
 
 def forward_outputs(q, k, gammas, want_col_lse, row_only):
@@ -1022,8 +1025,9 @@ def lse_forward_topk(q, k, row_scale, col_scale, row_bias, col_bias, gammas, row
                      capacity):
     """``lse_forward`` over a queue (no exclusions, labels or column statistics) with the CAND mode
     of the kernel: also the columns j with <q_i, k_j> >= threshold[i] (fp32) of each row i, as
-    (scores (B, capacity) fp32, -inf where empty; columns (B, capacity) int32; count (B,) int32),
-    in no particular order. Needs the feature dim resident (D_CHUNKS == 1)."""
+    (keys (B, capacity) int64: the top-k keys of triton/topk.py (score, then the lower column
+    first), INT64_MIN where empty; count (B,) int32), in no particular order. Needs the feature
+    dim resident (D_CHUNKS == 1)."""
     return _forward(q, k, row_scale, col_scale, row_bias, col_bias, gammas, None, None, None,
                     False, row_only, threshold, int(capacity))
 
@@ -1036,12 +1040,11 @@ def _forward(q, k, row_scale, col_scale, row_bias, col_bias, gammas, exclude, q_
     args = (q, k, row_scale, col_scale, row_bias, col_bias, gammas, exclude, q_labels, k_labels,
             want_col_lse, row_only, threshold, capacity)
     if cand:
-        (row_lse, pos_sum, pos_count, col_lse, row_e, cand_s, cand_j,
+        (row_lse, pos_sum, pos_count, col_lse, row_e, cand_k,
          count) = forward_topk_outputs(q, k, gammas, row_only, capacity)
-        cand_s.fill_(float("-inf"))
-        cand_j.zero_()
+        cand_k.fill_(_INT64_MIN)  # empty slots: no candidate
         count.zero_()
-        extra = (cand_s, cand_j, count)
+        extra = (cand_k, count)
     else:
         row_lse, pos_sum, pos_count, col_lse, row_e = forward_outputs(q, k, gammas, want_col_lse,
                                                                       row_only)
@@ -1072,14 +1075,14 @@ def _forward(q, k, row_scale, col_scale, row_bias, col_bias, gammas, exclude, q_
     col_m, col_s = (part(n_rg, n), part(n_rg, n)) if want_col_lse else (scratch, scratch)
     e_p = part(n_sp, bsz, dim) if row_only else scratch
     if cand:
-        thr, cand_s, cand_j, count = threshold.to(torch.float32).contiguous(), *extra
+        thr, cand_k, count = threshold.to(torch.float32).contiguous(), *extra
     else:  # the autotuner zeroes CAND_CNT before its timing runs: a scratch buffer of its own
-        thr, cand_s, cand_j, count = scratch, scratch, scratch, part(1)
+        thr, cand_k, count = scratch, scratch, part(1)
     wrap_triton(_lse_fwd_kernel)[(n_rg, n_sp)](
         q, k, a, b if b is not None else a, c if c is not None else a, d if d is not None else a,
         excl if excl is not None else ql if ql is not None else a, ql if ql is not None else a,
         kl if kl is not None else a, *gam,
-        row_m, row_s, pos_p, cnt_p, col_m, col_s, e_p, thr, cand_s, cand_j, count,
+        row_m, row_s, pos_p, cnt_p, col_m, col_s, e_p, thr, cand_k, count,
         bsz, n, dim, q.stride(0), k.stride(0), n_words, rows, cols, max(1, capacity),
         WANT_COL=want_col_lse, ROW_ONLY=row_only, CAND=cand, **flags)
     block_r = 32 if (row_only or INTERPRETER) else 128
@@ -1204,8 +1207,8 @@ def lse_stats(q, k, row_scale, col_scale=None, row_bias=None, col_bias=None, *,
 
 _I32 = ("B", "N", "D", "S", "R", "n", "stride_q", "stride_k", "stride_x", "n_words",
         "rows_per_group", "cols_per_split", "cand_cap")
-_PTR_TYPES = {"EXCL": "*i64", "QL": "*i64", "KL": "*i64", "THR": "*fp32", "CAND_S": "*fp32",
-              "CAND_J": "*i32", "CAND_CNT": "*i32"}
+_PTR_TYPES = {"EXCL": "*i64", "QL": "*i64", "KL": "*i64", "THR": "*fp32", "CAND_K": "*i64",
+              "CAND_CNT": "*i32"}
 _F32 = ("g0_hi", "g0_lo", "g1_hi", "g1_lo")
 
 

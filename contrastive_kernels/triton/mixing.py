@@ -619,7 +619,7 @@ def lse_stats_topk(q, k, row_scale, col_scale=None, row_bias=None, col_bias=None
                     and _infonce.row_only_supported(q.shape[1], q.dtype, len(gammas), False))
         out = ops.triton_lse_topk_fwd(q, k, row_scale, col_scale, row_bias, col_bias,
                                       [float(g) for g in gammas], bool(row_only), thr, cap)
-        return out[0], merge_candidates(out[5], out[6], n_hard), out[7]
+        return out[0], merge_candidates(out[5], n_hard), out[6]
 
     return _loss_topk.lse_stats_topk(
         NAME, fused_topk_reason(q, k, n_hard, len(gammas)), q, k, gammas, n_hard,
@@ -628,12 +628,12 @@ def lse_stats_topk(q, k, row_scale, col_scale=None, row_bias=None, col_bias=None
         lambda a, b, n: _topk.topk(a, b, n, similarity="dot")[1])
 
 
-def merge_candidates(cand_s, cand_j, n_hard):
-    """hard (B, n_hard) int64 from each row's candidates: the n_hard largest top-k keys (score,
-    then lower index; triton/topk.py's encoding). Rows with fewer than n_hard candidates get
-    arbitrary indices: the caller recomputes them (``_loss_topk``: count < n_hard is inexact)."""
-    keys = _topk.encode_keys(cand_s, cand_j)
-    return _topk.decode_indices(_topk._topk_keys(keys, n_hard))
+def merge_candidates(cand_keys, n_hard):
+    """hard (B, n_hard) int64 from each row's candidate keys (the loss kernel writes triton/topk.py's
+    encoding: score, then the lower index first): the columns of the n_hard largest. Rows with
+    fewer than n_hard candidates get arbitrary indices: the caller recomputes them (``_loss_topk``:
+    count < n_hard is inexact)."""
+    return _topk.decode_indices(_topk._topk_keys(cand_keys, n_hard))
 
 
 # ------------------------------------------------------------------------------------------------
