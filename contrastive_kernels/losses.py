@@ -87,37 +87,32 @@ class _PairedDot(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a, b):
         ctx.save_for_backward(a, b)
-        chunks = _row_chunks(a)
-        if len(chunks) == 1:  # the usual case: no output buffer and copies into it
-            return (a.float() * b.float()).sum(-1)
-        out = torch.empty(a.shape[0], dtype=torch.float32, device=a.device)
-        for i, j in chunks:
-            out[i:j] = (a[i:j].float() * b[i:j].float()).sum(-1)
-        return out
+        return _by_row_chunks(a, lambda i, j: (a[i:j].float() * b[i:j].float()).sum(-1), torch.float32)
 
     @staticmethod
     def backward(ctx, g):
         a, b = ctx.saved_tensors
         want_a, want_b = ctx.needs_input_grad[:2]
-        chunks = _row_chunks(a)
-        if len(chunks) == 1:
-            gi = g[:, None].float()
-            return ((gi * b.float()).to(a.dtype) if want_a else None,
-                    (gi * a.float()).to(b.dtype) if want_b else None)
-        da = torch.empty_like(a) if want_a else None
-        db = torch.empty_like(b) if want_b else None
-        for i, j in chunks:
-            gi = g[i:j, None].float()
-            if want_a:
-                da[i:j] = gi * b[i:j].float()
-            if want_b:
-                db[i:j] = gi * a[i:j].float()
-        return da, db
+        scaled = lambda x: lambda i, j: g[i:j, None].float() * x[i:j].float()  # noqa: E731
+        return (_by_row_chunks(a, scaled(b), a.dtype) if want_a else None,
+                _by_row_chunks(b, scaled(a), b.dtype) if want_b else None)
 
 
-def _row_chunks(x: torch.Tensor):
+def _by_row_chunks(x: torch.Tensor, part, dtype: torch.dtype) -> torch.Tensor:
+    """``part(i, j)`` over row chunks of x (about _PAIRED_CHUNK_ELEMENTS fp32 values each), in one
+    tensor of ``dtype``; a single chunk (the usual case) needs no output buffer and no copies."""
+    n = x.shape[0]
     step = max(1, _PAIRED_CHUNK_ELEMENTS // max(1, x.shape[-1]))
-    return [(i, min(i + step, x.shape[0])) for i in range(0, x.shape[0], step)]
+    if step >= n:
+        return part(0, n).to(dtype)
+    out = None
+    for i in range(0, n, step):
+        j = min(i + step, n)
+        chunk = part(i, j)
+        if out is None:
+            out = chunk.new_empty((n, *chunk.shape[1:]), dtype=dtype)
+        out[i:j] = chunk
+    return out
 
 
 def _paired_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -74,6 +74,7 @@ import triton
 import triton.language as tl
 
 from .._common import query_side_only
+from .topk import _pack  # the top-k key of (score, column); a plain global for inductor
 
 INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -478,10 +479,8 @@ def _lse_fwd_kernel(Q, K, A, BS, CB, DB, EXCL, QL, KL, g0_hi, g0_lo, g1_hi, g1_l
                     slot = base[:, None] + tl.cumsum(hit, 1) - 1
                     ptr = rows[:, None] * cand_cap + slot
                     keep = (hit != 0) & (slot < cand_cap)
-                    bits = s.to(tl.float32).to(tl.int32, bitcast=True)
-                    ordered = tl.where(bits >= 0, bits, -(bits & 0x7FFFFFFF)).to(tl.int64)
-                    low = tl.full([BLOCK_N], 4294967295, tl.int64) - cols  # 2^32 - 1 - j
-                    tl.store(CAND_K + ptr, (ordered << 32) | low[None, :], mask=keep)
+                    key = _pack(s.to(tl.float32), tl.broadcast_to(cols[None, :], [BLOCK_M, BLOCK_N]))
+                    tl.store(CAND_K + ptr, key, mask=keep)
             if WANT_COL:
                 # running (max, sum) of this row group for these columns; fresh at its first row block
                 zc = tl.where(valid, l, float("-inf"))

@@ -421,8 +421,7 @@ def decode_keys(keys: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     empty = keys == INT64_MIN
     bits = torch.where(hi >= 0, hi, (-hi) | torch.iinfo(torch.int32).min)
     values = bits.view(torch.float32).masked_fill(empty, -math.inf)
-    index = (_LOW - (keys & _LOW)).masked_fill(empty, -1)
-    return values, index
+    return values, decode_indices(keys).masked_fill(empty, -1)
 
 
 def decode_indices(keys: torch.Tensor) -> torch.Tensor:
