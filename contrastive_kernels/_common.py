@@ -156,6 +156,7 @@ def mixed_lse_setup_context(ctx, inputs, output):
     ctx.gammas = tuple(float(g) for g in gammas)
     ctx.dtypes = (q.dtype, row_scale.dtype, None if row_bias is None else row_bias.dtype)
     ctx.mark_non_differentiable(e_sum, u_sum)
+    ctx.set_materialize_grads(False)  # e_sum and u_sum get None, not zero-filled gradients
     ctx.save_for_backward(row_scale, lse, e_sum, u_sum)
 
 

@@ -83,7 +83,7 @@ def lse_stats_topk(q, k, row_scale, col_scale=None, row_bias=None, col_bias=None
         out = _ops().lse_topk_fwd(q, k, row_scale, col_scale, row_bias, col_bias, [float(g) for g in gammas],
                                   None, None, None, False, query_side_only(q, k, row_scale, col_scale, row_bias, col_bias),
                                   thr, cap, n_hard)
-        return out[0], out[6], out[7]
+        return out[0], out[6], _loss_topk.inexact_rows(out[0], out[7], n_hard, cap)
 
     return _loss_topk.lse_stats_topk(
         "cpu", cpu_fused_topk_reason(q, k, n_hard), q, k, gammas, n_hard,

@@ -217,10 +217,19 @@ def _lse_fwd_setup(ctx, inputs, output):
     ctx.has_labels = q_labels is not None
     ctx.in_dtypes = [t.dtype if t is not None else None for t in (q, k, a, b, c, d)]
     ctx.mark_non_differentiable(pos_count, e_key, p_key)
+    ctx.set_materialize_grads(False)  # unused outputs get None, not zero-filled gradients
     if row_only:
         ctx.save_for_backward(q, a, e_key, p_key, pos_count, row_lse)
     else:
         ctx.save_for_backward(q, k, a, b, c, d, exclude, q_labels, k_labels, row_lse, col_lse)
+
+
+def _times_gammas(d_row, gammas):
+    """d_row (G, B) with row g times gammas[g]; Python scalars: a tensor of the gammas would be a
+    host-to-device copy per step."""
+    if len(gammas) == 1:
+        return d_row * gammas[0]
+    return torch.stack([d_row[g] * gamma for g, gamma in enumerate(gammas)])
 
 
 def _cast(t, dtype):
@@ -239,7 +248,7 @@ def _lse_fwd_backward(ns, ctx, d_row, d_pos, _d_count, d_col, _d_e, _d_p):
         acc = row_lse.dtype
         if d_row is None:
             d_row = torch.zeros_like(row_lse)
-        w = d_row.to(acc) * torch.tensor(gammas, dtype=acc, device=row_lse.device)[:, None]  # (G, B)
+        w = _times_gammas(d_row.to(acc), gammas)  # (G, B)
         g_key = (w[..., None] * e_key).sum(0)  # sum_j G_ij b_j k_j
         g_sum = (w * (row_lse != float("-inf")).to(acc)).sum(0)
         if ctx.has_labels and d_pos is not None:
@@ -285,13 +294,14 @@ def _lse_topk_fwd_backward(ns, ctx, d_row, d_pos, d_count, d_col, d_e, d_p, _d_b
 
 def _mixed_dots_setup(ctx, inputs, output):
     q, mix_query, negatives, hard_index, pair_index, alpha, query_index, query_weight = inputs
+    ctx.set_materialize_grads(False)
     ctx.q_dtype = q.dtype
     ctx.save_for_backward(mix_query, negatives, hard_index, pair_index, alpha, query_index, query_weight)
 
 
 def _mixed_dots_backward(ns, ctx, grad):
     saved = ctx.saved_tensors
-    if not ctx.needs_input_grad[0]:
+    if not ctx.needs_input_grad[0] or grad is None:
         return (None,) * 8
     dq = ns.mixed_dots_bwd(grad, *saved)
     return (dq.to(ctx.q_dtype),) + (None,) * 7

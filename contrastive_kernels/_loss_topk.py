@@ -16,7 +16,8 @@ A backend's ``lse_stats_topk(q, k, ...)`` returns the loss's ``row_lse`` AND exa
 3. The n_hard best listed columns, in topk's order (score, then the lower index).
 
 Exactness is checked, not assumed: row i is exact when n_hard <= count_i <= capacity and its
-log-sum-exp is finite. Then every unlisted score is strictly below every listed one (Triton:
+log-sum-exp is finite (the Triton row-merge kernel flags the rows that are not, the CPU backend
+``inexact_rows``). Then every unlisted score is strictly below every listed one (Triton:
 unlisted < T_i <= listed; CPU: unlisted <= T_i < listed), so the list holds the whole
 top-n_hard, ties included. Other rows (an unlucky sample, ties piled on the threshold,
 non-finite features) are recomputed by the backend's ``topk``. The threshold only sizes the
@@ -101,11 +102,17 @@ def common_reason(q: torch.Tensor, k: torch.Tensor, n_hard: int) -> Optional[str
     return None
 
 
+def inexact_rows(row_lse: torch.Tensor, count: torch.Tensor, n_hard: int, capacity: int) -> torch.Tensor:
+    """(B,) bool: the rows whose candidate list may not hold their top n_hard (module docstring)."""
+    return (count < n_hard) | (count > capacity) | ~torch.isfinite(row_lse).all(0)
+
+
 def lse_stats_topk(backend: str, reason: Optional[str], q, k, gammas: Sequence[float], n_hard: int,
                    flags: tuple, fused: Callable, separate_lse: Callable, topk: Callable,
                    kth: Optional[Callable] = None):
     """(row_lse, hard) of a backend's ``lse_stats_topk``. ``fused(threshold, capacity)`` runs the
-    loss pass with candidates -> (row_lse, best (B, n_hard) int64, count (B,)); ``separate_lse()``
+    loss pass with candidates -> (row_lse, best (B, n_hard) int64, inexact (B,): nonzero for the
+    rows to recompute, see ``inexact_rows``); ``separate_lse()``
     -> row_lse without them; ``topk(q, k, n)`` -> the backend's exact top-k indices. ``reason``:
     why the fused path cannot run (None: it can); ``flags`` tell the affine forms apart; ``kth``
     goes to ``sample_threshold``."""
@@ -116,9 +123,8 @@ def lse_stats_topk(backend: str, reason: Optional[str], q, k, gammas: Sequence[f
         return separate_lse(), topk(q.detach(), k.detach(), n_hard)
     STATS["fused_calls"] += 1
     f, k_s, cap = candidate_plan(int(k.shape[0]), n_hard)
-    row_lse, hard, count = fused(sample_threshold(q, k, f, k_s, kth), cap)
-    exact = (count >= n_hard) & (count <= cap) & torch.isfinite(row_lse).all(0)
-    redo = torch.nonzero(~exact).flatten()  # the one synchronization
+    row_lse, hard, inexact = fused(sample_threshold(q, k, f, k_s, kth), cap)
+    redo = torch.nonzero(inexact).flatten()  # the one synchronization
     if redo.numel():
         STATS["fallback_rows"] += int(redo.numel())
         hard[redo] = topk(q.detach()[redo], k.detach(), n_hard)

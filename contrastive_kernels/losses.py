@@ -201,7 +201,8 @@ def _finish(l_pos, parts, own, n_neg, tau_plus, beta, temperature, positive_in_p
     Cross-entropy: parts hold gamma = 1 over negatives (and the positive when it is a streamed
     column); DCL/HCL: parts hold gammas (1+beta, beta) over negatives only."""
     if tau_plus == 0.0 and beta == 0.0:
-        terms = [p[0] for p in parts] + [torch.logsumexp(o, 1) for o in own]
+        # one gamma: (1, B) -> (B,) by squeeze, a view also in backward (p[0] would zero-fill)
+        terms = [p.squeeze(0) for p in parts] + [torch.logsumexp(o, 1) for o in own]
         if not positive_in_parts:
             terms.append(l_pos)
         return _logsumexp_rows(terms) - l_pos

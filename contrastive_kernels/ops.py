@@ -22,13 +22,15 @@ O(B D) torch ops; otherwise it calls ``triton_lse_bwd``, fused (dQ and dK from o
 atomics) unless ``torch.use_deterministic_algorithms(True)`` asks for reproducible sums.
 
 ``contrastive_kernels::triton_lse_topk_fwd(q, k, row_scale, col_scale?, row_bias?, col_bias?,
-    gammas, row_only, threshold, capacity) -> (the 5 outputs of triton_lse_fwd, keys (B, capacity)
-    int64, count (B,) int32)``
+    gammas, row_only, threshold, capacity, n_hard) -> (the 5 outputs of triton_lse_fwd, keys
+    (B, capacity) int64, inexact (B,) int32)``
     ``triton_lse_fwd`` over a queue (no exclusions, labels or column statistics) whose kernel also
     lists, per row, every column j with <q_i, k_j> >= threshold[i] as a top-k key of
-    triton/topk.py (score, then the lower column first; ``count`` of them; those past ``capacity``
-    are dropped, empty slots hold INT64_MIN): the hard negatives of mixing from the loss's own pass
-    (triton/mixing.py). Same autograd formula as ``triton_lse_fwd``; the candidates carry no
+    triton/topk.py (score, then the lower column first; those past ``capacity`` are dropped, empty
+    slots hold INT64_MIN): the hard negatives of mixing from the loss's own pass
+    (triton/mixing.py). ``inexact`` is 1 for the rows whose list may not hold their top
+    ``n_hard`` (fewer than n_hard or more than capacity columns passed, or a non-finite lse): the
+    caller recomputes those. Same autograd formula as ``triton_lse_fwd``; the candidates carry no
     gradient.
 
 Mixing (triton/mixing.py; the synthetic points never carry a gradient):
@@ -114,6 +116,8 @@ if TRITON_OPS_AVAILABLE:
         ctx.gammas = [float(g) for g in gammas]
         ctx.row_only = bool(row_only)
         ctx.mark_non_differentiable(pos_count, row_e, *output[5:])  # + the keys of the topk op
+        # unused outputs (most of them, most of the time) get None, not a zero-filled gradient each
+        ctx.set_materialize_grads(False)
         if row_only:
             ctx.save_for_backward(q, row_scale, row_e, row_lse)
         else:
@@ -130,6 +134,8 @@ if TRITON_OPS_AVAILABLE:
             # dq_i = a_i w_i E_i, d a_i = w_i <q_i, E_i>, d c_i = w_i [row i has a column],
             # with w = dR gamma and E the normalized key accumulator of the forward pass
             q, row_scale, row_e, row_lse = ctx.saved_tensors
+            if d_row is None:
+                return (None,) * 6
             w = d_row[0].to(row_e.dtype) * ctx.gammas[0]
             dq = da = dc = None
             if need[0]:
@@ -159,23 +165,23 @@ if TRITON_OPS_AVAILABLE:
     def triton_lse_topk_fwd(q: Tensor, k: Tensor, row_scale: Tensor, col_scale: Optional[Tensor],
                             row_bias: Optional[Tensor], col_bias: Optional[Tensor],
                             gammas: List[float], row_only: bool, threshold: Tensor,
-                            capacity: int) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
-                                                    Tensor]:
+                            capacity: int, n_hard: int) -> Tuple[Tensor, Tensor, Tensor, Tensor,
+                                                                 Tensor, Tensor, Tensor]:
         return lse_forward_topk(q, k, row_scale, col_scale, row_bias, col_bias, gammas, row_only,
-                                threshold, capacity)
+                                threshold, capacity, n_hard)
 
     @triton_lse_topk_fwd.register_fake
     def _triton_lse_topk_fwd_fake(q, k, row_scale, col_scale, row_bias, col_bias, gammas, row_only,
-                                  threshold, capacity):
+                                  threshold, capacity, n_hard):
         return forward_topk_outputs(q, k, gammas, row_only, capacity)
 
     def _topk_fwd_setup_context(ctx, inputs, output):
-        q, k, row_scale, col_scale, row_bias, col_bias, gammas, row_only, _thr, _cap = inputs
+        q, k, row_scale, col_scale, row_bias, col_bias, gammas, row_only, _thr, _cap, _n = inputs
         _save_lse_context(ctx, q, k, row_scale, col_scale, row_bias, col_bias, gammas, None, None,
                           None, row_only, output)
 
     def _topk_fwd_backward(ctx, d_row, d_pos, _d_count, d_col, _d_e, _d_keys, _d_cnt):
-        return _lse_grads(ctx, d_row, d_pos, d_col) + (None,) * 4
+        return _lse_grads(ctx, d_row, d_pos, d_col) + (None,) * 5
 
     triton_lse_topk_fwd.register_autograd(_topk_fwd_backward, setup_context=_topk_fwd_setup_context)
 
@@ -218,6 +224,7 @@ if TRITON_OPS_AVAILABLE:
     def _mixed_dots_setup_context(ctx, inputs, output):
         q, mix_query, negatives, hard_index, pair_index, alpha, query_index, query_weight = inputs
         ctx.mark_non_differentiable(output[1])
+        ctx.set_materialize_grads(False)
         ctx.q_dtype = q.dtype
         ctx.save_for_backward(output[1], mix_query, negatives, hard_index, pair_index, alpha,
                               query_index, query_weight)

@@ -187,7 +187,7 @@ def test_opcheck_mixing_ops():
     thr = LT.sample_threshold(q, k, 2, 5)
     torch.library.opcheck(torch.ops.contrastive_kernels.triton_lse_topk_fwd.default,
                           (q.requires_grad_(), k, a.requires_grad_(), col, rb, cb, gammas, False,
-                           thr, 48), test_utils=utils)
+                           thr, 48, 5), test_utils=utils)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64], ids=str)
@@ -203,7 +203,7 @@ def test_fake_kernels_give_the_real_shapes(dtype):
     if dtype != torch.float64:
         q, k, a, col, rb, cb, gammas = _lse_case(7, 90, 8, dtype)
         calls.append((ops.triton_lse_topk_fwd, (q, k, a, col, rb, cb, gammas, True,
-                                                LT.sample_threshold(q, k, 2, 5), 32)))
+                                                LT.sample_threshold(q, k, 2, 5), 32, 5)))
     for op, call_args in calls:
         real = op(*call_args)
         with FakeTensorMode() as mode:

@@ -84,6 +84,10 @@ MAX_REG_D_BYTES = 512
 CHUNK_D = 128
 # Every tile config's BLOCK_M / BLOCK_N divides these (row groups and key splits are multiples).
 ALIGN_M, ALIGN_N = (16, 32) if INTERPRETER else (128, 128)
+# _row_merge_kernel's (BLOCK_R, BLOCK_D, BLOCK_S): row-only spreads E over row x feature blocks;
+# the interpreter's are small so that the tests' shapes span several of each
+_MERGE_BLOCKS = ({"row_only": (8, 16, 4), "rows": (32, 16, 4)} if INTERPRETER else
+                 {"row_only": (16, 32, 8), "rows": (128, 16, 8)})
 
 # -inf is written float("-inf") inside the kernels, not as a global tl.constexpr: inductor (torch
 # 2.11) re-emits a user kernel's global constexprs by repr, and repr(-inf) is not Python
@@ -517,49 +521,73 @@ def _log_total(mx, tot):
 
 @triton.jit
 def _row_merge_kernel(ROW_M, ROW_S, POS_P, CNT_P, ROW_E, OUT_LSE, OUT_POS, OUT_CNT, OUT_E,
-                      S, B, D, N_GAMMA: tl.constexpr, LABELS: tl.constexpr,
-                      ROW_ONLY: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+                      CAND_CNT, S, B, D, n_hard, cand_cap, N_GAMMA: tl.constexpr,
+                      LABELS: tl.constexpr, ROW_ONLY: tl.constexpr, CAND: tl.constexpr,
+                      BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
     """Merge the (m, s) partials of S key splits: lse = M + log sum_s s_s exp(m_s - M); label
     sums add up (zeros without labels); with ROW_ONLY the normalized E = sum_s exp(m_s - M) E_s /
-    sum."""
+    sum, BLOCK_D features per program (grid axis 1).
+
+    The splits are read BLOCK_S at a time (independent loads in flight instead of a chain of S
+    dependent ones), and E's B D S values are spread over row x feature blocks: at MoCo's B = 256
+    row blocks alone are a handful of programs (8 of them, S = 66: 32 us on an H100). The
+    programs of axis 1 = 0 write the row statistics. CAND: CAND_CNT[i] (the row's candidate
+    count) becomes its inexact flag, 1 unless n_hard <= count <= cand_cap and every lse of the
+    row is finite (_loss_topk.py), so that the host finds the rows to redo with one nonzero."""
     rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
     row_ok = rows < B
+    head = row_ok & (rows * 0 + tl.program_id(1) == 0)  # the rows this program writes statistics of
+    splits = tl.arange(0, BLOCK_S)
     acc_ty = OUT_LSE.dtype.element_ty
+    finite = row_ok
     for g in tl.static_range(N_GAMMA):
         mx = tl.full([BLOCK_R], float("-inf"), acc_ty)
         tot = tl.zeros([BLOCK_R], dtype=acc_ty)
-        for s in range(S):
-            ptr = (s * N_GAMMA + g) * B + rows
-            m = tl.load(ROW_M + ptr, mask=row_ok, other=float("-inf"))
-            t = tl.load(ROW_S + ptr, mask=row_ok, other=0.0)
-            new = tl.maximum(mx, m)
+        for s0 in range(0, S, BLOCK_S):
+            ss = s0 + splits
+            ok = (ss < S)[:, None] & row_ok[None, :]
+            ptr = (ss[:, None] * N_GAMMA + g) * B + rows[None, :]
+            m = tl.load(ROW_M + ptr, mask=ok, other=float("-inf"))  # (BLOCK_S, BLOCK_R)
+            t = tl.load(ROW_S + ptr, mask=ok, other=0.0)
+            new = tl.maximum(mx, tl.max(m, 0))
             shift = tl.where(new == float("-inf"), 0.0, new)
-            tot = tot * tl.exp(mx - shift) + t * tl.exp(m - shift)
+            tot = tot * tl.exp(mx - shift) + tl.sum(t * tl.exp(m - shift[None, :]), 0)
             mx = new
-        tl.store(OUT_LSE + g * B + rows, _log_total(mx, tot), mask=row_ok)
+        lse = _log_total(mx, tot)
+        finite = finite & (tl.abs(lse) < float("inf"))  # false for NaN too
+        tl.store(OUT_LSE + g * B + rows, lse, mask=head)
         if ROW_ONLY and g == 0:
-            offs_d = tl.arange(0, BLOCK_D)
+            offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
             d_ok = offs_d < D
             shift = tl.where(mx == float("-inf"), 0.0, mx)
             inv = tl.where(tot > 0, 1.0 / tl.where(tot > 0, tot, 1.0), 0.0)
             e = tl.zeros([BLOCK_R, BLOCK_D], dtype=acc_ty)
-            for s in range(S):
-                m = tl.load(ROW_M + s * N_GAMMA * B + rows, mask=row_ok, other=float("-inf"))
-                w = tl.exp(m - shift) * inv
-                part = tl.load(ROW_E + (s * B + rows)[:, None] * D + offs_d[None, :],
-                               mask=row_ok[:, None] & d_ok[None, :] & (w > 0)[:, None], other=0.0)
-                e += w[:, None] * part
+            for s0 in range(0, S, BLOCK_S):
+                ss = s0 + splits
+                ok = (ss < S)[:, None] & row_ok[None, :]
+                m = tl.load(ROW_M + ss[:, None] * N_GAMMA * B + rows[None, :], mask=ok,
+                            other=float("-inf"))
+                w = tl.exp(m - shift[None, :]) * inv[None, :]  # (BLOCK_S, BLOCK_R)
+                e_ptr = ROW_E + (ss[:, None] * B + rows[None, :])[:, :, None] * D + offs_d[None, None, :]
+                part = tl.load(e_ptr, mask=(ok & (w > 0))[:, :, None] & d_ok[None, None, :], other=0.0)
+                e += tl.sum(w[:, :, None] * part, 0)
             tl.store(OUT_E + rows[:, None] * D + offs_d[None, :], e,
                      mask=row_ok[:, None] & d_ok[None, :])
+    if CAND:
+        cnt = tl.load(CAND_CNT + rows, mask=head, other=0)
+        exact = finite & (cnt >= n_hard) & (cnt <= cand_cap)
+        tl.store(CAND_CNT + rows, tl.where(exact, 0, 1).to(tl.int32), mask=head)
     # without labels the sums are zeros: written here, not by two fills on the host
     ps = tl.zeros([BLOCK_R], dtype=acc_ty)
     pc = tl.zeros([BLOCK_R], dtype=acc_ty)
     if LABELS != 0:
-        for s in range(S):
-            ps += tl.load(POS_P + s * B + rows, mask=row_ok, other=0.0)
-            pc += tl.load(CNT_P + s * B + rows, mask=row_ok, other=0.0)
-    tl.store(OUT_POS + rows, ps, mask=row_ok)
-    tl.store(OUT_CNT + rows, pc, mask=row_ok)
+        for s0 in range(0, S, BLOCK_S):
+            ss = s0 + splits
+            ok = (ss < S)[:, None] & row_ok[None, :]
+            ps += tl.sum(tl.load(POS_P + ss[:, None] * B + rows[None, :], mask=ok, other=0.0), 0)
+            pc += tl.sum(tl.load(CNT_P + ss[:, None] * B + rows[None, :], mask=ok, other=0.0), 0)
+    tl.store(OUT_POS + rows, ps, mask=head)
+    tl.store(OUT_CNT + rows, pc, mask=head)
 
 
 @triton.jit
@@ -944,7 +972,7 @@ def _label_mode(q_labels) -> tuple:
 
 def forward_topk_outputs(q, k, gammas, row_only, capacity):
     """``forward_outputs`` plus the candidates of ``lse_forward_topk`` (also its fake kernel):
-    keys (B, capacity) int64, counts (B,) int32."""
+    keys (B, capacity) int64, inexact flags (B,) int32."""
     b = q.shape[0]
     return (*forward_outputs(q, k, gammas, False, row_only),
             q.new_empty((b, capacity), dtype=torch.int64), q.new_empty((b,), dtype=torch.int32))
@@ -1017,27 +1045,28 @@ def lse_forward(q, k, row_scale, col_scale, row_bias, col_bias, gammas, exclude,
     """Host side of the forward op: see the module docstring. Returns (row_lse, pos_sum, pos_count,
     col_lse, row_e); row_e is the normalized E of the row-only mode ((0, D) otherwise)."""
     return _forward(q, k, row_scale, col_scale, row_bias, col_bias, gammas, exclude, q_labels,
-                    k_labels, want_col_lse, row_only, None, 0)
+                    k_labels, want_col_lse, row_only, None, 0, 0)
 
 
 def lse_forward_topk(q, k, row_scale, col_scale, row_bias, col_bias, gammas, row_only, threshold,
-                     capacity):
+                     capacity, n_hard):
     """``lse_forward`` over a queue (no exclusions, labels or column statistics) with the CAND mode
     of the kernel: also the columns j with <q_i, k_j> >= threshold[i] (fp32) of each row i, as
     (keys (B, capacity) int64: the top-k keys of triton/topk.py (score, then the lower column
-    first), INT64_MIN where empty; count (B,) int32), in no particular order. Needs the feature
-    dim resident (D_CHUNKS == 1)."""
+    first), INT64_MIN where empty, in no particular order; inexact (B,) int32: 1 where the list
+    may not hold the row's top ``n_hard``, i.e. unless n_hard <= count <= capacity and the row's
+    lse are finite). Needs the feature dim resident (D_CHUNKS == 1)."""
     return _forward(q, k, row_scale, col_scale, row_bias, col_bias, gammas, None, None, None,
-                    False, row_only, threshold, int(capacity))
+                    False, row_only, threshold, int(capacity), int(n_hard))
 
 
 def _forward(q, k, row_scale, col_scale, row_bias, col_bias, gammas, exclude, q_labels, k_labels,
-             want_col_lse, row_only, threshold, capacity):
+             want_col_lse, row_only, threshold, capacity, n_hard):
     if len(gammas) not in (1, 2):
         raise ValueError(f"the Triton lse_stats supports 1 or 2 gammas, got {len(gammas)}")
     cand = threshold is not None
     args = (q, k, row_scale, col_scale, row_bias, col_bias, gammas, exclude, q_labels, k_labels,
-            want_col_lse, row_only, threshold, capacity)
+            want_col_lse, row_only, threshold, capacity, n_hard)
     if cand:
         (row_lse, pos_sum, pos_count, col_lse, row_e, cand_k,
          count) = forward_topk_outputs(q, k, gammas, row_only, capacity)
@@ -1050,6 +1079,8 @@ def _forward(q, k, row_scale, col_scale, row_bias, col_bias, gammas, exclude, q_
         extra = ()
     bsz, dim, n = int(q.shape[0]), int(q.shape[1]), int(k.shape[0])  # launch plans need ints
     if n == 0:
+        if cand:
+            count.fill_(1)  # inexact: no candidates
         return (torch.full_like(row_lse, float("-inf")), torch.zeros_like(pos_sum),
                 torch.zeros_like(pos_count), col_lse, torch.zeros_like(row_e), *extra)
     in_dtype = q.dtype
@@ -1084,12 +1115,14 @@ def _forward(q, k, row_scale, col_scale, row_bias, col_bias, gammas, exclude, q_
         row_m, row_s, pos_p, cnt_p, col_m, col_s, e_p, thr, cand_k, count,
         bsz, n, dim, q.stride(0), k.stride(0), n_words, rows, cols, max(1, capacity),
         WANT_COL=want_col_lse, ROW_ONLY=row_only, CAND=cand, **flags)
-    block_r = 32 if (row_only or INTERPRETER) else 128
-    wrap_triton(_row_merge_kernel)[(triton.cdiv(bsz, block_r),)](
+    block_r, block_d, block_s = _MERGE_BLOCKS["row_only" if row_only else "rows"]
+    block_d = min(block_d, flags["BLOCK_D"])
+    wrap_triton(_row_merge_kernel)[(triton.cdiv(bsz, block_r),
+                                    triton.cdiv(dim, block_d) if row_only else 1)](
         row_m, row_s, pos_p, cnt_p, e_p, row_lse, pos_sum, pos_count,
-        row_e if row_only else row_lse, n_sp, bsz, dim,
-        N_GAMMA=n_g, LABELS=flags["LABELS"], ROW_ONLY=row_only, BLOCK_R=block_r,
-        BLOCK_D=flags["BLOCK_D"])
+        row_e if row_only else row_lse, count, n_sp, bsz, dim, n_hard,
+        max(1, capacity), N_GAMMA=n_g, LABELS=flags["LABELS"], ROW_ONLY=row_only, CAND=cand,
+        BLOCK_R=block_r, BLOCK_D=block_d, BLOCK_S=block_s)
     if want_col_lse:
         block_c = 64 if INTERPRETER else 256
         wrap_triton(_col_merge_kernel)[(triton.cdiv(n, block_c),)](col_m, col_s, col_lse, n_rg, n,
@@ -1205,7 +1238,7 @@ def lse_stats(q, k, row_scale, col_scale=None, row_bias=None, col_bias=None, *,
 # ------------------------------------------------------------------------------------------------
 
 _I32 = ("B", "N", "D", "S", "R", "n", "stride_q", "stride_k", "stride_x", "n_words",
-        "rows_per_group", "cols_per_split", "cand_cap")
+        "rows_per_group", "cols_per_split", "cand_cap", "n_hard")
 _PTR_TYPES = {"EXCL": "*i64", "QL": "*i64", "KL": "*i64", "THR": "*fp32", "CAND_K": "*i64",
               "CAND_CNT": "*i32"}
 _F32 = ("g0_hi", "g0_lo", "g1_hi", "g1_lo")
@@ -1296,13 +1329,16 @@ def _aot_specs():
         _variant("lse_bwd_k[supcon,bits", k_k, 256, lowp,
                  **{**bwd, "LABELS": 2, "N_EXCL": 1, "FUSED_DQ": False}),
         _variant("lse_bwd_k[clip", k_k, 512, lowp, **{**bwd, "WANT_COL": True, "FUSED_DQ": False}),
-        dict(name="row_merge[row_only,D=256]", kernel=_row_merge_kernel, dtypes=("fp32",),
+        dict(name="row_merge[row_only,cand]", kernel=_row_merge_kernel, dtypes=("fp32",),
              signature=_aot_signature(_row_merge_kernel, {}),
-             constexprs=dict(N_GAMMA=1, LABELS=0, ROW_ONLY=True, BLOCK_R=32, BLOCK_D=256),
+             constexprs=dict(N_GAMMA=1, LABELS=0, ROW_ONLY=True, CAND=True,
+                             **dict(zip(("BLOCK_R", "BLOCK_D", "BLOCK_S"),
+                                        _MERGE_BLOCKS["row_only"]))),
              configs=[(4, 1, {})]),
         dict(name="row_merge[2 gammas,labels]", kernel=_row_merge_kernel, dtypes=("fp32",),
              signature=_aot_signature(_row_merge_kernel, {}),
-             constexprs=dict(N_GAMMA=2, LABELS=1, ROW_ONLY=False, BLOCK_R=128, BLOCK_D=128),
+             constexprs=dict(N_GAMMA=2, LABELS=1, ROW_ONLY=False, CAND=False,
+                             **dict(zip(("BLOCK_R", "BLOCK_D", "BLOCK_S"), _MERGE_BLOCKS["rows"]))),
              configs=[(4, 1, {})]),
         dict(name="col_merge", kernel=_col_merge_kernel, dtypes=("fp32",),
              signature=_aot_signature(_col_merge_kernel, {}), constexprs=dict(BLOCK=256),

@@ -618,7 +618,7 @@ def lse_stats_topk(q, k, row_scale, col_scale=None, row_bias=None, col_bias=None
         row_only = (query_side_only(q, k, row_scale, col_scale, row_bias, col_bias)
                     and _infonce.row_only_supported(q.shape[1], q.dtype, len(gammas), False))
         out = ops.triton_lse_topk_fwd(q, k, row_scale, col_scale, row_bias, col_bias,
-                                      [float(g) for g in gammas], bool(row_only), thr, cap)
+                                      [float(g) for g in gammas], bool(row_only), thr, cap, n_hard)
         return out[0], merge_candidates(out[5], n_hard), out[6]
 
     return _loss_topk.lse_stats_topk(
@@ -631,8 +631,8 @@ def lse_stats_topk(q, k, row_scale, col_scale=None, row_bias=None, col_bias=None
 def merge_candidates(cand_keys, n_hard):
     """hard (B, n_hard) int64 from each row's candidate keys (the loss kernel writes triton/topk.py's
     encoding: score, then the lower index first): the columns of the n_hard largest. Rows with
-    fewer than n_hard candidates get arbitrary indices: the caller recomputes them (``_loss_topk``:
-    count < n_hard is inexact)."""
+    fewer than n_hard candidates get arbitrary indices: the caller recomputes them (the kernel flags
+    them inexact)."""
     return _topk.decode_indices(_topk._topk_keys(cand_keys, n_hard))
 
 
