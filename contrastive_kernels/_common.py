@@ -171,7 +171,8 @@ def mixed_lse_backward(ctx, d_lse, _d_e, _d_u):
     if d_lse is None:
         return (None,) * 11
     # gammas as Python scalars: a tensor of them would be a blocking host-to-device copy per step
-    w = [d_lse[g].to(acc) * gamma for g, gamma in enumerate(ctx.gammas)]
+    w = [d_lse[g].to(acc) * gamma if gamma != 1.0 else d_lse[g].to(acc)
+         for g, gamma in enumerate(ctx.gammas)]
     w = torch.stack(w) if len(w) > 1 else w[0][None]  # one gamma (cross-entropy): a view
     w = w.masked_fill(lse == float("-inf"), 0.0)
     sum_g = lambda x: x[0] if x.shape[0] == 1 else x.sum(0)  # noqa: E731 - no copy for one gamma

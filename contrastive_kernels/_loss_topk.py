@@ -68,7 +68,8 @@ def candidate_plan(n_rows: int, n_hard: int):
 
 
 def _kth_by_matmul(q, sample, k_s):
-    return torch.topk((q @ sample.T).float(), k_s, dim=1, sorted=False).values.amin(1)
+    # selected in the product's dtype (exact either way), cast once per row, not per score
+    return torch.topk(q @ sample.T, k_s, dim=1, sorted=False).values.amin(1)
 
 
 @torch.no_grad()
@@ -83,7 +84,7 @@ def sample_threshold(q, k, f: int, k_s: int, kth: Optional[Callable] = None) -> 
     if k_s >= sample.shape[0]:
         return torch.full((q.shape[0],), float("-inf"), dtype=torch.float32, device=q.device)
     t = (kth or _kth_by_matmul)(q.detach(), sample, k_s).float()
-    return (t - t.abs() * 2.0 ** -7).contiguous()
+    return torch.add(t, t.abs(), alpha=-(2.0 ** -7)).contiguous()
 
 
 def common_reason(q: torch.Tensor, k: torch.Tensor, n_hard: int) -> Optional[str]:

@@ -136,7 +136,9 @@ if TRITON_OPS_AVAILABLE:
             q, row_scale, row_e, row_lse = ctx.saved_tensors
             if d_row is None:
                 return (None,) * 6
-            w = d_row[0].to(row_e.dtype) * ctx.gammas[0]
+            w = d_row[0].to(row_e.dtype)
+            if ctx.gammas[0] != 1.0:
+                w = w * ctx.gammas[0]
             dq = da = dc = None
             if need[0]:
                 dq = ((row_scale.to(row_e.dtype) * w)[:, None] * row_e).to(q.dtype)
