@@ -231,16 +231,24 @@ def info_nce(ops, query, positive_key, queue=None, *, temperature, similarity, i
         n_neg += b - 1
     mixes = mixing is not None and mixing.n_total > 0
     hard = None
+    positive_in_parts = in_batch_negatives and not debiased
     if queue is not None and queue.shape[0] > 0:
         cols = col_side(queue, similarity, scale)
+        extra = {}
+        alone = not mixes and (extra_negatives is None or extra_negatives.shape[1] == 0)
+        if alone and not debiased and not positive_in_parts and getattr(ops, "ROW_EXTRA", False):
+            # the backend merges the positive into the queue's log-sum-exp, which is then the
+            # only term: no log-sum-exp of our own (with other terms that one would stay)
+            extra, positive_in_parts = {"row_extra": l_pos}, True
         if mixes and hasattr(ops, "lse_stats_topk"):
             # the hard negatives come out of the loss's own pass over the queue
             row_lse, hard = ops.lse_stats_topk(query, queue, rows.scale, cols.scale, rows.bias,
-                                               cols.bias, gammas=gammas, n_hard=mixing.n_hard)
+                                               cols.bias, gammas=gammas, n_hard=mixing.n_hard,
+                                               **extra)
             parts.append(row_lse)
         else:
             parts.append(ops.lse_stats(query, queue, rows.scale, cols.scale, rows.bias, cols.bias,
-                                       gammas=gammas)[0])
+                                       gammas=gammas, **extra)[0])
         n_neg += queue.shape[0]
     if extra_negatives is not None and extra_negatives.shape[1] > 0:
         own.append(paired_logits(query, rows, extra_negatives, similarity, scale))
@@ -253,8 +261,7 @@ def info_nce(ops, query, positive_key, queue=None, *, temperature, similarity, i
         add_synthetic_terms(ops, query, rows, query.detach(), queue.detach(), hard, mixing, scale,
                             gammas, parts, own)
         n_neg += mixing.n_total
-    loss = _finish(l_pos, parts, own, n_neg, tau_plus, beta, temperature,
-                   positive_in_parts=in_batch_negatives and not debiased)
+    loss = _finish(l_pos, parts, own, n_neg, tau_plus, beta, temperature, positive_in_parts)
     return reference.reduce_loss(loss, reduction)
 
 

@@ -4,11 +4,13 @@ Triton ops (prefix ``triton_``; the compiled C++/CUDA extension registers its ow
 namespace through TORCH_LIBRARY, under other names):
 
 ``contrastive_kernels::triton_lse_fwd(q, k, row_scale, col_scale?, row_bias?, col_bias?,
-    gammas, exclude?, q_labels?, k_labels?, want_col_lse, row_only)
+    gammas, exclude?, q_labels?, k_labels?, want_col_lse, row_only, row_extra?=None)
     -> (row_lse (G,B), pos_sum (B,), pos_count (B,), col_lse (N,)|(0,), row_e (B,D)|(0,D))``
     the forward of ``reference.lse_stats`` (all outputs fp32, fp64 for fp64 inputs). ``row_only``
     (only the query side needs gradients) also returns the normalized key accumulator
-    row_e_i = sum_j softmax_j(l_ij) b_j k_j, which makes the backward O(B D).
+    row_e_i = sum_j softmax_j(l_ij) b_j k_j, which makes the backward O(B D). ``row_extra``
+    (B,), one gamma: one more logit per row (InfoNCE's positive) in row_lse and in the softmax
+    of row_e, with its gradient d row_lse_i / d x_i = exp(x_i - row_lse_i).
 ``contrastive_kernels::triton_lse_bwd(d_row, d_pos, d_col, q, k, row_scale, col_scale?,
     row_bias?, col_bias?, gammas, exclude?, q_labels?, k_labels?, row_lse, col_lse, need, fused)
     -> (dq, dk, d_row_scale, d_col_scale, d_row_bias, d_col_bias)``
@@ -22,8 +24,8 @@ O(B D) torch ops; otherwise it calls ``triton_lse_bwd``, fused (dQ and dK from o
 atomics) unless ``torch.use_deterministic_algorithms(True)`` asks for reproducible sums.
 
 ``contrastive_kernels::triton_lse_topk_fwd(q, k, row_scale, col_scale?, row_bias?, col_bias?,
-    gammas, row_only, threshold, capacity, n_hard) -> (the 5 outputs of triton_lse_fwd, keys
-    (B, capacity) int64, inexact (B,) int32)``
+    gammas, row_only, threshold, capacity, n_hard, row_extra?=None) -> (the 5 outputs of
+    triton_lse_fwd, keys (B, capacity) int64, inexact (B,) int32)``
     ``triton_lse_fwd`` over a queue (no exclusions, labels or column statistics) whose kernel also
     lists, per row, every column j with <q_i, k_j> >= threshold[i] as a top-k key of
     triton/topk.py (score, then the lower column first; those past ``capacity`` are dropped, empty
@@ -79,14 +81,15 @@ if TRITON_OPS_AVAILABLE:
     def triton_lse_fwd(q: Tensor, k: Tensor, row_scale: Tensor, col_scale: Optional[Tensor],
                        row_bias: Optional[Tensor], col_bias: Optional[Tensor], gammas: List[float],
                        exclude: Optional[Tensor], q_labels: Optional[Tensor],
-                       k_labels: Optional[Tensor], want_col_lse: bool,
-                       row_only: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                       k_labels: Optional[Tensor], want_col_lse: bool, row_only: bool,
+                       row_extra: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor,
+                                                                    Tensor, Tensor]:
         return lse_forward(q, k, row_scale, col_scale, row_bias, col_bias, gammas, exclude,
-                           q_labels, k_labels, want_col_lse, row_only)
+                           q_labels, k_labels, want_col_lse, row_only, row_extra)
 
     @triton_lse_fwd.register_fake
     def _triton_lse_fwd_fake(q, k, row_scale, col_scale, row_bias, col_bias, gammas, exclude,
-                             q_labels, k_labels, want_col_lse, row_only):
+                             q_labels, k_labels, want_col_lse, row_only, row_extra=None):
         return forward_outputs(q, k, gammas, want_col_lse, row_only)
 
     @torch.library.triton_op("contrastive_kernels::triton_lse_bwd", mutates_args=())
@@ -106,12 +109,12 @@ if TRITON_OPS_AVAILABLE:
 
     def _fwd_setup_context(ctx, inputs, output):
         (q, k, row_scale, col_scale, row_bias, col_bias, gammas, exclude, q_labels, k_labels,
-         want_col_lse, row_only) = inputs
+         want_col_lse, row_only, row_extra) = inputs
         _save_lse_context(ctx, q, k, row_scale, col_scale, row_bias, col_bias, gammas, exclude,
-                          q_labels, k_labels, row_only, output)
+                          q_labels, k_labels, row_only, row_extra, output)
 
     def _save_lse_context(ctx, q, k, row_scale, col_scale, row_bias, col_bias, gammas, exclude,
-                          q_labels, k_labels, row_only, output):
+                          q_labels, k_labels, row_only, row_extra, output):
         row_lse, _pos_sum, pos_count, col_lse, row_e = output[:5]
         ctx.gammas = [float(g) for g in gammas]
         ctx.row_only = bool(row_only)
@@ -119,36 +122,49 @@ if TRITON_OPS_AVAILABLE:
         # unused outputs (most of them, most of the time) get None, not a zero-filled gradient each
         ctx.set_materialize_grads(False)
         if row_only:
-            ctx.save_for_backward(q, row_scale, row_e, row_lse)
+            ctx.save_for_backward(q, row_scale, row_e, row_lse, row_extra)
         else:
             ctx.save_for_backward(q, k, row_scale, col_scale, row_bias, col_bias, exclude,
-                                  q_labels, k_labels, row_lse, col_lse)
+                                  q_labels, k_labels, row_lse, col_lse, row_extra)
 
     def _fwd_backward(ctx, d_row, d_pos, _d_count, d_col, _d_e):
-        return _lse_grads(ctx, d_row, d_pos, d_col) + (None,) * 6
+        grads, d_extra = _lse_grads(ctx, d_row, d_pos, d_col, _needs(ctx, 12))
+        return grads + (None,) * 6 + (d_extra,)
 
-    def _lse_grads(ctx, d_row, d_pos, d_col):
-        """Gradients of (q, k, row_scale, col_scale, row_bias, col_bias)."""
+    def _needs(ctx, i):
+        # the dispatcher drops trailing arguments left at their defaults (row_extra=None)
+        return len(ctx.needs_input_grad) > i and ctx.needs_input_grad[i]
+
+    def _extra_grad(row_extra, d_row, row_lse, wanted):
+        """d row_lse_i / d row_extra_i = exp(row_extra_i - row_lse_i), times the incoming gradient."""
+        if row_extra is None or d_row is None or not wanted:
+            return None
+        return (d_row[0] * (row_extra.to(row_lse.dtype) - row_lse[0]).exp()).to(row_extra.dtype)
+
+    def _lse_grads(ctx, d_row, d_pos, d_col, want_extra):
+        """(gradients of (q, k, row_scale, col_scale, row_bias, col_bias), of row_extra)."""
         need = [bool(x) for x in ctx.needs_input_grad[:6]]
         if ctx.row_only:
             # dq_i = a_i w_i E_i, d a_i = w_i <q_i, E_i>, d c_i = w_i [row i has a column],
             # with w = dR gamma and E the normalized key accumulator of the forward pass
-            q, row_scale, row_e, row_lse = ctx.saved_tensors
+            q, row_scale, row_e, row_lse, row_extra = ctx.saved_tensors
             if d_row is None:
-                return (None,) * 6
+                return (None,) * 6, None
             w = d_row[0].to(row_e.dtype)
             if ctx.gammas[0] != 1.0:
                 w = w * ctx.gammas[0]
+            d_extra = _extra_grad(row_extra, d_row, row_lse, want_extra or need[4])
             dq = da = dc = None
             if need[0]:
                 dq = ((row_scale.to(row_e.dtype) * w)[:, None] * row_e).to(q.dtype)
             if need[2]:
                 da = (w * (q.to(row_e.dtype) * row_e).sum(1)).to(row_scale.dtype)
-            if need[4]:
-                dc = torch.where(row_lse[0] > -math.inf, w, torch.zeros_like(w))
-            return (dq, None, da, None, dc, None)
+            if need[4]:  # the bias is on the columns' logits: their softmax mass, 1 - p(extra)
+                dc = (torch.where(row_lse[0] > -math.inf, w, torch.zeros_like(w)) if d_extra is None
+                      else w - d_extra)
+            return (dq, None, da, None, dc, None), d_extra if want_extra else None
         (q, k, row_scale, col_scale, row_bias, col_bias, exclude, q_labels, k_labels, row_lse,
-         col_lse) = ctx.saved_tensors
+         col_lse, row_extra) = ctx.saved_tensors
         if d_pos is None:
             d_pos = torch.zeros_like(row_lse[0])
         if d_col is None:
@@ -159,7 +175,8 @@ if TRITON_OPS_AVAILABLE:
         grads = torch.ops.contrastive_kernels.triton_lse_bwd(
             d_row, d_pos, d_col, q, k, row_scale, col_scale, row_bias, col_bias, ctx.gammas,
             exclude, q_labels, k_labels, row_lse, col_lse, need, fused)
-        return tuple(g if wanted else None for g, wanted in zip(grads, need))
+        return (tuple(g if wanted else None for g, wanted in zip(grads, need)),
+                _extra_grad(row_extra, d_row, row_lse, want_extra))
 
     triton_lse_fwd.register_autograd(_fwd_backward, setup_context=_fwd_setup_context)
 
@@ -167,23 +184,27 @@ if TRITON_OPS_AVAILABLE:
     def triton_lse_topk_fwd(q: Tensor, k: Tensor, row_scale: Tensor, col_scale: Optional[Tensor],
                             row_bias: Optional[Tensor], col_bias: Optional[Tensor],
                             gammas: List[float], row_only: bool, threshold: Tensor,
-                            capacity: int, n_hard: int) -> Tuple[Tensor, Tensor, Tensor, Tensor,
-                                                                 Tensor, Tensor, Tensor]:
+                            capacity: int, n_hard: int,
+                            row_extra: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor,
+                                                                         Tensor, Tensor, Tensor,
+                                                                         Tensor]:
         return lse_forward_topk(q, k, row_scale, col_scale, row_bias, col_bias, gammas, row_only,
-                                threshold, capacity, n_hard)
+                                threshold, capacity, n_hard, row_extra)
 
     @triton_lse_topk_fwd.register_fake
     def _triton_lse_topk_fwd_fake(q, k, row_scale, col_scale, row_bias, col_bias, gammas, row_only,
-                                  threshold, capacity, n_hard):
+                                  threshold, capacity, n_hard, row_extra=None):
         return forward_topk_outputs(q, k, gammas, row_only, capacity)
 
     def _topk_fwd_setup_context(ctx, inputs, output):
-        q, k, row_scale, col_scale, row_bias, col_bias, gammas, row_only, _thr, _cap, _n = inputs
+        (q, k, row_scale, col_scale, row_bias, col_bias, gammas, row_only, _thr, _cap, _n,
+         row_extra) = inputs
         _save_lse_context(ctx, q, k, row_scale, col_scale, row_bias, col_bias, gammas, None, None,
-                          None, row_only, output)
+                          None, row_only, row_extra, output)
 
     def _topk_fwd_backward(ctx, d_row, d_pos, _d_count, d_col, _d_e, _d_keys, _d_cnt):
-        return _lse_grads(ctx, d_row, d_pos, d_col) + (None,) * 5
+        grads, d_extra = _lse_grads(ctx, d_row, d_pos, d_col, _needs(ctx, 11))
+        return grads + (None,) * 5 + (d_extra,)
 
     triton_lse_topk_fwd.register_autograd(_topk_fwd_backward, setup_context=_topk_fwd_setup_context)
 

@@ -189,13 +189,47 @@ def test_row_only_equals_recompute(dtype, with_biases):
         assert torch.allclose(x.double(), y.double(), rtol=tol, atol=tol), (x - y).abs().max()
 
 
+@pytest.mark.parametrize("row_only", [True, False])
+@pytest.mark.parametrize("with_biases", [False, True])
+def test_row_extra_is_one_more_logit(row_only, with_biases):
+    """row_extra (InfoNCE's positive merged by the row merge kernel): row_lse equals the
+    log-sum-exp of the reference lse and the extra logit, with every gradient (q, k, the scales,
+    the biases, the extra) that of that formula; also on rows of -inf logits."""
+    q, k, a, bb, c, dd = lse_inputs(B, N, D, torch.float64)
+    if not with_biases:
+        c = dd = None
+    extra = torch.randn(B, dtype=torch.float64) * 3
+    extra[3] = float("-inf")  # a row whose extra adds nothing
+    w = torch.linspace(0.5, 1.5, B, dtype=torch.float64)
+    results = []
+    for use_kernel in (True, False):
+        leaves = [t.clone().requires_grad_() if t is not None else None
+                  for t in (q, k, a, bb, c, dd, extra)]
+        lq, lk, la, lb, lc, ld, lx = leaves
+        if row_only:  # only the query side wants gradients
+            lk, lb, ld = k, bb, dd
+        if use_kernel:
+            out = ops.triton_lse_fwd(lq, lk, la, lb, lc, ld, [1.0], None, None, None, False,
+                                     row_only, lx)
+            lse = out[0][0]
+            assert out[4].shape == ((B, D) if row_only else (0, D))
+        else:
+            ref = reference.lse_stats(lq, lk, la, lb, lc, ld, gammas=(1.0,))[0][0]
+            lse = torch.logsumexp(torch.stack([ref, lx]), 0)
+        needs = [t for t in (lq, lk, la, lb, lc, ld, lx) if t is not None and t.requires_grad]
+        results.append([lse.detach()] + list(torch.autograd.grad((lse * w).sum(), needs)))
+    assert len(results[0]) == len(results[1])
+    for x, y in zip(*results):
+        assert torch.allclose(x, y, rtol=1e-10, atol=1e-10), (x - y).abs().max()
+
+
 def test_row_only_path_is_taken_for_a_frozen_bank(monkeypatch):
     """lse_stats picks the row-only op when only the query side needs gradients."""
     seen = []
     real = ops.triton_lse_fwd
 
     def spy(*args):
-        seen.append(args[-1])
+        seen.append(args[11])  # row_only (row_extra, the positive, follows)
         return real(*args)
 
     monkeypatch.setattr(ops, "triton_lse_fwd", spy)
@@ -307,8 +341,13 @@ def test_opcheck_on_cpu(row_only):
     args = list(args)
     args[0] = args[0].requires_grad_()
     args[2] = args[2].requires_grad_()
+    utils = ("test_schema", "test_autograd_registration", "test_faketensor")
     torch.library.opcheck(torch.ops.contrastive_kernels.triton_lse_fwd.default, tuple(args),
-                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+                          test_utils=utils)
+    if row_only:  # with InfoNCE's positive merged in (row_extra)
+        extra = torch.randn(args[0].shape[0], dtype=torch.float64, requires_grad=True)
+        torch.library.opcheck(torch.ops.contrastive_kernels.triton_lse_fwd.default,
+                              tuple(args) + (extra,), test_utils=utils)
 
 
 def test_compile_fullgraph_through_the_chunked_backend():

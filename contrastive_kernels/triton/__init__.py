@@ -50,3 +50,7 @@ mix, mixed_dots = _family("mixing", ["mix", "mixed_dots"])
 # optional ops of losses.py: the loss's pass over the queue also yields mixing's hard negatives;
 # the synthetic logits reduced to their log-sum-exp in one pass
 from .mixing import lse_stats_topk, mixed_lse  # noqa: E402
+
+# lse_stats and lse_stats_topk take row_extra= (one more logit per row, one gamma): InfoNCE's
+# positive merged into the queue's log-sum-exp by the kernels (losses.info_nce)
+ROW_EXTRA = True

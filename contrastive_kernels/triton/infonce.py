@@ -521,12 +521,15 @@ def _log_total(mx, tot):
 
 @triton.jit
 def _row_merge_kernel(ROW_M, ROW_S, POS_P, CNT_P, ROW_E, OUT_LSE, OUT_POS, OUT_CNT, OUT_E,
-                      CAND_CNT, S, B, D, n_hard, cand_cap, N_GAMMA: tl.constexpr,
+                      CAND_CNT, EXTRA, S, B, D, n_hard, cand_cap, N_GAMMA: tl.constexpr,
                       LABELS: tl.constexpr, ROW_ONLY: tl.constexpr, CAND: tl.constexpr,
-                      BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
+                      HAS_EXTRA: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+                      BLOCK_S: tl.constexpr):
     """Merge the (m, s) partials of S key splits: lse = M + log sum_s s_s exp(m_s - M); label
     sums add up (zeros without labels); with ROW_ONLY the normalized E = sum_s exp(m_s - M) E_s /
-    sum, BLOCK_D features per program (grid axis 1).
+    sum, BLOCK_D features per program (grid axis 1). HAS_EXTRA (one gamma): EXTRA[i] is one more
+    logit of row i (InfoNCE's positive), merged as a split (EXTRA[i], 1): the lse and the
+    normalization of E include it.
 
     The splits are read BLOCK_S at a time (independent loads in flight instead of a chain of S
     dependent ones), and E's B D S values are spread over row x feature blocks: at MoCo's B = 256
@@ -552,6 +555,12 @@ def _row_merge_kernel(ROW_M, ROW_S, POS_P, CNT_P, ROW_E, OUT_LSE, OUT_POS, OUT_C
             new = tl.maximum(mx, tl.max(m, 0))
             shift = tl.where(new == float("-inf"), 0.0, new)
             tot = tot * tl.exp(mx - shift) + tl.sum(t * tl.exp(m - shift[None, :]), 0)
+            mx = new
+        if HAS_EXTRA and g == 0:
+            x = tl.load(EXTRA + rows, mask=row_ok, other=float("-inf")).to(acc_ty)
+            new = tl.maximum(mx, x)
+            shift = tl.where(new == float("-inf"), 0.0, new)
+            tot = tot * tl.exp(mx - shift) + tl.exp(x - shift)
             mx = new
         lse = _log_total(mx, tot)
         finite = finite & (tl.abs(lse) < float("inf"))  # false for NaN too
@@ -1041,15 +1050,17 @@ def _flags(q, in_dtype, b, c, d, excl, ql, gammas):
 
 
 def lse_forward(q, k, row_scale, col_scale, row_bias, col_bias, gammas, exclude, q_labels, k_labels,
-                want_col_lse, row_only):
+                want_col_lse, row_only, row_extra=None):
     """Host side of the forward op: see the module docstring. Returns (row_lse, pos_sum, pos_count,
-    col_lse, row_e); row_e is the normalized E of the row-only mode ((0, D) otherwise)."""
+    col_lse, row_e); row_e is the normalized E of the row-only mode ((0, D) otherwise).
+    ``row_extra`` (B,), one gamma only: one more logit per row merged into row_lse (and E's
+    normalization); InfoNCE's positive, so that the loss needs no log-sum-exp of its own."""
     return _forward(q, k, row_scale, col_scale, row_bias, col_bias, gammas, exclude, q_labels,
-                    k_labels, want_col_lse, row_only, None, 0, 0)
+                    k_labels, want_col_lse, row_only, None, 0, 0, row_extra)
 
 
 def lse_forward_topk(q, k, row_scale, col_scale, row_bias, col_bias, gammas, row_only, threshold,
-                     capacity, n_hard):
+                     capacity, n_hard, row_extra=None):
     """``lse_forward`` over a queue (no exclusions, labels or column statistics) with the CAND mode
     of the kernel: also the columns j with <q_i, k_j> >= threshold[i] (fp32) of each row i, as
     (keys (B, capacity) int64: the top-k keys of triton/topk.py (score, then the lower column
@@ -1057,16 +1068,18 @@ def lse_forward_topk(q, k, row_scale, col_scale, row_bias, col_bias, gammas, row
     may not hold the row's top ``n_hard``, i.e. unless n_hard <= count <= capacity and the row's
     lse are finite). Needs the feature dim resident (D_CHUNKS == 1)."""
     return _forward(q, k, row_scale, col_scale, row_bias, col_bias, gammas, None, None, None,
-                    False, row_only, threshold, int(capacity), int(n_hard))
+                    False, row_only, threshold, int(capacity), int(n_hard), row_extra)
 
 
 def _forward(q, k, row_scale, col_scale, row_bias, col_bias, gammas, exclude, q_labels, k_labels,
-             want_col_lse, row_only, threshold, capacity, n_hard):
+             want_col_lse, row_only, threshold, capacity, n_hard, row_extra):
     if len(gammas) not in (1, 2):
         raise ValueError(f"the Triton lse_stats supports 1 or 2 gammas, got {len(gammas)}")
+    if row_extra is not None and len(gammas) != 1:
+        raise ValueError("row_extra needs one gamma")
     cand = threshold is not None
     args = (q, k, row_scale, col_scale, row_bias, col_bias, gammas, exclude, q_labels, k_labels,
-            want_col_lse, row_only, threshold, capacity, n_hard)
+            want_col_lse, row_only, threshold, capacity, n_hard, row_extra)
     if cand:
         (row_lse, pos_sum, pos_count, col_lse, row_e, cand_k,
          count) = forward_topk_outputs(q, k, gammas, row_only, capacity)
@@ -1081,7 +1094,9 @@ def _forward(q, k, row_scale, col_scale, row_bias, col_bias, gammas, exclude, q_
     if n == 0:
         if cand:
             count.fill_(1)  # inexact: no candidates
-        return (torch.full_like(row_lse, float("-inf")), torch.zeros_like(pos_sum),
+        empty = (torch.full_like(row_lse, float("-inf")) if row_extra is None
+                 else row_extra.to(row_lse.dtype)[None].clone())
+        return (empty, torch.zeros_like(pos_sum),
                 torch.zeros_like(pos_count), col_lse, torch.zeros_like(row_e), *extra)
     in_dtype = q.dtype
     q, k, a, b, c, d, gam, excl, ql, kl = _prep(q, k, row_scale, col_scale, row_bias, col_bias,
@@ -1120,9 +1135,11 @@ def _forward(q, k, row_scale, col_scale, row_bias, col_bias, gammas, exclude, q_
     wrap_triton(_row_merge_kernel)[(triton.cdiv(bsz, block_r),
                                     triton.cdiv(dim, block_d) if row_only else 1)](
         row_m, row_s, pos_p, cnt_p, e_p, row_lse, pos_sum, pos_count,
-        row_e if row_only else row_lse, count, n_sp, bsz, dim, n_hard,
-        max(1, capacity), N_GAMMA=n_g, LABELS=flags["LABELS"], ROW_ONLY=row_only, CAND=cand,
-        BLOCK_R=block_r, BLOCK_D=block_d, BLOCK_S=block_s)
+        row_e if row_only else row_lse, count,
+        row_extra.to(acc).contiguous() if row_extra is not None else scratch, n_sp, bsz, dim,
+        n_hard, max(1, capacity), N_GAMMA=n_g, LABELS=flags["LABELS"], ROW_ONLY=row_only,
+        CAND=cand, HAS_EXTRA=row_extra is not None, BLOCK_R=block_r, BLOCK_D=block_d,
+        BLOCK_S=block_s)
     if want_col_lse:
         block_c = 64 if INTERPRETER else 256
         wrap_triton(_col_merge_kernel)[(triton.cdiv(n, block_c),)](col_m, col_s, col_lse, n_rg, n,
@@ -1216,16 +1233,17 @@ def _finish(acc_p, sum_p, x, scale, outs, slots, need, n_parts, n, dim):
 
 def lse_stats(q, k, row_scale, col_scale=None, row_bias=None, col_bias=None, *,
               gammas: Sequence[float] = (1.0,), exclude=None, q_labels=None, k_labels=None,
-              want_col_lse=False):
+              want_col_lse=False, row_extra=None):
     """``reference.lse_stats`` with the kernels above, through the custom op
-    ``contrastive_kernels::triton_lse_fwd`` (see ``contrastive_kernels.ops``)."""
+    ``contrastive_kernels::triton_lse_fwd`` (see ``contrastive_kernels.ops``); ``row_extra``
+    (B,) fp32, one gamma: one more logit per row in row_lse (``lse_forward``)."""
     from .. import ops
 
     row_only = (query_side_only(q, k, row_scale, col_scale, row_bias, col_bias) and not want_col_lse
                 and row_only_supported(q.shape[1], q.dtype, len(gammas), q_labels is not None))
     out = ops.triton_lse_fwd(q, k, row_scale, col_scale, row_bias, col_bias,
                              [float(g) for g in gammas], exclude, q_labels, k_labels,
-                             bool(want_col_lse), bool(row_only))
+                             bool(want_col_lse), bool(row_only), row_extra)
     return out[0], out[1], out[2], out[3]
 
 
@@ -1240,7 +1258,7 @@ def lse_stats(q, k, row_scale, col_scale=None, row_bias=None, col_bias=None, *,
 _I32 = ("B", "N", "D", "S", "R", "n", "stride_q", "stride_k", "stride_x", "n_words",
         "rows_per_group", "cols_per_split", "cand_cap", "n_hard")
 _PTR_TYPES = {"EXCL": "*i64", "QL": "*i64", "KL": "*i64", "THR": "*fp32", "CAND_K": "*i64",
-              "CAND_CNT": "*i32"}
+              "CAND_CNT": "*i32", "EXTRA": "*fp32"}
 _F32 = ("g0_hi", "g0_lo", "g1_hi", "g1_lo")
 
 
@@ -1329,15 +1347,15 @@ def _aot_specs():
         _variant("lse_bwd_k[supcon,bits", k_k, 256, lowp,
                  **{**bwd, "LABELS": 2, "N_EXCL": 1, "FUSED_DQ": False}),
         _variant("lse_bwd_k[clip", k_k, 512, lowp, **{**bwd, "WANT_COL": True, "FUSED_DQ": False}),
-        dict(name="row_merge[row_only,cand]", kernel=_row_merge_kernel, dtypes=("fp32",),
+        dict(name="row_merge[row_only,cand,extra]", kernel=_row_merge_kernel, dtypes=("fp32",),
              signature=_aot_signature(_row_merge_kernel, {}),
-             constexprs=dict(N_GAMMA=1, LABELS=0, ROW_ONLY=True, CAND=True,
+             constexprs=dict(N_GAMMA=1, LABELS=0, ROW_ONLY=True, CAND=True, HAS_EXTRA=True,
                              **dict(zip(("BLOCK_R", "BLOCK_D", "BLOCK_S"),
                                         _MERGE_BLOCKS["row_only"]))),
              configs=[(4, 1, {})]),
         dict(name="row_merge[2 gammas,labels]", kernel=_row_merge_kernel, dtypes=("fp32",),
              signature=_aot_signature(_row_merge_kernel, {}),
-             constexprs=dict(N_GAMMA=2, LABELS=1, ROW_ONLY=False, CAND=False,
+             constexprs=dict(N_GAMMA=2, LABELS=1, ROW_ONLY=False, CAND=False, HAS_EXTRA=False,
                              **dict(zip(("BLOCK_R", "BLOCK_D", "BLOCK_S"), _MERGE_BLOCKS["rows"]))),
              configs=[(4, 1, {})]),
         dict(name="col_merge", kernel=_col_merge_kernel, dtypes=("fp32",),

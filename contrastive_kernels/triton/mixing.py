@@ -607,24 +607,27 @@ def fused_topk_reason(q: torch.Tensor, k: torch.Tensor, n_hard: int, n_gammas: i
 
 
 def lse_stats_topk(q, k, row_scale, col_scale=None, row_bias=None, col_bias=None, *,
-                   gammas=(1.0,), n_hard: int):
+                   gammas=(1.0,), n_hard: int, row_extra=None):
     """(row_lse (G, B), hard (B, n_hard) int64) where row_lse = ``lse_stats(...)[0]`` over the
-    queue k and hard = ``topk(q.detach(), k.detach(), n_hard, similarity="dot").indices``, with
-    the hard negatives taken from the loss kernel's own pass when ``fused_topk_reason`` allows
-    (module docstring, _loss_topk.py), else from the separate top-k."""
+    queue k (with ``row_extra``: see ``infonce.lse_stats``) and hard = ``topk(q.detach(),
+    k.detach(), n_hard, similarity="dot").indices``, with the hard negatives taken from the loss
+    kernel's own pass when ``fused_topk_reason`` allows (module docstring, _loss_topk.py), else
+    from the separate top-k."""
     from .. import ops
 
     def fused(thr, cap):
         row_only = (query_side_only(q, k, row_scale, col_scale, row_bias, col_bias)
                     and _infonce.row_only_supported(q.shape[1], q.dtype, len(gammas), False))
         out = ops.triton_lse_topk_fwd(q, k, row_scale, col_scale, row_bias, col_bias,
-                                      [float(g) for g in gammas], bool(row_only), thr, cap, n_hard)
+                                      [float(g) for g in gammas], bool(row_only), thr, cap, n_hard,
+                                      row_extra)
         return out[0], merge_candidates(out[5], n_hard), out[6]
 
     return _loss_topk.lse_stats_topk(
         NAME, fused_topk_reason(q, k, n_hard, len(gammas)), q, k, gammas, n_hard,
         (col_scale is not None, row_bias is not None, col_bias is not None), fused,
-        lambda: _infonce.lse_stats(q, k, row_scale, col_scale, row_bias, col_bias, gammas=gammas)[0],
+        lambda: _infonce.lse_stats(q, k, row_scale, col_scale, row_bias, col_bias, gammas=gammas,
+                                   row_extra=row_extra)[0],
         lambda a, b, n: _topk.topk(a, b, n, similarity="dot")[1])
 
 
