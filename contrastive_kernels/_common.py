@@ -174,13 +174,13 @@ def mixed_lse_backward(ctx, d_lse, _d_e, _d_u):
     w = [d_lse[g].to(acc) * gamma if gamma != 1.0 else d_lse[g].to(acc)
          for g, gamma in enumerate(ctx.gammas)]
     w = torch.stack(w) if len(w) > 1 else w[0][None]  # one gamma (cross-entropy): a view
-    w = w.masked_fill(lse == float("-inf"), 0.0)
     sum_g = lambda x: x[0] if x.shape[0] == 1 else x.sum(0)  # noqa: E731 - no copy for one gamma
     dq = da = dc = None
+    # rows with no point have e_sum = u_sum = 0 (every kernel): only dc needs them masked
     if need[0]:
         dq = (row_scale.to(acc)[:, None] * sum_g(w[..., None] * e_sum)).to(ctx.dtypes[0])
     if need[8]:
         da = sum_g(w * u_sum).to(ctx.dtypes[1])
     if need[9]:
-        dc = sum_g(w).to(ctx.dtypes[2])
+        dc = sum_g(w.masked_fill(lse == float("-inf"), 0.0)).to(ctx.dtypes[2])
     return (dq,) + (None,) * 7 + (da, dc, None)
