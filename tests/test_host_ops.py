@@ -104,14 +104,21 @@ def _moco_step(mixing):
 # unused outputs, the row merge kernel flagged MoCHi's inexact rows, a gamma of 1 stopped being
 # a multiply and mixed_lse's backward masked only the bias gradient; MoCo's 35 before the row merge kernel took the positive logit, whose log-sum-exp
 # with the queue's was 6 CPU ops and its backward 5).
+# "mochi-2-splits": the synthetic points of each row in two splits, as on a GPU when B is below
+# twice the SM count (MoCo's B=256 on an H100), merged by one more kernel (before it, by 23 torch
+# ops: 79 per step).
 BUDGETS = [("moco", None, 27, 2),
-           ("mochi", (64, 16, 8), 58, 3)]
+           ("mochi", (64, 16, 8), 58, 3),
+           ("mochi-2-splits", (64, 16, 8), 58, 4)]
 
 
 @pytest.mark.parametrize("case,mixing,max_ops,n_launches", BUDGETS, ids=[b[0] for b in BUDGETS])
-def test_host_ops_per_step_within_budget(case, mixing, max_ops, n_launches):
+def test_host_ops_per_step_within_budget(case, mixing, max_ops, n_launches, monkeypatch):
     from contrastive_kernels import _loss_topk
+    from contrastive_kernels.triton import mixing as triton_mixing
 
+    if case.endswith("2-splits"):
+        monkeypatch.setattr(triton_mixing, "_lse_splits", lambda b, n_blocks, device: 2)
     fused_before = _loss_topk.STATS["fused_calls"]
     ops, launches = host_work(_moco_step(mixing))
     total = sum(ops.values())
@@ -121,6 +128,7 @@ def test_host_ops_per_step_within_budget(case, mixing, max_ops, n_launches):
     if mixing:  # the hard negatives came out of the loss pass (one kernel), not a separate top-k
         assert _loss_topk.STATS["fused_calls"] > fused_before
         assert "_topk_tile_kernel" not in launches and "_mixed_lse_kernel" in launches
+        assert ("_mixed_combine_kernel" in launches) == case.endswith("2-splits")
 
 
 def test_host_work_counter_sees_added_ops():

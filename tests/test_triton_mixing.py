@@ -135,11 +135,13 @@ def test_backward_splits_are_summed(monkeypatch):
 
 @pytest.mark.parametrize("d", [24, 200])
 def test_mixed_lse_splits_are_combined(monkeypatch, d):
-    """mixed_lse's point splits (online-softmax partials combined on the host) give the one-split
-    result, with the feature dim in one chunk (E in registers) and in four (E in memory)."""
-    q, neg, hard, draws = _inputs(4, 6, 40, 21, d, torch.float64)
+    """mixed_lse's point splits (online-softmax partials merged by _mixed_combine_kernel, over
+    several row, feature and split blocks) give the one-split result, with the feature dim in one
+    chunk (E in registers) and in four (E in memory)."""
+    b = 5  # not a multiple of the combine kernel's row block
+    q, neg, hard, draws = _inputs(b, 6, 40, 21, d, torch.float64)
     args = (q, q, neg, hard, draws.pair_index, draws.alpha, draws.query_index, draws.query_weight,
-            torch.rand(4, dtype=torch.float64) + 1.0, torch.randn(4, dtype=torch.float64), [1.5, 0.5])
+            torch.rand(b, dtype=torch.float64) + 1.0, torch.randn(b, dtype=torch.float64), [1.5, 0.5])
     one = M.mixed_lse_forward(*args)
     n_blocks = -(-40 // M.BLOCK_T) + -(-21 // M.BLOCK_T)
     for splits in (2, 3, n_blocks):

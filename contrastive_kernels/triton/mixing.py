@@ -46,7 +46,7 @@ as above, moves the running max m_g, rescales (s, U, E) by e^{m_old - m_new} and
 p-weighted terms. E lives in registers when the feature dim is one chunk, else in its
 output slot (one read-modify-write per block and chunk). With one split the kernel writes the
 final (lse, E, U); with several (few rows: about two programs per SM) it writes the raw partials
-(m, s, U, E) per split and ``_combine_splits`` merges them on the host.
+(m, s, U, E) per split and ``_mixed_combine_kernel`` merges them.
 
 Kernels: ``_mix_fwd_kernel`` grid (rows, blocks of BLOCK_T points: pair blocks, then query-mix
 blocks), the feature dim in BLOCK_D chunks (any D); WANT_DOTS writes u and nrm, WANT_POINTS writes
@@ -365,6 +365,52 @@ def _mixed_lse_kernel(Q, MQ, NEG, HARD, PAIR, ALPHA, QIDX, QW, A, C, LSE, M_P, S
                      mask=msk)
 
 
+@triton.jit
+def _mixed_combine_kernel(M_P, S_P, U_P, E_P, LSE, U_OUT, E_OUT, SPLITS, B, D, G: tl.constexpr,
+                          BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
+    """The final (lse, U, E) of ``_mixed_lse_kernel`` from its per-split raw partials
+    [split, g, row] (E: [split, g, row, D]): M = max_s m_s, f_s = e^{m_s - M}, s = sum_s f_s s_s,
+    lse = M + log s, U = sum_s f_s U_s / s, E = sum_s f_s E_s / s (rows with no point: -inf, 0,
+    0; a NaN sum stays NaN). Grid (row blocks, feature blocks); the programs of feature block 0
+    write lse and U. One launch instead of a score of small torch ops per call."""
+    rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+    row_ok = rows < B
+    head = row_ok & (rows * 0 + tl.program_id(1) == 0)
+    splits = tl.arange(0, BLOCK_S)
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    acc_ty = LSE.dtype.element_ty
+    for g in tl.static_range(G):
+        mx = tl.full([BLOCK_R], float("-inf"), acc_ty)
+        for s0 in range(0, SPLITS, BLOCK_S):
+            ss = s0 + splits
+            ok = (ss < SPLITS)[:, None] & row_ok[None, :]
+            m = tl.load(M_P + (ss[:, None] * G + g) * B + rows[None, :], mask=ok, other=float("-inf"))
+            mx = tl.maximum(mx, tl.max(m, 0))
+        ref = tl.where(mx == float("-inf"), 0.0, mx)
+        tot = tl.zeros([BLOCK_R], dtype=acc_ty)
+        u = tl.zeros([BLOCK_R], dtype=acc_ty)
+        e = tl.zeros([BLOCK_R, BLOCK_D], dtype=acc_ty)
+        for s0 in range(0, SPLITS, BLOCK_S):
+            ss = s0 + splits
+            ok = (ss < SPLITS)[:, None] & row_ok[None, :]
+            slot = (ss[:, None] * G + g) * B + rows[None, :]  # (BLOCK_S, BLOCK_R)
+            f = tl.exp(tl.load(M_P + slot, mask=ok, other=float("-inf")) - ref[None, :])
+            tot += tl.sum(f * tl.load(S_P + slot, mask=ok, other=0.0), 0)
+            u += tl.sum(f * tl.load(U_P + slot, mask=ok, other=0.0), 0)
+            part = tl.load(E_P + slot[:, :, None] * D + offs_d[None, None, :],
+                           mask=(ok & (f > 0))[:, :, None] & d_ok[None, None, :], other=0.0)
+            e += tl.sum(f[:, :, None] * part, 0)
+        live = tot > 0
+        inv = tl.where(live, 1.0 / tl.where(live, tot, 1.0), 0.0)
+        lse = tl.where(live, ref + tl.log(tl.where(live, tot, 1.0)),
+                       tl.where(tot == tot, float("-inf"), tot))
+        tl.store(LSE + g * B + rows, lse, mask=head)
+        tl.store(U_OUT + g * B + rows, u * inv, mask=head)
+        tl.store(E_OUT + (g * B + rows)[:, None] * D + offs_d[None, :], e * inv[:, None],
+                 mask=row_ok[:, None] & d_ok[None, :])
+
+
 # ------------------------------------------------------------------------------------------------
 # host side
 # ------------------------------------------------------------------------------------------------
@@ -483,18 +529,20 @@ def _lse_splits(b: int, n_blocks: int, device: torch.device) -> int:
     return max(1, min(n_blocks, triton.cdiv(2 * _n_sm(device), max(b, 1))))
 
 
-def _combine_splits(m, s, u, e):
-    """The final (lse, e_sum, u_sum) from per-split online-softmax partials (split first)."""
-    top = m.amax(0)
-    ref = torch.where(top == float("-inf"), torch.zeros_like(top), top)
-    f = torch.exp(m - ref)
-    total = (s * f).sum(0)
-    live = total > 0
-    safe = torch.where(live, total, torch.ones_like(total))
-    lse = torch.where(live, ref + torch.log(safe),
-                      torch.where(total == total, torch.full_like(total, float("-inf")), total))
-    inv = torch.where(live, 1.0 / safe, torch.zeros_like(total))
-    return lse, (e * f[..., None]).sum(0) * inv[..., None], (u * f).sum(0) * inv
+# _mixed_combine_kernel's (BLOCK_R, BLOCK_D, BLOCK_S); the interpreter's small ones give the
+# tests' shapes several blocks of each
+_COMBINE_BLOCKS = (4, 16, 2) if INTERPRETER else (16, 32, 4)
+
+
+def _combine_splits(m_p, s_p, u_p, e_p, lse, e_sum, u_sum):
+    """The final (lse, e_sum, u_sum) from the per-split partials (``_mixed_combine_kernel``)."""
+    splits, g, b, d = e_p.shape
+    block_r, block_d, block_s = _COMBINE_BLOCKS
+    block_d = min(block_d, max(16, triton.next_power_of_2(d)))
+    wrap_triton(_mixed_combine_kernel)[(triton.cdiv(b, block_r), triton.cdiv(d, block_d))](
+        m_p, s_p, u_p, e_p, lse, u_sum, e_sum, splits, b, d, G=g, BLOCK_R=block_r,
+        BLOCK_D=block_d, BLOCK_S=block_s)
+    return lse, e_sum, u_sum
 
 
 def mixed_lse_forward(q, mix_query, negatives, hard_index, pair_index, alpha, query_index,
@@ -517,16 +565,15 @@ def mixed_lse_forward(q, mix_query, negatives, hard_index, pair_index, alpha, qu
     per = triton.cdiv(n_blocks, _lse_splits(b, n_blocks, q.device))
     splits = triton.cdiv(n_blocks, per)
     final = splits == 1
+    lse, e_sum, u_sum = mixed_lse_outputs(q, mix_query, gammas)
     if final:  # the kernel writes the outputs themselves
-        lse, e_sum, u_sum = mixed_lse_outputs(q, mix_query, gammas)
         m_p = s_p = lse  # unused
         u_p, e_p = u_sum, (e_sum if d_chunks == 1 else e_sum.zero_())
     else:  # raw partials per split, merged by _combine_splits
         m_p = q.new_empty((splits, g, b), dtype=acc)
         s_p = torch.empty_like(m_p)
         u_p = torch.empty_like(m_p)
-        e_p = q.new_zeros((splits, g, b, d), dtype=acc)
-        lse = m_p  # unused
+        e_p = (q.new_empty if d_chunks == 1 else q.new_zeros)((splits, g, b, d), dtype=acc)
     q = _rows(q)
     negatives = _rows(negatives)
     mix_query = _rows(mix_query).to(negatives.dtype)
@@ -541,7 +588,7 @@ def mixed_lse_forward(q, mix_query, negatives, hard_index, pair_index, alpha, qu
         BLOCK_D=block_d, D_CHUNKS=d_chunks, num_warps=LSE_WARPS)
     if final:
         return lse, e_sum, u_sum
-    return _combine_splits(m_p, s_p, u_p, e_p)
+    return _combine_splits(m_p, s_p, u_p, e_p, lse, e_sum, u_sum)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -686,6 +733,13 @@ def _aot_specs():
                                 BLOCK_D=lambda dt, c=chunks: c(dt)[0],
                                 D_CHUNKS=lambda dt, c=chunks: c(dt)[1]),
                 divisible=divisible, num_warps=LSE_WARPS, num_stages=3))
+    specs.append(dict(
+        name="mixed_combine[2 gammas]", kernel=_mixed_combine_kernel, dtypes=("fp32", "fp64"),
+        signature={**{p: "*{acc}" for p in ("M_P", "S_P", "U_P", "E_P", "LSE", "U_OUT", "E_OUT")},
+                   "SPLITS": "i32", "B": "i32", "D": "i32",
+                   **{c: "constexpr" for c in ("G", "BLOCK_R", "BLOCK_D", "BLOCK_S")}},
+        constexprs=dict(G=2, **dict(zip(("BLOCK_R", "BLOCK_D", "BLOCK_S"), _COMBINE_BLOCKS))),
+        divisible=("D",), num_warps=4, num_stages=1))
     return specs
 
 
