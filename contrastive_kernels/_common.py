@@ -152,24 +152,27 @@ def mixed_lse_outputs(q, mix_query, gammas):
 
 def mixed_lse_setup_context(ctx, inputs, output):
     q, row_scale, row_bias, gammas = inputs[0], inputs[8], inputs[9], inputs[10]
+    row_extra = inputs[11] if len(inputs) > 11 else None  # the Triton op's (C++: no such input)
     lse, e_sum, u_sum = output
     ctx.gammas = tuple(float(g) for g in gammas)
     ctx.dtypes = (q.dtype, row_scale.dtype, None if row_bias is None else row_bias.dtype)
     ctx.mark_non_differentiable(e_sum, u_sum)
     ctx.set_materialize_grads(False)  # e_sum and u_sum get None, not zero-filled gradients
-    ctx.save_for_backward(row_scale, lse, e_sum, u_sum)
+    ctx.save_for_backward(row_scale, lse, e_sum, u_sum, row_extra)
 
 
 def mixed_lse_backward(ctx, d_lse, _d_e, _d_u):
     """lse_gi = log sum_t e^{gamma_g l_it}, l_it = a_i <q_i, h_it> + c_i (h constant), with the
     forward's softmax-weighted sums e_gi = sum_t p_git h_it and su_gi = sum_t p_git u_it:
     dq_i = a_i sum_g w_gi e_gi, da_i = sum_g w_gi su_gi, dc_i = sum_g w_gi, where w = d_lse gamma
-    (rows with no point, lse = -inf, get nothing)."""
+    (rows with no point, lse = -inf, get nothing). With a row_extra x (one gamma, a term e^{x_i}
+    of the sum): dx_i = w_i e^{x_i - lse_i}, and dc_i = w_i - dx_i (the points' share)."""
     need = ctx.needs_input_grad
-    row_scale, lse, e_sum, u_sum = ctx.saved_tensors
+    row_scale, lse, e_sum, u_sum, row_extra = ctx.saved_tensors
     acc = lse.dtype
+    n_in = 11 if row_extra is None else 12
     if d_lse is None:
-        return (None,) * 11
+        return (None,) * n_in
     # gammas as Python scalars: a tensor of them would be a blocking host-to-device copy per step
     w = [d_lse[g].to(acc) * gamma if gamma != 1.0 else d_lse[g].to(acc)
          for g, gamma in enumerate(ctx.gammas)]
@@ -181,6 +184,16 @@ def mixed_lse_backward(ctx, d_lse, _d_e, _d_u):
         dq = (row_scale.to(acc)[:, None] * sum_g(w[..., None] * e_sum)).to(ctx.dtypes[0])
     if need[8]:
         da = sum_g(w * u_sum).to(ctx.dtypes[1])
+    d_extra = None
+    if row_extra is not None and ((len(need) > 11 and need[11]) or need[9]):
+        d_extra = w[0] * (row_extra.to(acc) - lse[0]).exp()
     if need[9]:
-        dc = sum_g(w.masked_fill(lse == float("-inf"), 0.0)).to(ctx.dtypes[2])
-    return (dq,) + (None,) * 7 + (da, dc, None)
+        dc = (sum_g(w.masked_fill(lse == float("-inf"), 0.0)) if d_extra is None
+              else w[0] - d_extra).to(ctx.dtypes[2])
+    if row_extra is None:
+        return (dq,) + (None,) * 7 + (da, dc, None)
+    if d_extra is not None and len(need) > 11 and need[11]:
+        d_extra = d_extra.to(row_extra.dtype)
+    else:
+        d_extra = None
+    return (dq,) + (None,) * 7 + (da, dc, None, d_extra)

@@ -178,18 +178,25 @@ def _logsumexp_rows(parts):
 MIXED_LSE = os.environ.get("CK_MIXING_LSE", "1") != "0"
 
 
+def _fused_mixed_lse(ops) -> bool:
+    return MIXED_LSE and hasattr(ops, "mixed_lse")
+
+
 def add_synthetic_terms(ops, query, rows: Side, mix_query, bank, hard, mixing: Mixing, scale,
-                        gammas, parts, own):
+                        gammas, parts, own, merge_last_part=False):
     """MoCHi's synthetic negatives without forming them, as a log-sum-exp part (G, B) in ``parts``
     where the backend has ``mixed_lse`` (no second gather in backward), else as logits (B, s+s')
     in ``own``: u = <q, h> from ``ops.mixed_dots`` (h mixes rows of ``bank`` picked by ``hard``,
     and ``mix_query``). The synthetic points are unit vectors, so cosine uses a = scale/|q| and l2
-    adds d = -scale * |h|^2 = -scale."""
+    adds d = -scale * |h|^2 = -scale. ``merge_last_part`` (one gamma, a backend with ROW_EXTRA):
+    the last part joins the synthetic log-sum-exp inside ``mixed_lse``, which replaces it."""
     draws = draw_mixing(query.shape[0], mixing.n_hard, mixing.n_synthetic,
                         mixing.n_query_synthetic, mixing.generator, query.device)
     bias = rows.bias - scale if rows.bias is not None else None
-    if MIXED_LSE and hasattr(ops, "mixed_lse"):
-        parts.append(ops.mixed_lse(query, mix_query, bank, hard, draws, rows.scale, bias, gammas=gammas))
+    if _fused_mixed_lse(ops):
+        extra = {"row_extra": parts.pop().squeeze(0)} if merge_last_part else {}
+        parts.append(ops.mixed_lse(query, mix_query, bank, hard, draws, rows.scale, bias,
+                                   gammas=gammas, **extra))
         return
     logits = ops.mixed_dots(query, mix_query, bank, hard, draws) * rows.scale[:, None]
     own.append(logits if bias is None else logits + bias[:, None])
@@ -232,13 +239,17 @@ def info_nce(ops, query, positive_key, queue=None, *, temperature, similarity, i
     mixes = mixing is not None and mixing.n_total > 0
     hard = None
     positive_in_parts = in_batch_negatives and not debiased
+    # the positive, the queue and the synthetic negatives as one chain of log-sum-exps in the
+    # kernels, where they are the only terms of cross-entropy
+    chain = (not debiased and not in_batch_negatives and getattr(ops, "ROW_EXTRA", False)
+             and (extra_negatives is None or extra_negatives.shape[1] == 0)
+             and (not mixes or _fused_mixed_lse(ops)))
     if queue is not None and queue.shape[0] > 0:
         cols = col_side(queue, similarity, scale)
         extra = {}
-        alone = not mixes and (extra_negatives is None or extra_negatives.shape[1] == 0)
-        if alone and not debiased and not positive_in_parts and getattr(ops, "ROW_EXTRA", False):
-            # the backend merges the positive into the queue's log-sum-exp, which is then the
-            # only term: no log-sum-exp of our own (with other terms that one would stay)
+        if chain:
+            # the backend merges the positive into the queue's log-sum-exp (and that into the
+            # synthetic one): a single term, no log-sum-exp of our own
             extra, positive_in_parts = {"row_extra": l_pos}, True
         if mixes and hasattr(ops, "lse_stats_topk"):
             # the hard negatives come out of the loss's own pass over the queue
@@ -259,7 +270,7 @@ def info_nce(ops, query, positive_key, queue=None, *, temperature, similarity, i
             hard = ops.topk(query.detach(), queue.detach(), mixing.n_hard, similarity="dot",
                             exclude_index=None, query_labels=None, bank_labels=None)[1]
         add_synthetic_terms(ops, query, rows, query.detach(), queue.detach(), hard, mixing, scale,
-                            gammas, parts, own)
+                            gammas, parts, own, merge_last_part=chain and positive_in_parts)
         n_neg += mixing.n_total
     loss = _finish(l_pos, parts, own, n_neg, tau_plus, beta, temperature, positive_in_parts)
     return reference.reduce_loss(loss, reduction)

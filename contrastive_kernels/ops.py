@@ -46,11 +46,13 @@ Mixing (triton/mixing.py; the synthetic points never carry a gradient):
     through ``triton_mixed_dots_bwd(grad, nrm, mix_query, negatives, hard_index, pair_index,
     alpha, query_index, query_weight, q_dtype) -> dq (B, D)``; the other inputs get none.
 ``contrastive_kernels::triton_mixed_lse(q, mix_query, negatives, hard_index, pair_index, alpha,
-    query_index, query_weight, row_scale, row_bias?, gammas) -> (lse (G,B), e_sum (G,B,D),
-    u_sum (G,B))``: the synthetic logits row_scale_i u_it + row_bias_i reduced to their
-    log-sum-exp per gamma, with the softmax-weighted sums of h and u; the same schema and autograd
-    formula (``_common.mixed_lse_backward``: gradients to q, row_scale, row_bias, with no second
-    pass over the points) as the C++ op ``mixed_lse``.
+    query_index, query_weight, row_scale, row_bias?, gammas, row_extra?=None) -> (lse (G,B),
+    e_sum (G,B,D), u_sum (G,B))``: the synthetic logits row_scale_i u_it + row_bias_i reduced to
+    their log-sum-exp per gamma, with the softmax-weighted sums of h and u; the same schema (but
+    ``row_extra``) and autograd formula (``_common.mixed_lse_backward``: gradients to q,
+    row_scale, row_bias, with no second pass over the points) as the C++ op ``mixed_lse``.
+    ``row_extra`` (B,), one gamma: one more term e^{x_i} in row i's sum (InfoNCE: the queue's
+    log-sum-exp with the positive), with gradient exp(x_i - lse_i).
 """
 from __future__ import annotations
 
@@ -266,13 +268,14 @@ if TRITON_OPS_AVAILABLE:
     def triton_mixed_lse(q: Tensor, mix_query: Tensor, negatives: Tensor, hard_index: Tensor,
                          pair_index: Tensor, alpha: Tensor, query_index: Tensor,
                          query_weight: Tensor, row_scale: Tensor, row_bias: Optional[Tensor],
-                         gammas: List[float]) -> Tuple[Tensor, Tensor, Tensor]:
+                         gammas: List[float],
+                         row_extra: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
         return mixed_lse_forward(q, mix_query, negatives, hard_index, pair_index, alpha,
-                                 query_index, query_weight, row_scale, row_bias, gammas)
+                                 query_index, query_weight, row_scale, row_bias, gammas, row_extra)
 
     @triton_mixed_lse.register_fake
     def _triton_mixed_lse_fake(q, mix_query, negatives, hard_index, pair_index, alpha, query_index,
-                               query_weight, row_scale, row_bias, gammas):
+                               query_weight, row_scale, row_bias, gammas, row_extra=None):
         return mixed_lse_outputs(q, mix_query, gammas)
 
     triton_mixed_lse.register_autograd(mixed_lse_backward, setup_context=mixed_lse_setup_context)

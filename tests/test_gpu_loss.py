@@ -278,6 +278,9 @@ def _op_args(kind, dtype=torch.float32):
     a.requires_grad_()
     if kind == "row_only":
         return (q, k, a, None, None, None, [1.0], None, None, None, False, True)
+    if kind == "row_only+extra":  # InfoNCE's positive merged into the queue's log-sum-exp
+        extra = torch.randn(b, generator=g).to(DEV).requires_grad_()
+        return (q, k, a, None, None, None, [1.0], None, None, None, False, True, extra)
     k.requires_grad_()
     bb.requires_grad_()
     excl = (torch.arange(b) % n)[:, None].to(DEV)
@@ -287,7 +290,7 @@ def _op_args(kind, dtype=torch.float32):
     return (q, k, a, bb, c, dd, [1.2, 0.3], excl, *labels, False, False)
 
 
-@pytest.mark.parametrize("kind", ["row_only", "clip", "labels+gammas"])
+@pytest.mark.parametrize("kind", ["row_only", "row_only+extra", "clip", "labels+gammas"])
 def test_opcheck(kind):
     torch.library.opcheck(torch.ops.contrastive_kernels.triton_lse_fwd.default, _op_args(kind))
 

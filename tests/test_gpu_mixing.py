@@ -221,6 +221,9 @@ def test_opcheck_with_aot_dispatch():
     bias = torch.randn(32, device=DEV).requires_grad_()
     torch.library.opcheck(torch.ops.contrastive_kernels.triton_mixed_lse.default,
                           args + (scale, bias, [1.5, 0.5]))
+    extra = torch.randn(32, device=DEV).requires_grad_()  # the queue's lse chained in
+    torch.library.opcheck(torch.ops.contrastive_kernels.triton_mixed_lse.default,
+                          args + (scale, bias, [1.0], extra))
 
 
 def test_torch_compile_fullgraph_mixed_dots():

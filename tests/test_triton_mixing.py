@@ -150,6 +150,33 @@ def test_mixed_lse_splits_are_combined(monkeypatch, d):
             assert torch.allclose(x, y, rtol=1e-13, atol=1e-13), splits
 
 
+@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("d", [24, 200])
+def test_mixed_lse_row_extra_is_one_more_term(monkeypatch, splits, d):
+    """row_extra (the queue's log-sum-exp chained into the synthetic one): lse equals
+    logsumexp(lse without it, x) and every gradient (q, row_scale, row_bias, x) is that formula's,
+    in one split (the kernel merges x) and in several (the combine kernel does); also for a row
+    whose x is -inf."""
+    monkeypatch.setattr(M, "_lse_splits", lambda b, n, dev: splits)
+    b = 5
+    q, neg, hard, draws = _inputs(b, 6, 40, 21, d, torch.float64)
+    x = torch.randn(b, dtype=torch.float64) * 4
+    x[1] = float("-inf")
+    scale, bias = torch.rand(b, dtype=torch.float64) + 1.0, torch.randn(b, dtype=torch.float64)
+    wts = torch.linspace(0.5, 1.5, b, dtype=torch.float64)
+    results = []
+    for fused in (True, False):
+        leaves = [t.clone().requires_grad_() for t in (q, scale, bias, x)]
+        lq, ls, lb, lx = leaves
+        if fused:
+            lse = M.mixed_lse(lq, q, neg, hard, draws, ls, lb, row_extra=lx)[0]
+        else:
+            lse = torch.logsumexp(torch.stack([M.mixed_lse(lq, q, neg, hard, draws, ls, lb)[0], lx]), 0)
+        results.append([lse.detach()] + list(torch.autograd.grad((lse * wts).sum(), leaves)))
+    for got, want in zip(*results):
+        assert torch.allclose(got, want, rtol=1e-12, atol=1e-12), (got - want).abs().max()
+
+
 def test_mixed_lse_takes_one_or_two_gammas():
     q, neg, hard, draws = _inputs(3, 4, 5, 2, 16, torch.float32)
     with pytest.raises(ValueError, match="1 or 2 gammas"):
@@ -185,6 +212,9 @@ def test_opcheck_mixing_ops():
                           test_utils=utils)
     torch.library.opcheck(torch.ops.contrastive_kernels.triton_mixed_lse.default,
                           args + (scale.detach(), None, [1.0]), test_utils=utils)
+    extra = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    torch.library.opcheck(torch.ops.contrastive_kernels.triton_mixed_lse.default,
+                          args + (scale.detach(), bias.detach(), [1.0], extra), test_utils=utils)
     q, k, a, col, rb, cb, gammas = _lse_case(7, 90, 8, torch.float32, "l2", (1.0, 0.5))
     thr = LT.sample_threshold(q, k, 2, 5)
     torch.library.opcheck(torch.ops.contrastive_kernels.triton_lse_topk_fwd.default,

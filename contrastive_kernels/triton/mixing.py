@@ -269,16 +269,19 @@ def _mix_bwd_kernel(G, NRM, MQ, NEG, HARD, PAIR, ALPHA, QIDX, QW, DQ_P,
 
 
 @triton.jit
-def _mixed_lse_kernel(Q, MQ, NEG, HARD, PAIR, ALPHA, QIDX, QW, A, C, LSE, M_P, S_P, U_P, E_P,
-                      B, n_hard, S, SQ, D, stride_q, stride_m, stride_n, eps, blocks_per_split,
+def _mixed_lse_kernel(Q, MQ, NEG, HARD, PAIR, ALPHA, QIDX, QW, A, C, EXTRA, LSE, M_P, S_P, U_P,
+                      E_P, B, n_hard, S, SQ, D, stride_q, stride_m, stride_n, eps, blocks_per_split,
                       g0_hi, g0_lo, g1_hi, g1_lo, G: tl.constexpr, FINAL: tl.constexpr,
-                      BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, D_CHUNKS: tl.constexpr):
+                      HAS_EXTRA: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+                      D_CHUNKS: tl.constexpr):
     """Online softmax of z_gt = gamma_g (A[row] u_t + C[row]) over the split's points t of one
     row, u_t = <q, v_t> / nrm_t, per gamma g (two lanes, the first G real; the gammas come as
     infonce's scalar (hi, lo) pairs): running max m, sum s,
     U = sum p u and E = sum p h (h = v / nrm), p = e^{z - m}, all rescaled when m moves.
     FINAL (one split): LSE = m + log s, U_P = U / s, E_P = E / s (rows with no point: -inf, 0, 0);
-    else the raw partials go to M_P, S_P, U_P, E_P[split, g, row] for the host to combine.
+    else the raw partials go to M_P, S_P, U_P, E_P[split, g, row] for _mixed_combine_kernel.
+    HAS_EXTRA (FINAL, one gamma): EXTRA[row] is one more term of the row's sum, a log-weight with
+    no point (the queue's log-sum-exp in InfoNCE): in s, so in LSE and the normalization of U, E.
     E_P is accumulated in place (zero on entry), one read-modify-write per block and chunk, unless
     the feature dim is one chunk: then E stays in registers and v is formed once per block."""
     row = tl.program_id(0).to(tl.int64)
@@ -343,10 +346,19 @@ def _mixed_lse_kernel(Q, MQ, NEG, HARD, PAIR, ALPHA, QIDX, QW, A, C, LSE, M_P, S
                          old * r[:, None] + tl.sum(ph[:, :, None] * vc[None, :, :], 1), mask=msk)
         m = m_new
     if FINAL:
+        r = tl.full([2], 1.0, dtype=acc_ty)  # the rescale of (U, E) by the extra term
+        if HAS_EXTRA:
+            x = tl.load(EXTRA + row).to(acc_ty)
+            m_new = tl.maximum(m, x)
+            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+            r = tl.exp(m - m_ref)
+            s_run = s_run * r + tl.exp(x - m_ref)
+            m = m_new
         live = s_run > 0
         inv = tl.where(live, 1.0 / tl.where(live, s_run, 1.0), 0.0)
         lse = tl.where(live, m + tl.log(tl.where(live, s_run, 1.0)),
                        tl.where(s_run == s_run, float("-inf"), s_run))
+        inv = inv * r
         tl.store(LSE + out_g, lse, mask=g_ok)
         tl.store(U_P + out_g, u_run * inv, mask=g_ok)
     else:
@@ -366,13 +378,15 @@ def _mixed_lse_kernel(Q, MQ, NEG, HARD, PAIR, ALPHA, QIDX, QW, A, C, LSE, M_P, S
 
 
 @triton.jit
-def _mixed_combine_kernel(M_P, S_P, U_P, E_P, LSE, U_OUT, E_OUT, SPLITS, B, D, G: tl.constexpr,
-                          BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
+def _mixed_combine_kernel(M_P, S_P, U_P, E_P, EXTRA, LSE, U_OUT, E_OUT, SPLITS, B, D,
+                          G: tl.constexpr, HAS_EXTRA: tl.constexpr, BLOCK_R: tl.constexpr,
+                          BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
     """The final (lse, U, E) of ``_mixed_lse_kernel`` from its per-split raw partials
     [split, g, row] (E: [split, g, row, D]): M = max_s m_s, f_s = e^{m_s - M}, s = sum_s f_s s_s,
     lse = M + log s, U = sum_s f_s U_s / s, E = sum_s f_s E_s / s (rows with no point: -inf, 0,
-    0; a NaN sum stays NaN). Grid (row blocks, feature blocks); the programs of feature block 0
-    write lse and U. One launch instead of a score of small torch ops per call."""
+    0; a NaN sum stays NaN); HAS_EXTRA (one gamma): EXTRA[row] joins as a partial (x, 1, 0, 0).
+    Grid (row blocks, feature blocks); the programs of feature block 0 write lse and U. One
+    launch instead of a score of small torch ops per call."""
     rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
     row_ok = rows < B
     head = row_ok & (rows * 0 + tl.program_id(1) == 0)
@@ -387,8 +401,13 @@ def _mixed_combine_kernel(M_P, S_P, U_P, E_P, LSE, U_OUT, E_OUT, SPLITS, B, D, G
             ok = (ss < SPLITS)[:, None] & row_ok[None, :]
             m = tl.load(M_P + (ss[:, None] * G + g) * B + rows[None, :], mask=ok, other=float("-inf"))
             mx = tl.maximum(mx, tl.max(m, 0))
+        if HAS_EXTRA and g == 0:
+            x = tl.load(EXTRA + rows, mask=row_ok, other=float("-inf")).to(acc_ty)
+            mx = tl.maximum(mx, x)
         ref = tl.where(mx == float("-inf"), 0.0, mx)
         tot = tl.zeros([BLOCK_R], dtype=acc_ty)
+        if HAS_EXTRA and g == 0:
+            tot += tl.exp(x - ref)
         u = tl.zeros([BLOCK_R], dtype=acc_ty)
         e = tl.zeros([BLOCK_R, BLOCK_D], dtype=acc_ty)
         for s0 in range(0, SPLITS, BLOCK_S):
@@ -534,33 +553,43 @@ def _lse_splits(b: int, n_blocks: int, device: torch.device) -> int:
 _COMBINE_BLOCKS = (4, 16, 2) if INTERPRETER else (16, 32, 4)
 
 
-def _combine_splits(m_p, s_p, u_p, e_p, lse, e_sum, u_sum):
+def _combine_splits(m_p, s_p, u_p, e_p, extra, lse, e_sum, u_sum):
     """The final (lse, e_sum, u_sum) from the per-split partials (``_mixed_combine_kernel``)."""
     splits, g, b, d = e_p.shape
     block_r, block_d, block_s = _COMBINE_BLOCKS
     block_d = min(block_d, max(16, triton.next_power_of_2(d)))
     wrap_triton(_mixed_combine_kernel)[(triton.cdiv(b, block_r), triton.cdiv(d, block_d))](
-        m_p, s_p, u_p, e_p, lse, u_sum, e_sum, splits, b, d, G=g, BLOCK_R=block_r,
-        BLOCK_D=block_d, BLOCK_S=block_s)
+        m_p, s_p, u_p, e_p, extra if extra is not None else lse, lse, u_sum, e_sum, splits, b, d,
+        G=g, HAS_EXTRA=extra is not None, BLOCK_R=block_r, BLOCK_D=block_d, BLOCK_S=block_s)
     return lse, e_sum, u_sum
 
 
 def mixed_lse_forward(q, mix_query, negatives, hard_index, pair_index, alpha, query_index,
-                      query_weight, row_scale, row_bias, gammas):
+                      query_weight, row_scale, row_bias, gammas, row_extra=None):
     """(lse (G, B), e_sum (G, B, D), u_sum (G, B)): lse_gi = log sum_t e^{gamma_g l_it} over the
     synthetic logits l_it = row_scale_i <q_i, h_it> + row_bias_i, and the softmax-weighted sums
     e_gi = sum_t p_git h_it, u_sum_gi = sum_t p_git <q_i, h_it> that make its backward O(B D)
-    (``_common.mixed_lse_backward``). One pass over the points; nothing of size B x (s+s')."""
+    (``_common.mixed_lse_backward``). One pass over the points; nothing of size B x (s+s').
+    ``row_extra`` (B,), one gamma: one more term e^{x_i} in each row's sum (no point: it adds
+    nothing to e_sum and u_sum, but normalizes them), e.g. the log-sum-exp of the queue and the
+    positive, so that InfoNCE's loss is this lse minus the positive logit."""
     if len(gammas) not in (1, 2):
         raise ValueError(f"the Triton mixed_lse supports 1 or 2 gammas, got {len(gammas)}")
+    if row_extra is not None and len(gammas) != 1:
+        raise ValueError("row_extra needs one gamma")
     b, d = mix_query.shape
     g = len(gammas)
     s, sq = int(pair_index.shape[1]), int(query_weight.shape[1])
     n_blocks = triton.cdiv(s, BLOCK_T) + triton.cdiv(sq, BLOCK_T)
+    acc = _acc_dtype(mix_query.dtype)
+    extra = row_extra.to(acc).contiguous() if row_extra is not None else None
     if b == 0 or n_blocks == 0:
         lse, e_sum, u_sum = mixed_lse_outputs(q, mix_query, gammas)
-        return lse.fill_(float("-inf")), e_sum.zero_(), u_sum.zero_()
-    acc = _acc_dtype(mix_query.dtype)
+        if extra is not None:
+            lse.copy_(extra[None])
+        else:
+            lse.fill_(float("-inf"))
+        return lse, e_sum.zero_(), u_sum.zero_()
     block_d, d_chunks = _d_block(d, acc)
     per = triton.cdiv(n_blocks, _lse_splits(b, n_blocks, q.device))
     splits = triton.cdiv(n_blocks, per)
@@ -582,13 +611,15 @@ def mixed_lse_forward(q, mix_query, negatives, hard_index, pair_index, alpha, qu
     bias = (row_bias.to(acc).contiguous() if row_bias is not None
             else torch.zeros_like(scale))
     wrap_triton(_mixed_lse_kernel)[(b, splits)](
-        q, mix_query, negatives, hard, pair, al, qidx, qw, scale, bias, lse, m_p, s_p, u_p, e_p,
+        q, mix_query, negatives, hard, pair, al, qidx, qw, scale, bias,
+        extra if extra is not None else scale, lse, m_p, s_p, u_p, e_p,
         b, hard.shape[1], s, sq, d, q.stride(0), mix_query.stride(0), negatives.stride(0),
-        NORM_EPS, per, *_infonce.gamma_pairs(gammas), G=g, FINAL=final, BLOCK_T=BLOCK_T,
-        BLOCK_D=block_d, D_CHUNKS=d_chunks, num_warps=LSE_WARPS)
+        NORM_EPS, per, *_infonce.gamma_pairs(gammas), G=g, FINAL=final,
+        HAS_EXTRA=final and extra is not None, BLOCK_T=BLOCK_T, BLOCK_D=block_d,
+        D_CHUNKS=d_chunks, num_warps=LSE_WARPS)
     if final:
         return lse, e_sum, u_sum
-    return _combine_splits(m_p, s_p, u_p, e_p, lse, e_sum, u_sum)
+    return _combine_splits(m_p, s_p, u_p, e_p, extra, lse, e_sum, u_sum)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -620,16 +651,17 @@ def mixed_dots(q, mix_query, negatives, hard_index, draws: MixingDraws):
 
 
 def mixed_lse(q, mix_query, negatives, hard_index, draws: MixingDraws, row_scale, row_bias=None,
-              *, gammas=(1.0,)):
+              *, gammas=(1.0,), row_extra=None):
     """The log-sum-exp (G, B) over t of gamma_g (row_scale_i u_it + row_bias_i), u = mixed_dots(...),
     from one pass over the points that also keeps the softmax-weighted sums its gradient needs, so
-    that backward gathers nothing. Gradients to q, row_scale and row_bias. Through the custom op
-    ``contrastive_kernels::triton_mixed_lse``."""
+    that backward gathers nothing; with ``row_extra`` (B,), one gamma, that log-weight joins each
+    row's sum (``mixed_lse_forward``). Gradients to q, row_scale, row_bias and row_extra. Through
+    the custom op ``contrastive_kernels::triton_mixed_lse``."""
     from .. import ops
 
     return ops.triton_mixed_lse(q, mix_query.detach(), negatives.detach(), hard_index,
                                 *_draws_tuple(draws), row_scale, row_bias,
-                                [float(g) for g in gammas])[0]
+                                [float(g) for g in gammas], row_extra)[0]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -700,7 +732,7 @@ def _aot_specs():
                "DQ_P": "*{acc}", "B": "i32", "n_hard": "i32", "S": "i32", "SQ": "i32", "D": "i32",
                "stride_m": "i32", "stride_n": "i32", "blocks_per_split": "i32"}
     lse_sig = {"Q": "*{dt}", "MQ": "*{dt}", "NEG": "*{dt}", **idx,
-               **{p: "*{acc}" for p in ("A", "C", "LSE", "M_P", "S_P", "U_P", "E_P")},
+               **{p: "*{acc}" for p in ("A", "C", "EXTRA", "LSE", "M_P", "S_P", "U_P", "E_P")},
                "B": "i32", "n_hard": "i32", "S": "i32", "SQ": "i32", "D": "i32", "stride_q": "i32",
                "stride_m": "i32", "stride_n": "i32", "eps": "fp32", "blocks_per_split": "i32",
                **{p: "fp32" for p in ("g0_hi", "g0_lo", "g1_hi", "g1_lo")}}
@@ -728,18 +760,23 @@ def _aot_specs():
                 name=f"mixed_lse[D={d},{g} gammas,{'final' if final else 'splits'}]",
                 kernel=_mixed_lse_kernel, dtypes=dtypes,
                 signature={**lse_sig, **{c: "constexpr" for c in
-                                         ("G", "FINAL", "BLOCK_T", "BLOCK_D", "D_CHUNKS")}},
-                constexprs=dict(G=g, FINAL=final, BLOCK_T=32,
+                                         ("G", "FINAL", "HAS_EXTRA", "BLOCK_T", "BLOCK_D",
+                                          "D_CHUNKS")}},
+                constexprs=dict(G=g, FINAL=final, HAS_EXTRA=g == 1, BLOCK_T=32,
                                 BLOCK_D=lambda dt, c=chunks: c(dt)[0],
                                 D_CHUNKS=lambda dt, c=chunks: c(dt)[1]),
                 divisible=divisible, num_warps=LSE_WARPS, num_stages=3))
-    specs.append(dict(
-        name="mixed_combine[2 gammas]", kernel=_mixed_combine_kernel, dtypes=("fp32", "fp64"),
-        signature={**{p: "*{acc}" for p in ("M_P", "S_P", "U_P", "E_P", "LSE", "U_OUT", "E_OUT")},
-                   "SPLITS": "i32", "B": "i32", "D": "i32",
-                   **{c: "constexpr" for c in ("G", "BLOCK_R", "BLOCK_D", "BLOCK_S")}},
-        constexprs=dict(G=2, **dict(zip(("BLOCK_R", "BLOCK_D", "BLOCK_S"), _COMBINE_BLOCKS))),
-        divisible=("D",), num_warps=4, num_stages=1))
+    for g in (1, 2):
+        specs.append(dict(
+            name=f"mixed_combine[{g} gammas{',extra' if g == 1 else ''}]",
+            kernel=_mixed_combine_kernel, dtypes=("fp32", "fp64"),
+            signature={**{p: "*{acc}" for p in ("M_P", "S_P", "U_P", "E_P", "EXTRA", "LSE", "U_OUT",
+                                                 "E_OUT")},
+                       "SPLITS": "i32", "B": "i32", "D": "i32",
+                       **{c: "constexpr" for c in ("G", "HAS_EXTRA", "BLOCK_R", "BLOCK_D", "BLOCK_S")}},
+            constexprs=dict(G=g, HAS_EXTRA=g == 1,
+                            **dict(zip(("BLOCK_R", "BLOCK_D", "BLOCK_S"), _COMBINE_BLOCKS))),
+            divisible=("D",), num_warps=4, num_stages=1))
     return specs
 
 
