@@ -170,9 +170,8 @@ def mixed_lse_backward(ctx, d_lse, _d_e, _d_u):
     need = ctx.needs_input_grad
     row_scale, lse, e_sum, u_sum, row_extra = ctx.saved_tensors
     acc = lse.dtype
-    n_in = 11 if row_extra is None else 12
-    if d_lse is None:
-        return (None,) * n_in
+    if d_lse is None:  # (12 gradients: the C++ op's 11 inputs and a trailing None are fine too)
+        return (None,) * 12
     # gammas as Python scalars: a tensor of them would be a blocking host-to-device copy per step
     w = [d_lse[g].to(acc) * gamma if gamma != 1.0 else d_lse[g].to(acc)
          for g, gamma in enumerate(ctx.gammas)]
@@ -190,8 +189,6 @@ def mixed_lse_backward(ctx, d_lse, _d_e, _d_u):
     if need[9]:
         dc = (sum_g(w.masked_fill(lse == float("-inf"), 0.0)) if d_extra is None
               else w[0] - d_extra).to(ctx.dtypes[2])
-    if row_extra is None:
-        return (dq,) + (None,) * 7 + (da, dc, None)
     if d_extra is not None and len(need) > 11 and need[11]:
         d_extra = d_extra.to(row_extra.dtype)
     else:

@@ -223,6 +223,42 @@ def test_row_extra_is_one_more_logit(row_only, with_biases):
         assert torch.allclose(x, y, rtol=1e-10, atol=1e-10), (x - y).abs().max()
 
 
+@pytest.mark.parametrize("case", ["moco", "mochi", "queue-grads"])
+def test_eager_fast_path_equals_the_custom_op(monkeypatch, case):
+    """Plain eager calls run the ops' host functions and autograd formulas through an
+    autograd.Function (ops._eager_fast), not the dispatcher: the loss and every gradient are
+    bitwise those of the registered custom ops, for each op a MoCo, MoCHi or queue-gradient step
+    uses; the fast path is off under fake tensors and for tensor subclasses."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    q, pos, queue = (_features(n, 24, seed).float() for n, seed in ((9, 1), (9, 2), (300, 3)))
+    mixing = (64, 16, 8) if case == "mochi" else None
+
+    def step():
+        leaves = [q.clone().requires_grad_(), queue.clone().requires_grad_(case == "queue-grads")]
+        mix = ck.Mixing(*mixing, generator=torch.Generator().manual_seed(5)) if mixing else None
+        loss = ck.info_nce(leaves[0], pos, leaves[1], temperature=0.1, mixing=mix, backend="triton")
+        grads = torch.autograd.grad(loss, [t for t in leaves if t.requires_grad])
+        return [loss.detach(), *grads]
+
+    calls = []
+    real = ops._plain_eager
+    monkeypatch.setattr(ops, "_plain_eager", lambda args: calls.append(real(args)) or calls[-1])
+    fast = step()
+    assert calls and all(calls)
+    monkeypatch.setattr(ops, "_plain_eager", lambda args: False)
+    slow = step()
+    for x, y in zip(fast, slow, strict=True):
+        assert torch.equal(x, y)
+    assert real((q,)) and real((torch.nn.Parameter(q),)) and not real((q.as_subclass(_Sub),))
+    with FakeTensorMode() as mode:
+        assert not real((mode.from_tensor(q),))
+
+
+class _Sub(torch.Tensor):
+    pass
+
+
 def test_row_only_path_is_taken_for_a_frozen_bank(monkeypatch):
     """lse_stats picks the row-only op when only the query side needs gradients."""
     seen = []

@@ -4,6 +4,7 @@ through Triton's interpreter (``TRITON_INTERPRET=1`` set before triton is import
 for correctness tests on small shapes, never for speed."""
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 from typing import Optional
@@ -13,6 +14,30 @@ import torch
 import triton  # noqa: F401  (ImportError here marks the backend unavailable)
 
 INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# Host-side integer helpers. triton.cdiv and triton.next_power_of_2 are constexpr_functions since
+# Triton 3.5, about 4 us per call from Python: a loss op's launch plan takes a dozen of them.
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    return 0 if n <= 0 else 1 << (int(n) - 1).bit_length()
+
+
+try:  # torch >= 2.6: kernels launched through wrap_triton are visible to torch.compile
+    from torch.library import wrap_triton as _wrap_triton
+except ImportError:  # pragma: no cover
+    def _wrap_triton(kernel):
+        return kernel
+
+
+@functools.lru_cache(maxsize=None)
+def launcher(kernel):
+    """``wrap_triton(kernel)``, made once per kernel (its checks cost microseconds per launch);
+    ``launcher(k)[grid](...)`` launches k, traceably under torch.compile inside a triton_op."""
+    return _wrap_triton(kernel)
 
 
 def available(device: torch.device) -> Optional[str]:

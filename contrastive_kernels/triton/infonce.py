@@ -74,6 +74,7 @@ import triton
 import triton.language as tl
 
 from .._common import query_side_only
+from . import cdiv, launcher, next_power_of_2
 from .topk import _pack  # the top-k key of (score, column); a plain global for inductor
 
 INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -796,12 +797,6 @@ def _grad_finish_kernel(ACC, GS, X, SC, DX, DSC, DBI, S, n, D, stride_x,
 # host side: plans, launches, the family op
 # ------------------------------------------------------------------------------------------------
 
-try:  # torch >= 2.6: kernels launched through wrap_triton are visible to torch.compile
-    from torch.library import wrap_triton
-except ImportError:  # pragma: no cover
-    def wrap_triton(kernel):
-        return kernel
-
 # Per-split work below which splitting the key axis further only adds merge traffic.
 MIN_SPLIT_COLS = 1024
 MIN_SPLIT_ROWS = 1024
@@ -853,9 +848,9 @@ def _d_blocks(d: int, dtype: torch.dtype):
     itemsize = dtype.itemsize
     max_reg = _plan_overrides.get("max_reg_d", MAX_REG_D_BYTES // itemsize)
     if d <= max_reg:
-        return max(16, triton.next_power_of_2(d)), 1
+        return max(16, next_power_of_2(d)), 1
     chunk = _plan_overrides.get("chunk_d", min(CHUNK_D, max(16, MAX_REG_D_BYTES // itemsize)))
-    return chunk, triton.cdiv(d, chunk)
+    return chunk, cdiv(d, chunk)
 
 
 def row_only_supported(d: int, dtype: torch.dtype, n_gamma: int, has_labels: bool) -> bool:
@@ -867,10 +862,10 @@ def row_only_supported(d: int, dtype: torch.dtype, n_gamma: int, has_labels: boo
 def _split(n: int, align: int, parts: int):
     """Cut n into at most ``parts`` pieces of a width that is a multiple of ``align``:
     (width, count), every piece non-empty."""
-    blocks = max(1, triton.cdiv(n, align))
+    blocks = max(1, cdiv(n, align))
     parts = max(1, min(parts, blocks))
-    width = triton.cdiv(blocks, parts) * align
-    return width, max(1, triton.cdiv(n, width))
+    width = cdiv(blocks, parts) * align
+    return width, max(1, cdiv(n, width))
 
 
 def _fwd_plan(b: int, n: int, want_col: bool, device, waves: int = 2):
@@ -878,17 +873,17 @@ def _fwd_plan(b: int, n: int, want_col: bool, device, waves: int = 2):
     programs per SM."""
     if "fwd" in _plan_overrides:
         rows, cols = _plan_overrides["fwd"]
-        return (*_split(b, rows, triton.cdiv(b, rows)), *_split(n, cols, triton.cdiv(n, cols)))
+        return (*_split(b, rows, cdiv(b, rows)), *_split(n, cols, cdiv(n, cols)))
     if INTERPRETER:  # two tiles per group / split by default: exercises the loops and the merges
         return (*_split(b, 2 * ALIGN_M, b), *_split(n, waves * ALIGN_N, n))
     target = waves * _n_sm(device)
-    n_rb, n_cb = triton.cdiv(b, ALIGN_M), triton.cdiv(n, ALIGN_N)
+    n_rb, n_cb = cdiv(b, ALIGN_M), cdiv(n, ALIGN_N)
     if want_col:  # a balanced rectangle per program: R x N column partials stay small
         r = int(round((target * n_rb / max(1, n_cb)) ** 0.5))
         r = max(1, min(n_rb, r))
     else:
         r = n_rb
-    s = max(1, min(triton.cdiv(target, r), triton.cdiv(n, MIN_SPLIT_COLS)))
+    s = max(1, min(cdiv(target, r), cdiv(n, MIN_SPLIT_COLS)))
     return (*_split(b, ALIGN_M, r), *_split(n, ALIGN_N, s))
 
 
@@ -897,18 +892,18 @@ def _bwd_plan(side: str, b: int, n: int, device, waves: int = 2):
     split, S, cols per group, C) of grid (C, S); about ``waves`` programs per SM."""
     if side in _plan_overrides:
         rows, cols = _plan_overrides[side]
-        return (*_split(b, rows, triton.cdiv(b, rows)), *_split(n, cols, triton.cdiv(n, cols)))
+        return (*_split(b, rows, cdiv(b, rows)), *_split(n, cols, cdiv(n, cols)))
     if INTERPRETER:
         if side == "q":
             return (*_split(b, ALIGN_M, b), *_split(n, waves * ALIGN_N, n))
         return (*_split(b, waves * ALIGN_M, b), *_split(n, ALIGN_N, n))
     target = waves * _n_sm(device)
     if side == "q":
-        r = triton.cdiv(b, ALIGN_M)
-        s = max(1, min(triton.cdiv(target, r), triton.cdiv(n, MIN_SPLIT_COLS)))
+        r = cdiv(b, ALIGN_M)
+        s = max(1, min(cdiv(target, r), cdiv(n, MIN_SPLIT_COLS)))
         return (*_split(b, ALIGN_M, r), *_split(n, ALIGN_N, s))
-    c = triton.cdiv(n, ALIGN_N)
-    s = max(1, min(triton.cdiv(target, c), triton.cdiv(b, MIN_SPLIT_ROWS)))
+    c = cdiv(n, ALIGN_N)
+    s = max(1, min(cdiv(target, c), cdiv(b, MIN_SPLIT_ROWS)))
     return (*_split(b, ALIGN_M, s), *_split(n, ALIGN_N, c))
 
 
@@ -1123,7 +1118,7 @@ def _forward(q, k, row_scale, col_scale, row_bias, col_bias, gammas, exclude, q_
         thr, cand_k, count = threshold.to(torch.float32).contiguous(), *extra
     else:  # the autotuner zeroes CAND_CNT before its timing runs: a scratch buffer of its own
         thr, cand_k, count = scratch, scratch, part(1)
-    wrap_triton(_lse_fwd_kernel)[(n_rg, n_sp)](
+    launcher(_lse_fwd_kernel)[(n_rg, n_sp)](
         q, k, a, b if b is not None else a, c if c is not None else a, d if d is not None else a,
         excl if excl is not None else ql if ql is not None else a, ql if ql is not None else a,
         kl if kl is not None else a, *gam,
@@ -1132,8 +1127,8 @@ def _forward(q, k, row_scale, col_scale, row_bias, col_bias, gammas, exclude, q_
         WANT_COL=want_col_lse, ROW_ONLY=row_only, CAND=cand, **flags)
     block_r, block_d, block_s = _MERGE_BLOCKS["row_only" if row_only else "rows"]
     block_d = min(block_d, flags["BLOCK_D"])
-    wrap_triton(_row_merge_kernel)[(triton.cdiv(bsz, block_r),
-                                    triton.cdiv(dim, block_d) if row_only else 1)](
+    launcher(_row_merge_kernel)[(cdiv(bsz, block_r),
+                                    cdiv(dim, block_d) if row_only else 1)](
         row_m, row_s, pos_p, cnt_p, e_p, row_lse, pos_sum, pos_count,
         row_e if row_only else row_lse, count,
         row_extra.to(acc).contiguous() if row_extra is not None else scratch, n_sp, bsz, dim,
@@ -1142,7 +1137,7 @@ def _forward(q, k, row_scale, col_scale, row_bias, col_bias, gammas, exclude, q_
         BLOCK_S=block_s)
     if want_col_lse:
         block_c = 64 if INTERPRETER else 256
-        wrap_triton(_col_merge_kernel)[(triton.cdiv(n, block_c),)](col_m, col_s, col_lse, n_rg, n,
+        launcher(_col_merge_kernel)[(cdiv(n, block_c),)](col_m, col_s, col_lse, n_rg, n,
                                                                      BLOCK=block_c)
     return (row_lse, pos_sum, pos_count, col_lse, row_e, *extra)
 
@@ -1188,7 +1183,7 @@ def lse_backward(d_row, d_pos, d_col, q, k, row_scale, col_scale, row_bias, col_
     if need_q and not fused:
         rows, n_rg, cols, n_q = _bwd_plan("q", bsz, n, q.device, waves)
         dq_p, gs_p = part(n_q, bsz, dim), part(n_q, bsz)
-        wrap_triton(_lse_bwd_q_kernel)[(n_rg, n_q)](
+        launcher(_lse_bwd_q_kernel)[(n_rg, n_q)](
             *common, dq_p, gs_p, bsz, n, dim, q.stride(0), k.stride(0), n_words, rows, cols,
             WANT_COL=want_col, SCALE_G=scale_g, **flags)
     if need_k:
@@ -1200,7 +1195,7 @@ def lse_backward(d_row, d_pos, d_col, q, k, row_scale, col_scale, row_bias, col_
             dq_a, gs_a = dq_p, gs_p
         else:
             dq_a = gs_a = torch.zeros((1,), dtype=acc, device=q.device)
-        wrap_triton(_lse_bwd_k_kernel)[(n_cg, n_k)](
+        launcher(_lse_bwd_k_kernel)[(n_cg, n_k)](
             *common, dk_p, cs_p, dq_a, gs_a, bsz, n, dim, q.stride(0), k.stride(0), n_words,
             rows, cols, WANT_COL=want_col, SCALE_G=scale_g, FUSED_DQ=fused, **flags)
         _finish(dk_p, cs_p, k, b, outs, (1, 3, 5), need, n_k, n, dim)
@@ -1219,12 +1214,12 @@ def _finish(acc_p, sum_p, x, scale, outs, slots, need, n_parts, n, dim):
         x.new_empty((n,), dtype=acc) if want_dsc else acc_p)
     dbi = outs[i_bi] if (want_dbi and outs[i_bi].dtype == acc) else (
         x.new_empty((n,), dtype=acc) if want_dbi else acc_p)
-    block_d = min(max(16, triton.next_power_of_2(dim)), 128)
+    block_d = min(max(16, next_power_of_2(dim)), 128)
     block_r = 16 if INTERPRETER else 32
-    wrap_triton(_grad_finish_kernel)[(triton.cdiv(n, block_r),)](
+    launcher(_grad_finish_kernel)[(cdiv(n, block_r),)](
         acc_p, sum_p, x, scale if scale is not None else acc_p, dx, dsc, dbi, n_parts, n, dim,
         x.stride(0), HAS_SC=scale is not None, WANT_DX=want_dx, WANT_DSC=want_dsc,
-        WANT_DBI=want_dbi, BLOCK_R=block_r, BLOCK_D=block_d, D_CHUNKS=triton.cdiv(dim, block_d))
+        WANT_DBI=want_dbi, BLOCK_R=block_r, BLOCK_D=block_d, D_CHUNKS=cdiv(dim, block_d))
     if want_dsc and dsc is not outs[i_sc]:
         outs[i_sc] = dsc.to(outs[i_sc].dtype)
     if want_dbi and dbi is not outs[i_bi]:

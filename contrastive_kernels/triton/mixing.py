@@ -123,7 +123,7 @@ import triton.language as tl
 
 from .. import _loss_topk
 from .._common import NORM_EPS, MixingDraws, mixed_lse_outputs, query_side_only
-from . import INTERPRETER
+from . import INTERPRETER, cdiv, launcher, next_power_of_2
 
 # the modules themselves (the package's attribute ``topk`` is the family op of the same name)
 _infonce = importlib.import_module(f"{__package__}.infonce")
@@ -131,12 +131,6 @@ _topk = importlib.import_module(f"{__package__}.topk")
 # a plain global: inductor re-emits a user kernel's source with its JIT dependencies and resolves
 # global names, not attributes of modules
 _gammas = _infonce._gammas
-
-try:  # torch >= 2.6: kernels launched through wrap_triton are visible to torch.compile
-    from torch.library import wrap_triton
-except ImportError:  # pragma: no cover
-    def wrap_triton(kernel):
-        return kernel
 
 NAME = "triton"
 
@@ -442,8 +436,8 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 def _d_block(d: int, acc: torch.dtype):
     """(BLOCK_D, D_CHUNKS): chunks of at most BLOCK_D_MAX features (half that for fp64)."""
     cap = BLOCK_D_MAX // 2 if acc == torch.float64 else BLOCK_D_MAX
-    block = min(max(16, triton.next_power_of_2(max(1, d))), max(16, cap))
-    return block, triton.cdiv(d, block)
+    block = min(max(16, next_power_of_2(max(1, d))), max(16, cap))
+    return block, cdiv(d, block)
 
 
 def _n_sm(device: torch.device) -> int:
@@ -477,14 +471,14 @@ def _launch_fwd(q, mix_query, negatives, hard_index, pair_index, alpha, query_in
                 u, nrm, out, want_dots, want_points):
     b, d = mix_query.shape
     s, sq = int(pair_index.shape[1]), int(query_weight.shape[1])
-    n_blocks = triton.cdiv(s, BLOCK_T) + triton.cdiv(sq, BLOCK_T)
+    n_blocks = cdiv(s, BLOCK_T) + cdiv(sq, BLOCK_T)
     if b == 0 or n_blocks == 0:
         return
     negatives = _rows(negatives)
     mix_query = _rows(mix_query).to(negatives.dtype)
     hard, pair, al, qidx, qw = _draw_args(hard_index, pair_index, alpha, query_index, query_weight)
     block_d, d_chunks = _d_block(d, nrm.dtype)
-    wrap_triton(_mix_fwd_kernel)[(b, n_blocks)](
+    launcher(_mix_fwd_kernel)[(b, n_blocks)](
         q, mix_query, negatives, hard, pair, al, qidx, qw, u, nrm, out,
         hard.shape[1], s, sq, d, q.stride(0), mix_query.stride(0), negatives.stride(0), NORM_EPS,
         WANT_DOTS=want_dots, WANT_POINTS=want_points, BLOCK_T=BLOCK_T, BLOCK_D=block_d,
@@ -518,7 +512,7 @@ def mixed_dots_backward(grad, nrm, mix_query, negatives, hard_index, pair_index,
     b, d = mix_query.shape
     s, sq = int(pair_index.shape[1]), int(query_weight.shape[1])
     acc = nrm.dtype
-    n_blocks = triton.cdiv(s, BLOCK_T) + triton.cdiv(sq, BLOCK_T)
+    n_blocks = cdiv(s, BLOCK_T) + cdiv(sq, BLOCK_T)
     if b == 0 or n_blocks == 0:
         return mix_query.new_zeros((b, d), dtype=q_dtype)
     negatives = _rows(negatives)
@@ -528,11 +522,11 @@ def mixed_dots_backward(grad, nrm, mix_query, negatives, hard_index, pair_index,
     if INTERPRETER or mix_query.device.type != "cuda":
         splits = min(2, n_blocks)  # exercises the partial sums
     else:  # about two programs per SM
-        splits = max(1, min(n_blocks, triton.cdiv(2 * _n_sm(mix_query.device), b * d_chunks)))
-    per = triton.cdiv(n_blocks, splits)
-    splits = triton.cdiv(n_blocks, per)
+        splits = max(1, min(n_blocks, cdiv(2 * _n_sm(mix_query.device), b * d_chunks)))
+    per = cdiv(n_blocks, splits)
+    splits = cdiv(n_blocks, per)
     part = mix_query.new_empty((splits, b, d), dtype=acc)
-    wrap_triton(_mix_bwd_kernel)[(b, d_chunks, splits)](
+    launcher(_mix_bwd_kernel)[(b, d_chunks, splits)](
         grad.to(acc).contiguous(), nrm.contiguous(), mix_query, negatives, hard, pair, al, qidx,
         qw, part, b, hard.shape[1], s, sq, d, mix_query.stride(0), negatives.stride(0), per,
         BLOCK_T=BLOCK_T, BLOCK_D=block_d, num_warps=4)
@@ -545,7 +539,7 @@ def _lse_splits(b: int, n_blocks: int, device: torch.device) -> int:
     under the interpreter (tests force more through this function)."""
     if INTERPRETER or device.type != "cuda":
         return 1
-    return max(1, min(n_blocks, triton.cdiv(2 * _n_sm(device), max(b, 1))))
+    return max(1, min(n_blocks, cdiv(2 * _n_sm(device), max(b, 1))))
 
 
 # _mixed_combine_kernel's (BLOCK_R, BLOCK_D, BLOCK_S); the interpreter's small ones give the
@@ -557,8 +551,8 @@ def _combine_splits(m_p, s_p, u_p, e_p, extra, lse, e_sum, u_sum):
     """The final (lse, e_sum, u_sum) from the per-split partials (``_mixed_combine_kernel``)."""
     splits, g, b, d = e_p.shape
     block_r, block_d, block_s = _COMBINE_BLOCKS
-    block_d = min(block_d, max(16, triton.next_power_of_2(d)))
-    wrap_triton(_mixed_combine_kernel)[(triton.cdiv(b, block_r), triton.cdiv(d, block_d))](
+    block_d = min(block_d, max(16, next_power_of_2(d)))
+    launcher(_mixed_combine_kernel)[(cdiv(b, block_r), cdiv(d, block_d))](
         m_p, s_p, u_p, e_p, extra if extra is not None else lse, lse, u_sum, e_sum, splits, b, d,
         G=g, HAS_EXTRA=extra is not None, BLOCK_R=block_r, BLOCK_D=block_d, BLOCK_S=block_s)
     return lse, e_sum, u_sum
@@ -580,7 +574,7 @@ def mixed_lse_forward(q, mix_query, negatives, hard_index, pair_index, alpha, qu
     b, d = mix_query.shape
     g = len(gammas)
     s, sq = int(pair_index.shape[1]), int(query_weight.shape[1])
-    n_blocks = triton.cdiv(s, BLOCK_T) + triton.cdiv(sq, BLOCK_T)
+    n_blocks = cdiv(s, BLOCK_T) + cdiv(sq, BLOCK_T)
     acc = _acc_dtype(mix_query.dtype)
     extra = row_extra.to(acc).contiguous() if row_extra is not None else None
     if b == 0 or n_blocks == 0:
@@ -591,8 +585,8 @@ def mixed_lse_forward(q, mix_query, negatives, hard_index, pair_index, alpha, qu
             lse.fill_(float("-inf"))
         return lse, e_sum.zero_(), u_sum.zero_()
     block_d, d_chunks = _d_block(d, acc)
-    per = triton.cdiv(n_blocks, _lse_splits(b, n_blocks, q.device))
-    splits = triton.cdiv(n_blocks, per)
+    per = cdiv(n_blocks, _lse_splits(b, n_blocks, q.device))
+    splits = cdiv(n_blocks, per)
     final = splits == 1
     lse, e_sum, u_sum = mixed_lse_outputs(q, mix_query, gammas)
     if final:  # the kernel writes the outputs themselves
@@ -610,7 +604,7 @@ def mixed_lse_forward(q, mix_query, negatives, hard_index, pair_index, alpha, qu
     scale = row_scale.to(acc).contiguous()
     bias = (row_bias.to(acc).contiguous() if row_bias is not None
             else torch.zeros_like(scale))
-    wrap_triton(_mixed_lse_kernel)[(b, splits)](
+    launcher(_mixed_lse_kernel)[(b, splits)](
         q, mix_query, negatives, hard, pair, al, qidx, qw, scale, bias,
         extra if extra is not None else scale, lse, m_p, s_p, u_p, e_p,
         b, hard.shape[1], s, sq, d, q.stride(0), mix_query.stride(0), negatives.stride(0),

@@ -99,7 +99,7 @@ import triton
 import triton.language as tl
 
 from .. import _bank_chunks, chunked
-from . import INTERPRETER
+from . import INTERPRETER, cdiv
 
 NAME = "triton"
 MAX_K = 2048             # larger k: the chunked backend (see the module docstring)
@@ -578,7 +578,7 @@ def row_sq_norms(x: torch.Tensor) -> torch.Tensor:
         return out
     br = 64 if x.device.type == "cuda" else 16
     bd = min(128, max(16, _next_pow2(d)))
-    _sq_norm_kernel[(triton.cdiv(n, br),)](x, out, n, x.stride(0), D=d, BR=br, BD=bd)
+    _sq_norm_kernel[(cdiv(n, br),)](x, out, n, x.stride(0), D=d, BR=br, BD=bd)
     return out
 
 
@@ -625,7 +625,7 @@ def _launch(mode, qs: _Queries, view: _View, similarity, cfg: _Config, *, out, c
     dummy_i64 = out if out.dtype == torch.int64 else torch.empty(1, dtype=torch.int64, device=out.device)
     thr_v, thr_i = thr if thr is not None else (qs.aux, dummy_i64)
     ep = qs.ex.shape[1] if qs.ex is not None else 1
-    grid = (triton.cdiv(m, cfg.BM), splits)
+    grid = (cdiv(m, cfg.BM), splits)
     _topk_tile_kernel[grid](
         qs.q, qs.aux, qs.ex if qs.ex is not None else dummy_i64,
         qs.labels if qs.labels is not None else dummy_i64, thr_v, thr_i,
@@ -651,12 +651,12 @@ def _topk_keys(keys: torch.Tensor, k: int) -> torch.Tensor:
 def _filter(qs: _Queries, view: _View, k, similarity, cfg, thr_keys, expected):
     """FILTER pass of ``view`` against threshold keys: (top-k keys, per-row overflow)."""
     m, dev = qs.q.shape[0], qs.q.device
-    n_tiles = triton.cdiv(view.n_view, cfg.BN)
-    splits, per = _splits(cfg, triton.cdiv(m, cfg.BM), n_tiles)
+    n_tiles = cdiv(view.n_view, cfg.BN)
+    splits, per = _splits(cfg, cdiv(m, cfg.BM), n_tiles)
     cap = _capacity(expected, splits)
     buf = torch.full((m, splits * cap), INT64_MIN, dtype=torch.int64, device=dev)
     cnt = torch.empty((m, splits), dtype=torch.int32, device=dev)
-    redo = torch.empty(triton.cdiv(m, cfg.BM) * splits * per, dtype=torch.int32, device=dev)
+    redo = torch.empty(cdiv(m, cfg.BM) * splits * per, dtype=torch.int32, device=dev)
     thr = _threshold(thr_keys)
     x_steps = _extract_steps(expected, view.n_view, cfg.BN)
     _launch(MODE_FILTER, qs, view, similarity, cfg, out=buf, cnt=cnt, redo=redo, thr=thr, cap=cap,
@@ -673,8 +673,8 @@ def _dense(qs: _Queries, view: _View, k, similarity, cfg):
     cfg = cfg._replace(BN=cfg.BN_DENSE)
     m, n = qs.q.shape[0], view.n_view
     keys = torch.empty((m, n), dtype=torch.int64, device=qs.q.device)
-    n_tiles = triton.cdiv(n, cfg.BN)
-    splits, per = _splits(cfg, triton.cdiv(m, cfg.BM), n_tiles)
+    n_tiles = cdiv(n, cfg.BN)
+    splits, per = _splits(cfg, cdiv(m, cfg.BM), n_tiles)
     _launch(MODE_DENSE, qs, view, similarity, cfg, out=keys, splits=splits, per_split=per)
     return _topk_keys(keys, k)
 
@@ -684,9 +684,9 @@ def _tilemax_threshold(qs: _Queries, view: _View, k, similarity, cfg):
     score at least this, so it is a valid threshold (INT64_MIN when fewer than k tiles have an
     allowed row)."""
     m = qs.q.shape[0]
-    n_tiles = triton.cdiv(view.n_view, cfg.BN)
+    n_tiles = cdiv(view.n_view, cfg.BN)
     keys = torch.empty((m, n_tiles), dtype=torch.int64, device=qs.q.device)
-    splits, per = _splits(cfg, triton.cdiv(m, cfg.BM), n_tiles)
+    splits, per = _splits(cfg, cdiv(m, cfg.BM), n_tiles)
     _launch(MODE_TILEMAX, qs, view, similarity, cfg, out=keys, splits=splits, per_split=per)
     return _topk_keys(keys, k)[:, k - 1].contiguous()
 
@@ -808,8 +808,8 @@ def gemm_only(query, bank, similarity="dot"):
     qs, _ = _prepare_queries(query, similarity, None, None)
     view, _ = _prepare_view(bank, similarity, None, 0)
     cfg = _config(query.device, qs.q.dtype, qs.q.shape[1], query.shape[0])
-    n_tiles = triton.cdiv(view.n_view, cfg.BN)
-    splits, per = _splits(cfg, triton.cdiv(query.shape[0], cfg.BM), n_tiles)
+    n_tiles = cdiv(view.n_view, cfg.BN)
+    splits, per = _splits(cfg, cdiv(query.shape[0], cfg.BM), n_tiles)
     out = torch.empty((query.shape[0], splits), dtype=torch.float32, device=query.device)
     _launch(MODE_GEMM_ONLY, qs, view, similarity, cfg, out=out, splits=splits, per_split=per)
     return out.amax(1)
