@@ -223,6 +223,16 @@ def test_row_extra_is_one_more_logit(row_only, with_biases):
         assert torch.allclose(x, y, rtol=1e-10, atol=1e-10), (x - y).abs().max()
 
 
+def test_host_integer_helpers_equal_tritons():
+    import triton
+
+    from contrastive_kernels.triton import cdiv, next_power_of_2
+    for n in list(range(0, 70)) + [1000, 1023, 1024, 1025, 2**31 - 1, 2**31, 3 * 2**40]:
+        assert next_power_of_2(n) == triton.next_power_of_2(n), n
+        for d in (1, 3, 16, 128, 1000):
+            assert cdiv(n, d) == triton.cdiv(n, d), (n, d)
+
+
 @pytest.mark.parametrize("case", ["moco", "mochi", "queue-grads"])
 def test_eager_fast_path_equals_the_custom_op(monkeypatch, case):
     """Plain eager calls run the ops' host functions and autograd formulas through an
