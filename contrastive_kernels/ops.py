@@ -62,6 +62,7 @@ Mixing (triton/mixing.py; the synthetic points never carry a gradient):
 from __future__ import annotations
 
 import math
+import os
 from typing import List, Optional, Tuple
 
 import torch
@@ -78,10 +79,14 @@ except ImportError:  # pragma: no cover - older torch: every call takes the cust
     set_wrap_triton_enabled = None
 
 
+# CK_EAGER_FAST=0: every call through the dispatcher (the A/B of scripts/gpu_session.sh profile)
+EAGER_FAST = os.environ.get("CK_EAGER_FAST", "1") != "0"
+
+
 def _plain_eager(args) -> bool:
     """True when nothing traces or transforms this call: no torch.compile, no dispatch mode (fake
     tensors, functionalization, make_fx), no functorch transform, no tensor subclass."""
-    if set_wrap_triton_enabled is None or torch.compiler.is_compiling():
+    if not EAGER_FAST or set_wrap_triton_enabled is None or torch.compiler.is_compiling():
         return False
     if torch.utils._python_dispatch._get_current_dispatch_mode() is not None:
         return False

@@ -71,6 +71,12 @@ for stage in "$@"; do
                 --rows 30 > "$OUT/profile-$c.txt" 2>&1 || status=1
             grep -E "^(case|kernels|no Triton|graph)" "$OUT/profile-$c.txt"
         done
+        # the same steps through the custom-op dispatcher (ops._eager_fast off): its host cost
+        for c in moco mochi; do
+            CK_EAGER_FAST=0 timeout 120 $PY scripts/profile_gpu_step.py --case "$c" --rows 30 \
+                > "$OUT/profile-$c-dispatcher.txt" 2>&1 || status=1
+            grep -E "^case" "$OUT/profile-$c-dispatcher.txt"
+        done
         ;;
     *) echo "unknown stage $stage"; status=2 ;;
     esac
