@@ -183,14 +183,12 @@ def mixed_lse_backward(ctx, d_lse, _d_e, _d_u):
         dq = (row_scale.to(acc)[:, None] * sum_g(w[..., None] * e_sum)).to(ctx.dtypes[0])
     if need[8]:
         da = sum_g(w * u_sum).to(ctx.dtypes[1])
+    want_extra = row_extra is not None and len(need) > 11 and need[11]
     d_extra = None
-    if row_extra is not None and ((len(need) > 11 and need[11]) or need[9]):
+    if row_extra is not None and (want_extra or need[9]):
         d_extra = w[0] * (row_extra.to(acc) - lse[0]).exp()
     if need[9]:
         dc = (sum_g(w.masked_fill(lse == float("-inf"), 0.0)) if d_extra is None
               else w[0] - d_extra).to(ctx.dtypes[2])
-    if d_extra is not None and len(need) > 11 and need[11]:
-        d_extra = d_extra.to(row_extra.dtype)
-    else:
-        d_extra = None
+    d_extra = d_extra.to(row_extra.dtype) if want_extra else None
     return (dq,) + (None,) * 7 + (da, dc, None, d_extra)

@@ -23,11 +23,6 @@ of ``triton_lse_fwd`` is registered with ``register_autograd``: the row-only bac
 O(B D) torch ops; otherwise it calls ``triton_lse_bwd``, fused (dQ and dK from one recompute, fp32
 atomics) unless ``torch.use_deterministic_algorithms(True)`` asks for reproducible sums.
 
-This module's ``triton_*`` functions call the registered ops under torch.compile, fake tensors,
-dispatch modes and functorch transforms; in plain eager mode they run the same host functions
-and autograd formulas through a torch.autograd.Function (``_eager_fast``), which saves about 60 us
-of custom-op dispatch per call. ``torch.ops.contrastive_kernels.*`` are always the ops.
-
 ``contrastive_kernels::triton_lse_topk_fwd(q, k, row_scale, col_scale?, row_bias?, col_bias?,
     gammas, row_only, threshold, capacity, n_hard, row_extra?=None) -> (the 5 outputs of
     triton_lse_fwd, keys (B, capacity) int64, inexact (B,) int32)``
@@ -58,6 +53,11 @@ Mixing (triton/mixing.py; the synthetic points never carry a gradient):
     row_scale, row_bias, with no second pass over the points) as the C++ op ``mixed_lse``.
     ``row_extra`` (B,), one gamma: one more term e^{x_i} in row i's sum (InfoNCE: the queue's
     log-sum-exp with the positive), with gradient exp(x_i - lse_i).
+
+This module's ``triton_*`` functions call the registered ops under torch.compile, fake tensors,
+dispatch modes and functorch transforms; in plain eager mode they run the same host functions
+and autograd formulas through a torch.autograd.Function (``_eager_fast``), which saves about 60 us
+of custom-op dispatch per call. ``torch.ops.contrastive_kernels.*`` are always the ops.
 """
 from __future__ import annotations
 
@@ -75,7 +75,9 @@ TRITON_OPS_ERROR: Optional[str] = None
 
 try:  # launches through wrap_triton run the kernel directly only with this off (triton_op does so)
     from torch._library.triton import set_wrap_triton_enabled
-except ImportError:  # pragma: no cover - older torch: every call takes the custom op
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+    _functorch_active = torch._C._are_functorch_transforms_active
+except (ImportError, AttributeError):  # pragma: no cover - other torch: every call takes the op
     set_wrap_triton_enabled = None
 
 
@@ -88,9 +90,7 @@ def _plain_eager(args) -> bool:
     tensors, functionalization, make_fx), no functorch transform, no tensor subclass."""
     if not EAGER_FAST or set_wrap_triton_enabled is None or torch.compiler.is_compiling():
         return False
-    if torch.utils._python_dispatch._get_current_dispatch_mode() is not None:
-        return False
-    if torch._C._are_functorch_transforms_active():
+    if _get_current_dispatch_mode() is not None or _functorch_active():
         return False
     return all(type(a) in (Tensor, torch.nn.Parameter) for a in args if isinstance(a, Tensor))
 
