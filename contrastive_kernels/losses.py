@@ -115,8 +115,13 @@ def _by_row_chunks(x: torch.Tensor, part, dtype: torch.dtype) -> torch.Tensor:
     return out
 
 
-def _paired_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """<a_i, b_i> in the accumulation dtype, for (B, D) x (B, D)."""
+def _paired_dot(a: torch.Tensor, b: torch.Tensor, ops=None) -> torch.Tensor:
+    """<a_i, b_i> in the accumulation dtype, for (B, D) x (B, D); by the backend's ``paired_dot``
+    (one launch each way) where it has one for this dtype."""
+    fused = getattr(ops, "paired_dot", None)
+    if (fused is not None and a.dtype == b.dtype and a.dtype in ops.PAIRED_DOT_DTYPES
+            and a.device == b.device and not torch.compiler.is_compiling()):
+        return fused(a, b)
     if a.dtype in (torch.float16, torch.bfloat16) and b.dtype == a.dtype \
             and not torch.compiler.is_compiling():
         return _PairedDot.apply(a, b)
@@ -124,16 +129,17 @@ def _paired_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def paired_logits(q: torch.Tensor, rows: Side, k: torch.Tensor, similarity: str,
-                  scale: torch.Tensor) -> torch.Tensor:
+                  scale: torch.Tensor, ops=None) -> torch.Tensor:
     """l_i = a_i b_i <q_i, k_i> + c_i + d_i for paired rows (B, D) x (B, D) -> (B,), or
-    (B, D) x (B, S, D) -> (B, S); fp32. The column terms come from k itself."""
+    (B, D) x (B, S, D) -> (B, S); fp32. The column terms come from k itself; ``ops``: the backend
+    (its ``paired_dot``, if any)."""
     cols = col_side(k.reshape(-1, k.shape[-1]), similarity, scale)
     if k.dim() == 3:
         dot = torch.einsum("bd,bsd->bs", to_acc(q), to_acc(k))
         a = rows.scale[:, None]
         c = rows.bias[:, None] if rows.bias is not None else None
     else:
-        dot = _paired_dot(q, k)
+        dot = _paired_dot(q, k, ops)
         a, c = rows.scale, rows.bias
     out = dot * a
     if cols.scale is not None:
@@ -226,7 +232,7 @@ def info_nce(ops, query, positive_key, queue=None, *, temperature, similarity, i
     temperature, scale = _temperature_and_scale(temperature, query)
     rows = row_side(query, similarity, scale)
     pos_cols = col_side(positive_key, similarity, scale)
-    l_pos = paired_logits(query, rows, positive_key, similarity, scale)
+    l_pos = paired_logits(query, rows, positive_key, similarity, scale, ops)
     debiased = tau_plus != 0.0 or beta != 0.0
     gammas = (1.0 + beta, beta) if debiased else (1.0,)
     parts, own, n_neg = [], [], 0
@@ -284,7 +290,7 @@ def nt_xent(ops, z1, z2, *, temperature, similarity, tau_plus, beta, mixing, red
     idx = torch.arange(2 * b, device=z.device)
     partner = (idx + b) % (2 * b)
     self_and_partner = torch.stack([idx, partner], 1)
-    l_pos = paired_logits(z, rows, z[partner], similarity, scale)
+    l_pos = paired_logits(z, rows, z[partner], similarity, scale, ops)
     debiased = tau_plus != 0.0 or beta != 0.0
     gammas = (1.0 + beta, beta) if debiased else (1.0,)
     parts = [ops.lse_stats(z, z, rows.scale, cols.scale, rows.bias, cols.bias, gammas=gammas,
@@ -305,7 +311,7 @@ def clip_loss(ops, image_features, text_features, logit_scale, *, similarity, re
     rows = row_side(image_features, similarity, scale)
     cols = col_side(text_features, similarity, scale)
     # the diagonal first: its fp32 copies of the features are freed before the streaming pass
-    diagonal = paired_logits(image_features, rows, text_features, similarity, scale)
+    diagonal = paired_logits(image_features, rows, text_features, similarity, scale, ops)
     row_lse, _, _, col_lse = ops.lse_stats(image_features, text_features, rows.scale, cols.scale,
                                            rows.bias, cols.bias, gammas=(1.0,), want_col_lse=True)
     per_pair = 0.5 * ((row_lse[0] - diagonal) + (col_lse - diagonal))

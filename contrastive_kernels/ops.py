@@ -35,6 +35,11 @@ atomics) unless ``torch.use_deterministic_algorithms(True)`` asks for reproducib
     caller recomputes those. Same autograd formula as ``triton_lse_fwd``; the candidates carry no
     gradient.
 
+``contrastive_kernels::triton_paired_dot(a, b) -> (n,) fp32``: <a_i, b_i> of (n, D) rows
+    (fp16/bf16/fp32), products and sum in fp32, in one launch; its backward
+    ``triton_paired_dot_bwd(g, a, b, want_a, want_b) -> (da, db)`` (g_i b_i and g_i a_i in the
+    inputs' dtypes, (0,) where not wanted) is one launch too.
+
 Mixing (triton/mixing.py; the synthetic points never carry a gradient):
 
 ``contrastive_kernels::triton_mix(query, negatives, hard_index, pair_index, alpha, query_index,
@@ -133,7 +138,8 @@ def _eager_fast(op, impl, setup_context=None, backward=None):
 
 try:
     from .triton.infonce import (backward_outputs, forward_outputs, forward_topk_outputs,
-                                 lse_backward, lse_forward, lse_forward_topk)
+                                 lse_backward, lse_forward, lse_forward_topk, paired_dot_backward,
+                                 paired_dot_forward)
     from .triton.mixing import (mix_forward, mix_outputs, mixed_dots_backward,
                                 mixed_dots_forward, mixed_dots_outputs, mixed_lse_forward)
 except ImportError as exc:  # triton missing: the C++ / chunked backends still work
@@ -344,6 +350,37 @@ if TRITON_OPS_AVAILABLE:
 
     triton_mixed_lse.register_autograd(mixed_lse_backward, setup_context=mixed_lse_setup_context)
 
+    @torch.library.triton_op("contrastive_kernels::triton_paired_dot", mutates_args=())
+    def triton_paired_dot(a: Tensor, b: Tensor) -> Tensor:
+        return paired_dot_forward(a, b)
+
+    @triton_paired_dot.register_fake
+    def _triton_paired_dot_fake(a, b):
+        return a.new_empty((a.shape[0],), dtype=torch.float32)
+
+    @torch.library.triton_op("contrastive_kernels::triton_paired_dot_bwd", mutates_args=())
+    def triton_paired_dot_bwd(g: Tensor, a: Tensor, b: Tensor, want_a: bool,
+                              want_b: bool) -> Tuple[Tensor, Tensor]:
+        return paired_dot_backward(g, a, b, want_a, want_b)
+
+    @triton_paired_dot_bwd.register_fake
+    def _triton_paired_dot_bwd_fake(g, a, b, want_a, want_b):
+        return (torch.empty_like(a, memory_format=torch.contiguous_format) if want_a else a.new_empty((0,)),
+                torch.empty_like(b, memory_format=torch.contiguous_format) if want_b else b.new_empty((0,)))
+
+    def _paired_dot_setup_context(ctx, inputs, output):
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(*inputs)
+
+    def _paired_dot_backward(ctx, g):
+        want_a, want_b = ctx.needs_input_grad[:2]
+        if g is None or not (want_a or want_b):
+            return None, None
+        da, db = triton_paired_dot_bwd(g, *ctx.saved_tensors, bool(want_a), bool(want_b))
+        return (da if want_a else None), (db if want_b else None)
+
+    triton_paired_dot.register_autograd(_paired_dot_backward, setup_context=_paired_dot_setup_context)
+
     # Plain eager calls skip the custom-op machinery: the same host function, setup_context and
     # backward run through a torch.autograd.Function (see _eager_fast).
     triton_lse_fwd = _eager_fast(triton_lse_fwd, lse_forward, _fwd_setup_context, _fwd_backward)
@@ -356,6 +393,9 @@ if TRITON_OPS_AVAILABLE:
     triton_lse_bwd = _eager_fast(triton_lse_bwd, lse_backward)
     triton_mixed_dots_bwd = _eager_fast(triton_mixed_dots_bwd, mixed_dots_backward)
     triton_mix = _eager_fast(triton_mix, mix_forward)
+    triton_paired_dot = _eager_fast(triton_paired_dot, paired_dot_forward, _paired_dot_setup_context,
+                                    _paired_dot_backward)
+    triton_paired_dot_bwd = _eager_fast(triton_paired_dot_bwd, paired_dot_backward)
 
 else:  # pragma: no cover - exercised only without triton
 
@@ -366,9 +406,9 @@ else:  # pragma: no cover - exercised only without triton
         raise RuntimeError(f"the Triton ops are unavailable: {TRITON_OPS_ERROR}")
 
     triton_lse_topk_fwd = triton_mix = triton_mixed_dots_fwd = triton_mixed_dots_bwd = triton_lse_bwd
-    triton_mixed_lse = triton_lse_bwd
+    triton_mixed_lse = triton_paired_dot = triton_paired_dot_bwd = triton_lse_bwd
 
 
 __all__ = ["TRITON_OPS_AVAILABLE", "TRITON_OPS_ERROR", "triton_lse_fwd", "triton_lse_bwd",
            "triton_lse_topk_fwd", "triton_mix", "triton_mixed_dots_fwd", "triton_mixed_dots_bwd",
-           "triton_mixed_lse"]
+           "triton_mixed_lse", "triton_paired_dot", "triton_paired_dot_bwd"]

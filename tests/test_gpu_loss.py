@@ -295,6 +295,13 @@ def test_opcheck(kind):
     torch.library.opcheck(torch.ops.contrastive_kernels.triton_lse_fwd.default, _op_args(kind))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_opcheck_paired_dot(dtype):
+    g = torch.Generator().manual_seed(1)
+    a, b = (torch.randn(300, 96, generator=g).to(DEV, dtype).requires_grad_() for _ in range(2))
+    torch.library.opcheck(torch.ops.contrastive_kernels.triton_paired_dot.default, (a, b))
+
+
 def test_opcheck_backward_op():
     q, k, a, bb, c, dd, gammas, excl, ql, kl, _, _ = _op_args("labels+gammas")
     with torch.no_grad():

@@ -223,6 +223,50 @@ def test_row_extra_is_one_more_logit(row_only, with_biases):
         assert torch.allclose(x, y, rtol=1e-10, atol=1e-10), (x - y).abs().max()
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("n,d,strided", [(1, 1, False), (37, 200, False), (19, 24, True)])
+def test_paired_dot_kernel(dtype, n, d, strided):
+    """triton_paired_dot (the positive logits' dot products, one launch each way): values within
+    fp32 summation-order rounding of the fp64 formula, gradients g_i b_i / g_i a_i rounded to the
+    input dtype exactly as the torch path (losses._PairedDot) rounds them; strided rows too."""
+    from contrastive_kernels import losses
+
+    g = torch.Generator().manual_seed(n + d)
+    a0, b0 = (torch.randn(n, 2 * d if strided else d, generator=g).to(dtype) for _ in range(2))
+    if strided:  # rows of stride 2d, features of stride 1: no copy needed
+        a0, b0 = a0[:, :d], b0[:, d:]
+    w = torch.randn(n, generator=g)
+    results = []
+    for path in ("kernel", "torch"):
+        a, b = a0.clone().requires_grad_(), b0.clone().requires_grad_()
+        out = ops.triton_paired_dot(a, b) if path == "kernel" else losses._PairedDot.apply(a, b) \
+            if dtype != torch.float32 else (a.float() * b.float()).sum(-1)
+        results.append([out.detach(), *torch.autograd.grad((out * w).sum(), [a, b])])
+    want = (a0.double() * b0.double()).sum(-1)
+    assert results[0][0].dtype == torch.float32
+    assert torch.allclose(results[0][0].double(), want, rtol=1e-5, atol=1e-5 * d)
+    for x, y in zip(results[0][1:], results[1][1:]):
+        assert x.dtype == dtype and torch.equal(x, y)
+    args = (a0.clone().requires_grad_(), b0.clone().requires_grad_())
+    torch.library.opcheck(torch.ops.contrastive_kernels.triton_paired_dot.default, args,
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
+def test_losses_take_the_paired_dot_kernel(monkeypatch):
+    """info_nce, nt_xent and clip_loss on the Triton backend form their positive logits with the
+    backend's paired_dot (fp16 here), and not under torch.compile tracing."""
+    import contrastive_kernels.triton as backend
+
+    calls = []
+    real = backend.paired_dot
+    monkeypatch.setattr(backend, "paired_dot", lambda a, b: calls.append(a.shape) or real(a, b))
+    q, k, queue = (_features(n, 16, seed).half() for n, seed in ((6, 1), (6, 2), (40, 3)))
+    ck.info_nce(q, k, queue, backend="triton")
+    ck.nt_xent(q, k, backend="triton")
+    ck.clip_loss(q, k, torch.tensor(10.0), backend="triton")
+    assert calls == [(6, 16), (12, 16), (6, 16)]
+
+
 def test_host_integer_helpers_equal_tritons():
     import triton
 

@@ -70,6 +70,7 @@ def _family(module: str, names):
 
 
 (lse_stats,) = _family("infonce", ["lse_stats"])
+from .infonce import PAIRED_DOT_DTYPES, paired_dot  # noqa: E402,F401  (optional: losses._paired_dot)
 (topk,) = _family("topk", ["topk"])
 mix, mixed_dots = _family("mixing", ["mix", "mixed_dots"])
 # optional ops of losses.py: the loss's pass over the queue also yields mixing's hard negatives;

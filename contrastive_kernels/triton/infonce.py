@@ -793,6 +793,46 @@ def _grad_finish_kernel(ACC, GS, X, SC, DX, DSC, DBI, S, n, D, stride_x,
         tl.store(DBI + rows, gs, mask=row_ok)
 
 
+@triton.jit
+def _row_dot_kernel(A, B, OUT, n, D, stride_a, stride_b, BLOCK_R: tl.constexpr,
+                    BLOCK_D: tl.constexpr):
+    """OUT[i] = sum_d A[i, d] B[i, d], products and sum in OUT's dtype (fp32): the positive logits'
+    dot products in one launch (``paired_dot``)."""
+    rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+    row_ok = rows < n
+    acc_ty = OUT.dtype.element_ty
+    acc = tl.zeros([BLOCK_R], dtype=acc_ty)
+    for d0 in range(0, D, BLOCK_D):
+        dd = d0 + tl.arange(0, BLOCK_D)
+        msk = row_ok[:, None] & (dd < D)[None, :]
+        a = tl.load(A + rows[:, None] * stride_a + dd[None, :], mask=msk, other=0.0).to(acc_ty)
+        b = tl.load(B + rows[:, None] * stride_b + dd[None, :], mask=msk, other=0.0).to(acc_ty)
+        acc += tl.sum(a * b, 1)
+    tl.store(OUT + rows, acc, mask=row_ok)
+
+
+@triton.jit
+def _row_dot_bwd_kernel(G, A, B, DA, DB, n, D, stride_a, stride_b, WANT_A: tl.constexpr,
+                        WANT_B: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """DA[i] = G[i] B[i] and DB[i] = G[i] A[i], formed in G's dtype (fp32) and rounded to the
+    dtype of DA / DB."""
+    rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+    row_ok = rows < n
+    acc_ty = G.dtype.element_ty
+    g = tl.load(G + rows, mask=row_ok, other=0.0)
+    for d0 in range(0, D, BLOCK_D):
+        dd = d0 + tl.arange(0, BLOCK_D)
+        msk = row_ok[:, None] & (dd < D)[None, :]
+        if WANT_A:
+            b = tl.load(B + rows[:, None] * stride_b + dd[None, :], mask=msk, other=0.0).to(acc_ty)
+            tl.store(DA + rows[:, None] * D + dd[None, :], (g[:, None] * b).to(DA.dtype.element_ty),
+                     mask=msk)
+        if WANT_B:
+            a = tl.load(A + rows[:, None] * stride_a + dd[None, :], mask=msk, other=0.0).to(acc_ty)
+            tl.store(DB + rows[:, None] * D + dd[None, :], (g[:, None] * a).to(DB.dtype.element_ty),
+                     mask=msk)
+
+
 # ------------------------------------------------------------------------------------------------
 # host side: plans, launches, the family op
 # ------------------------------------------------------------------------------------------------
@@ -1242,6 +1282,59 @@ def lse_stats(q, k, row_scale, col_scale=None, row_bias=None, col_bias=None, *,
     return out[0], out[1], out[2], out[3]
 
 
+# the dtypes paired_dot takes (fp64 keeps torch's fp64 arithmetic); the interpreter cannot convert
+# bf16 values in a kernel, so there bf16 stays with torch too
+PAIRED_DOT_DTYPES = (torch.float16, torch.float32) if INTERPRETER else (torch.float16, torch.bfloat16,
+                                                                       torch.float32)
+
+
+def _row_dot_blocks(d: int):
+    # 8 rows per program: MoCo's B = 256 still makes 32 programs (the kernel waits on memory)
+    return (16 if INTERPRETER else 8), min(128, max(16, next_power_of_2(d)))
+
+
+def _rows_unit_stride(x):
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def paired_dot_forward(a, b):
+    """<a_i, b_i> (n,) in fp32 for (n, D) rows of one of PAIRED_DOT_DTYPES (``_row_dot_kernel``)."""
+    a, b = _rows_unit_stride(a), _rows_unit_stride(b)
+    n, d = int(a.shape[0]), int(a.shape[1])
+    out = a.new_empty((n,), dtype=torch.float32)
+    if n:
+        block_r, block_d = _row_dot_blocks(d)
+        launcher(_row_dot_kernel)[(cdiv(n, block_r),)](a, b, out, n, d, a.stride(0), b.stride(0),
+                                                        BLOCK_R=block_r, BLOCK_D=block_d)
+    return out
+
+
+def paired_dot_backward(g, a, b, want_a: bool, want_b: bool):
+    """(da, db) = (g_i b_i, g_i a_i), each in its input's dtype; (0,) where not wanted."""
+    a, b = _rows_unit_stride(a), _rows_unit_stride(b)
+    n, d = int(a.shape[0]), int(a.shape[1])
+    da = torch.empty_like(a, memory_format=torch.contiguous_format) if want_a else a.new_empty((0,))
+    db = torch.empty_like(b, memory_format=torch.contiguous_format) if want_b else b.new_empty((0,))
+    if n and (want_a or want_b):
+        block_r, block_d = _row_dot_blocks(d)
+        scratch = a.new_empty((1,))  # for the output not written: never an input (torch.compile)
+        launcher(_row_dot_bwd_kernel)[(cdiv(n, block_r),)](
+            g.to(torch.float32).contiguous(), a, b, da if want_a else scratch,
+            db if want_b else scratch, n, d,
+            a.stride(0), b.stride(0), WANT_A=want_a, WANT_B=want_b, BLOCK_R=block_r,
+            BLOCK_D=block_d)
+    return da, db
+
+
+def paired_dot(a, b):
+    """The family op of ``losses._paired_dot``: <a_i, b_i> (n,) fp32 of (n, D) rows, with gradients
+    to both, in one launch each way (torch: four ops forward, three backward). Through the custom
+    op ``contrastive_kernels::triton_paired_dot``."""
+    from .. import ops
+
+    return ops.triton_paired_dot(a, b)
+
+
 # ------------------------------------------------------------------------------------------------
 # ahead-of-time compile specs (scripts/triton_aot_check.py): representative signatures of every
 # kernel above, compiled for sm_80 / sm_90 without a GPU to catch compile errors and report
@@ -1250,7 +1343,8 @@ def lse_stats(q, k, row_scale, col_scale=None, row_bias=None, col_bias=None, *,
 # (num_warps, num_stages, extra constexprs).
 # ------------------------------------------------------------------------------------------------
 
-_I32 = ("B", "N", "D", "S", "R", "n", "stride_q", "stride_k", "stride_x", "n_words",
+_I32 = ("B", "N", "D", "S", "R", "n", "stride_q", "stride_k", "stride_x", "stride_a", "stride_b",
+        "n_words",
         "rows_per_group", "cols_per_split", "cand_cap", "n_hard")
 _PTR_TYPES = {"EXCL": "*i64", "QL": "*i64", "KL": "*i64", "THR": "*fp32", "CAND_K": "*i64",
               "CAND_CNT": "*i32", "EXTRA": "*fp32"}
@@ -1352,6 +1446,14 @@ def _aot_specs():
              signature=_aot_signature(_row_merge_kernel, {}),
              constexprs=dict(N_GAMMA=2, LABELS=1, ROW_ONLY=False, CAND=False, HAS_EXTRA=False,
                              **dict(zip(("BLOCK_R", "BLOCK_D", "BLOCK_S"), _MERGE_BLOCKS["rows"]))),
+             configs=[(4, 1, {})]),
+        dict(name="row_dot", kernel=_row_dot_kernel, dtypes=lowp,
+             signature=_aot_signature(_row_dot_kernel, {"A": "*{dt}", "B": "*{dt}", "OUT": "*fp32"}),
+             constexprs=dict(BLOCK_R=8, BLOCK_D=128), configs=[(4, 1, {})]),
+        dict(name="row_dot_bwd", kernel=_row_dot_bwd_kernel, dtypes=lowp,
+             signature=_aot_signature(_row_dot_bwd_kernel, {"G": "*fp32", "A": "*{dt}", "B": "*{dt}",
+                                                            "DA": "*{dt}", "DB": "*{dt}"}),
+             constexprs=dict(WANT_A=True, WANT_B=True, BLOCK_R=8, BLOCK_D=128),
              configs=[(4, 1, {})]),
         dict(name="col_merge", kernel=_col_merge_kernel, dtypes=("fp32",),
              signature=_aot_signature(_col_merge_kernel, {}), constexprs=dict(BLOCK=256),
