@@ -150,6 +150,18 @@ def mixed_lse_outputs(q, mix_query, gammas):
             q.new_empty((g, b), dtype=acc))
 
 
+def times_gammas(d: torch.Tensor, gammas) -> torch.Tensor:
+    """d (G, B) with row g times gammas[g]: Python scalars (a tensor of them would be a blocking
+    host-to-device copy per step), and a gamma of 1 is no multiply (one gamma of 1: a view of d)."""
+    rows = [d[g] if gamma == 1.0 else d[g] * gamma for g, gamma in enumerate(gammas)]
+    return torch.stack(rows) if len(rows) > 1 else rows[0][None]
+
+
+def extra_grad(w0: torch.Tensor, row_extra: torch.Tensor, lse0: torch.Tensor) -> torch.Tensor:
+    """dL/dx_i = w_i e^{x_i - lse_i} for a row_extra x (one more term e^{x_i} of lse_i; w = dL/dlse)."""
+    return w0 * (row_extra.to(lse0.dtype) - lse0).exp()
+
+
 def mixed_lse_setup_context(ctx, inputs, output):
     q, row_scale, row_bias, gammas = inputs[0], inputs[8], inputs[9], inputs[10]
     row_extra = inputs[11] if len(inputs) > 11 else None  # the Triton op's (C++: no such input)
@@ -172,10 +184,7 @@ def mixed_lse_backward(ctx, d_lse, _d_e, _d_u):
     acc = lse.dtype
     if d_lse is None:  # (12 gradients: the C++ op's 11 inputs and a trailing None are fine too)
         return (None,) * 12
-    # gammas as Python scalars: a tensor of them would be a blocking host-to-device copy per step
-    w = [d_lse[g].to(acc) * gamma if gamma != 1.0 else d_lse[g].to(acc)
-         for g, gamma in enumerate(ctx.gammas)]
-    w = torch.stack(w) if len(w) > 1 else w[0][None]  # one gamma (cross-entropy): a view
+    w = times_gammas(d_lse.to(acc), ctx.gammas)
     sum_g = lambda x: x[0] if x.shape[0] == 1 else x.sum(0)  # noqa: E731 - no copy for one gamma
     dq = da = dc = None
     # rows with no point have e_sum = u_sum = 0 (every kernel): only dc needs them masked
@@ -186,7 +195,7 @@ def mixed_lse_backward(ctx, d_lse, _d_e, _d_u):
     want_extra = row_extra is not None and len(need) > 11 and need[11]
     d_extra = None
     if row_extra is not None and (want_extra or need[9]):
-        d_extra = w[0] * (row_extra.to(acc) - lse[0]).exp()
+        d_extra = extra_grad(w[0], row_extra, lse[0])
     if need[9]:
         dc = (sum_g(w.masked_fill(lse == float("-inf"), 0.0)) if d_extra is None
               else w[0] - d_extra).to(ctx.dtypes[2])

@@ -28,7 +28,7 @@ from typing import Optional
 
 import torch
 
-from ._common import mixed_lse_backward, mixed_lse_outputs, mixed_lse_setup_context
+from ._common import mixed_lse_backward, mixed_lse_outputs, mixed_lse_setup_context, times_gammas
 
 _lock = threading.Lock()
 _module = None
@@ -224,14 +224,6 @@ def _lse_fwd_setup(ctx, inputs, output):
         ctx.save_for_backward(q, k, a, b, c, d, exclude, q_labels, k_labels, row_lse, col_lse)
 
 
-def _times_gammas(d_row, gammas):
-    """d_row (G, B) with row g times gammas[g]; Python scalars: a tensor of the gammas would be a
-    host-to-device copy per step."""
-    if len(gammas) == 1:
-        return d_row * gammas[0]
-    return torch.stack([d_row[g] * gamma for g, gamma in enumerate(gammas)])
-
-
 def _cast(t, dtype):
     return None if t is None else t.to(dtype)
 
@@ -248,7 +240,7 @@ def _lse_fwd_backward(ns, ctx, d_row, d_pos, _d_count, d_col, _d_e, _d_p):
         acc = row_lse.dtype
         if d_row is None:
             d_row = torch.zeros_like(row_lse)
-        w = _times_gammas(d_row.to(acc), gammas)  # (G, B)
+        w = times_gammas(d_row.to(acc), gammas)  # (G, B)
         g_key = (w[..., None] * e_key).sum(0)  # sum_j G_ij b_j k_j
         g_sum = (w * (row_lse != float("-inf")).to(acc)).sum(0)
         if ctx.has_labels and d_pos is not None:

@@ -244,19 +244,18 @@ def info_nce(ops, query, positive_key, queue=None, *, temperature, similarity, i
         n_neg += b - 1
     mixes = mixing is not None and mixing.n_total > 0
     hard = None
-    positive_in_parts = in_batch_negatives and not debiased
+    has_queue = queue is not None and queue.shape[0] > 0
     # the positive, the queue and the synthetic negatives as one chain of log-sum-exps in the
-    # kernels, where they are the only terms of cross-entropy
-    chain = (not debiased and not in_batch_negatives and getattr(ops, "ROW_EXTRA", False)
+    # kernels (the positive merged into the queue's, that into the synthetic one), where they are
+    # the only terms of cross-entropy: a single term, no log-sum-exp of our own
+    chain = (has_queue and not debiased and not in_batch_negatives
+             and getattr(ops, "ROW_EXTRA", False)
              and (extra_negatives is None or extra_negatives.shape[1] == 0)
              and (not mixes or _fused_mixed_lse(ops)))
-    if queue is not None and queue.shape[0] > 0:
+    positive_in_parts = chain or (in_batch_negatives and not debiased)
+    if has_queue:
         cols = col_side(queue, similarity, scale)
-        extra = {}
-        if chain:
-            # the backend merges the positive into the queue's log-sum-exp (and that into the
-            # synthetic one): a single term, no log-sum-exp of our own
-            extra, positive_in_parts = {"row_extra": l_pos}, True
+        extra = {"row_extra": l_pos} if chain else {}
         if mixes and hasattr(ops, "lse_stats_topk"):
             # the hard negatives come out of the loss's own pass over the queue
             row_lse, hard = ops.lse_stats_topk(query, queue, rows.scale, cols.scale, rows.bias,
@@ -276,7 +275,7 @@ def info_nce(ops, query, positive_key, queue=None, *, temperature, similarity, i
             hard = ops.topk(query.detach(), queue.detach(), mixing.n_hard, similarity="dot",
                             exclude_index=None, query_labels=None, bank_labels=None)[1]
         add_synthetic_terms(ops, query, rows, query.detach(), queue.detach(), hard, mixing, scale,
-                            gammas, parts, own, merge_last_part=chain and positive_in_parts)
+                            gammas, parts, own, merge_last_part=chain)
         n_neg += mixing.n_total
     loss = _finish(l_pos, parts, own, n_neg, tau_plus, beta, temperature, positive_in_parts)
     return reference.reduce_loss(loss, reduction)

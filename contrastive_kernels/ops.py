@@ -73,7 +73,8 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from ._common import mixed_lse_backward, mixed_lse_outputs, mixed_lse_setup_context
+from ._common import (extra_grad, mixed_lse_backward, mixed_lse_outputs, mixed_lse_setup_context,
+                      times_gammas)
 
 TRITON_OPS_AVAILABLE = False
 TRITON_OPS_ERROR: Optional[str] = None
@@ -211,7 +212,7 @@ if TRITON_OPS_AVAILABLE:
         """d row_lse_i / d row_extra_i = exp(row_extra_i - row_lse_i), times the incoming gradient."""
         if row_extra is None or d_row is None or not wanted:
             return None
-        return (d_row[0] * (row_extra.to(row_lse.dtype) - row_lse[0]).exp()).to(row_extra.dtype)
+        return extra_grad(d_row[0], row_extra, row_lse[0]).to(row_extra.dtype)
 
     def _lse_grads(ctx, d_row, d_pos, d_col, want_extra):
         """(gradients of (q, k, row_scale, col_scale, row_bias, col_bias), of row_extra)."""
@@ -222,9 +223,7 @@ if TRITON_OPS_AVAILABLE:
             q, row_scale, row_e, row_lse, row_extra = ctx.saved_tensors
             if d_row is None:
                 return (None,) * 6, None
-            w = d_row[0].to(row_e.dtype)
-            if ctx.gammas[0] != 1.0:
-                w = w * ctx.gammas[0]
+            w = times_gammas(d_row.to(row_e.dtype), ctx.gammas)[0]
             d_extra = _extra_grad(row_extra, d_row, row_lse, want_extra or need[4])
             dq = da = dc = None
             if need[0]:
