@@ -75,7 +75,7 @@ import triton.language as tl
 
 from .._common import query_side_only
 from . import cdiv, launcher, next_power_of_2
-from .topk import _pack  # the top-k key of (score, column); a plain global for inductor
+from .topk import INT64_MIN, _pack  # _pack: the top-k key; a plain global for inductor
 
 INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -841,7 +841,6 @@ def _row_dot_bwd_kernel(G, A, B, DA, DB, n, D, stride_a, stride_b, WANT_A: tl.co
 MIN_SPLIT_COLS = 1024
 MIN_SPLIT_ROWS = 1024
 _plan_overrides: dict = {}
-_INT64_MIN = torch.iinfo(torch.int64).min  # an empty candidate slot (triton/topk.py's encoding)
 
 
 @contextlib.contextmanager
@@ -1118,7 +1117,7 @@ def _forward(q, k, row_scale, col_scale, row_bias, col_bias, gammas, exclude, q_
     if cand:
         (row_lse, pos_sum, pos_count, col_lse, row_e, cand_k,
          count) = forward_topk_outputs(q, k, gammas, row_only, capacity)
-        cand_k.fill_(_INT64_MIN)  # empty slots: no candidate
+        cand_k.fill_(INT64_MIN)  # empty slots: no candidate (triton/topk.py's encoding)
         count.zero_()
         extra = (cand_k, count)
     else:
