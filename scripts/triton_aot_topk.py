@@ -6,7 +6,10 @@ Each entry of ``contrastive_kernels.triton.topk.AOT_SPECS`` (kernel, signature, 
 num_warps, num_stages) is compiled with ``triton.compile`` for each architecture; the report
 gives registers and spills (``ptxas -v``),
 shared memory, whether the bank loads are software-pipelined (async copies in the TTGIR) and
-whether the dot runs on wgmma (sm_90). Exit status 1 if any compile fails. Works with Triton
+whether the dot runs on wgmma (sm_90). With ``--sass`` it also disassembles each kernel (Triton's
+bundled nvdisasm) and gives, per loop, the instructions per thread of one iteration, the barriers
+among them and the part a forward branch can skip (in the FILTER walk: the survivor extraction);
+the per-tile costs that ``topk.sample_factor`` is chosen with. Exit status 1 if any compile fails. Works with Triton
 3.6 through 3.9 (run it with PYTHONPATH pointing at another Triton to check that one).
 """
 from __future__ import annotations
@@ -51,6 +54,53 @@ def ptxas_report(ptx: str, arch: int, ptxas: str):
             out.returncode, text.strip().splitlines()[-1:] if out.returncode else [])
 
 
+_SASS_LINE = re.compile(r"\s+/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
+_LABEL = re.compile(r"^(\.L_x_\d+):")
+
+
+def sass_loops(sass: str):
+    """Loops of a disassembled kernel: [(instructions per iteration, barriers, largest region a
+    forward branch inside the loop skips)] in code order. A loop is the span from a label to a
+    later branch back to it (the kernel's closing self-branch is left out)."""
+    code, labels = [], {}
+    for line in sass.splitlines():
+        m = _LABEL.match(line)
+        if m:
+            labels[m.group(1)] = len(code)
+            continue
+        m = _SASS_LINE.match(line)
+        if m:
+            code.append(m.group(2))
+    branches = []
+    for i, ins in enumerate(code):
+        m = re.search(r"BRA `\((\.L_x_\d+)\)", ins)
+        if m and m.group(1) in labels:
+            branches.append((i, labels[m.group(1)]))
+    loops = []
+    for i, target in branches:
+        if target < i:
+            body = code[target:i + 1]
+            skips = [t - j for j, t in branches if target <= j < t <= i + 1]
+            loops.append((len(body), sum(ins.split()[-1 if ins.startswith("@") else 0].startswith("BAR")
+                                         or " BAR." in f" {ins}" for ins in body), max(skips, default=0)))
+    return loops
+
+
+def sass_report(cubin: bytes) -> str:
+    nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(cubin)
+        path = f.name
+    try:
+        out = subprocess.run([nvdisasm, "-c", path], capture_output=True, text=True, timeout=600)
+    finally:
+        os.unlink(path)
+    if out.returncode:
+        return f"nvdisasm failed: {out.stderr.strip()[-200:]}"
+    loops = sass_loops(out.stdout)
+    return "; ".join(f"loop {n} instr ({b} barriers, {skip} skippable)" for n, b, skip in loops) or "no loops"
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", default="80,90")
@@ -58,6 +108,7 @@ def main(argv=None):
                    help="ptxas for the register report (default: the first of Triton's bundled "
                         "ptxas-blackwell, ptxas, and /usr/local/cuda-13.0/bin/ptxas that accepts the PTX)")
     p.add_argument("--filter", default="", help="only specs whose name contains this")
+    p.add_argument("--sass", action="store_true", help="per-loop SASS instruction counts")
     args = p.parse_args(argv)
     from contrastive_kernels.triton import topk as _pkg_attr  # noqa: F401  (loads the backend)
     import importlib
@@ -98,6 +149,8 @@ def main(argv=None):
                 note = f" PTXAS FAILED {tail}"
             print(f"sm_{arch} {name}: regs {regs} spills {spills} shared {shared} "
                   f"async-copies {pipelined} wgmma {wgmma}{note}")
+            if args.sass and "cubin" in c.asm:
+                print(f"    sass: {sass_report(c.asm['cubin'])}")
     return 1 if failed else 0
 
 

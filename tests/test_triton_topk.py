@@ -3,6 +3,8 @@ test_properties) do not reach. Every path of the module on small shapes, with th
 size constants lowered so that small banks still take the filter passes, several tiles,
 several splits, the redo pass, the overflow fallback and the streamed (chunked) bank."""
 import importlib
+import re
+
 import pytest
 import torch
 
@@ -88,6 +90,34 @@ def test_exact_sample_cascade_when_tiles_are_few(small, monkeypatch):
     got = T.topk(q, bank, 12, similarity="l2")
     _check(got, _spec(q, bank, 12, "l2"), q, bank, "l2")
     assert [s["n_view"] for s in small] == [375, 3000]
+
+
+@pytest.mark.parametrize("similarity", ["dot", "cosine", "l2"])
+def test_tile_maximum_threshold_is_a_lower_bound_with_exclusions(small, similarity):
+    """The threshold of the tile-maximum pass is at most each row's true k-th allowed key, also
+    when the excluded bank rows are the row's best (the largest tile maxima): it takes the
+    (k+E)-th largest tile maximum. Lower bound, not equal: it is the smallest key of its score.
+    Tightness: fewer than 4x the rows of the k-th score pass it."""
+    g = torch.Generator().manual_seed(7)
+    q, bank = torch.randn(16, 8, generator=g), torch.randn(4096, 8, generator=g)
+    k, n_ex = 5, 3
+    best = _spec(q, bank, n_ex, similarity)[1]  # exclude each row's n_ex best rows
+    qs, _ = T._prepare_queries(q, similarity, best, None)
+    view, _ = T._prepare_view(bank, similarity, None, 0)
+    cfg = T._config(q.device, qs.q.dtype, 8, 16)
+    assert T.cdiv(view.n_view, cfg.BN) >= 4 * k + n_ex  # the 64 tiles of this view
+    thr = T._tilemax_threshold(qs, view, k, similarity, cfg)
+    wv, wi = T.topk(q, bank, k, similarity=similarity, exclude_index=best)  # the kernel's rounding
+    _check((wv, wi), _spec(q, bank, k, similarity, exclude_index=best), q, bank, similarity)
+    kth = T.encode_keys(wv[:, -1], wi[:, -1])
+    assert (thr <= kth).all()
+    tv, ti = T.decode_keys(thr)
+    assert (ti == T._LOW).all()  # every score equal to the threshold's passes
+    # without the exclusions' ranks the bound fails for some row: the test can see it
+    plain = T._tilemax_threshold(qs._replace(n_ex=0), view, k, similarity, cfg)
+    assert (plain > kth).any()
+    scores = reference.similarity_matrix(q, bank, similarity)
+    assert ((scores >= tv[:, None]).sum(1) < 4 * (k + n_ex) * 8).all()
 
 
 def test_ties_integer_scores_all_paths(small):
@@ -291,3 +321,27 @@ def test_host_chunks_schedule(pinned):
         assert sum(1 for e in log if e[0] == "sync") == 3
     else:
         assert not any(e[0] == "sync" for e in log)
+
+
+def test_threshold_pass_costs_about_the_gemm_alone_sm90():
+    """sm_90 SASS, no GPU needed: an iteration of the tile-maximum pass (per bank tile) costs
+    at most 10 % more instructions per thread than the GEMM-only floor's, and a FILTER tile's
+    extra work is skippable (the survivor extraction behind the branch). The per-tile counts
+    that ``sample_factor`` is chosen with (scripts/triton_aot_topk.py --sass)."""
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "scripts/triton_aot_topk.py", "--arch", "90", "--sass",
+                           "--filter", "float16_dot_E0_X1"], cwd=root, capture_output=True, text=True,
+                          env={**os.environ, "TRITON_INTERPRET": "0"}, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    first_loop = {}  # spec name -> (instructions, barriers, skippable) of its walk over full tiles
+    for name, n, bars, skip in re.findall(r"sm_90 (topk_\w+): .*\n\s+sass: loop (\d+) instr "
+                                          r"\((\d+) barriers, (\d+) skippable\)", proc.stdout):
+        first_loop[name.split("_")[1]] = (int(n), int(bars), int(skip))
+    gemm, tilemax, filt = first_loop["gemm"], first_loop["tilemax"], first_loop["filter"]
+    assert tilemax[0] <= 1.1 * gemm[0], first_loop
+    assert filt[2] > 0 and filt[0] - filt[2] <= 1.15 * gemm[0], first_loop

@@ -49,17 +49,19 @@ warps, so that two programs share an SM and one's epilogue overlaps the other's 
   program's redo list; after the walk the program recomputes those tiles and extracts the
   rest, skipping the first X (a data-dependent loop, kept out of the main walk: a nested loop
   would stop Triton from pipelining it).
-* TILEMAX (thresholds): the largest key of each (row, tile), written as an (M, tiles) matrix.
+* TILEMAX (thresholds): the largest score of each (row, tile), written as an fp32 (M, tiles)
+  matrix (no column search: the threshold needs only the value).
 * DENSE (small banks): every key of the tile is written to an (M, n) key matrix.
 * GEMM_ONLY (the floor for benchmarks): the same tiles with a running row maximum.
 
 Thresholds (``_select``)
 ------------------------
 Default: a TILEMAX pass over the strided sample (every f-th row, f = 8, 4 or 2 as k grows,
-``sample_factor``), then T_i = the k-th largest tile maximum of row i. The k largest tile
-maxima are k distinct bank rows, so T_i is a valid lower bound; with at least 4k sample tiles it
-is close to the sample's k-th key, and about f*k rows per query pass it. The sample pass costs
-about 1/f of the GEMM. When the view has too few tiles for that, T_i is the exact k-th key of
+``sample_factor``), then T_i = the smallest key of score v_i, v_i the (k+E)-th largest tile
+maximum of row i (E exclusions per row). The k+E largest tile maxima are k+E distinct bank rows,
+at most E of them excluded, so T_i is a valid lower bound; with at least 4k sample tiles it is
+close to the sample's k-th key, and about f*k rows per query pass it. The sample pass costs
+about 1/f of the GEMM (its epilogue is the GEMM_ONLY one plus a store). When the view has too few tiles for that, T_i is the exact k-th key of
 the 1/8 sample, computed the same way recursively down to a view of at most ``dense_max(k)``
 rows (DENSE). The merge is one ``torch.topk`` over each row's candidates.
 
@@ -346,26 +348,19 @@ def _topk_tile_kernel(
             s = tl.where(col_ok[None, :], s, float("-inf"))
             run = tl.maximum(run, tl.max(s, 1))
         tl.store(out_ptr + rows64 * n_splits + pid_s, run, mask=row_ok)
-    elif MODE == 3:  # TILEMAX: the largest key of each (row, tile), for thresholds
-        ep = tl.arange(0, EP)
-        if E > 0:
-            ex = tl.load(ex_ptr + rows64[:, None] * EP + ep[None, :], mask=row_ok[:, None], other=-1)
-        lcol = tl.arange(0, BN).to(tl.float32)
-        for t in range(t0, t1):
+    elif MODE == 3:  # TILEMAX: the largest score of each (row, tile), for thresholds
+        for t in range(t0, t_full):
             vcols = t * BN + tl.arange(0, BN)
-            col_ok = vcols < n_view
             s = _eligible_tile(q0, q_ptr, rows64, row_ok, stride_qm, b_ptr, stride_bv, baux_ptr,
-                               bl_ptr, ql, vcols, col_ok, step64, D, BD, BM, BN, SIM, LABELS, True,
-                               PREC)
-            m = tl.max(s, 1)
-            a = tl.min(tl.where(s == m[:, None], lcol[None, :], 1.0e9), 1)
-            gidx = gbase + (t * BN + a.to(tl.int32)).to(tl.int64) * step64
-            key = _pack(_row_f(m, qa, SIM), gidx)
-            ok = m > float("-inf")
-            if E > 0:
-                ok = ok & (tl.sum((ex == gidx[:, None]).to(tl.int32), 1) == 0)
-            key = tl.where(ok, key, -9223372036854775808)
-            tl.store(out_ptr + rows64 * stride_out + t, key, mask=row_ok)
+                               bl_ptr, ql, vcols, vcols < n_view, step64, D, BD, BM, BN, SIM,
+                               LABELS, ALWAYS_MASK, PREC)
+            tl.store(out_ptr + rows64 * stride_out + t, _row_f(tl.max(s, 1), qa, SIM), mask=row_ok)
+        for t in range(t_full, t1):
+            vcols = t * BN + tl.arange(0, BN)
+            s = _eligible_tile(q0, q_ptr, rows64, row_ok, stride_qm, b_ptr, stride_bv, baux_ptr,
+                               bl_ptr, ql, vcols, vcols < n_view, step64, D, BD, BM, BN, SIM,
+                               LABELS, True, PREC)
+            tl.store(out_ptr + rows64 * stride_out + t, _row_f(tl.max(s, 1), qa, SIM), mask=row_ok)
     else:  # FILTER
         thr_v = tl.load(thr_v_ptr + rows, mask=row_ok, other=float("inf"))
         thr_i = tl.load(thr_i_ptr + rows, mask=row_ok, other=0)
@@ -680,23 +675,39 @@ def _dense(qs: _Queries, view: _View, k, similarity, cfg):
 
 
 def _tilemax_threshold(qs: _Queries, view: _View, k, similarity, cfg):
-    """The k-th largest of the per-(row, tile) maximum keys of ``view``: k distinct bank rows
-    score at least this, so it is a valid threshold (INT64_MIN when fewer than k tiles have an
-    allowed row)."""
+    """Threshold keys from the tile maxima of ``view``. With E exclusions per row, v_i is the
+    (k+E)-th largest of row i's per-tile maximum scores: those tiles hold k+E distinct bank rows
+    scoring at least v_i, at most E of them excluded, so k allowed rows score at least v_i and
+    the threshold is the smallest key of score v_i (every score >= v_i passes). -inf (everything
+    passes) when the view has fewer than k+E tiles."""
     m = qs.q.shape[0]
     n_tiles = cdiv(view.n_view, cfg.BN)
-    keys = torch.empty((m, n_tiles), dtype=torch.int64, device=qs.q.device)
+    maxima = torch.empty((m, n_tiles), dtype=torch.float32, device=qs.q.device)
     splits, per = _splits(cfg, cdiv(m, cfg.BM), n_tiles)
-    _launch(MODE_TILEMAX, qs, view, similarity, cfg, out=keys, splits=splits, per_split=per)
-    return _topk_keys(keys, k)[:, k - 1].contiguous()
+    _launch(MODE_TILEMAX, qs, view, similarity, cfg, out=maxima, splits=splits, per_split=per)
+    rank = k + qs.n_ex
+    if rank <= n_tiles:
+        v = torch.topk(maxima, rank, dim=1, sorted=False).values.amin(1)
+    else:
+        v = torch.full((m,), -math.inf, device=maxima.device)
+    return encode_keys(v, torch.full((m,), _LOW, dtype=torch.int64, device=v.device))
 
 
 def sample_factor(k: int, n_view: int, bn: int) -> int:
     """Sample step of the tile-maximum threshold pass: a sparser sample costs less but lets
     more rows pass the threshold (about factor * k per query row); the sample must keep at
     least 4k tiles so that the k-th largest tile maximum stays close to the k-th largest score
-    of the sample. 0: no such sample (the exact cascade is used)."""
-    want = int(os.environ.get("CK_TOPK_SAMPLE", "0")) or (8 if k <= 32 else 4 if k <= 64 else 2)
+    of the sample. 0: no such sample (the exact cascade is used).
+
+    The default minimizes a per-tile instruction model (sm_90 SASS of the fp16 kernel,
+    scripts/triton_aot_topk.py --sass): a FILTER tile costs 304 instructions per thread, plus 433
+    (X=1) when one of its BM=64 rows has a survivor, which happens with probability
+    p = 1 - exp(-64 f k / tiles); a TILEMAX tile costs 296 (GEMM_ONLY: 287). Per bank tile:
+    304 + 433 p + 296 / f. At N = 2^20 (8192 tiles), k=16: f=8 613, f=4 547, f=2 547; k=32: f=4
+    651, f=2 621; k=128: f=2 ~860 with the redo pass. The model reproduced the H100 ratios
+    measured before the TILEMAX pass lost its column search (2.3x and 3.4x GEMM_ONLY at k=16 and
+    k=128); ``CK_TOPK_SAMPLE`` overrides it for measurements."""
+    want = int(os.environ.get("CK_TOPK_SAMPLE", "0")) or (8 if k <= 4 else 4 if k <= 16 else 2)
     f = want
     while f > 1 and n_view // (f * bn) < 4 * k:
         f //= 2
@@ -826,7 +837,7 @@ def _aot_spec(dtype, mode, sim, e, labels, x, d=128, cc=9):
     bm, bn, bd, warps, stages, bn_dense = gpu_tiles(cc, dtype, d)
     sig = {"q_ptr": _PTR[dtype], "qaux_ptr": "*fp32", "ex_ptr": "*i64", "ql_ptr": "*i64",
            "thr_v_ptr": "*fp32", "thr_i_ptr": "*i64", "b_ptr": _PTR[dtype], "baux_ptr": "*fp32",
-           "bl_ptr": "*i64", "out_ptr": "*fp32" if mode == MODE_GEMM_ONLY else "*i64",
+           "bl_ptr": "*i64", "out_ptr": "*fp32" if mode in (MODE_GEMM_ONLY, MODE_TILEMAX) else "*i64",
            "cnt_ptr": "*i32" if mode == MODE_FILTER else "*i64",
            "redo_ptr": "*i32" if mode == MODE_FILTER else "*i64",
            "M": "i32", "n_view": "i32", "stride_qm": "i32", "stride_bv": "i64", "step": "i32",
@@ -854,7 +865,8 @@ AOT_SPECS = [
            _aot_spec(torch.float16, MODE_FILTER, 0, 1, False, 2, d=768, cc=cc)]
         + [_aot_spec(dt, MODE_DENSE, 2, 1, True, 1, cc=cc) for dt in (torch.float16, torch.float32)]
         + [_aot_spec(dt, MODE_GEMM_ONLY, 0, 0, False, 1, cc=cc) for dt in (torch.float16, torch.float32)]
-        + [_aot_spec(dt, MODE_TILEMAX, 1, 1, True, 1, cc=cc) for dt in (torch.float16, torch.float32)])
+        + [_aot_spec(dt, MODE_TILEMAX, 1, 1, True, 1, cc=cc) for dt in (torch.float16, torch.float32)]
+        + [_aot_spec(torch.float16, MODE_TILEMAX, 0, 0, False, 1, cc=cc)])
 ] + [{"kernel": _sq_norm_kernel, "signature": {"x_ptr": "*bf16", "out_ptr": "*fp32", "n": "i32",
                                               "stride": "i32", "D": "constexpr", "BR": "constexpr",
                                               "BD": "constexpr"},
