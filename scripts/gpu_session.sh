@@ -12,6 +12,9 @@
 #   profile      host against kernels per training step (scripts/profile_gpu_step.py) for the MoCo,
 #                QK and MoCHi steps: wall, kernels, no launches, the CUDA-graph replay, the host's
 #                Python profile -> $OUT/profile-*.txt
+#   topk         the Triton top-k at N=2^20 fp16, k = 16, 128, 1024 (scripts/bench_topk_gpu.py --quick):
+#                the default threshold sample step (topk.sample_factor, chosen with an instruction
+#                model) against steps 8, 4 and 2, then the time split of one call -> $OUT/topk.txt
 set -uo pipefail
 OUT=${OUT:-out/gpu}
 mkdir -p "$OUT"
@@ -77,6 +80,14 @@ for stage in "$@"; do
                 > "$OUT/profile-$c-dispatcher.txt" 2>&1 || status=1
             grep -E "^case" "$OUT/profile-$c-dispatcher.txt"
         done
+        ;;
+    topk)
+        $PY scripts/bench_topk_gpu.py --quick --no-torch 2>&1 | tee "$OUT/topk.txt" || status=1
+        for f in 8 4 2; do
+            echo "CK_TOPK_SAMPLE=$f" | tee -a "$OUT/topk.txt"
+            CK_TOPK_SAMPLE=$f $PY scripts/bench_topk_gpu.py --quick --no-torch 2>&1 | tee -a "$OUT/topk.txt" || status=1
+        done
+        DIAGNOSE=1 DIAGNOSE_K=16,128 $PY scripts/bench_topk_gpu.py 2>&1 | tee -a "$OUT/topk.txt" || status=1
         ;;
     *) echo "unknown stage $stage"; status=2 ;;
     esac
