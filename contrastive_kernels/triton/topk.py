@@ -77,6 +77,13 @@ Cost (H100, M=8192, D=128, fp16; the GEMM floor is GEMM_ONLY, 4.6 ms at N=2^20):
 18.9 ms (1.6x / 2.7x / 5.1x). torch.mm + torch.topk in chunks: 69-332 ms. The gap to the floor
 is the extraction work in tiles where some row has a survivor (for k >= 128 nearly every tile
 at these sizes, since ~f*k survivors per row spread over N/BN tiles), plus the sample pass.
+Those figures predate the column-free TILEMAX pass and the sample steps of ``sample_factor``
+(whose instruction model gives k=16 about 1.9x and k=128 about 3.0x the floor; not measured).
+Per sm_90 SASS, a FILTER tile without survivors costs about what a GEMM_ONLY tile does (304
+against 287 instructions per thread); a tile where some row has one costs 433 more (X=1), most
+of it two full-tile passes (the survivor count and the column search, 5 instructions per
+element) that Triton runs for all BM rows, so 1.3x the floor at k <= 128 would need a different selection (per warp
+or per row, not per CTA tile).
 
 Limits: k <= MAX_K (2048) here; larger k runs the chunked backend (exact, without the fused
 GEMM epilogue). The candidate buffer takes about 8 * (16k + ...) bytes per query row; query rows
