@@ -6,11 +6,12 @@ Each entry of ``contrastive_kernels.triton.topk.AOT_SPECS`` (kernel, signature, 
 num_warps, num_stages) is compiled with ``triton.compile`` for each architecture; the report
 gives registers and spills (``ptxas -v``),
 shared memory, whether the bank loads are software-pipelined (async copies in the TTGIR) and
-whether the dot runs on wgmma (sm_90). With ``--sass`` it also disassembles each kernel (Triton's
-bundled nvdisasm) and gives, per loop, the instructions per thread of one iteration, the barriers
-among them and the part a forward branch can skip (in the FILTER walk: the survivor extraction);
-the per-tile costs that ``topk.sample_factor`` is chosen with. Exit status 1 if any compile fails. Works with Triton
-3.6 through 3.9 (run it with PYTHONPATH pointing at another Triton to check that one).
+whether the dot runs on wgmma (sm_90). With ``--sass`` it also disassembles each kernel
+(Triton's bundled nvdisasm) and gives, per loop, the instructions per thread of one iteration,
+the barriers among them and the part a forward branch can skip (in the FILTER walk: the survivor
+extraction): the per-tile costs that ``topk.sample_factor`` is chosen with. Exit status 1 if any
+compile fails. Works with Triton 3.6 through 3.9 (run it with PYTHONPATH pointing at another
+Triton to check that one).
 """
 from __future__ import annotations
 
@@ -58,6 +59,11 @@ _SASS_LINE = re.compile(r"\s+/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
 _LABEL = re.compile(r"^(\.L_x_\d+):")
 
 
+def _opcode(ins: str) -> str:
+    words = ins.split()
+    return words[1] if ins.startswith("@") else words[0]  # past a predicate ("@P0", "@!PT")
+
+
 def sass_loops(sass: str):
     """Loops of a disassembled kernel: [(instructions per iteration, barriers, largest region a
     forward branch inside the loop skips)] in code order. A loop is the span from a label to a
@@ -81,8 +87,8 @@ def sass_loops(sass: str):
         if target < i:
             body = code[target:i + 1]
             skips = [t - j for j, t in branches if target <= j < t <= i + 1]
-            loops.append((len(body), sum(ins.split()[-1 if ins.startswith("@") else 0].startswith("BAR")
-                                         or " BAR." in f" {ins}" for ins in body), max(skips, default=0)))
+            bars = sum(_opcode(ins).startswith("BAR") for ins in body)
+            loops.append((len(body), bars, max(skips, default=0)))
     return loops
 
 
@@ -98,7 +104,8 @@ def sass_report(cubin: bytes) -> str:
     if out.returncode:
         return f"nvdisasm failed: {out.stderr.strip()[-200:]}"
     loops = sass_loops(out.stdout)
-    return "; ".join(f"loop {n} instr ({b} barriers, {skip} skippable)" for n, b, skip in loops) or "no loops"
+    return "; ".join(f"loop {n} instr ({b} barriers, {skip} skippable)"
+                     for n, b, skip in loops) or "no loops"
 
 
 def main(argv=None):

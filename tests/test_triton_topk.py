@@ -338,9 +338,9 @@ def test_threshold_pass_costs_about_the_gemm_alone_sm90():
                            "--filter", "float16_dot_E0_X1"], cwd=root, capture_output=True, text=True,
                           env={**os.environ, "TRITON_INTERPRET": "0"}, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    first_loop = {}  # spec name -> (instructions, barriers, skippable) of its walk over full tiles
-    for name, n, bars, skip in re.findall(r"sm_90 (topk_\w+): .*\n\s+sass: loop (\d+) instr "
-                                          r"\((\d+) barriers, (\d+) skippable\)", proc.stdout):
+    first_loop = {}  # mode -> (instructions, barriers, skippable) of its walk over full tiles
+    pattern = r"sm_90 (topk_\w+): .*\n\s+sass: loop (\d+) instr \((\d+) barriers, (\d+) skippable\)"
+    for name, n, bars, skip in re.findall(pattern, proc.stdout):
         first_loop[name.split("_")[1]] = (int(n), int(bars), int(skip))
     gemm, tilemax, filt = first_loop["gemm"], first_loop["tilemax"], first_loop["filter"]
     assert tilemax[0] <= 1.1 * gemm[0], first_loop

@@ -61,9 +61,10 @@ Default: a TILEMAX pass over the strided sample (every f-th row, f = 8, 4 or 2 a
 maximum of row i (E exclusions per row). The k+E largest tile maxima are k+E distinct bank rows,
 at most E of them excluded, so T_i is a valid lower bound; with at least 4k sample tiles it is
 close to the sample's k-th key, and about f*k rows per query pass it. The sample pass costs
-about 1/f of the GEMM (its epilogue is the GEMM_ONLY one plus a store). When the view has too few tiles for that, T_i is the exact k-th key of
-the 1/8 sample, computed the same way recursively down to a view of at most ``dense_max(k)``
-rows (DENSE). The merge is one ``torch.topk`` over each row's candidates.
+about 1/f of the GEMM (its epilogue is the GEMM_ONLY one plus a store). When the view has too
+few tiles for that, T_i is the exact k-th key of the 1/8 sample, computed the same way
+recursively down to a view of at most ``dense_max(k)`` rows (DENSE). The merge is one
+``torch.topk`` over each row's candidates.
 
 Exactness is checked, not assumed: a row is exact when no split overflowed its slots and k
 candidates were found (then every bank row left out scored below T_i <= the k-th candidate).
@@ -82,8 +83,8 @@ Those figures predate the column-free TILEMAX pass and the sample steps of ``sam
 Per sm_90 SASS, a FILTER tile without survivors costs about what a GEMM_ONLY tile does (304
 against 287 instructions per thread); a tile where some row has one costs 433 more (X=1), most
 of it two full-tile passes (the survivor count and the column search, 5 instructions per
-element) that Triton runs for all BM rows, so 1.3x the floor at k <= 128 would need a different selection (per warp
-or per row, not per CTA tile).
+element) that Triton runs for all BM rows, so 1.3x the floor at k <= 128 would need a
+different selection (per warp or per row, not per CTA tile).
 
 Limits: k <= MAX_K (2048) here; larger k runs the chunked backend (exact, without the fused
 GEMM epilogue). The candidate buffer takes about 8 * (16k + ...) bytes per query row; query rows
