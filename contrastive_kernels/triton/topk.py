@@ -287,6 +287,18 @@ def _filter_tile(q0, q_ptr, rows64, row_ok, stride_qm, b_ptr, stride_bv, baux_pt
     return cnt, nredo
 
 
+@triton.jit
+def _store_tile_max(q0, q_ptr, rows64, row_ok, stride_qm, b_ptr, stride_bv, baux_ptr, bl_ptr, ql, qa,
+                    t, n_view, step, out_ptr, stride_out, D: tl.constexpr, BD: tl.constexpr,
+                    BM: tl.constexpr, BN: tl.constexpr, SIM: tl.constexpr, LABELS: tl.constexpr,
+                    MASKED: tl.constexpr, PREC: tl.constexpr):
+    """TILEMAX: out[row, t] = the row's largest eligible score in view tile t (-inf: none)."""
+    vcols = t * BN + tl.arange(0, BN)
+    s = _eligible_tile(q0, q_ptr, rows64, row_ok, stride_qm, b_ptr, stride_bv, baux_ptr, bl_ptr, ql,
+                       vcols, vcols < n_view, step, D, BD, BM, BN, SIM, LABELS, MASKED, PREC)
+    tl.store(out_ptr + rows64 * stride_out + t, _row_f(tl.max(s, 1), qa, SIM), mask=row_ok)
+
+
 @triton.jit(do_not_specialize=["step", "gbase", "cap", "tiles_per_split", "n_splits"])
 def _topk_tile_kernel(
         q_ptr, qaux_ptr, ex_ptr, ql_ptr, thr_v_ptr, thr_i_ptr,
@@ -358,17 +370,13 @@ def _topk_tile_kernel(
         tl.store(out_ptr + rows64 * n_splits + pid_s, run, mask=row_ok)
     elif MODE == 3:  # TILEMAX: the largest score of each (row, tile), for thresholds
         for t in range(t0, t_full):
-            vcols = t * BN + tl.arange(0, BN)
-            s = _eligible_tile(q0, q_ptr, rows64, row_ok, stride_qm, b_ptr, stride_bv, baux_ptr,
-                               bl_ptr, ql, vcols, vcols < n_view, step64, D, BD, BM, BN, SIM,
-                               LABELS, ALWAYS_MASK, PREC)
-            tl.store(out_ptr + rows64 * stride_out + t, _row_f(tl.max(s, 1), qa, SIM), mask=row_ok)
-        for t in range(t_full, t1):
-            vcols = t * BN + tl.arange(0, BN)
-            s = _eligible_tile(q0, q_ptr, rows64, row_ok, stride_qm, b_ptr, stride_bv, baux_ptr,
-                               bl_ptr, ql, vcols, vcols < n_view, step64, D, BD, BM, BN, SIM,
-                               LABELS, True, PREC)
-            tl.store(out_ptr + rows64 * stride_out + t, _row_f(tl.max(s, 1), qa, SIM), mask=row_ok)
+            _store_tile_max(q0, q_ptr, rows64, row_ok, stride_qm, b_ptr, stride_bv, baux_ptr, bl_ptr,
+                            ql, qa, t, n_view, step64, out_ptr, stride_out, D, BD, BM, BN, SIM, LABELS,
+                            ALWAYS_MASK, PREC)
+        for t in range(t_full, t1):  # the partial last tile, if this split has it
+            _store_tile_max(q0, q_ptr, rows64, row_ok, stride_qm, b_ptr, stride_bv, baux_ptr, bl_ptr,
+                            ql, qa, t, n_view, step64, out_ptr, stride_out, D, BD, BM, BN, SIM, LABELS,
+                            True, PREC)
     else:  # FILTER
         thr_v = tl.load(thr_v_ptr + rows, mask=row_ok, other=float("inf"))
         thr_i = tl.load(thr_i_ptr + rows, mask=row_ok, other=0)
