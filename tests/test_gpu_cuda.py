@@ -268,6 +268,22 @@ def test_topk_ties_exclusions_labels_and_host_bank(target):
     assert (a.indices.cpu() == b.indices).float().mean() > 0.99
 
 
+def test_topk_ties_with_a_merge_inside_a_tile(target):
+    """A row's candidate buffer fills in the middle of a bank tile whose scores all tie: the merge
+    then puts some of the tile's columns in the queue while lower columns of the same score still
+    wait, and those must win the tie against the new k-th key (64-row tiles: the first sets the
+    threshold, the second leaves 30 candidates buffered, the third ties everywhere)."""
+    DEV = target.dev
+    vals = torch.cat([torch.ones(64), torch.zeros(64), torch.full((64,), 2.0)])
+    vals[64:124:2] = 3.0
+    bank = vals[:, None].to(DEV)
+    got_v, got_i = target.ops.topk(torch.ones(1, 1, device=DEV), bank, 64, similarity="dot", exclude_index=None,
+                                   query_labels=None, bank_labels=None)
+    want_i = list(range(64, 124, 2)) + list(range(128, 162))
+    assert got_i[0].tolist() == want_i
+    assert got_v[0].tolist() == [3.0] * 30 + [2.0] * 34
+
+
 def test_topk_streamed_in_chunks_equals_one_pass(target):
     """The host-bank path's merge of per-chunk top-k results (exclusions and labels shifted to each
     chunk), run over a device bank in chunks: identical to one pass, whatever the chunk size,

@@ -250,9 +250,9 @@ struct KeyTiles {
     if (async_ok) {
       cp_async_wait_all();
     } else {
-      stage_rows<TS, TI>(buf[cur], ld, src, c0, nrows, D, BN, dp);
+      stage_rows<TS, TI>(buffer(cur), ld, src, c0, nrows, D, BN, dp);
     }
-    return buf[cur];
+    return buffer(cur);
   }
   // starts fetching the tile after c0 into the other buffer (no-op without cp.async)
   __device__ __forceinline__ void prefetch_next(int64_t c0) {
@@ -261,8 +261,10 @@ struct KeyTiles {
   __device__ __forceinline__ void advance() { cur ^= 1; }
 
  private:
+  // a select, not buf[i]: a dynamically indexed member array would live in local memory
+  __device__ __forceinline__ TS* buffer(int i) const { return i ? buf[1] : buf[0]; }
   __device__ __forceinline__ void stage_async(int b, int64_t c0) {
-    if constexpr (TC) stage_rows_async<TS>(buf[b], ld, reinterpret_cast<const TS*>(src), c0, nrows, D, BN, dp);
+    if constexpr (TC) stage_rows_async<TS>(buffer(b), ld, reinterpret_cast<const TS*>(src), c0, nrows, D, BN, dp);
   }
 };
 

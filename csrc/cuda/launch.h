@@ -26,10 +26,10 @@ cudaError_t launch_lse(const LseTileParams<typename LseTypes<TI>::TA>& p, bool b
                        size_t smem, cudaStream_t stream);
 
 template <typename TI>
-size_t topk_smem_bytes(int bm, int dp);
-// bm in {64, 32}; kp in {32, ..., 1024}
+size_t topk_smem_bytes(int dp);
+// kp in {32, 64, ..., 1024}; grid = (ceil(M / kTopkBM), splits)
 template <typename TI>
-cudaError_t launch_topk(const TopkParams& p, int bm, int kp, int64_t splits, size_t smem, cudaStream_t stream);
+cudaError_t launch_topk(const TopkParams& p, int kp, int64_t splits, size_t smem, cudaStream_t stream);
 
 template <typename TI>
 cudaError_t launch_mix(const MixParams& p, int which, cudaStream_t stream);

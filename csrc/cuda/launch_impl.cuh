@@ -48,41 +48,32 @@ cudaError_t launch_lse(const LseTileParams<typename LseTypes<TI>::TA>& p, bool b
 }
 
 template <typename TI>
-size_t topk_smem_bytes(int bm, int dp) {
-  return static_cast<size_t>(topk_smem<TI>(bm, dp).total);
+size_t topk_smem_bytes(int dp) {
+  return static_cast<size_t>(topk_smem<TI>(dp).total);
 }
 
-template <typename TI, int BM, int KP>
+template <typename TI, int KP>
 cudaError_t launch_topk_cfg(const TopkParams& p, int64_t splits, size_t smem, cudaStream_t stream) {
-  auto kernel = topk_tile_kernel<TI, BM, KP>;
+  auto kernel = topk_tile_kernel<TI, KP>;
   cudaError_t err = allow_smem(kernel, smem);
   if (err != cudaSuccess) return err;
-  dim3 grid(static_cast<unsigned>((p.M + BM - 1) / BM), static_cast<unsigned>(splits));
+  dim3 grid(static_cast<unsigned>((p.M + kTopkBM - 1) / kTopkBM), static_cast<unsigned>(splits));
   CK_LAUNCH(kernel, grid, kThreads, smem, stream)(p);
   return cudaGetLastError();
 }
 
-template <typename TI, int BM>
-cudaError_t launch_topk_bm(const TopkParams& p, int kp, int64_t splits, size_t smem, cudaStream_t stream) {
+template <typename TI>
+cudaError_t launch_topk(const TopkParams& p, int kp, int64_t splits, size_t smem, cudaStream_t stream) {
+  if (p.M == 0) return cudaSuccess;
   switch (kp) {
-    case 32: return launch_topk_cfg<TI, BM, 32>(p, splits, smem, stream);
-    case 64: return launch_topk_cfg<TI, BM, 64>(p, splits, smem, stream);
-    case 128: return launch_topk_cfg<TI, BM, 128>(p, splits, smem, stream);
-    case 256: return launch_topk_cfg<TI, BM, 256>(p, splits, smem, stream);
-    case 512: return launch_topk_cfg<TI, BM, 512>(p, splits, smem, stream);
-    case 1024: return launch_topk_cfg<TI, BM, 1024>(p, splits, smem, stream);
+    case 32: return launch_topk_cfg<TI, 32>(p, splits, smem, stream);
+    case 64: return launch_topk_cfg<TI, 64>(p, splits, smem, stream);
+    case 128: return launch_topk_cfg<TI, 128>(p, splits, smem, stream);
+    case 256: return launch_topk_cfg<TI, 256>(p, splits, smem, stream);
+    case 512: return launch_topk_cfg<TI, 512>(p, splits, smem, stream);
+    case 1024: return launch_topk_cfg<TI, 1024>(p, splits, smem, stream);
     default: return cudaErrorInvalidValue;
   }
-}
-
-template <typename TI>
-cudaError_t launch_topk(const TopkParams& p, int bm, int kp, int64_t splits, size_t smem, cudaStream_t stream) {
-  if (p.M == 0) return cudaSuccess;
-  if (bm == 64) return launch_topk_bm<TI, 64>(p, kp, splits, smem, stream);
-  if constexpr (!IsTensorCore<TI>::value) {  // only the fp32-staged inputs may need the smaller tile
-    if (bm == 32) return launch_topk_bm<TI, 32>(p, kp, splits, smem, stream);
-  }
-  return cudaErrorInvalidValue;
 }
 
 template <typename TI>
@@ -109,8 +100,8 @@ cudaError_t launch_mix(const MixParams& p, int which, cudaStream_t stream) {
   template size_t lse_smem_bytes<TI>(int, int, int);                                                           \
   template cudaError_t launch_lse<TI>(const LseTileParams<typename LseTypes<TI>::TA>&, bool, int, int64_t,     \
                                       size_t, cudaStream_t);                                                   \
-  template size_t topk_smem_bytes<TI>(int, int);                                                               \
-  template cudaError_t launch_topk<TI>(const TopkParams&, int, int, int64_t, size_t, cudaStream_t);            \
+  template size_t topk_smem_bytes<TI>(int);                                                                    \
+  template cudaError_t launch_topk<TI>(const TopkParams&, int, int64_t, size_t, cudaStream_t);                 \
   template cudaError_t launch_mix<TI>(const MixParams&, int, cudaStream_t);
 
 }  // namespace cuda

@@ -2,25 +2,42 @@
 // otherwise, fp32 scores as the reference computes them) with a warp-level k-selection fused in.
 // Pure CUDA (no torch).
 //
+// Layout: a block of 4 warps takes BM = 64 query rows and one column split; warp w owns rows
+// 16w .. 16w+15 for the whole run, so every selection decision is the warp's own (no block-wide
+// branch, no barrier but the one that hands over the next bank tile). Per bank tile of BN = 64
+// rows the warp computes its 16 x 64 scores into registers, in the accumulator layout of
+// mma.m16n8k16 (lane = 4 r + c holds rows r, r+8 and columns 8j + 2c + {0, 1}; the CUDA-core
+// engine uses the same layout), and selects from there: nothing goes through shared memory
+// unless it may enter the top-k.
+//
 // Selection, in the manner of FAISS's WarpSelect (filter cheaply, merge rarely, keep the sorted
 // queue where a warp can merge it in registers):
 //   * keys are int64, (order-preserving fp32 bits) << 32 | (0xFFFFFFFF - column), so one integer
 //     comparison orders by score and breaks ties toward the lower column;
-//   * each warp owns BM/4 query rows of the block. Per tile and row, every lane tests its scores
-//     against the row's threshold (the current k-th best score; NaN, i.e. "take everything",
-//     while fewer than k are known) with one float comparison; survivors are compacted with a
-//     ballot into a per-row candidate buffer in shared memory (the "thread queues");
-//   * when a row's buffer may not take another tile, the warp merges: the buffer is loaded into
-//     registers (CAP/32 keys per lane) and bitonic-sorted across lanes and registers; the row's
-//     sorted queue of KP keys (KP = k rounded up to a power of two >= 32) is loaded, merged with
-//     the sorted buffer by the bitonic merge rule C_e = max(Q_e, B_{KP-1-e}) (C holds the KP
-//     largest of both and is bitonic) and one bitonic merge network; the new threshold is the
-//     k-th key. After warm-up the threshold rejects almost everything and merges are rare
-//     (expected survivors per row ~ k ln(n/k) over n columns).
+//   * fast path: each lane compares its 32 scores with its two rows' thresholds (the score of the
+//     row's current k-th key; NaN, "take everything", while fewer than k are known) and one vote
+//     tells the warp whether any of its 16 x 64 scores passed. After warm-up the threshold rejects
+//     nearly everything (expected survivors per row ~ k (1 + ln(n/k)) over n columns), so most
+//     tiles cost the product, 32 comparisons and a vote;
+//   * slow path (warp-uniform): exclusions and labels are checked for the passing scores only,
+//     which are then appended to their row's candidate buffer in shared memory (CAP keys per row;
+//     a ballot per score position compacts the 4 lanes of each row, in a fixed order). A row
+//     whose buffer is full is merged into its queue, and the scores it could not take are tested
+//     again, now against the new k-th key (keys, not scores: this tile's columns may be in the
+//     queue now), until none is left;
+//   * a merge (one warp, one row): the buffer is bitonic-sorted across lanes and registers, the
+//     row's sorted queue of KP keys (KP = k rounded up to a power of two >= 32) is loaded, merged
+//     by the bitonic rule C_e = max(Q_e, B_{KP-1-e}) (C holds the KP largest of both and is
+//     bitonic) and one bitonic merge network; the new threshold is the k-th key;
 //   * the queues live in global memory (the kernel's output, per column split), touched only by
 //     merges; columns are split over gridDim.y and the host merges the splits' sorted queues.
-// Within a split the columns are visited in increasing order, so a candidate equal to the
-// threshold score always has a higher column than the queue's k-th key and is correctly rejected.
+// Within a split the tiles are visited in increasing column order, so at the start of a tile every
+// queued key has a lower column than the tile's: a score equal to the threshold score loses its
+// tie to the k-th key and is rightly rejected by the score comparison of the fast path.
+//
+// Shared memory (fp16, D = 128): the query rows (17 KiB), two bank tiles (cp.async double
+// buffering, 34 KiB) and the candidate buffers (64 x 64 int64, 32 KiB): 83 KiB, two blocks per
+// SM on an H100 or A100.
 #pragma once
 
 #include "device_common.cuh"
@@ -28,8 +45,11 @@
 namespace ck {
 namespace cuda {
 
-constexpr int kTopkBN = 64;
-constexpr int kTopkCap = 128;  // candidate buffer per row (>= 2 tiles of survivors)
+constexpr int kTopkBM = 64;                 // query rows per block: 16 per warp
+constexpr int kTopkBN = 64;                 // bank rows per tile
+constexpr int kTopkNT = kTopkBN / 8;        // n8 column groups per tile
+constexpr int kTopkCap = 64;                // candidate buffer per row (a power of two >= 32)
+static_assert(kTopkBM == 16 * kWarps, "one m16 row tile per warp");
 
 struct TopkParams {
   int64_t M = 0, N = 0, D = 0;
@@ -43,15 +63,18 @@ struct TopkParams {
   int E = 0;
   const int64_t* q_lab = nullptr;  // M
   const int64_t* b_lab = nullptr;  // N
-  int64_t cols_per_split = 0;
+  int64_t cols_per_split = 0;      // a multiple of kTopkBN
   int64_t* queues = nullptr;  // [split][M][KP], sorted descending; INT64_MIN = empty
 };
 
-__device__ __forceinline__ int64_t pack_key(float score, int64_t column) {
-  int32_t bits = __float_as_int(score + 0.0f);  // -0.0 -> +0.0
-  int32_t ordered = bits >= 0 ? bits : (bits ^ 0x7FFFFFFF);
+__host__ __device__ __forceinline__ int64_t pack_key_bits(int32_t bits, int64_t column) {
+  const int32_t ordered = bits >= 0 ? bits : (bits ^ 0x7FFFFFFF);
   return static_cast<int64_t>((static_cast<uint64_t>(static_cast<uint32_t>(ordered)) << 32) |
                               (0xFFFFFFFFull - static_cast<uint64_t>(column)));
+}
+
+__device__ __forceinline__ int64_t pack_key(float score, int64_t column) {
+  return pack_key_bits(__float_as_int(score + 0.0f), column);  // -0.0 -> +0.0
 }
 
 __device__ __forceinline__ float key_score(int64_t key) {
@@ -76,38 +99,29 @@ struct TopkTypes<__nv_bfloat16> {
 };
 
 struct TopkSmem {
-  int64_t q, k0, k1, st, buf, cnt, thr, thrf, total;
-  int ldF, ldS;
+  int64_t q, k0, k1, buf, total;
+  int ldF;
 };
 
 template <typename TI>
-__host__ __device__ inline TopkSmem topk_smem(int BM, int dp) {
+__host__ __device__ inline TopkSmem topk_smem(int dp) {
   using TS = typename TopkTypes<TI>::TS;
+  constexpr bool TC = IsTensorCore<TI>::value;
   TopkSmem s{};
   s.ldF = padded_stride<TS>(dp);
-  s.ldS = kTopkBN + 4;
   auto al = [](int64_t x) { return (x + 15) / 16 * 16; };
   int64_t o = 0;
   s.q = o;
-  o = al(o + int64_t(BM) * s.ldF * sizeof(TS));
+  o = al(o + int64_t(kTopkBM) * s.ldF * sizeof(TS));
   s.k0 = o;
   o = al(o + int64_t(kTopkBN) * s.ldF * sizeof(TS));
-  s.k1 = o;
-  if (sizeof(TS) == 2) o = al(o + int64_t(kTopkBN) * s.ldF * sizeof(TS));
-  s.st = o;
-  o = al(o + int64_t(BM) * s.ldS * sizeof(float));
+  s.k1 = TC ? o : s.k0;  // the second bank tile only where cp.async prefetches into it
+  if (TC) o = al(o + int64_t(kTopkBN) * s.ldF * sizeof(TS));
   s.buf = o;
-  o = al(o + int64_t(BM) * kTopkCap * sizeof(int64_t));
-  s.cnt = o;
-  o = al(o + int64_t(BM) * sizeof(int));
-  s.thr = o;
-  o = al(o + int64_t(BM) * sizeof(int64_t));
-  s.thrf = o;
-  o = al(o + int64_t(BM) * sizeof(float));
+  o = al(o + int64_t(kTopkBM) * kTopkCap * sizeof(int64_t));
   s.total = o;
   return s;
 }
-
 // One compare-exchange stage of a bitonic network over N = 32 * R keys held as v[i] = element
 // i*32 + lane: elements e and e ^ stride end up in descending order where (e & size) == 0 and in
 // ascending order elsewhere (size 0: descending everywhere).
@@ -192,96 +206,231 @@ __device__ __forceinline__ int64_t warp_merge_row(int64_t* queue, const int64_t*
   return __shfl_sync(0xffffffffu, kth, (k - 1) % 32);
 }
 
-template <typename TI, int BM, int KP>
-__global__ void __launch_bounds__(kThreads) topk_tile_kernel(TopkParams p) {
+
+// ---------------------------------------------------------------------------------------------
+// the warp's scores and selection
+// ---------------------------------------------------------------------------------------------
+
+// acc[j][2h + e] = Q[r + 8h] . K[8j + 2c + e] for lane = 4r + c (the mma.m16n8k16 accumulator
+// layout), over the warp's 16 staged query rows Q and the staged bank tile K ([row][dp], stride
+// ld, zero-padded to dp). Tensor cores for 2-byte inputs; fp32 FMAs in increasing d otherwise.
+template <bool TC, typename TS>
+__device__ __forceinline__ void warp_scores(const TS* Q, const TS* K, int ld, int dp, float (&acc)[kTopkNT][4]) {
+  const int lane = threadIdx.x & 31;
+#pragma unroll
+  for (int j = 0; j < kTopkNT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+  if constexpr (TC) {
+    for (int k0 = 0; k0 < dp; k0 += 16) {
+      uint32_t a[4];
+      ldmatrix_x4(a[0], a[1], a[2], a[3], Q + (lane & 15) * ld + k0 + (lane >> 4) * 8);
+#pragma unroll
+      for (int j = 0; j < kTopkNT; j += 2) {
+        // two n8 groups per load: lanes 0-7 address bank rows 8j.. at k0 (b0 of group j), 8-15
+        // the same rows at k0 + 8 (b1), 16-31 rows 8j + 8.. likewise (group j + 1)
+        uint32_t b[4];
+        ldmatrix_x4(b[0], b[1], b[2], b[3],
+                    K + (8 * j + (lane & 7) + ((lane >> 4) & 1) * 8) * ld + k0 + ((lane >> 3) & 1) * 8);
+        mma_16816<TS>(acc[j], a, b[0], b[1]);
+        mma_16816<TS>(acc[j + 1], a, b[2], b[3]);
+      }
+    }
+  } else {
+    const int r = lane >> 2, c = 2 * (lane & 3);
+    for (int d = 0; d < dp; d += 4) {  // dp % 16 == 0 and ld % 4 == 0: 16-byte loads
+      const float4 a0 = *reinterpret_cast<const float4*>(Q + r * ld + d);
+      const float4 a1 = *reinterpret_cast<const float4*>(Q + (r + 8) * ld + d);
+#pragma unroll
+      for (int j = 0; j < kTopkNT; ++j) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const float4 b = *reinterpret_cast<const float4*>(K + (8 * j + c + e) * ld + d);
+          float s0 = acc[j][e], s1 = acc[j][2 + e];
+          s0 = fma(a0.x, b.x, s0), s1 = fma(a1.x, b.x, s1);
+          s0 = fma(a0.y, b.y, s0), s1 = fma(a1.y, b.y, s1);
+          s0 = fma(a0.z, b.z, s0), s1 = fma(a1.z, b.z, s1);
+          s0 = fma(a0.w, b.w, s0), s1 = fma(a1.w, b.w, s1);
+          acc[j][e] = s0, acc[j][2 + e] = s1;
+        }
+      }
+    }
+  }
+}
+
+// OR of a 32-bit value over the warp's lanes
+__device__ __forceinline__ uint32_t warp_or(uint32_t v) {
+#pragma unroll
+  for (int s = 16; s > 0; s >>= 1) v |= __shfl_xor_sync(0xffffffffu, v, s);
+  return v;
+}
+
+// The selection state of one lane's two rows (h = 0: the warp's row lane / 4, h = 1: that + 8),
+// the same in the 4 lanes of a row.
+struct TopkRows {
+  float thr[2];    // the score of the k-th key (NaN while the queue holds fewer than k)
+  int64_t kth[2];  // the k-th key (kEmptyKey while fewer than k)
+  int cnt[2];      // keys in the row's candidate buffer
+};
+
+// Bit b of a lane's pending mask is its score acc[j][2h + e] with h = b / 16, j = (b / 2) % 8,
+// e = b % 2: row lane / 4 + 8h of the warp, column 8j + 2 (lane % 4) + e of the tile.
+__host__ __device__ constexpr int topk_bit(int h, int j, int e) { return h * 16 + j * 2 + e; }
+
+// Lane-mask of the warp's rows for which pred0 (rows 0-7) / pred1 (rows 8-15) holds: bit 4r is
+// row r, bit 4r + 1 is row r + 8.
+__device__ __forceinline__ uint32_t rows_ballot(bool pred0, bool pred1) {
+  const int lc = threadIdx.x & 3;
+  return __ballot_sync(0xffffffffu, lc == 0 ? pred0 : (lc == 1 ? pred1 : false));
+}
+
+// Merges the candidate buffers of the warp's rows in `rows` (a rows_ballot mask) into their
+// queues and updates the rows' thresholds.
+template <int KP>
+__device__ __forceinline__ void merge_rows(uint32_t rows, int64_t* cand, int64_t* queue, int k, TopkRows& st) {
+  const int lr = (threadIdx.x & 31) >> 2;
+  __syncwarp();  // the lanes' candidate stores are visible to the whole warp
+  while (rows) {
+    const int bit = __ffs(rows) - 1;
+    rows &= rows - 1;
+    const int r = bit >> 2, h = bit & 1, rl = r + 8 * h;
+    const int count = __shfl_sync(0xffffffffu, h ? st.cnt[1] : st.cnt[0], 4 * r);
+    const int64_t kth = warp_merge_row<KP>(queue + int64_t(rl) * KP, cand + rl * kTopkCap, count, k);
+    const float thr = kth == kEmptyKey ? __int_as_float(0x7fc00000) : key_score(kth);
+    if (lr == r) {
+      if (h) {
+        st.thr[1] = thr, st.kth[1] = kth, st.cnt[1] = 0;
+      } else {
+        st.thr[0] = thr, st.kth[0] = kth, st.cnt[0] = 0;
+      }
+    }
+    __syncwarp();  // the buffer is read before it is refilled
+  }
+}
+
+// The slow path of one tile (warp-uniform: some lane has pending scores): checks exclusions and
+// labels of the passing scores, appends them to their rows' buffers and merges full buffers,
+// until every passing score is either in a buffer or rejected by its row's new k-th key.
+template <int KP>
+__device__ __forceinline__ void take_candidates(const TopkParams& p, const float (&acc)[kTopkNT][4], uint32_t pend,
+                                                int64_t c0, int64_t wrow0, int64_t* cand, int64_t* queue,
+                                                TopkRows& st) {
+  const int lane = threadIdx.x & 31, lr = lane >> 2, lc = lane & 3;
+  if (p.E > 0 || p.q_lab) {
+#pragma unroll
+    for (int b = 0; b < 32; ++b) {
+      if ((pend >> b) & 1) {
+        const int64_t gr = wrow0 + lr + 8 * (b >> 4), gc = c0 + 8 * ((b >> 1) & 7) + 2 * lc + (b & 1);
+        bool ok = !p.q_lab || p.q_lab[gr] != p.b_lab[gc];
+        for (int e = 0; e < p.E; ++e) ok &= p.exclude[gr * p.E + e] != gc;
+        if (!ok) pend &= ~(1u << b);
+      }
+    }
+  }
+  for (uint32_t any = warp_or(pend); any != 0; any = warp_or(pend)) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+#pragma unroll
+      for (int j = 0; j < kTopkNT; ++j)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int b = topk_bit(h, j, e);
+          if (!((any >> b) & 1)) continue;  // warp-uniform
+          const bool want = (pend >> b) & 1;
+          // the 4 lanes of this lane's row, in lane order
+          const uint32_t group = (__ballot_sync(0xffffffffu, want) >> (lane & ~3)) & 0xFu;
+          const int pos = st.cnt[h] + __popc(group & ((1u << lc) - 1));
+          if (want && pos < kTopkCap) {
+            cand[(lr + 8 * h) * kTopkCap + pos] = pack_key(acc[j][2 * h + e], c0 + 8 * j + 2 * lc + e);
+            pend &= ~(1u << b);
+          }
+          const int filled = st.cnt[h] + __popc(group);
+          st.cnt[h] = filled < kTopkCap ? filled : kTopkCap;
+        }
+    // what is still pending found its row's buffer full
+    const uint32_t full = rows_ballot(st.cnt[0] == kTopkCap, st.cnt[1] == kTopkCap);
+    if (full == 0) break;  // everything was taken
+    merge_rows<KP>(full, cand, queue, p.k, st);
+    // the new k-th key may be one of this tile's columns: compare keys
+#pragma unroll
+    for (int b = 0; b < 32; ++b) {
+      if ((pend >> b) & 1) {
+        const int h = b >> 4, j = (b >> 1) & 7, e = b & 1;
+        if (pack_key(acc[j][2 * h + e], c0 + 8 * j + 2 * lc + e) <= (h ? st.kth[1] : st.kth[0])) pend &= ~(1u << b);
+      }
+    }
+  }
+}
+
+template <typename TI, int KP>
+__global__ void __launch_bounds__(kThreads, 2) topk_tile_kernel(TopkParams p) {
   using TS = typename TopkTypes<TI>::TS;
-  constexpr int BN = kTopkBN, ROWS_PER_WARP = BM / kWarps;
+  constexpr int BN = kTopkBN;
   constexpr bool TC = IsTensorCore<TI>::value;
   extern __shared__ __align__(16) unsigned char smem[];
-  const int64_t r0 = int64_t(blockIdx.x) * BM;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, lr = lane >> 2, lc = lane & 3;
+  const int64_t r0 = int64_t(blockIdx.x) * kTopkBM;
   const int64_t split = blockIdx.y;
   const int64_t c_begin = split * p.cols_per_split;
   const int64_t c_end = c_begin + p.cols_per_split < p.N ? c_begin + p.cols_per_split : p.N;
   const int dp = static_cast<int>((p.D + 15) / 16 * 16);
-  const TopkSmem L = topk_smem<TI>(BM, dp);
+  const TopkSmem L = topk_smem<TI>(dp);
   TS* Qs = reinterpret_cast<TS*>(smem + L.q);
-  float* St = reinterpret_cast<float*>(smem + L.st);
-  int64_t* cand = reinterpret_cast<int64_t*>(smem + L.buf);
-  int* cnt = reinterpret_cast<int*>(smem + L.cnt);
-  float* thrf = reinterpret_cast<float*>(smem + L.thrf);
   const TI* qsrc = static_cast<const TI*>(p.query);
   const TI* bsrc = static_cast<const TI*>(p.bank);
+  stage_rows<TS, TI>(Qs, L.ldF, qsrc, r0, p.M, p.D, kTopkBM, dp);
 
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  stage_rows<TS, TI>(Qs, L.ldF, qsrc, r0, p.M, p.D, BM, dp);
-  for (int r = threadIdx.x; r < BM; r += kThreads) {
-    cnt[r] = 0;
-    thrf[r] = __int_as_float(0x7fc00000);  // NaN: everything passes until k are known
+  // the warp's 16 rows: its slice of the candidate buffers and of the split's queues
+  const int64_t wrow0 = r0 + 16 * warp;
+  int64_t* cand = reinterpret_cast<int64_t*>(smem + L.buf) + 16 * warp * kTopkCap;
+  int64_t* queue = p.queues + (split * p.M + wrow0) * KP;
+  TopkRows st;
+  bool live[2];
+  float qs[2];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int64_t gr = wrow0 + lr + 8 * h;
+    live[h] = gr < p.M;
+    qs[h] = live[h] && p.qscale ? p.qscale[gr] : 0.f;
+    st.thr[h] = __int_as_float(0x7fc00000);  // NaN: everything passes until k are known
+    st.kth[h] = kEmptyKey;
+    st.cnt[h] = 0;
   }
-  int64_t* my_queue_base = p.queues + split * p.M * KP;
-  __syncthreads();  // cnt / thrf initialized (also for an empty split)
+  __syncthreads();  // the query rows are staged
 
-  KeyTiles<TS, TI, TC> tiles(reinterpret_cast<TS*>(smem + L.k0), reinterpret_cast<TS*>(smem + (TC ? L.k1 : L.k0)),
-                             L.ldF, bsrc, p.N, p.D, BN, dp, c_begin, c_end);
+  KeyTiles<TS, TI, TC> tiles(reinterpret_cast<TS*>(smem + L.k0), reinterpret_cast<TS*>(smem + L.k1), L.ldF, bsrc,
+                             p.N, p.D, BN, dp, c_begin, c_end);
   for (int64_t c0 = c_begin; c0 < c_end; c0 += BN) {
     const TS* Ks = tiles.acquire(c0);
     __syncthreads();
     tiles.prefetch_next(c0);
-    tile_abt<TC, float, TS, BM, BN>(Qs, L.ldF, Ks, L.ldF, dp, St, L.ldS);
-    __syncthreads();
-    // filter + compaction: warp `warp` owns rows warp*ROWS_PER_WARP ..
-#pragma unroll 1
-    for (int rr = 0; rr < ROWS_PER_WARP; ++rr) {
-      const int r = warp * ROWS_PER_WARP + rr;
-      const int64_t gr = r0 + r;
-      if (gr >= p.M) break;  // warp-uniform
-      const float thr = thrf[r];
-      const float qs = p.qscale ? p.qscale[gr] : 0.f;
-      int c = cnt[r];
+    float acc[kTopkNT][4];
+    warp_scores<TC, TS>(Qs + 16 * warp * L.ldF, Ks, L.ldF, dp, acc);
+    // the scores as the reference computes them, and the fast test against the thresholds
+    uint32_t pend = 0;
 #pragma unroll
-      for (int h = 0; h < BN / 32; ++h) {
-        const int cc = h * 32 + lane;
-        const int64_t gc = c0 + cc;
-        bool pass = false;
-        float s = 0.f;
-        if (gc < c_end) {
-          s = St[r * L.ldS + cc];
+    for (int j = 0; j < kTopkNT; ++j)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int64_t gc = c0 + 8 * j + 2 * lc + e;
+        const bool in = gc < c_end;
+        const float ks = p.sim != 0 && in ? p.kscale[gc] : 0.f;
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          float s = acc[j][2 * h + e];
           if (p.sim == 1) {
-            s = s * qs * p.kscale[gc];
+            s = s * qs[h] * ks;
           } else if (p.sim == 2) {
-            s = (s + s - qs) - p.kscale[gc];
+            s = (s + s - qs[h]) - ks;
           }
-          pass = !(s <= thr);
-          if (pass && p.E > 0)
-            for (int e = 0; e < p.E; ++e) pass &= p.exclude[gr * p.E + e] != gc;
-          if (pass && p.q_lab) pass = p.q_lab[gr] != p.b_lab[gc];
+          acc[j][2 * h + e] = s;
+          if (in && live[h] && !(s <= st.thr[h])) pend |= 1u << topk_bit(h, j, e);
         }
-        const unsigned ballot = __ballot_sync(0xffffffffu, pass);
-        if (pass) cand[r * kTopkCap + c + __popc(ballot & ((1u << lane) - 1))] = pack_key(s, gc);
-        c += __popc(ballot);
       }
-      if (c > kTopkCap - BN) {
-        __syncwarp();
-        const int64_t kth = warp_merge_row<KP>(my_queue_base + gr * KP, cand + r * kTopkCap, c, p.k);
-        c = 0;
-        if (lane == 0) thrf[r] = kth == kEmptyKey ? __int_as_float(0x7fc00000) : key_score(kth);
-      }
-      __syncwarp();
-      if (lane == 0) cnt[r] = c;
-      __syncwarp();
-    }
-    __syncthreads();
+    if (__ballot_sync(0xffffffffu, pend != 0) != 0) take_candidates<KP>(p, acc, pend, c0, wrow0, cand, queue, st);
+    if (!tiles.async_ok) __syncthreads();  // the one bank buffer is restaged next
     tiles.advance();
   }
-  // flush the remaining candidates
-#pragma unroll 1
-  for (int rr = 0; rr < ROWS_PER_WARP; ++rr) {
-    const int r = warp * ROWS_PER_WARP + rr;
-    const int64_t gr = r0 + r;
-    if (gr >= p.M) break;
-    const int c = cnt[r];
-    if (c > 0) warp_merge_row<KP>(my_queue_base + gr * KP, cand + r * kTopkCap, c, p.k);
-  }
+  // the candidates still buffered
+  merge_rows<KP>(rows_ballot(st.cnt[0] > 0, st.cnt[1] > 0), cand, queue, p.k, st);
 }
 
 }  // namespace cuda

@@ -53,6 +53,9 @@ using std::fma;
 struct uint3 {
   unsigned x, y, z;
 };
+struct __attribute__((aligned(16))) float4 {
+  float x, y, z, w;
+};
 struct dim3 {
   unsigned x, y, z;
   constexpr dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
@@ -297,6 +300,7 @@ inline float __int_as_float(int x) { return ck_emu::from_bits<float>(static_cast
 inline int __float_as_int(float x) { return static_cast<int>(ck_emu::to_bits(x)); }
 inline double __longlong_as_double(long long x) { return ck_emu::from_bits<double>(static_cast<uint64_t>(x)); }
 inline int __popc(unsigned x) { return __builtin_popcount(x); }
+inline int __ffs(int x) { return __builtin_ffs(x); }
 // round-to-nearest single operations (the build uses -ffp-contract=off, so none is fused)
 inline float __fadd_rn(float a, float b) { return a + b; }
 inline float __fmul_rn(float a, float b) { return a * b; }
