@@ -239,6 +239,27 @@ def test_topk_matches_spec(target, dtype, similarity, m, n, k):
     assert (got_i == want_i).float().mean() > 0.98
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("d", [64, 128, 256])
+def test_topk_tensor_core_widths(target, dtype, d):
+    """The widths whose bank tiles are copied by cp.async in whole columns of 16-byte chunks (d a
+    multiple of 8 dividing into the block's threads), with exclusions and 70 query rows (a block
+    whose last warps have no rows)."""
+    DEV = target.dev
+    g = torch.Generator().manual_seed(d)
+    q, bank = torch.randn(70, d, generator=g).to(dtype), torch.randn(3000, d, generator=g).to(dtype)
+    ex = torch.randint(0, 3000, (70,), generator=g)
+    want_v, want_i = reference.topk_similarity(q, bank, 300, similarity="cosine", exclude_index=ex)
+    got_v, got_i = target.ops.topk(q.to(DEV), bank.to(DEV), 300, similarity="cosine", exclude_index=ex.to(DEV),
+                                   query_labels=None, bank_labels=None)
+    got_v, got_i = got_v.cpu(), got_i.cpu()
+    assert not (got_i == ex[:, None]).any()
+    scores = reference.similarity_matrix(q.float(), bank.float(), "cosine")
+    assert torch.allclose(scores.gather(1, got_i), got_v.float(), rtol=1e-5, atol=1e-4)
+    assert torch.allclose(got_v.float(), want_v.float(), rtol=1e-5, atol=1e-4 + torch.finfo(dtype).eps)
+    assert (got_i == want_i).float().mean() > 0.98
+
+
 def test_topk_ties_exclusions_labels_and_host_bank(target):
     DEV = target.dev
     bank = torch.tensor([[1.0], [2.0], [2.0], [0.0], [2.0], [-0.0], [0.0]], device=DEV)

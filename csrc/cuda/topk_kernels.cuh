@@ -275,6 +275,18 @@ struct TopkRows {
 // e = b % 2: row lane / 4 + 8h of the warp, column 8j + 2 (lane % 4) + e of the tile.
 __host__ __device__ constexpr int topk_bit(int h, int j, int e) { return h * 16 + j * 2 + e; }
 
+// The pending bits of this lane's columns below `valid` (the last tile of a split may be partial).
+__device__ __forceinline__ uint32_t tile_columns_mask(int valid) {
+  const int lc = threadIdx.x & 3;
+  uint32_t m = 0;
+#pragma unroll
+  for (int j = 0; j < kTopkNT; ++j)
+#pragma unroll
+    for (int e = 0; e < 2; ++e)
+      if (8 * j + 2 * lc + e < valid) m |= (1u << topk_bit(0, j, e)) | (1u << topk_bit(1, j, e));
+  return m;
+}
+
 // Lane-mask of the warp's rows for which pred0 (rows 0-7) / pred1 (rows 8-15) holds: bit 4r is
 // row r, bit 4r + 1 is row r + 8.
 __device__ __forceinline__ uint32_t rows_ballot(bool pred0, bool pred1) {
@@ -383,14 +395,16 @@ __global__ void __launch_bounds__(kThreads, 2) topk_tile_kernel(TopkParams p) {
   int64_t* cand = reinterpret_cast<int64_t*>(smem + L.buf) + 16 * warp * kTopkCap;
   int64_t* queue = p.queues + (split * p.M + wrow0) * KP;
   TopkRows st;
-  bool live[2];
   float qs[2];
+  uint32_t live_mask = 0;  // the pending bits of this lane's rows that exist
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     const int64_t gr = wrow0 + lr + 8 * h;
-    live[h] = gr < p.M;
-    qs[h] = live[h] && p.qscale ? p.qscale[gr] : 0.f;
-    st.thr[h] = __int_as_float(0x7fc00000);  // NaN: everything passes until k are known
+    const bool live = gr < p.M;
+    if (live) live_mask |= 0xFFFFu << (16 * h);
+    qs[h] = live && p.qscale ? p.qscale[gr] : 0.f;
+    // NaN: everything passes until k are known; +inf: a row past M never takes the slow path
+    st.thr[h] = live ? __int_as_float(0x7fc00000) : __int_as_float(0x7f800000);
     st.kth[h] = kEmptyKey;
     st.cnt[h] = 0;
   }
@@ -404,28 +418,43 @@ __global__ void __launch_bounds__(kThreads, 2) topk_tile_kernel(TopkParams p) {
     tiles.prefetch_next(c0);
     float acc[kTopkNT][4];
     warp_scores<TC, TS>(Qs + 16 * warp * L.ldF, Ks, L.ldF, dp, acc);
-    // the scores as the reference computes them, and the fast test against the thresholds
-    uint32_t pend = 0;
+    // the scores as the reference computes them (one branch per tile, not per score)
+    const int valid = c_end - c0 < BN ? static_cast<int>(c_end - c0) : BN;  // columns of this tile
+    if (p.sim != 0) {
+#pragma unroll
+      for (int j = 0; j < kTopkNT; ++j)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int c = 8 * j + 2 * lc + e;
+          const float ks = c < valid ? p.kscale[c0 + c] : 0.f;
+          if (p.sim == 1) {
+            acc[j][e] = acc[j][e] * qs[0] * ks, acc[j][2 + e] = acc[j][2 + e] * qs[1] * ks;
+          } else {
+            acc[j][e] = (acc[j][e] + acc[j][e] - qs[0]) - ks;
+            acc[j][2 + e] = (acc[j][2 + e] + acc[j][2 + e] - qs[1]) - ks;
+          }
+        }
+    }
+    // the fast test: does any score of the warp pass its row's threshold? (one predicate per
+    // score; the mask of which ones is built only when some does)
+    bool any = false;
 #pragma unroll
     for (int j = 0; j < kTopkNT; ++j)
 #pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int64_t gc = c0 + 8 * j + 2 * lc + e;
-        const bool in = gc < c_end;
-        const float ks = p.sim != 0 && in ? p.kscale[gc] : 0.f;
+      for (int i = 0; i < 4; ++i) any |= !(acc[j][i] <= st.thr[i >> 1]);
+    if (__ballot_sync(0xffffffffu, any) != 0) {
+      uint32_t pend = 0;
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          float s = acc[j][2 * h + e];
-          if (p.sim == 1) {
-            s = s * qs[h] * ks;
-          } else if (p.sim == 2) {
-            s = (s + s - qs[h]) - ks;
-          }
-          acc[j][2 * h + e] = s;
-          if (in && live[h] && !(s <= st.thr[h])) pend |= 1u << topk_bit(h, j, e);
-        }
-      }
-    if (__ballot_sync(0xffffffffu, pend != 0) != 0) take_candidates<KP>(p, acc, pend, c0, wrow0, cand, queue, st);
+      for (int j = 0; j < kTopkNT; ++j)
+#pragma unroll
+        for (int e = 0; e < 2; ++e)
+#pragma unroll
+          for (int h = 0; h < 2; ++h)
+            if (!(acc[j][2 * h + e] <= st.thr[h])) pend |= 1u << topk_bit(h, j, e);
+      if (valid < BN) pend &= tile_columns_mask(valid);
+      pend &= live_mask;
+      take_candidates<KP>(p, acc, pend, c0, wrow0, cand, queue, st);
+    }
     if (!tiles.async_ok) __syncthreads();  // the one bank buffer is restaged next
     tiles.advance();
   }
