@@ -222,31 +222,41 @@ __device__ __forceinline__ void stage_rows(TS* dst, int ld, const TI* __restrict
   });
 }
 
+// Which 16-byte chunks of a [rows][dp] tile this thread copies: where dp / 8 divides kThreads
+// (dp = 16, 32, ..., 1024), one column of chunks (rows r0, r0 + step, ..., column d), computed
+// once per kernel, not per tile (two integer divisions, ~40 instructions); otherwise (column < 0)
+// every kThreads-th chunk, stepped per tile.
+struct AsyncPlan {
+  int r0 = 0, step = 0, column = -1;
+  __device__ __forceinline__ explicit AsyncPlan(int dp) {
+    const int chunks = dp / 8;
+    if (kThreads % chunks == 0) step = kThreads / chunks, r0 = threadIdx.x / chunks, column = (threadIdx.x % chunks) * 8;
+  }
+};
+
 // Asynchronous variant (cp.async, sm_80+): 16-byte chunks, zero-filled past the valid rows or D.
 // Requires TS == TI (2-byte types), D % 8 == 0 and a 16-byte aligned source; ends with a commit.
 template <typename T>
 __device__ __forceinline__ void stage_rows_async(T* dst, int ld, const T* __restrict__ src, int64_t row0,
-                                                 int64_t nrows, int64_t D, int rows, int dp) {
+                                                 int64_t nrows, int64_t D, int rows, int dp, const AsyncPlan& plan) {
   static_assert(sizeof(T) == 2, "cp.async staging is for 2-byte inputs");
   const T* base = src + row0 * D;
-  const int valid = rows_in(row0, nrows, rows), Di = static_cast<int>(D), chunks = dp / 8;
-  if (kThreads % chunks == 0) {  // (dp = 16, 32, ..., 1024) each thread copies one column of chunks
-    const int step = kThreads / chunks, d = (threadIdx.x % chunks) * 8;
-    int r = threadIdx.x / chunks;
-    const T* g = base + static_cast<int64_t>(r) * D + d;
-    T* s = dst + r * ld + d;
-    for (; r < rows; r += step, g += step * D, s += step * ld) {
+  const int valid = rows_in(row0, nrows, rows), Di = static_cast<int>(D);
+  if (plan.column >= 0) {
+    const int d = plan.column;
+    const T* g = base + static_cast<int64_t>(plan.r0) * D + d;
+    T* s = dst + plan.r0 * ld + d;
+    for (int r = plan.r0; r < rows; r += plan.step, g += plan.step * D, s += plan.step * ld) {
       const bool ok = r < valid && d < Di;
       cp_async_16(s, ok ? g : src, ok ? 16 : 0);
     }
-    cp_async_commit();
-    return;
+  } else {
+    for_each_strided(rows, dp / 8, [&](int r, int chunk) {
+      const int d = chunk * 8;
+      const bool ok = r < valid && d < Di;
+      cp_async_16(dst + r * ld + d, ok ? base + (r * Di + d) : src, ok ? 16 : 0);
+    });
   }
-  for_each_strided(rows, chunks, [&](int r, int chunk) {
-    const int d = chunk * 8;
-    const bool ok = r < valid && d < Di;
-    cp_async_16(dst + r * ld + d, ok ? base + (r * Di + d) : src, ok ? 16 : 0);
-  });
   cp_async_commit();
 }
 
@@ -263,11 +273,12 @@ struct KeyTiles {
   const TI* src;
   int64_t nrows, D, c_end;
   bool async_ok;
+  AsyncPlan plan;
 
   __device__ __forceinline__ KeyTiles(TS* buf0, TS* buf1, int ld_, const TI* src_, int64_t nrows_, int64_t D_,
                                       int BN_, int dp_, int64_t c_begin, int64_t c_end_)
       : buf{buf0, buf1}, ld(ld_), BN(BN_), dp(dp_), cur(0), src(src_), nrows(nrows_), D(D_), c_end(c_end_),
-        async_ok(false) {
+        async_ok(false), plan(dp_) {
     if constexpr (TC) {
       async_ok = (D % 8 == 0) && ((reinterpret_cast<uintptr_t>(src) & 15) == 0);
       if (async_ok && c_begin < c_end) stage_async(0, c_begin);
@@ -292,7 +303,8 @@ struct KeyTiles {
   // a select, not buf[i]: a dynamically indexed member array would live in local memory
   __device__ __forceinline__ TS* buffer(int i) const { return i ? buf[1] : buf[0]; }
   __device__ __forceinline__ void stage_async(int b, int64_t c0) {
-    if constexpr (TC) stage_rows_async<TS>(buffer(b), ld, reinterpret_cast<const TS*>(src), c0, nrows, D, BN, dp);
+    if constexpr (TC)
+      stage_rows_async<TS>(buffer(b), ld, reinterpret_cast<const TS*>(src), c0, nrows, D, BN, dp, plan);
   }
 };
 
