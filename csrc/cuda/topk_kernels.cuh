@@ -172,6 +172,20 @@ __device__ __forceinline__ void warp_bitonic_merge_desc(int64_t (&v)[R]) {
   for (int stride = 16 * R; stride > 0; stride >>= 1) warp_bitonic_stage<R>(v, 0, stride);
 }
 
+// v[i] for a runtime i < R, by a tree of selects on the bits of i: a loop `if (j == i) x = v[j]`
+// is compiled as an indexed load from a copy of v in local memory.
+template <int R>
+__device__ __forceinline__ int64_t select_register(const int64_t (&v)[R], int i) {
+  int64_t t[R];
+#pragma unroll
+  for (int j = 0; j < R; ++j) t[j] = v[j];
+#pragma unroll
+  for (int w = R / 2; w >= 1; w /= 2)
+#pragma unroll
+    for (int j = 0; j < w; ++j) t[j] = (i & w) ? t[j + w] : t[j];
+  return t[0];
+}
+
 // Merge a row's candidate buffer into its sorted queue (one warp); returns the new k-th key.
 template <int KP>
 __device__ __forceinline__ int64_t warp_merge_row(int64_t* queue, const int64_t* cand, int count, int k) {
@@ -199,11 +213,7 @@ __device__ __forceinline__ int64_t warp_merge_row(int64_t* queue, const int64_t*
 #pragma unroll
   for (int i = 0; i < QR; ++i) queue[i * 32 + lane] = q[i];
   // the k-th key: element k-1
-  int64_t kth = kEmptyKey;
-#pragma unroll
-  for (int i = 0; i < QR; ++i)
-    if (i == (k - 1) / 32) kth = q[i];
-  return __shfl_sync(0xffffffffu, kth, (k - 1) % 32);
+  return __shfl_sync(0xffffffffu, select_register<QR>(q, (k - 1) / 32), (k - 1) % 32);
 }
 
 
