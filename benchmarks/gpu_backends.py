@@ -1,7 +1,7 @@
 """Quick GPU comparison of the backends on the headline shapes (a subset of `python -m
 contrastive_kernels.bench --preset gpu`, fast enough for a short GPU session):
 
-    python benchmarks/gpu_backends.py [--backends cuda,triton,chunked,reference] [--quick]
+    python benchmarks/gpu_backends.py [--backends cuda,triton,chunked,reference] [--ops topk,bank,clip,ntx] [--quick]
 
 Times are medians of CUDA-event-timed repeats after warm-up (forward + backward for losses).
 """
@@ -77,7 +77,9 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--backends", default="cuda,triton,chunked")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--ops", default=None, help="case kinds to run (topk, bank, clip, ntx); default all")
     args = ap.parse_args()
+    ops = None if args.ops is None else set(args.ops.split(","))
     avail = ck.available_backends("cuda")
     backends = [b for b in args.backends.split(",") if b == "reference" or avail.get(b) is None]
     print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}; backends {backends}")
@@ -87,6 +89,8 @@ def main():
     print(f"| case | {' | '.join(backends)} |")
     print("|---|" + "---|" * len(backends))
     for label, kind, shape in cases(args.quick):
+        if ops is not None and kind not in ops:
+            continue
         row = []
         for b in backends:
             try:

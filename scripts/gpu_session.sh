@@ -9,6 +9,8 @@
 #   bench-loss   GPU loss presets (moco, qk, simclr; clip with Inf-CL) -> benchmarks/results/gpu-*
 #   bench-mixing the mixing preset next to plain fused InfoNCE and eager MoCHi
 #   bench-backends  cuda vs triton vs chunked, per op (benchmarks/gpu_backends.py)
+#   cuda-topk    the CUDA top-k (warp-owned rows, register selection) against Triton: M=8192,
+#                N=2^20, D=128 bf16, k = 16, 128, 256, 1024 and fp32 k=64 -> $OUT/cuda-topk.md
 #   profile      host against kernels per training step (scripts/profile_gpu_step.py) for the MoCo,
 #                QK and MoCHi steps: wall, kernels, no launches, the CUDA-graph replay, the host's
 #                Python profile -> $OUT/profile-*.txt
@@ -67,6 +69,9 @@ for stage in "$@"; do
         ;;
     bench-backends)
         $PY benchmarks/gpu_backends.py --backends cuda,triton,chunked,reference 2>&1 | tee "$OUT/gpu-backends.md" || status=1
+        ;;
+    cuda-topk)
+        $PY benchmarks/gpu_backends.py --ops topk --backends cuda,triton 2>&1 | tee "$OUT/cuda-topk.md" || status=1
         ;;
     profile)
         for c in moco qk mochi; do  # one process per case: a failed graph capture spoils CUDA

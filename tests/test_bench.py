@@ -112,5 +112,25 @@ def test_gpu_session_script_uses_existing_presets_and_candidates():
         assert set(p.split(",")) <= set(PRESETS), p
     for b in backends:
         assert set(b.split(",")) <= known, b
-    for stage in ("setup", "test", "bench-loss", "bench-mixing", "bench-backends", "profile", "topk"):
+    for stage in ("setup", "test", "bench-loss", "bench-mixing", "bench-backends", "cuda-topk", "profile", "topk"):
         assert f"    {stage})" in text, stage
+
+
+def test_cuda_topk_simulation_ends_with_the_exact_top_k():
+    """scripts/simulate_cuda_topk.py (the survivor and merge counts of the CUDA top-k cost model):
+    its simulated queues are each row's exact top-k, and its counts are consistent."""
+    import importlib.util
+
+    import torch
+
+    path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "scripts", "simulate_cuda_topk.py")
+    spec = importlib.util.spec_from_file_location("simulate_cuda_topk", path)
+    sim = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sim)
+    stats, queues, scores = sim.simulate(k=100, n=5000, d=32)
+    want = scores.topk(100, dim=1).values
+    for r, qv in enumerate(queues):
+        assert torch.equal(qv, want[r]), r
+    assert stats["tiles"] == 79 and 0 < stats["slow_tiles"] <= 79
+    assert 100 <= stats["survivors_per_row"] <= 5000
+    assert stats["merges_per_row"] >= stats["survivors_per_row"] / sim.CAP
