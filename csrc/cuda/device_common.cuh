@@ -12,6 +12,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <stdint.h>
+#include <string.h>
 
 namespace ck {
 namespace cuda {
@@ -380,6 +381,93 @@ __device__ __forceinline__ void tile_abt(const TS* A, int ldA, const TS* B, int 
     tile_abt_mma<TS, BM, BN>(A, ldA, B, ldB, dp, S, ldS);
   } else {
     tile_abt_simt<TA, TS, BM, BN>(A, ldA, B, ldB, dp, S, ldS);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// warp-level tiles: a warp's 16 rows kept in registers in the mma.m16n8k16 accumulator layout
+// ---------------------------------------------------------------------------------------------
+
+// acc[j][2h + e] = Q[r + 8h] . K[8j + 2c + e] for lane = 4r + c (the mma.m16n8k16 accumulator
+// layout) over a warp's 16 staged rows Q and a staged tile of 8 NT rows K ([row][dp], stride
+// ld, zero-padded to dp). Tensor cores for 2-byte inputs; fp32 FMAs in increasing d otherwise.
+template <bool TC, typename TS, int NT>
+__device__ __forceinline__ void warp_scores(const TS* Q, const TS* K, int ld, int dp, float (&acc)[NT][4]) {
+  const int lane = threadIdx.x & 31;
+#pragma unroll
+  for (int j = 0; j < NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+  if constexpr (TC) {
+    for (int k0 = 0; k0 < dp; k0 += 16) {
+      uint32_t a[4];
+      ldmatrix_x4(a[0], a[1], a[2], a[3], Q + (lane & 15) * ld + k0 + (lane >> 4) * 8);
+#pragma unroll
+      for (int j = 0; j < NT; j += 2) {
+        // two n8 groups per load: lanes 0-7 address bank rows 8j.. at k0 (b0 of group j), 8-15
+        // the same rows at k0 + 8 (b1), 16-31 rows 8j + 8.. likewise (group j + 1)
+        uint32_t b[4];
+        ldmatrix_x4(b[0], b[1], b[2], b[3],
+                    K + (8 * j + (lane & 7) + ((lane >> 4) & 1) * 8) * ld + k0 + ((lane >> 3) & 1) * 8);
+        mma_16816<TS>(acc[j], a, b[0], b[1]);
+        mma_16816<TS>(acc[j + 1], a, b[2], b[3]);
+      }
+    }
+  } else {
+    const int r = lane >> 2, c = 2 * (lane & 3);
+    for (int d = 0; d < dp; d += 4) {  // dp % 16 == 0 and ld % 4 == 0: 16-byte loads
+      const float4 a0 = *reinterpret_cast<const float4*>(Q + r * ld + d);
+      const float4 a1 = *reinterpret_cast<const float4*>(Q + (r + 8) * ld + d);
+#pragma unroll
+      for (int j = 0; j < NT; ++j) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const float4 b = *reinterpret_cast<const float4*>(K + (8 * j + c + e) * ld + d);
+          float s0 = acc[j][e], s1 = acc[j][2 + e];
+          s0 = fma(a0.x, b.x, s0), s1 = fma(a1.x, b.x, s1);
+          s0 = fma(a0.y, b.y, s0), s1 = fma(a1.y, b.y, s1);
+          s0 = fma(a0.z, b.z, s0), s1 = fma(a1.z, b.z, s1);
+          s0 = fma(a0.w, b.w, s0), s1 = fma(a1.w, b.w, s1);
+          acc[j][e] = s0, acc[j][2 + e] = s1;
+        }
+      }
+    }
+  }
+}
+
+// Two values rounded to T and packed in one 32-bit mma operand register (the lower k first).
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
+  const T a = from_acc<T>(lo), b = from_acc<T>(hi);
+  uint16_t ua, ub;
+  memcpy(&ua, &a, 2);
+  memcpy(&ub, &b, 2);
+  return static_cast<uint32_t>(ua) | (static_cast<uint32_t>(ub) << 16);
+}
+
+// O[t][2h + e] += sum_n P[r + 8h][n] K[n][8t + 2c + e] (lane = 4r + c) over a staged tile of 8 NT
+// rows K ([n][dp], stride ld) and the d-tiles t < dp / 8 (at most DT): P is a tile of scores in
+// the accumulator layout of warp_scores, rounded to T and used as the A operand straight from the
+// registers (the accumulator of two n8 groups is the A fragment of one k16 step, as in
+// flash-attention), K as the B operand through ldmatrix.trans.
+template <typename T, int NT, int DT>
+__device__ __forceinline__ void warp_pk(const float (&P)[NT][4], const T* K, int ld, int dp, float (&O)[DT][4]) {
+  static_assert(NT % 2 == 0 && DT % 2 == 0, "k16 steps, pairs of d-tiles");
+  const int lane = threadIdx.x & 31;
+#pragma unroll
+  for (int kk = 0; kk < NT / 2; ++kk) {
+    const uint32_t a[4] = {pack2<T>(P[2 * kk][0], P[2 * kk][1]), pack2<T>(P[2 * kk][2], P[2 * kk][3]),
+                           pack2<T>(P[2 * kk + 1][0], P[2 * kk + 1][1]), pack2<T>(P[2 * kk + 1][2], P[2 * kk + 1][3])};
+#pragma unroll
+    for (int t = 0; t < DT; t += 2) {
+      if (8 * t < dp) {  // dp % 16 == 0: d-tiles come in pairs
+        // lanes 0-7 address bank rows 16kk.. at d-tile t (b0), 8-15 rows 16kk + 8.. (b1), 16-31
+        // the same rows at d-tile t + 1
+        uint32_t b[4];
+        ldmatrix_x4_trans(b[0], b[1], b[2], b[3],
+                          K + (16 * kk + (lane & 7) + ((lane >> 3) & 1) * 8) * ld + 8 * t + ((lane >> 4) & 1) * 8);
+        mma_16816<T>(O[t], a, b[0], b[1]);
+        mma_16816<T>(O[t + 1], a, b[2], b[3]);
+      }
+    }
   }
 }
 

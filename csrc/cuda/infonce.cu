@@ -3,7 +3,9 @@
 // (the online rule: m = max_p m_p, s = sum_p s_p e^{m_p - m}). Kernels: infonce_kernels.cuh.
 #include <torch/library.h>
 
+#include <cstdlib>
 #include <limits>
+#include <string>
 #include <vector>
 
 #include "../common.h"
@@ -35,6 +37,27 @@ Plan plan_lse(int64_t R, int64_t C, int64_t D, int nslots) {
   }
   TORCH_CHECK(static_cast<int64_t>(p.smem) <= limit, "lse (CUDA): feature dimension ", D,
               " needs more shared memory than this GPU has; use backend='chunked' or 'triton'");
+  plan_splits(R, C, p.bm, kLseBN, 16 * kLseBN, p.splits, p.per_split);
+  return p;
+}
+
+// The forward of InfoNCE against a bank that takes no gradient (row-only key sums, one gamma, no
+// labels or exclusions, fp16/bf16, D <= 128) runs lse_rows_fwd_kernel (flash-attention style,
+// everything in registers); CK_CUDA_ROWS_KERNEL=0 keeps it on the general kernel (to compare).
+template <typename TI>
+bool use_rows_kernel(bool row_only, int G, bool labels, int E, int64_t D) {
+  static const bool enabled = [] {
+    const char* v = std::getenv("CK_CUDA_ROWS_KERNEL");
+    return v == nullptr || std::string(v) != "0";
+  }();
+  return enabled && IsTensorCore<TI>::value && row_only && G == 1 && !labels && E == 0 && D <= kLseRowsMaxDp;
+}
+
+template <typename TI>
+Plan plan_rows(int64_t R, int64_t C, int64_t D) {
+  Plan p;
+  p.bm = 64;
+  p.smem = lse_rows_smem_bytes<TI>(static_cast<int>((D + 15) / 16 * 16));
   plan_splits(R, C, p.bm, kLseBN, 16 * kLseBN, p.splits, p.per_split);
   return p;
 }
@@ -141,7 +164,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lse_fwd_typed(
   for (int g = 0; g < G; ++g) p.gamma[g] = static_cast<TA>(gammas[g]);
   p.slots = slots;
   p.labels = labels;
-  const Plan plan = plan_lse<TI>(B, N, D, slots);
+  const bool rows_kernel = use_rows_kernel<TI>(row_only, G, labels, p.E, D);
+  const Plan plan = rows_kernel ? plan_rows<TI>(B, N, D) : plan_lse<TI>(B, N, D, slots);
   p.cols_per_split = plan.per_split;
   const int64_t S = plan.splits;
   Tensor m = at::empty({S, G, B}, opts), s = at::empty({S, G, B}, opts);
@@ -151,7 +175,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lse_fwd_typed(
   p.out_s = s.data_ptr<TA>();
   p.out_pos = labels ? pos.data_ptr<TA>() : nullptr;
   p.out_acc = slots > 0 ? acc.data_ptr<TA>() : nullptr;
-  launch<TI, false>(p, plan, B);
+  if (rows_kernel) {
+    const cudaError_t err = launch_lse_rows_fwd<TI>(p, plan.splits, plan.smem, at::cuda::getCurrentCUDAStream());
+    TORCH_CHECK(err == cudaSuccess, "lse (CUDA) launch failed: ", cudaGetErrorString(err));
+  } else {
+    launch<TI, false>(p, plan, B);
+  }
 
   Tensor row_lse, w, total;
   std::tie(row_lse, w, total) = merge_stats(m, s);

@@ -379,5 +379,163 @@ __global__ void __launch_bounds__(kThreads) lse_tile_kernel(LseTileParams<typena
   }
 }
 
+// ---------------------------------------------------------------------------------------------
+// The forward of the row-only case with one gamma, no labels and no exclusions: InfoNCE against a
+// bank or queue that takes no gradient (MoCo, frozen banks), fp16/bf16, dp <= 128. Flash-attention
+// style: each warp owns 16 query rows; its scores of a 64-row key tile stay in the mma
+// accumulators, and with z_ij = gamma (rs_i cs_j S_ij + rb_i + cb_j) (-inf off the tile or past R)
+//   m_i' = max(m_i, max_j z_ij),  r = exp(m_i - m_i'),  P_ij = exp(z_ij - m_i'),
+//   s_i' = r s_i + sum_j P_ij,    O_i' = r O_i + sum_j (P_ij cs_j) k_j
+// where P (rounded to the input dtype) is the A operand of the second product straight from the
+// registers and O (16 rows x dp, fp32) lives in registers too. Row sums are kept per lane and
+// summed over the row's 4 lanes at the end. The outputs are those of lse_tile_kernel's forward
+// (m, s and the key sums O of slot 0, per column split), so the host merges them alike.
+// ---------------------------------------------------------------------------------------------
+
+constexpr int kLseRowsMaxDp = 128;  // O = 16 x dp fp32 per warp: 64 registers per thread
+
+struct LseRowsSmem {
+  int64_t q, k0, k1, colv, total;
+  int ldF;
+};
+
+template <typename TI>
+__host__ __device__ inline LseRowsSmem lse_rows_smem(int dp) {
+  LseRowsSmem s{};
+  s.ldF = padded_stride<TI>(dp);
+  int64_t o = 0;
+  s.q = o;
+  o = align16(o + int64_t(64) * s.ldF * sizeof(TI));
+  s.k0 = o;
+  o = align16(o + int64_t(kLseBN) * s.ldF * sizeof(TI));
+  s.k1 = o;
+  o = align16(o + int64_t(kLseBN) * s.ldF * sizeof(TI));
+  s.colv = o;  // [2 tiles][cs, cb][BN]
+  o = align16(o + int64_t(4) * kLseBN * sizeof(float));
+  s.total = o;
+  return s;
+}
+
+template <typename TI>
+__global__ void __launch_bounds__(kThreads) lse_rows_fwd_kernel(LseTileParams<float> p) {
+  static_assert(IsTensorCore<TI>::value, "fp16 / bf16 inputs");
+  constexpr int BN = kLseBN, NT = BN / 8, DT = kLseRowsMaxDp / 8;
+  extern __shared__ __align__(16) unsigned char smem[];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, lr = lane >> 2, lc = lane & 3;
+  const int64_t r0 = int64_t(blockIdx.x) * 64, split = blockIdx.y;
+  const int64_t c_begin = split * p.cols_per_split;
+  const int64_t c_end = c_begin + p.cols_per_split < p.C ? c_begin + p.cols_per_split : p.C;
+  const int dp = static_cast<int>((p.D + 15) / 16 * 16);
+  const LseRowsSmem L = lse_rows_smem<TI>(dp);
+  TI* Qs = reinterpret_cast<TI*>(smem + L.q);
+  float* colv = reinterpret_cast<float*>(smem + L.colv);
+  stage_rows<TI, TI>(Qs, L.ldF, static_cast<const TI*>(p.rows_feat), r0, p.R, p.D, 64, dp);
+
+  const int64_t wrow0 = r0 + 16 * warp;
+  const float ninf = neg_inf_f(), gamma = p.gamma[0];
+  const bool col_terms = p.cs != nullptr || p.cb != nullptr;
+  bool live[2];
+  float rs[2], rb[2], m[2], s[2];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int64_t gr = wrow0 + lr + 8 * h;
+    live[h] = gr < p.R;
+    rs[h] = live[h] && p.rs ? p.rs[gr] : 1.f;
+    rb[h] = live[h] && p.rb ? p.rb[gr] : 0.f;
+    m[h] = ninf;
+    s[h] = 0.f;
+  }
+  float O[DT][4];
+#pragma unroll
+  for (int t = 0; t < DT; ++t) O[t][0] = O[t][1] = O[t][2] = O[t][3] = 0.f;
+
+  KeyTiles<TI, TI, true> tiles(reinterpret_cast<TI*>(smem + L.k0), reinterpret_cast<TI*>(smem + L.k1), L.ldF,
+                               static_cast<const TI*>(p.cols_feat), p.C, p.D, BN, dp, c_begin, c_end);
+  int parity = 0;
+  for (int64_t c0 = c_begin; c0 < c_end; c0 += BN, parity ^= 1) {
+    const TI* Ks = tiles.acquire(c0);
+    // the tile's column terms, double-buffered like the key tiles (one barrier per tile)
+    float* cv = colv + parity * 2 * BN;
+    if (col_terms) {
+      for (int cc = threadIdx.x; cc < BN; cc += kThreads) {
+        const int64_t gc = c0 + cc;
+        const bool ok = gc < c_end;
+        cv[cc] = ok && p.cs ? p.cs[gc] : 1.f;
+        cv[BN + cc] = ok && p.cb ? p.cb[gc] : 0.f;
+      }
+    }
+    __syncthreads();
+    tiles.prefetch_next(c0);
+    float z[NT][4];
+    warp_scores<true, TI, NT>(Qs + 16 * warp * L.ldF, Ks, L.ldF, dp, z);
+    const int valid = c_end - c0 < BN ? static_cast<int>(c_end - c0) : BN;
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int c = 8 * j + 2 * lc + e;
+        const float csv = col_terms ? cv[c] : 1.f, cbv = col_terms ? cv[BN + c] : 0.f;
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const float l = z[j][2 * h + e] * (rs[h] * csv) + (rb[h] + cbv);
+          z[j][2 * h + e] = c < valid && live[h] ? gamma * l : ninf;
+        }
+      }
+    float shift[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      float tmax = ninf;
+#pragma unroll
+      for (int j = 0; j < NT; ++j) tmax = fmaxf(tmax, fmaxf(z[j][2 * h], z[j][2 * h + 1]));
+      tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffffu, tmax, 1));
+      tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffffu, tmax, 2));
+      const float nm = tmax > m[h] ? tmax : m[h];
+      shift[h] = nm == ninf ? 0.f : nm;
+      const float rescale = ck_exp(m[h] - shift[h]);
+      s[h] *= rescale;
+      m[h] = nm;
+#pragma unroll
+      for (int t = 0; t < DT; ++t) O[t][2 * h] *= rescale, O[t][2 * h + 1] *= rescale;
+    }
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const float csv = col_terms ? cv[8 * j + 2 * lc + e] : 1.f;
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const float zz = z[j][2 * h + e];
+          const float ev = zz == ninf ? 0.f : ck_exp(zz - shift[h]);
+          s[h] += ev;
+          z[j][2 * h + e] = ev * csv;
+        }
+      }
+    warp_pk<TI, NT, DT>(z, Ks, L.ldF, dp, O);
+    if (!tiles.async_ok) __syncthreads();  // the one key buffer is restaged next
+    tiles.advance();
+  }
+
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    float tot = s[h];
+    tot += __shfl_xor_sync(0xffffffffu, tot, 1);
+    tot += __shfl_xor_sync(0xffffffffu, tot, 2);
+    const int64_t gr = wrow0 + lr + 8 * h;
+    if (!live[h]) continue;
+    if (lc == 0) {
+      p.out_m[split * p.G * p.R + gr] = m[h];
+      p.out_s[split * p.G * p.R + gr] = tot;
+    }
+    float* acc = p.out_acc + (split * p.slots * p.R + gr) * p.D;
+#pragma unroll
+    for (int t = 0; t < DT; ++t)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int d = 8 * t + 2 * lc + e;
+        if (d < p.D) acc[d] = O[t][2 * h + e];
+      }
+  }
+}
+
 }  // namespace cuda
 }  // namespace ck

@@ -25,6 +25,14 @@ template <typename TI>
 cudaError_t launch_lse(const LseTileParams<typename LseTypes<TI>::TA>& p, bool bwd, int bm, int64_t splits,
                        size_t smem, cudaStream_t stream);
 
+// the row-only forward with one gamma (lse_rows_fwd_kernel): fp16 / bf16, dp <= kLseRowsMaxDp;
+// grid = (ceil(R / 64), splits)
+template <typename TI>
+size_t lse_rows_smem_bytes(int dp);
+template <typename TI>
+cudaError_t launch_lse_rows_fwd(const LseTileParams<typename LseTypes<TI>::TA>& p, int64_t splits, size_t smem,
+                                cudaStream_t stream);
+
 template <typename TI>
 size_t topk_smem_bytes(int dp);
 // kp in {32, 64, ..., 1024}; grid = (ceil(M / kTopkBM), splits)

@@ -48,6 +48,28 @@ cudaError_t launch_lse(const LseTileParams<typename LseTypes<TI>::TA>& p, bool b
 }
 
 template <typename TI>
+size_t lse_rows_smem_bytes(int dp) {
+  return static_cast<size_t>(lse_rows_smem<TI>(dp).total);
+}
+
+template <typename TI>
+cudaError_t launch_lse_rows_fwd(const LseTileParams<typename LseTypes<TI>::TA>& p, int64_t splits, size_t smem,
+                                cudaStream_t stream) {
+  if constexpr (IsTensorCore<TI>::value) {
+    if (p.R == 0) return cudaSuccess;
+    auto kernel = lse_rows_fwd_kernel<TI>;
+    cudaError_t err = allow_smem(kernel, smem);
+    if (err != cudaSuccess) return err;
+    dim3 grid(static_cast<unsigned>((p.R + 63) / 64), static_cast<unsigned>(splits));
+    CK_LAUNCH(kernel, grid, kThreads, smem, stream)(p);
+    return cudaGetLastError();
+  } else {
+    (void)p, (void)splits, (void)smem, (void)stream;
+    return cudaErrorInvalidValue;  // fp16 / bf16 only
+  }
+}
+
+template <typename TI>
 size_t topk_smem_bytes(int dp) {
   return static_cast<size_t>(topk_smem<TI>(dp).total);
 }
@@ -100,6 +122,9 @@ cudaError_t launch_mix(const MixParams& p, int which, cudaStream_t stream) {
   template size_t lse_smem_bytes<TI>(int, int, int);                                                           \
   template cudaError_t launch_lse<TI>(const LseTileParams<typename LseTypes<TI>::TA>&, bool, int, int64_t,     \
                                       size_t, cudaStream_t);                                                   \
+  template size_t lse_rows_smem_bytes<TI>(int);                                                                \
+  template cudaError_t launch_lse_rows_fwd<TI>(const LseTileParams<typename LseTypes<TI>::TA>&, int64_t, size_t, \
+                                               cudaStream_t);                                                  \
   template size_t topk_smem_bytes<TI>(int);                                                                    \
   template cudaError_t launch_topk<TI>(const TopkParams&, int, int64_t, size_t, cudaStream_t);                 \
   template cudaError_t launch_mix<TI>(const MixParams&, int, cudaStream_t);

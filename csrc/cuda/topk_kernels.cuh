@@ -228,51 +228,6 @@ __device__ __forceinline__ int64_t warp_merge_row(int64_t* queue, const int64_t*
 // the warp's scores and selection
 // ---------------------------------------------------------------------------------------------
 
-// acc[j][2h + e] = Q[r + 8h] . K[8j + 2c + e] for lane = 4r + c (the mma.m16n8k16 accumulator
-// layout), over the warp's 16 staged query rows Q and the staged bank tile K ([row][dp], stride
-// ld, zero-padded to dp). Tensor cores for 2-byte inputs; fp32 FMAs in increasing d otherwise.
-template <bool TC, typename TS>
-__device__ __forceinline__ void warp_scores(const TS* Q, const TS* K, int ld, int dp, float (&acc)[kTopkNT][4]) {
-  const int lane = threadIdx.x & 31;
-#pragma unroll
-  for (int j = 0; j < kTopkNT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
-  if constexpr (TC) {
-    for (int k0 = 0; k0 < dp; k0 += 16) {
-      uint32_t a[4];
-      ldmatrix_x4(a[0], a[1], a[2], a[3], Q + (lane & 15) * ld + k0 + (lane >> 4) * 8);
-#pragma unroll
-      for (int j = 0; j < kTopkNT; j += 2) {
-        // two n8 groups per load: lanes 0-7 address bank rows 8j.. at k0 (b0 of group j), 8-15
-        // the same rows at k0 + 8 (b1), 16-31 rows 8j + 8.. likewise (group j + 1)
-        uint32_t b[4];
-        ldmatrix_x4(b[0], b[1], b[2], b[3],
-                    K + (8 * j + (lane & 7) + ((lane >> 4) & 1) * 8) * ld + k0 + ((lane >> 3) & 1) * 8);
-        mma_16816<TS>(acc[j], a, b[0], b[1]);
-        mma_16816<TS>(acc[j + 1], a, b[2], b[3]);
-      }
-    }
-  } else {
-    const int r = lane >> 2, c = 2 * (lane & 3);
-    for (int d = 0; d < dp; d += 4) {  // dp % 16 == 0 and ld % 4 == 0: 16-byte loads
-      const float4 a0 = *reinterpret_cast<const float4*>(Q + r * ld + d);
-      const float4 a1 = *reinterpret_cast<const float4*>(Q + (r + 8) * ld + d);
-#pragma unroll
-      for (int j = 0; j < kTopkNT; ++j) {
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const float4 b = *reinterpret_cast<const float4*>(K + (8 * j + c + e) * ld + d);
-          float s0 = acc[j][e], s1 = acc[j][2 + e];
-          s0 = fma(a0.x, b.x, s0), s1 = fma(a1.x, b.x, s1);
-          s0 = fma(a0.y, b.y, s0), s1 = fma(a1.y, b.y, s1);
-          s0 = fma(a0.z, b.z, s0), s1 = fma(a1.z, b.z, s1);
-          s0 = fma(a0.w, b.w, s0), s1 = fma(a1.w, b.w, s1);
-          acc[j][e] = s0, acc[j][2 + e] = s1;
-        }
-      }
-    }
-  }
-}
-
 // OR of a 32-bit value over the warp's lanes
 __device__ __forceinline__ uint32_t warp_or(uint32_t v) {
 #pragma unroll
@@ -434,7 +389,7 @@ __global__ void __launch_bounds__(kThreads, 2) topk_tile_kernel(TopkParams p) {
     __syncthreads();
     tiles.prefetch_next(c0);
     float acc[kTopkNT][4];
-    warp_scores<TC, TS>(Qs + 16 * warp * L.ldF, Ks, L.ldF, dp, acc);
+    warp_scores<TC, TS, kTopkNT>(Qs + 16 * warp * L.ldF, Ks, L.ldF, dp, acc);
     // the scores as the reference computes them (one branch per tile, not per score)
     const int valid = c_end - c0 < BN ? static_cast<int>(c_end - c0) : BN;  // columns of this tile
     if (p.sim != 0) {
