@@ -32,6 +32,9 @@ __device__ __forceinline__ double neg_inf<double>() { return neg_inf_d(); }
 
 __device__ __forceinline__ float ck_exp(float x) { return expf(x); }  // full-precision expf (no fast-math)
 __device__ __forceinline__ double ck_exp(double x) { return exp(x); }
+// ex2.approx(x log2 e): 2 instructions instead of expf's ~10, relative error ~1e-6 for x in
+// [-88, 0]; for the probabilities of fp16/bf16 inputs, far below the inputs' rounding
+__device__ __forceinline__ float ck_exp_fast(float x) { return __expf(x); }
 __device__ __forceinline__ float ck_log(float x) { return logf(x); }
 __device__ __forceinline__ double ck_log(double x) { return log(x); }
 

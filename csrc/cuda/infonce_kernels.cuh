@@ -387,8 +387,8 @@ __global__ void __launch_bounds__(kThreads) lse_tile_kernel(LseTileParams<typena
 //   m_i' = max(m_i, max_j z_ij),  r = exp(m_i - m_i'),  P_ij = exp(z_ij - m_i'),
 //   s_i' = r s_i + sum_j P_ij,    O_i' = r O_i + sum_j (P_ij cs_j) k_j
 // where P (rounded to the input dtype) is the A operand of the second product straight from the
-// registers and O (16 rows x dp, fp32) lives in registers too. Row sums are kept per lane and
-// summed over the row's 4 lanes at the end. The outputs are those of lse_tile_kernel's forward
+// registers and O (16 rows x dp, fp32) lives in registers too; exponentials by ex2.approx (the
+// inputs are fp16/bf16). Row sums are kept per lane and summed over the row's 4 lanes at the end. The outputs are those of lse_tile_kernel's forward
 // (m, s and the key sums O of slot 0, per column split), so the host merges them alike.
 // ---------------------------------------------------------------------------------------------
 
@@ -491,7 +491,7 @@ __global__ void __launch_bounds__(kThreads) lse_rows_fwd_kernel(LseTileParams<fl
       tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffffu, tmax, 2));
       const float nm = tmax > m[h] ? tmax : m[h];
       shift[h] = nm == ninf ? 0.f : nm;
-      const float rescale = ck_exp(m[h] - shift[h]);
+      const float rescale = ck_exp_fast(m[h] - shift[h]);
       s[h] *= rescale;
       m[h] = nm;
 #pragma unroll
@@ -505,7 +505,7 @@ __global__ void __launch_bounds__(kThreads) lse_rows_fwd_kernel(LseTileParams<fl
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
           const float zz = z[j][2 * h + e];
-          const float ev = zz == ninf ? 0.f : ck_exp(zz - shift[h]);
+          const float ev = zz == ninf ? 0.f : ck_exp_fast(zz - shift[h]);
           s[h] += ev;
           z[j][2 * h + e] = ev * csv;
         }

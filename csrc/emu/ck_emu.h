@@ -301,6 +301,7 @@ inline int __float_as_int(float x) { return static_cast<int>(ck_emu::to_bits(x))
 inline double __longlong_as_double(long long x) { return ck_emu::from_bits<double>(static_cast<uint64_t>(x)); }
 inline int __popc(unsigned x) { return __builtin_popcount(x); }
 inline int __ffs(int x) { return __builtin_ffs(x); }
+inline float __expf(float x) { return std::exp(x); }  // the approximation is not emulated
 // round-to-nearest single operations (the build uses -ffp-contract=off, so none is fused)
 inline float __fadd_rn(float a, float b) { return a + b; }
 inline float __fmul_rn(float a, float b) { return a * b; }
