@@ -112,7 +112,7 @@ def test_gpu_session_script_uses_existing_presets_and_candidates():
         assert set(p.split(",")) <= set(PRESETS), p
     for b in backends:
         assert set(b.split(",")) <= known, b
-    for stage in ("setup", "test", "bench-loss", "bench-mixing", "bench-backends", "cuda-topk", "profile", "topk"):
+    for stage in ("setup", "test", "bench-loss", "bench-mixing", "bench-backends", "cuda-kernels", "profile", "topk"):
         assert f"    {stage})" in text, stage
 
 
