@@ -63,9 +63,10 @@ Plan plan_rows(int64_t R, int64_t C, int64_t D) {
 }
 
 template <typename TI, bool BWD>
-void launch(const LseTileParams<typename LseTypes<TI>::TA>& prm, const Plan& plan, int64_t R) {
-  (void)R;
-  const cudaError_t err = launch_lse<TI>(prm, BWD, plan.bm, plan.splits, plan.smem, at::cuda::getCurrentCUDAStream());
+void launch(const LseTileParams<typename LseTypes<TI>::TA>& prm, const Plan& plan, bool rows_kernel = false) {
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const cudaError_t err = rows_kernel ? launch_lse_rows_fwd<TI>(prm, plan.splits, plan.smem, stream)
+                                      : launch_lse<TI>(prm, BWD, plan.bm, plan.splits, plan.smem, stream);
   TORCH_CHECK(err == cudaSuccess, "lse (CUDA) launch failed: ", cudaGetErrorString(err));
 }
 
@@ -175,12 +176,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lse_fwd_typed(
   p.out_s = s.data_ptr<TA>();
   p.out_pos = labels ? pos.data_ptr<TA>() : nullptr;
   p.out_acc = slots > 0 ? acc.data_ptr<TA>() : nullptr;
-  if (rows_kernel) {
-    const cudaError_t err = launch_lse_rows_fwd<TI>(p, plan.splits, plan.smem, at::cuda::getCurrentCUDAStream());
-    TORCH_CHECK(err == cudaSuccess, "lse (CUDA) launch failed: ", cudaGetErrorString(err));
-  } else {
-    launch<TI, false>(p, plan, B);
-  }
+  launch<TI, false>(p, plan, rows_kernel);
 
   Tensor row_lse, w, total;
   std::tie(row_lse, w, total) = merge_stats(m, s);
@@ -204,7 +200,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lse_fwd_typed(
     Tensor cm = at::empty({cplan.splits, 1, N}, opts), cs = at::empty({cplan.splits, 1, N}, opts);
     pc.out_m = cm.data_ptr<TA>();
     pc.out_s = cs.data_ptr<TA>();
-    launch<TI, false>(pc, cplan, N);
+    launch<TI, false>(pc, cplan);
     col_lse = std::get<0>(merge_stats(cm, cs)).select(0, 0).contiguous();
   }
   return {row_lse.contiguous(), pos_sum.contiguous(), pos_cnt.contiguous(), col_lse, e_key, p_key};
@@ -265,7 +261,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lse_bwd_typed(const Common& c, at::Ar
     Tensor gs = at::empty({plan.splits, R}, opts);
     p.out_acc = acc.data_ptr<TA>();
     p.out_gsum = gs.data_ptr<TA>();
-    launch<TI, true>(p, plan, R);
+    launch<TI, true>(p, plan);
     if (want_acc) acc_out = acc.sum(0).select(0, 0).contiguous();
     if (want_gsum) gsum_out = gs.sum(0).contiguous();
   };

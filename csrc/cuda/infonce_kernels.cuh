@@ -469,15 +469,17 @@ __global__ void __launch_bounds__(kThreads) lse_rows_fwd_kernel(LseTileParams<fl
     float z[NT][4];
     warp_scores<true, TI, NT>(Qs + 16 * warp * L.ldF, Ks, L.ldF, dp, z);
     const int valid = c_end - c0 < BN ? static_cast<int>(c_end - c0) : BN;
+    float csv[NT][2];  // the column scales of this lane's columns (the logits and the key sums)
 #pragma unroll
     for (int j = 0; j < NT; ++j)
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
         const int c = 8 * j + 2 * lc + e;
-        const float csv = col_terms ? cv[c] : 1.f, cbv = col_terms ? cv[BN + c] : 0.f;
+        csv[j][e] = col_terms ? cv[c] : 1.f;
+        const float cbv = col_terms ? cv[BN + c] : 0.f;
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-          const float l = z[j][2 * h + e] * (rs[h] * csv) + (rb[h] + cbv);
+          const float l = z[j][2 * h + e] * (rs[h] * csv[j][e]) + (rb[h] + cbv);
           z[j][2 * h + e] = c < valid && live[h] ? gamma * l : ninf;
         }
       }
@@ -501,13 +503,12 @@ __global__ void __launch_bounds__(kThreads) lse_rows_fwd_kernel(LseTileParams<fl
     for (int j = 0; j < NT; ++j)
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
-        const float csv = col_terms ? cv[8 * j + 2 * lc + e] : 1.f;
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
           const float zz = z[j][2 * h + e];
           const float ev = zz == ninf ? 0.f : ck_exp_fast(zz - shift[h]);
           s[h] += ev;
-          z[j][2 * h + e] = ev * csv;
+          z[j][2 * h + e] = ev * csv[j][e];
         }
       }
     warp_pk<TI, NT, DT>(z, Ks, L.ldF, dp, O);

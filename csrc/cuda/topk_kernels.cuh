@@ -302,7 +302,7 @@ __device__ __forceinline__ void take_candidates(const TopkParams& p, const float
 #pragma unroll
     for (int b = 0; b < 32; ++b) {
       if ((pend >> b) & 1) {
-        const int64_t gr = wrow0 + lr + 8 * (b >> 4), gc = c0 + 8 * ((b >> 1) & 7) + 2 * lc + (b & 1);
+        const int64_t gr = wrow0 + lr + 8 * (b >> 4), gc = c0 + 8 * ((b >> 1) % kTopkNT) + 2 * lc + (b & 1);
         bool ok = !p.q_lab || p.q_lab[gr] != p.b_lab[gc];
         for (int e = 0; e < p.E; ++e) ok &= p.exclude[gr * p.E + e] != gc;
         if (!ok) pend &= ~(1u << b);
@@ -337,7 +337,7 @@ __device__ __forceinline__ void take_candidates(const TopkParams& p, const float
 #pragma unroll
     for (int b = 0; b < 32; ++b) {
       if ((pend >> b) & 1) {
-        const int h = b >> 4, j = (b >> 1) & 7, e = b & 1;
+        const int h = b >> 4, j = (b >> 1) % kTopkNT, e = b & 1;
         if (pack_key(acc[j][2 * h + e], c0 + 8 * j + 2 * lc + e) <= (h ? st.kth[1] : st.kth[0])) pend &= ~(1u << b);
       }
     }
