@@ -113,18 +113,24 @@ def _check_within_eager_error(target, inputs, mask, dtype, **kw):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("d,col_terms", [(36, True), (128, False), (96, True)])
-def test_lse_rows_forward(target, dtype, d, col_terms):
-    """The row-only forward kernel (one gamma, no labels or exclusions, fp16/bf16, D <= 128): a
-    gamma other than 1, with and without column terms, D not a multiple of 8 (key tiles staged
-    without cp.async), two column splits and rows past the last warp's, against the fp64 reference
-    within twice the eager error at the same dtype."""
+@pytest.mark.parametrize("d,col_terms", [(36, True), (128, False), (96, True), (300, True)])
+@pytest.mark.parametrize("passes", ["row-only", "both-sides", "no-column-lse", "gamma-0"])
+def test_lse_warp_kernels(target, dtype, d, col_terms, passes):
+    """The warp kernels (one gamma, no labels or exclusions, fp16/bf16): the row-only forward with
+    its key sums, the statistics of the rows and of the columns (CLIP's column log-sum-exp) and
+    both backward orientations, with the column term of the gradient or without it; a gamma other
+    than 1 (and 0: the rows' term of the gradient vanishes), with and without column terms, D not
+    a multiple of 8 (key tiles staged without cp.async), D=300 (three slices of the output
+    columns, the last one partial), two column splits and rows past the last warp's, against the
+    fp64 reference within twice the eager error at the same dtype."""
     b, n = 20, 2500
     inputs = lse_inputs(b, n, d, dtype=torch.float64, seed=d, col_scale=col_terms, biases=col_terms)
     inputs[0] = torch.nn.functional.normalize(inputs[0], dim=1) * 4
     inputs[1] = torch.nn.functional.normalize(inputs[1], dim=1)
-    _check_within_eager_error(target, inputs, [True, False, True, False, True, False], dtype, gammas=(0.5,),
-                              want_col_lse=False)
+    both = passes != "row-only"
+    mask = [True, both, True, both and col_terms, True, both and col_terms]
+    _check_within_eager_error(target, inputs, mask, dtype, gammas=(0.0 if passes == "gamma-0" else 0.5,),
+                              want_col_lse=passes in ("both-sides", "gamma-0"))
 
 
 def test_lse_stats_empty_and_excluded_rows(target):

@@ -19,8 +19,11 @@ namespace {
 using at::Tensor;
 using c10::optional;
 
+constexpr int kGeneral = -1;  // a Plan's warp mode: the general kernel
+
 struct Plan {
   int bm = 64;
+  int warp_mode = kGeneral;  // or a LseWarpMode: that warp kernel
   int64_t splits = 1, per_split = 0;
   size_t smem = 0;
 };
@@ -41,32 +44,43 @@ Plan plan_lse(int64_t R, int64_t C, int64_t D, int nslots) {
   return p;
 }
 
-// The forward of InfoNCE against a bank that takes no gradient (row-only key sums, one gamma, no
-// labels or exclusions, fp16/bf16, D <= 128) runs lse_rows_fwd_kernel (flash-attention style,
-// everything in registers); CK_CUDA_ROWS_KERNEL=0 keeps it on the general kernel (to compare).
+// The passes with one gamma, no labels and no exclusions on fp16/bf16 inputs (InfoNCE against a bank
+// or queue, CLIP) run the warp kernels (lse_warp_kernel: flash-attention style, scores and outputs
+// in registers) where their shared memory fits; CK_CUDA_WARP_KERNELS=0 keeps every pass on the
+// general kernel (to compare).
+
 template <typename TI>
-bool use_rows_kernel(bool row_only, int G, bool labels, int E, int64_t D) {
+bool use_warp_kernels(int G, bool labels, int E, int64_t D) {
   static const bool enabled = [] {
-    const char* v = std::getenv("CK_CUDA_ROWS_KERNEL");
+    const char* v = std::getenv("CK_CUDA_WARP_KERNELS");
     return v == nullptr || std::string(v) != "0";
   }();
-  return enabled && IsTensorCore<TI>::value && row_only && G == 1 && !labels && E == 0 && D <= kLseRowsMaxDp;
+  if (!(enabled && IsTensorCore<TI>::value && G == 1 && !labels && E == 0)) return false;
+  return static_cast<int64_t>(lse_warp_smem_bytes<TI>(static_cast<int>((D + 15) / 16 * 16))) <= device_max_smem();
 }
 
 template <typename TI>
-Plan plan_rows(int64_t R, int64_t C, int64_t D) {
+Plan plan_warp(int64_t R, int64_t C, int64_t D, int mode) {
   Plan p;
   p.bm = 64;
-  p.smem = lse_rows_smem_bytes<TI>(static_cast<int>((D + 15) / 16 * 16));
+  p.warp_mode = mode;
+  p.smem = lse_warp_smem_bytes<TI>(static_cast<int>((D + 15) / 16 * 16));
   plan_splits(R, C, p.bm, kLseBN, 16 * kLseBN, p.splits, p.per_split);
   return p;
 }
 
+// the warp kernel in `mode` where use_warp_kernels allows it, else the general kernel
+template <typename TI>
+Plan plan_pass(int64_t R, int64_t C, int64_t D, int nslots, bool warp, int mode) {
+  return warp ? plan_warp<TI>(R, C, D, mode) : plan_lse<TI>(R, C, D, nslots);
+}
+
 template <typename TI, bool BWD>
-void launch(const LseTileParams<typename LseTypes<TI>::TA>& prm, const Plan& plan, bool rows_kernel = false) {
+void launch(const LseTileParams<typename LseTypes<TI>::TA>& prm, const Plan& plan) {
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const cudaError_t err = rows_kernel ? launch_lse_rows_fwd<TI>(prm, plan.splits, plan.smem, stream)
-                                      : launch_lse<TI>(prm, BWD, plan.bm, plan.splits, plan.smem, stream);
+  const cudaError_t err = plan.warp_mode != kGeneral
+                              ? launch_lse_warp<TI>(prm, plan.warp_mode, plan.splits, plan.smem, stream)
+                              : launch_lse<TI>(prm, BWD, plan.bm, plan.splits, plan.smem, stream);
   TORCH_CHECK(err == cudaSuccess, "lse (CUDA) launch failed: ", cudaGetErrorString(err));
 }
 
@@ -165,8 +179,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lse_fwd_typed(
   for (int g = 0; g < G; ++g) p.gamma[g] = static_cast<TA>(gammas[g]);
   p.slots = slots;
   p.labels = labels;
-  const bool rows_kernel = use_rows_kernel<TI>(row_only, G, labels, p.E, D);
-  const Plan plan = rows_kernel ? plan_rows<TI>(B, N, D) : plan_lse<TI>(B, N, D, slots);
+  const bool warp = use_warp_kernels<TI>(G, labels, p.E, D);
+  const Plan plan = plan_pass<TI>(B, N, D, slots, warp, row_only ? kWarpSums : kWarpStats);
   p.cols_per_split = plan.per_split;
   const int64_t S = plan.splits;
   Tensor m = at::empty({S, G, B}, opts), s = at::empty({S, G, B}, opts);
@@ -176,7 +190,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lse_fwd_typed(
   p.out_s = s.data_ptr<TA>();
   p.out_pos = labels ? pos.data_ptr<TA>() : nullptr;
   p.out_acc = slots > 0 ? acc.data_ptr<TA>() : nullptr;
-  launch<TI, false>(p, plan, rows_kernel);
+  launch<TI, false>(p, plan);
 
   Tensor row_lse, w, total;
   std::tie(row_lse, w, total) = merge_stats(m, s);
@@ -195,7 +209,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lse_fwd_typed(
     LseTileParams<TA> pc = orient<TA>(c, true);
     pc.G = 1;
     pc.gamma[0] = TA(1);
-    const Plan cplan = plan_lse<TI>(N, B, D, 0);
+    const Plan cplan = plan_pass<TI>(N, B, D, 0, use_warp_kernels<TI>(1, labels, pc.E, D), kWarpStats);
     pc.cols_per_split = cplan.per_split;
     Tensor cm = at::empty({cplan.splits, 1, N}, opts), cs = at::empty({cplan.splits, 1, N}, opts);
     pc.out_m = cm.data_ptr<TA>();
@@ -254,8 +268,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lse_bwd_typed(const Common& c, at::Ar
     p.k_lse = col ? k_lse.data_ptr<TA>() : nullptr;
     p.k_dcol = col ? k_dcol.data_ptr<TA>() : nullptr;
     p.q_count = B;
+    // the warp kernel's form of the same G: the query side's term by row or by column
+    const TA* q_term_w = gammas[0] != 0.0 ? p.q_w : nullptr;
+    p.row_w = key_rows ? p.k_dcol : q_term_w;
+    p.row_lse = key_rows ? p.k_lse : p.q_lse;
+    p.row_gamma = key_rows ? TA(1) : p.gamma[0];
+    p.col_w = key_rows ? q_term_w : p.k_dcol;
+    p.col_lse = key_rows ? p.q_lse : p.k_lse;
+    p.col_gamma = key_rows ? p.gamma[0] : TA(1);
     const int64_t R = p.R;
-    const Plan plan = plan_lse<TI>(R, p.C, D, 1);
+    const Plan plan = plan_pass<TI>(R, p.C, D, 1, use_warp_kernels<TI>(G, labels, p.E, D), kWarpGrad);
     p.cols_per_split = plan.per_split;
     Tensor acc = at::empty({plan.splits, 1, R, D}, opts);
     Tensor gs = at::empty({plan.splits, R}, opts);

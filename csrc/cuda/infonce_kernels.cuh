@@ -16,6 +16,8 @@
 //     dc_i += sum_j G_ij; keys as rows: h_j += sum_i G_ij a_i q_i, dd_j += sum_i G_ij.
 // The columns are split over gridDim.y (more blocks than row tiles alone give); every block
 // writes its partial statistics and the host merges the splits (max / rescaled sums).
+// The passes with one gamma and no labels or exclusions on fp16/bf16 inputs have warp kernels
+// (lse_warp_kernel, below) that keep scores and outputs in registers instead.
 //
 // Tiles: BM rows (64, 32 or 16, chosen by the host to fit shared memory) x 64 columns; 128
 // threads; each row's 64 columns are handled by 128/BM consecutive threads, which combine row
@@ -66,6 +68,13 @@ struct LseTileParams {
   const TA* k_dcol = nullptr;  // [N] or null
   int64_t q_count = 0;         // B (the stride of q_lse / q_w)
   TA* out_gsum = nullptr;      // [split][R]
+  // the warp kernels' backward (one gamma): G = row_w e^{row_gamma l - row_lse} + col_w e^{col_gamma l - col_lse},
+  // by row / by column (a null weight: no such term)
+  const TA* row_w = nullptr;
+  const TA* row_lse = nullptr;
+  const TA* col_w = nullptr;
+  const TA* col_lse = nullptr;
+  TA row_gamma = 1, col_gamma = 1;
 };
 
 // the compute types of an input type: staging (shared memory operands), accumulation, and the
@@ -380,28 +389,36 @@ __global__ void __launch_bounds__(kThreads) lse_tile_kernel(LseTileParams<typena
 }
 
 // ---------------------------------------------------------------------------------------------
-// The forward of the row-only case with one gamma, no labels and no exclusions: InfoNCE against a
-// bank or queue that takes no gradient (MoCo, frozen banks), fp16/bf16, dp <= 128. Flash-attention
-// style: each warp owns 16 query rows; its scores of a 64-row key tile stay in the mma
-// accumulators, and with z_ij = gamma (rs_i cs_j S_ij + rb_i + cb_j) (-inf off the tile or past R)
-//   m_i' = max(m_i, max_j z_ij),  r = exp(m_i - m_i'),  P_ij = exp(z_ij - m_i'),
-//   s_i' = r s_i + sum_j P_ij,    O_i' = r O_i + sum_j (P_ij cs_j) k_j
-// where P (rounded to the input dtype) is the A operand of the second product straight from the
-// registers and O (16 rows x dp, fp32) lives in registers too; exponentials by ex2.approx (the
-// inputs are fp16/bf16). Row sums are kept per lane and summed over the row's 4 lanes at the end. The outputs are those of lse_tile_kernel's forward
-// (m, s and the key sums O of slot 0, per column split), so the host merges them alike.
+// Warp kernels: the passes with one gamma, no labels and no exclusions on fp16/bf16 inputs (MoCo
+// and frozen banks, CLIP), flash-attention style. Each warp owns 16 rows of the block's 64; its
+// scores of a 64-column tile stay in the mma accumulators, with the logits
+//   l_ij = rs_i cs_j S_ij + rb_i + cb_j   (-inf off the tile's valid columns or past R)
+// Modes (the outputs are lse_tile_kernel's, per column split, so the host merges them alike):
+//   kWarpStats (forward statistics; CLIP's row and column log-sum-exps), with z = gamma l:
+//     m_i' = max(m_i, max_j z_ij),  r = exp(m_i - m_i'),  s_i' = r s_i + sum_j exp(z_ij - m_i')
+//   kWarpSums (row-only forward: InfoNCE against a bank without gradient), in addition
+//     O_i' = r O_i + sum_j (P_ij cs_j) c_j  with P_ij = exp(z_ij - m_i') (the key sums E)
+//   kWarpGrad (backward, rows = queries or keys):
+//     G_ij = rw_i exp(rg l_ij - rl_i) + cw_j exp(cg l_ij - cl_j)  (either term absent: null w)
+//     O_i += sum_j (G_ij cs_j) c_j,  gsum_i += sum_j G_ij
+// where c_j are the column features. The probabilities / gradient weights (rounded to the input
+// dtype) are the A operand of the second product straight from the registers; O (16 rows x 128
+// columns, fp32) lives in registers, so a block covers a slice of 128 of O's columns
+// (blockIdx.z) and wider features recompute the scores once per slice. Row sums are kept per
+// lane and summed over the row's 4 lanes at the end; exponentials by ex2.approx.
 // ---------------------------------------------------------------------------------------------
 
-constexpr int kLseRowsMaxDp = 128;  // O = 16 x dp fp32 per warp: 64 registers per thread
+enum LseWarpMode : int { kWarpStats = 0, kWarpSums = 1, kWarpGrad = 2 };
+constexpr int kLseWarpSlice = 128;  // O's columns per block: 16 x 128 fp32 per warp, 64 registers per thread
 
-struct LseRowsSmem {
+struct LseWarpSmem {
   int64_t q, k0, k1, colv, total;
   int ldF;
 };
 
 template <typename TI>
-__host__ __device__ inline LseRowsSmem lse_rows_smem(int dp) {
-  LseRowsSmem s{};
+__host__ __device__ inline LseWarpSmem lse_warp_smem(int dp) {
+  LseWarpSmem s{};
   s.ldF = padded_stride<TI>(dp);
   int64_t o = 0;
   s.q = o;
@@ -410,32 +427,41 @@ __host__ __device__ inline LseRowsSmem lse_rows_smem(int dp) {
   o = align16(o + int64_t(kLseBN) * s.ldF * sizeof(TI));
   s.k1 = o;
   o = align16(o + int64_t(kLseBN) * s.ldF * sizeof(TI));
-  s.colv = o;  // [2 tiles][cs, cb][BN]
-  o = align16(o + int64_t(4) * kLseBN * sizeof(float));
+  s.colv = o;  // [2 tiles][cs, cb, cw, cl][BN]
+  o = align16(o + int64_t(8) * kLseBN * sizeof(float));
   s.total = o;
   return s;
 }
 
-template <typename TI>
-__global__ void __launch_bounds__(kThreads) lse_rows_fwd_kernel(LseTileParams<float> p) {
+// the blocks of a warp kernel's grid along z: slices of O's columns
+__host__ __device__ inline int lse_warp_slices(int mode, int dp) {
+  return mode == kWarpStats ? 1 : (dp + kLseWarpSlice - 1) / kLseWarpSlice;
+}
+
+template <typename TI, int MODE>
+__global__ void __launch_bounds__(kThreads) lse_warp_kernel(LseTileParams<float> p) {
   static_assert(IsTensorCore<TI>::value, "fp16 / bf16 inputs");
-  constexpr int BN = kLseBN, NT = BN / 8, DT = kLseRowsMaxDp / 8;
+  constexpr int BN = kLseBN, NT = BN / 8, DT = kLseWarpSlice / 8;
+  constexpr bool FWD = MODE != kWarpGrad, OUT = MODE != kWarpStats;
   extern __shared__ __align__(16) unsigned char smem[];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, lr = lane >> 2, lc = lane & 3;
   const int64_t r0 = int64_t(blockIdx.x) * 64, split = blockIdx.y;
   const int64_t c_begin = split * p.cols_per_split;
   const int64_t c_end = c_begin + p.cols_per_split < p.C ? c_begin + p.cols_per_split : p.C;
   const int dp = static_cast<int>((p.D + 15) / 16 * 16);
-  const LseRowsSmem L = lse_rows_smem<TI>(dp);
+  const int d0 = static_cast<int>(blockIdx.z) * kLseWarpSlice;  // this block's slice of O
+  const int dslice = dp - d0 < kLseWarpSlice ? dp - d0 : kLseWarpSlice;
+  const bool first_slice = blockIdx.z == 0;  // writes the per-row statistics
+  const LseWarpSmem L = lse_warp_smem<TI>(dp);
   TI* Qs = reinterpret_cast<TI*>(smem + L.q);
   float* colv = reinterpret_cast<float*>(smem + L.colv);
   stage_rows<TI, TI>(Qs, L.ldF, static_cast<const TI*>(p.rows_feat), r0, p.R, p.D, 64, dp);
 
   const int64_t wrow0 = r0 + 16 * warp;
   const float ninf = neg_inf_f(), gamma = p.gamma[0];
-  const bool col_terms = p.cs != nullptr || p.cb != nullptr;
+  const bool col_terms = p.cs != nullptr || p.cb != nullptr || (!FWD && p.col_w != nullptr);
   bool live[2];
-  float rs[2], rb[2], m[2], s[2];
+  float rs[2], rb[2], m[2], s[2], rw[2], rl[2];
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     const int64_t gr = wrow0 + lr + 8 * h;
@@ -443,7 +469,9 @@ __global__ void __launch_bounds__(kThreads) lse_rows_fwd_kernel(LseTileParams<fl
     rs[h] = live[h] && p.rs ? p.rs[gr] : 1.f;
     rb[h] = live[h] && p.rb ? p.rb[gr] : 0.f;
     m[h] = ninf;
-    s[h] = 0.f;
+    s[h] = 0.f;  // forward: the row's sum of exponentials; backward: of G
+    rw[h] = !FWD && live[h] && p.row_w ? p.row_w[gr] : 0.f;
+    rl[h] = !FWD && live[h] && p.row_w ? p.row_lse[gr] : 0.f;
   }
   float O[DT][4];
 #pragma unroll
@@ -455,13 +483,17 @@ __global__ void __launch_bounds__(kThreads) lse_rows_fwd_kernel(LseTileParams<fl
   for (int64_t c0 = c_begin; c0 < c_end; c0 += BN, parity ^= 1) {
     const TI* Ks = tiles.acquire(c0);
     // the tile's column terms, double-buffered like the key tiles (one barrier per tile)
-    float* cv = colv + parity * 2 * BN;
+    float* cv = colv + parity * 4 * BN;
     if (col_terms) {
       for (int cc = threadIdx.x; cc < BN; cc += kThreads) {
         const int64_t gc = c0 + cc;
         const bool ok = gc < c_end;
         cv[cc] = ok && p.cs ? p.cs[gc] : 1.f;
         cv[BN + cc] = ok && p.cb ? p.cb[gc] : 0.f;
+        if (!FWD) {
+          cv[2 * BN + cc] = ok && p.col_w ? p.col_w[gc] : 0.f;
+          cv[3 * BN + cc] = ok && p.col_w ? p.col_lse[gc] : 0.f;
+        }
       }
     }
     __syncthreads();
@@ -469,49 +501,72 @@ __global__ void __launch_bounds__(kThreads) lse_rows_fwd_kernel(LseTileParams<fl
     float z[NT][4];
     warp_scores<true, TI, NT>(Qs + 16 * warp * L.ldF, Ks, L.ldF, dp, z);
     const int valid = c_end - c0 < BN ? static_cast<int>(c_end - c0) : BN;
-    float csv[NT][2];  // the column scales of this lane's columns (the logits and the key sums)
+    if constexpr (FWD) {
+      float csv[NT][2];  // the column scales of this lane's columns (the logits and the key sums)
 #pragma unroll
-    for (int j = 0; j < NT; ++j)
+      for (int j = 0; j < NT; ++j)
 #pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int c = 8 * j + 2 * lc + e;
-        csv[j][e] = col_terms ? cv[c] : 1.f;
-        const float cbv = col_terms ? cv[BN + c] : 0.f;
+        for (int e = 0; e < 2; ++e) {
+          const int c = 8 * j + 2 * lc + e;
+          csv[j][e] = col_terms ? cv[c] : 1.f;
+          const float cbv = col_terms ? cv[BN + c] : 0.f;
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const float l = z[j][2 * h + e] * (rs[h] * csv[j][e]) + (rb[h] + cbv);
-          z[j][2 * h + e] = c < valid && live[h] ? gamma * l : ninf;
+          for (int h = 0; h < 2; ++h) {
+            const float l = z[j][2 * h + e] * (rs[h] * csv[j][e]) + (rb[h] + cbv);
+            z[j][2 * h + e] = c < valid && live[h] ? gamma * l : ninf;
+          }
+        }
+      float shift[2];
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        float tmax = ninf;
+#pragma unroll
+        for (int j = 0; j < NT; ++j) tmax = fmaxf(tmax, fmaxf(z[j][2 * h], z[j][2 * h + 1]));
+        tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffffu, tmax, 1));
+        tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffffu, tmax, 2));
+        const float nm = tmax > m[h] ? tmax : m[h];
+        shift[h] = nm == ninf ? 0.f : nm;
+        const float rescale = ck_exp_fast(m[h] - shift[h]);
+        s[h] *= rescale;
+        m[h] = nm;
+        if constexpr (OUT) {
+#pragma unroll
+          for (int t = 0; t < DT; ++t) O[t][2 * h] *= rescale, O[t][2 * h + 1] *= rescale;
         }
       }
-    float shift[2];
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      float tmax = ninf;
+      for (int j = 0; j < NT; ++j)
 #pragma unroll
-      for (int j = 0; j < NT; ++j) tmax = fmaxf(tmax, fmaxf(z[j][2 * h], z[j][2 * h + 1]));
-      tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffffu, tmax, 1));
-      tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffffu, tmax, 2));
-      const float nm = tmax > m[h] ? tmax : m[h];
-      shift[h] = nm == ninf ? 0.f : nm;
-      const float rescale = ck_exp_fast(m[h] - shift[h]);
-      s[h] *= rescale;
-      m[h] = nm;
+        for (int e = 0; e < 2; ++e) {
 #pragma unroll
-      for (int t = 0; t < DT; ++t) O[t][2 * h] *= rescale, O[t][2 * h + 1] *= rescale;
+          for (int h = 0; h < 2; ++h) {
+            const float zz = z[j][2 * h + e];
+            const float ev = zz == ninf ? 0.f : ck_exp_fast(zz - shift[h]);
+            s[h] += ev;
+            z[j][2 * h + e] = ev * csv[j][e];
+          }
+        }
+    } else {
+      const float cg = p.col_gamma, rg = p.row_gamma;
+#pragma unroll
+      for (int j = 0; j < NT; ++j)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int c = 8 * j + 2 * lc + e;
+          const float csc = col_terms ? cv[c] : 1.f, cbv = col_terms ? cv[BN + c] : 0.f;
+          const float cw = col_terms ? cv[2 * BN + c] : 0.f, cl = col_terms ? cv[3 * BN + c] : 0.f;
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            const float l = z[j][2 * h + e] * (rs[h] * csc) + (rb[h] + cbv);
+            float g = rw[h] != 0.f ? rw[h] * ck_exp_fast(rg * l - rl[h]) : 0.f;
+            if (cw != 0.f) g += cw * ck_exp_fast(cg * l - cl);
+            g = c < valid && live[h] ? g : 0.f;
+            s[h] += g;
+            z[j][2 * h + e] = g * csc;
+          }
+        }
     }
-#pragma unroll
-    for (int j = 0; j < NT; ++j)
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const float zz = z[j][2 * h + e];
-          const float ev = zz == ninf ? 0.f : ck_exp_fast(zz - shift[h]);
-          s[h] += ev;
-          z[j][2 * h + e] = ev * csv[j][e];
-        }
-      }
-    warp_pk<TI, NT, DT>(z, Ks, L.ldF, dp, O);
+    if constexpr (OUT) warp_pk<TI, NT, DT>(z, Ks + d0, L.ldF, dslice, O);
     if (!tiles.async_ok) __syncthreads();  // the one key buffer is restaged next
     tiles.advance();
   }
@@ -523,18 +578,24 @@ __global__ void __launch_bounds__(kThreads) lse_rows_fwd_kernel(LseTileParams<fl
     tot += __shfl_xor_sync(0xffffffffu, tot, 2);
     const int64_t gr = wrow0 + lr + 8 * h;
     if (!live[h]) continue;
-    if (lc == 0) {
-      p.out_m[split * p.G * p.R + gr] = m[h];
-      p.out_s[split * p.G * p.R + gr] = tot;
-    }
-    float* acc = p.out_acc + (split * p.slots * p.R + gr) * p.D;
-#pragma unroll
-    for (int t = 0; t < DT; ++t)
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int d = 8 * t + 2 * lc + e;
-        if (d < p.D) acc[d] = O[t][2 * h + e];
+    if (lc == 0 && first_slice) {
+      if constexpr (FWD) {
+        p.out_m[split * p.G * p.R + gr] = m[h];
+        p.out_s[split * p.G * p.R + gr] = tot;
+      } else {
+        p.out_gsum[split * p.R + gr] = tot;
       }
+    }
+    if constexpr (OUT) {
+      float* acc = p.out_acc + (split * (FWD ? p.slots : 1) * p.R + gr) * p.D;
+#pragma unroll
+      for (int t = 0; t < DT; ++t)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int d = d0 + 8 * t + 2 * lc + e;
+          if (8 * t < dslice && d < p.D) acc[d] = O[t][2 * h + e];
+        }
+    }
   }
 }
 

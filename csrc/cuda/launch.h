@@ -25,13 +25,13 @@ template <typename TI>
 cudaError_t launch_lse(const LseTileParams<typename LseTypes<TI>::TA>& p, bool bwd, int bm, int64_t splits,
                        size_t smem, cudaStream_t stream);
 
-// the row-only forward with one gamma (lse_rows_fwd_kernel): fp16 / bf16, dp <= kLseRowsMaxDp;
-// grid = (ceil(R / 64), splits)
+// the warp kernels (lse_warp_kernel; mode: LseWarpMode): fp16 / bf16, one gamma, no labels or
+// exclusions; grid = (ceil(R / 64), splits, lse_warp_slices(mode, dp))
 template <typename TI>
-size_t lse_rows_smem_bytes(int dp);
+size_t lse_warp_smem_bytes(int dp);
 template <typename TI>
-cudaError_t launch_lse_rows_fwd(const LseTileParams<typename LseTypes<TI>::TA>& p, int64_t splits, size_t smem,
-                                cudaStream_t stream);
+cudaError_t launch_lse_warp(const LseTileParams<typename LseTypes<TI>::TA>& p, int mode, int64_t splits, size_t smem,
+                            cudaStream_t stream);
 
 template <typename TI>
 size_t topk_smem_bytes(int dp);

@@ -48,23 +48,35 @@ cudaError_t launch_lse(const LseTileParams<typename LseTypes<TI>::TA>& p, bool b
 }
 
 template <typename TI>
-size_t lse_rows_smem_bytes(int dp) {
-  return static_cast<size_t>(lse_rows_smem<TI>(dp).total);
+size_t lse_warp_smem_bytes(int dp) {
+  return static_cast<size_t>(lse_warp_smem<TI>(dp).total);
+}
+
+template <typename TI, int MODE>
+cudaError_t launch_lse_warp_cfg(const LseTileParams<float>& p, int64_t splits, size_t smem, cudaStream_t stream) {
+  auto kernel = lse_warp_kernel<TI, MODE>;
+  cudaError_t err = allow_smem(kernel, smem);
+  if (err != cudaSuccess) return err;
+  const int dp = static_cast<int>((p.D + 15) / 16 * 16);
+  dim3 grid(static_cast<unsigned>((p.R + 63) / 64), static_cast<unsigned>(splits),
+            static_cast<unsigned>(lse_warp_slices(MODE, dp)));
+  CK_LAUNCH(kernel, grid, kThreads, smem, stream)(p);
+  return cudaGetLastError();
 }
 
 template <typename TI>
-cudaError_t launch_lse_rows_fwd(const LseTileParams<typename LseTypes<TI>::TA>& p, int64_t splits, size_t smem,
-                                cudaStream_t stream) {
+cudaError_t launch_lse_warp(const LseTileParams<typename LseTypes<TI>::TA>& p, int mode, int64_t splits, size_t smem,
+                            cudaStream_t stream) {
   if constexpr (IsTensorCore<TI>::value) {
     if (p.R == 0) return cudaSuccess;
-    auto kernel = lse_rows_fwd_kernel<TI>;
-    cudaError_t err = allow_smem(kernel, smem);
-    if (err != cudaSuccess) return err;
-    dim3 grid(static_cast<unsigned>((p.R + 63) / 64), static_cast<unsigned>(splits));
-    CK_LAUNCH(kernel, grid, kThreads, smem, stream)(p);
-    return cudaGetLastError();
+    switch (mode) {
+      case kWarpStats: return launch_lse_warp_cfg<TI, kWarpStats>(p, splits, smem, stream);
+      case kWarpSums: return launch_lse_warp_cfg<TI, kWarpSums>(p, splits, smem, stream);
+      case kWarpGrad: return launch_lse_warp_cfg<TI, kWarpGrad>(p, splits, smem, stream);
+      default: return cudaErrorInvalidValue;
+    }
   } else {
-    (void)p, (void)splits, (void)smem, (void)stream;
+    (void)p, (void)mode, (void)splits, (void)smem, (void)stream;
     return cudaErrorInvalidValue;  // fp16 / bf16 only
   }
 }
@@ -122,9 +134,9 @@ cudaError_t launch_mix(const MixParams& p, int which, cudaStream_t stream) {
   template size_t lse_smem_bytes<TI>(int, int, int);                                                           \
   template cudaError_t launch_lse<TI>(const LseTileParams<typename LseTypes<TI>::TA>&, bool, int, int64_t,     \
                                       size_t, cudaStream_t);                                                   \
-  template size_t lse_rows_smem_bytes<TI>(int);                                                                \
-  template cudaError_t launch_lse_rows_fwd<TI>(const LseTileParams<typename LseTypes<TI>::TA>&, int64_t, size_t, \
-                                               cudaStream_t);                                                  \
+  template size_t lse_warp_smem_bytes<TI>(int);                                                                \
+  template cudaError_t launch_lse_warp<TI>(const LseTileParams<typename LseTypes<TI>::TA>&, int, int64_t, size_t, \
+                                           cudaStream_t);                                                      \
   template size_t topk_smem_bytes<TI>(int);                                                                    \
   template cudaError_t launch_topk<TI>(const TopkParams&, int, int64_t, size_t, cudaStream_t);                 \
   template cudaError_t launch_mix<TI>(const MixParams&, int, cudaStream_t);
