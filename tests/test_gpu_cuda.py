@@ -114,14 +114,14 @@ def _check_within_eager_error(target, inputs, mask, dtype, **kw):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("d,col_terms", [(36, True), (128, False), (96, True), (300, True)])
-@pytest.mark.parametrize("passes", ["row-only", "both-sides", "no-column-lse", "gamma-0"])
+@pytest.mark.parametrize("passes", ["row-only", "both-sides", "no-column-lse", "gamma-0", "exclude-one", "exclude-two"])
 def test_lse_warp_kernels(target, dtype, d, col_terms, passes):
-    """The warp kernels (one gamma, no labels or exclusions, fp16/bf16): the row-only forward with
+    """The warp kernels (one gamma, no labels, fp16/bf16): the row-only forward with
     its key sums, the statistics of the rows and of the columns (CLIP's column log-sum-exp) and
     both backward orientations, with the column term of the gradient or without it; a gamma other
     than 1 (and 0: the rows' term of the gradient vanishes), with and without column terms, D not
     a multiple of 8 (key tiles staged without cp.async), D=300 (three slices of the output
-    columns, the last one partial), two column splits and rows past the last warp's, against the
+    columns, the last one partial), one or two exclusions per query, two column splits and rows past the last warp's, against the
     fp64 reference within twice the eager error at the same dtype."""
     b, n = 20, 2500
     inputs = lse_inputs(b, n, d, dtype=torch.float64, seed=d, col_scale=col_terms, biases=col_terms)
@@ -129,8 +129,13 @@ def test_lse_warp_kernels(target, dtype, d, col_terms, passes):
     inputs[1] = torch.nn.functional.normalize(inputs[1], dim=1)
     both = passes != "row-only"
     mask = [True, both, True, both and col_terms, True, both and col_terms]
+    # exclusions: none for row 0, columns that fall in either split, in the first and last tiles
+    exclude = {"exclude-one": torch.arange(b)[:, None] * 131 % n,
+               "exclude-two": torch.stack([torch.arange(b) * 131 % n, n - 1 - torch.arange(b)], 1)}.get(passes)
+    if exclude is not None:
+        exclude[0] = -1
     _check_within_eager_error(target, inputs, mask, dtype, gammas=(0.0 if passes == "gamma-0" else 0.5,),
-                              want_col_lse=passes in ("both-sides", "gamma-0"))
+                              want_col_lse=passes != "row-only" and passes != "no-column-lse", exclude=exclude)
 
 
 def test_lse_stats_empty_and_excluded_rows(target):

@@ -44,10 +44,10 @@ Plan plan_lse(int64_t R, int64_t C, int64_t D, int nslots) {
   return p;
 }
 
-// The passes with one gamma, no labels and no exclusions on fp16/bf16 inputs (InfoNCE against a bank
-// or queue, CLIP) run the warp kernels (lse_warp_kernel: flash-attention style, scores and outputs
-// in registers) where their shared memory fits; CK_CUDA_WARP_KERNELS=0 keeps every pass on the
-// general kernel (to compare).
+// The passes with one gamma, no labels and at most kWarpMaxE exclusions per query on fp16/bf16
+// inputs (InfoNCE against a bank or queue, CLIP, NT-Xent) run the warp kernels (lse_warp_kernel:
+// flash-attention style, scores and outputs in registers) where their shared memory fits;
+// CK_CUDA_WARP_KERNELS=0 keeps every pass on the general kernel (to compare).
 
 template <typename TI>
 bool use_warp_kernels(int G, bool labels, int E, int64_t D) {
@@ -55,7 +55,7 @@ bool use_warp_kernels(int G, bool labels, int E, int64_t D) {
     const char* v = std::getenv("CK_CUDA_WARP_KERNELS");
     return v == nullptr || std::string(v) != "0";
   }();
-  if (!(enabled && IsTensorCore<TI>::value && G == 1 && !labels && E == 0)) return false;
+  if (!(enabled && IsTensorCore<TI>::value && G == 1 && !labels && E <= kWarpMaxE)) return false;
   return static_cast<int64_t>(lse_warp_smem_bytes<TI>(static_cast<int>((D + 15) / 16 * 16))) <= device_max_smem();
 }
 

@@ -389,10 +389,12 @@ __global__ void __launch_bounds__(kThreads) lse_tile_kernel(LseTileParams<typena
 }
 
 // ---------------------------------------------------------------------------------------------
-// Warp kernels: the passes with one gamma, no labels and no exclusions on fp16/bf16 inputs (MoCo
-// and frozen banks, CLIP), flash-attention style. Each warp owns 16 rows of the block's 64; its
+// Warp kernels: the passes with one gamma, no labels and at most kWarpMaxE exclusions per query on
+// fp16/bf16 inputs (MoCo and frozen banks, CLIP, SimCLR's NT-Xent), flash-attention style. Each warp owns 16 rows of the block's 64; its
 // scores of a 64-column tile stay in the mma accumulators, with the logits
 //   l_ij = rs_i cs_j S_ij + rb_i + cb_j   (-inf off the tile's valid columns or past R)
+// Exclusions: a tile holding an excluded (row, column) pair is flagged while its column terms are
+// staged (a block-uniform test), and only then are the pairs masked, element by element.
 // Modes (the outputs are lse_tile_kernel's, per column split, so the host merges them alike):
 //   kWarpStats (forward statistics; CLIP's row and column log-sum-exps), with z = gamma l:
 //     m_i' = max(m_i, max_j z_ij),  r = exp(m_i - m_i'),  s_i' = r s_i + sum_j exp(z_ij - m_i')
@@ -410,9 +412,10 @@ __global__ void __launch_bounds__(kThreads) lse_tile_kernel(LseTileParams<typena
 
 enum LseWarpMode : int { kWarpStats = 0, kWarpSums = 1, kWarpGrad = 2 };
 constexpr int kLseWarpSlice = 128;  // O's columns per block: 16 x 128 fp32 per warp, 64 registers per thread
+constexpr int kWarpMaxE = 2;        // exclusions per query the warp kernels take
 
 struct LseWarpSmem {
-  int64_t q, k0, k1, colv, total;
+  int64_t q, k0, k1, colv, colx, xflag, total;
   int ldF;
 };
 
@@ -429,6 +432,10 @@ __host__ __device__ inline LseWarpSmem lse_warp_smem(int dp) {
   o = align16(o + int64_t(kLseBN) * s.ldF * sizeof(TI));
   s.colv = o;  // [2 tiles][cs, cb, cw, cl][BN]
   o = align16(o + int64_t(8) * kLseBN * sizeof(float));
+  s.colx = o;  // [2 tiles][kWarpMaxE][BN]: keys as rows, the block row each column excludes (-1: none)
+  o = align16(o + int64_t(2 * kWarpMaxE) * kLseBN * sizeof(int));
+  s.xflag = o;  // [2 tiles]: the tile's number when some pair of it is excluded
+  o = align16(o + int64_t(2) * sizeof(int));
   s.total = o;
   return s;
 }
@@ -438,8 +445,40 @@ __host__ __device__ inline int lse_warp_slices(int mode, int dp) {
   return mode == kWarpStats ? 1 : (dp + kLseWarpSlice - 1) / kLseWarpSlice;
 }
 
+// Sets the excluded elements of a warp's tile values v (accumulator layout) to `masked`: queries as
+// rows, the lane's rows' excluded columns against the tile's c0 + c; keys as rows, the block row
+// that column c excludes (cx, staged with the tile) against the lane's rows (wrow0: the warp's
+// first row, wfirst its index in the block).
+template <int NT>
+__device__ __forceinline__ void mask_excluded(const LseTileParams<float>& p, const int* cx, int64_t c0, int64_t wrow0,
+                                              int wfirst, float masked, float (&v)[NT][4]) {
+  const int lane = threadIdx.x & 31, lr = lane >> 2, lc = lane & 3;
+  int64_t rex[2][kWarpMaxE];
+#pragma unroll
+  for (int h = 0; h < 2; ++h)
+#pragma unroll
+    for (int e = 0; e < kWarpMaxE; ++e) {
+      const int64_t gr = wrow0 + lr + 8 * h;
+      rex[h][e] = !p.key_rows && e < p.E && gr < p.R ? p.exclude[gr * p.E + e] - c0 : -1;
+    }
+#pragma unroll
+  for (int j = 0; j < NT; ++j)
+#pragma unroll
+    for (int e2 = 0; e2 < 2; ++e2) {
+      const int c = 8 * j + 2 * lc + e2;
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        bool x = false;
+#pragma unroll
+        for (int e = 0; e < kWarpMaxE; ++e)
+          if (e < p.E) x |= p.key_rows ? cx[e * kLseBN + c] == wfirst + lr + 8 * h : rex[h][e] == c;
+        if (x) v[j][2 * h + e2] = masked;
+      }
+    }
+}
+
 template <typename TI, int MODE>
-__global__ void __launch_bounds__(kThreads) lse_warp_kernel(LseTileParams<float> p) {
+__global__ void __launch_bounds__(kThreads, MODE == kWarpStats ? 4 : 3) lse_warp_kernel(LseTileParams<float> p) {
   static_assert(IsTensorCore<TI>::value, "fp16 / bf16 inputs");
   constexpr int BN = kLseBN, NT = BN / 8, DT = kLseWarpSlice / 8;
   constexpr bool FWD = MODE != kWarpGrad, OUT = MODE != kWarpStats;
@@ -455,7 +494,17 @@ __global__ void __launch_bounds__(kThreads) lse_warp_kernel(LseTileParams<float>
   const LseWarpSmem L = lse_warp_smem<TI>(dp);
   TI* Qs = reinterpret_cast<TI*>(smem + L.q);
   float* colv = reinterpret_cast<float*>(smem + L.colv);
+  int* colx = reinterpret_cast<int*>(smem + L.colx);
+  int* xflag = reinterpret_cast<int*>(smem + L.xflag);
   stage_rows<TI, TI>(Qs, L.ldF, static_cast<const TI*>(p.rows_feat), r0, p.R, p.D, 64, dp);
+  // queries as rows: thread t < 64 E watches exclusion t % E of the block's row t / E
+  int64_t watched = -1;
+  if (p.E > 0) {
+    if (!p.key_rows && threadIdx.x < 64 * p.E && r0 + threadIdx.x / p.E < p.R)
+      watched = p.exclude[(r0 + threadIdx.x / p.E) * p.E + threadIdx.x % p.E];
+    if (threadIdx.x < 2) xflag[threadIdx.x] = -1;
+    __syncthreads();  // the flags' initial values before any tile sets one
+  }
 
   const int64_t wrow0 = r0 + 16 * warp;
   const float ninf = neg_inf_f(), gamma = p.gamma[0];
@@ -479,11 +528,28 @@ __global__ void __launch_bounds__(kThreads) lse_warp_kernel(LseTileParams<float>
 
   KeyTiles<TI, TI, true> tiles(reinterpret_cast<TI*>(smem + L.k0), reinterpret_cast<TI*>(smem + L.k1), L.ldF,
                                static_cast<const TI*>(p.cols_feat), p.C, p.D, BN, dp, c_begin, c_end);
-  int parity = 0;
-  for (int64_t c0 = c_begin; c0 < c_end; c0 += BN, parity ^= 1) {
+  int parity = 0, tile = 0;
+  for (int64_t c0 = c_begin; c0 < c_end; c0 += BN, parity ^= 1, ++tile) {
     const TI* Ks = tiles.acquire(c0);
     // the tile's column terms, double-buffered like the key tiles (one barrier per tile)
     float* cv = colv + parity * 4 * BN;
+    int* cx = colx + parity * kWarpMaxE * BN;
+    if (p.E > 0) {  // flag the tile if it holds an excluded pair (a stamp: no reset needed)
+      if (!p.key_rows) {
+        if (watched >= c0 && watched < c0 + BN) xflag[parity] = tile;
+      } else {
+        for (int cc = threadIdx.x; cc < BN; cc += kThreads) {
+          const int64_t gc = c0 + cc;
+#pragma unroll
+          for (int e = 0; e < kWarpMaxE; ++e) {
+            const int64_t rel = e < p.E && gc < c_end ? p.exclude[gc * p.E + e] - r0 : -1;
+            const bool in = rel >= 0 && rel < 64;
+            cx[e * BN + cc] = in ? static_cast<int>(rel) : -1;
+            if (in) xflag[parity] = tile;
+          }
+        }
+      }
+    }
     if (col_terms) {
       for (int cc = threadIdx.x; cc < BN; cc += kThreads) {
         const int64_t gc = c0 + cc;
@@ -516,6 +582,7 @@ __global__ void __launch_bounds__(kThreads) lse_warp_kernel(LseTileParams<float>
             z[j][2 * h + e] = c < valid && live[h] ? gamma * l : ninf;
           }
         }
+      if (p.E > 0 && xflag[parity] == tile) mask_excluded(p, cx, c0, wrow0, 16 * warp, ninf, z);
       float shift[2];
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
@@ -560,9 +627,19 @@ __global__ void __launch_bounds__(kThreads) lse_warp_kernel(LseTileParams<float>
             const float l = z[j][2 * h + e] * (rs[h] * csc) + (rb[h] + cbv);
             float g = rw[h] != 0.f ? rw[h] * ck_exp_fast(rg * l - rl[h]) : 0.f;
             if (cw != 0.f) g += cw * ck_exp_fast(cg * l - cl);
-            g = c < valid && live[h] ? g : 0.f;
-            s[h] += g;
-            z[j][2 * h + e] = g * csc;
+            z[j][2 * h + e] = c < valid && live[h] ? g : 0.f;
+          }
+        }
+      if (p.E > 0 && xflag[parity] == tile) mask_excluded(p, cx, c0, wrow0, 16 * warp, 0.f, z);
+#pragma unroll
+      for (int j = 0; j < NT; ++j)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const float csc = col_terms ? cv[8 * j + 2 * lc + e] : 1.f;
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            s[h] += z[j][2 * h + e];
+            z[j][2 * h + e] *= csc;
           }
         }
     }
