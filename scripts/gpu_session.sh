@@ -11,9 +11,10 @@
 #   bench-backends  cuda vs triton vs chunked, per op (benchmarks/gpu_backends.py)
 #   cuda-kernels the rewritten CUDA kernels against Triton: top-k (warp-owned rows, selection in
 #                registers; M=8192, N=2^20, D=128 bf16, k = 16, 128, 256, 1024; fp32 k=64),
-#                InfoNCE against a bank (B=1024, K=2^20 and B=256, K=65536) and CLIP (N=16384,
-#                D=256 and 512) on the warp kernels (scores and outputs in registers), then the
-#                InfoNCE cases on the general kernel (CK_CUDA_WARP_KERNELS=0) -> $OUT/cuda-kernels.md
+#                InfoNCE against a bank (B=1024, K=2^20 and B=256, K=65536), CLIP (N=16384,
+#                D=256 and 512) and NT-Xent (B=4096) on the warp kernels (scores and outputs in
+#                registers), then the loss cases on the general kernel (CK_CUDA_WARP_KERNELS=0)
+#                -> $OUT/cuda-kernels.md
 #   profile      host against kernels per training step (scripts/profile_gpu_step.py) for the MoCo,
 #                QK and MoCHi steps: wall, kernels, no launches, the CUDA-graph replay, the host's
 #                Python profile -> $OUT/profile-*.txt
@@ -74,9 +75,9 @@ for stage in "$@"; do
         $PY benchmarks/gpu_backends.py --backends cuda,triton,chunked,reference 2>&1 | tee "$OUT/gpu-backends.md" || status=1
         ;;
     cuda-kernels)
-        $PY benchmarks/gpu_backends.py --ops topk,bank,clip --backends cuda,triton 2>&1 | tee "$OUT/cuda-kernels.md" || status=1
+        $PY benchmarks/gpu_backends.py --ops topk,bank,clip,ntx --backends cuda,triton 2>&1 | tee "$OUT/cuda-kernels.md" || status=1
         echo "CK_CUDA_WARP_KERNELS=0 (the general lse kernel)" | tee -a "$OUT/cuda-kernels.md"
-        CK_CUDA_WARP_KERNELS=0 $PY benchmarks/gpu_backends.py --ops bank,clip --backends cuda 2>&1 | tee -a "$OUT/cuda-kernels.md" || status=1
+        CK_CUDA_WARP_KERNELS=0 $PY benchmarks/gpu_backends.py --ops bank,clip,ntx --backends cuda 2>&1 | tee -a "$OUT/cuda-kernels.md" || status=1
         ;;
     profile)
         for c in moco qk mochi; do  # one process per case: a failed graph capture spoils CUDA
