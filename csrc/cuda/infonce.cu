@@ -50,29 +50,26 @@ Plan plan_lse(int64_t R, int64_t C, int64_t D, int nslots) {
 // CK_CUDA_WARP_KERNELS=0 keeps every pass on the general kernel (to compare).
 
 template <typename TI>
-bool use_warp_kernels(int G, bool labels, int E, int64_t D) {
+bool use_warp_kernel(const LseTileParams<typename LseTypes<TI>::TA>& p) {
   static const bool enabled = [] {
     const char* v = std::getenv("CK_CUDA_WARP_KERNELS");
     return v == nullptr || std::string(v) != "0";
   }();
-  if (!(enabled && IsTensorCore<TI>::value && G == 1 && !labels && E <= kWarpMaxE)) return false;
-  return static_cast<int64_t>(lse_warp_smem_bytes<TI>(static_cast<int>((D + 15) / 16 * 16))) <= device_max_smem();
+  const bool labels = p.lab_r != nullptr || p.bits_r != nullptr;
+  if (!(enabled && IsTensorCore<TI>::value && p.G == 1 && !labels && p.E <= kWarpMaxE)) return false;
+  return static_cast<int64_t>(lse_warp_smem_bytes<TI>(static_cast<int>((p.D + 15) / 16 * 16))) <= device_max_smem();
 }
 
+// The plan of a pass with the parameters p (oriented, gammas set): the warp kernel in `mode` where
+// use_warp_kernel allows it, else the general kernel with nslots key-sum slots.
 template <typename TI>
-Plan plan_warp(int64_t R, int64_t C, int64_t D, int mode) {
-  Plan p;
-  p.bm = 64;
-  p.warp_mode = mode;
-  p.smem = lse_warp_smem_bytes<TI>(static_cast<int>((D + 15) / 16 * 16));
-  plan_splits(R, C, p.bm, kLseBN, 16 * kLseBN, p.splits, p.per_split);
-  return p;
-}
-
-// the warp kernel in `mode` where use_warp_kernels allows it, else the general kernel
-template <typename TI>
-Plan plan_pass(int64_t R, int64_t C, int64_t D, int nslots, bool warp, int mode) {
-  return warp ? plan_warp<TI>(R, C, D, mode) : plan_lse<TI>(R, C, D, nslots);
+Plan plan_pass(const LseTileParams<typename LseTypes<TI>::TA>& p, int nslots, int mode) {
+  if (!use_warp_kernel<TI>(p)) return plan_lse<TI>(p.R, p.C, p.D, nslots);
+  Plan plan;
+  plan.warp_mode = mode;
+  plan.smem = lse_warp_smem_bytes<TI>(static_cast<int>((p.D + 15) / 16 * 16));
+  plan_splits(p.R, p.C, plan.bm, kLseBN, 16 * kLseBN, plan.splits, plan.per_split);
+  return plan;
 }
 
 template <typename TI, bool BWD>
@@ -179,8 +176,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lse_fwd_typed(
   for (int g = 0; g < G; ++g) p.gamma[g] = static_cast<TA>(gammas[g]);
   p.slots = slots;
   p.labels = labels;
-  const bool warp = use_warp_kernels<TI>(G, labels, p.E, D);
-  const Plan plan = plan_pass<TI>(B, N, D, slots, warp, row_only ? kWarpSums : kWarpStats);
+  const Plan plan = plan_pass<TI>(p, slots, row_only ? kWarpSums : kWarpStats);
   p.cols_per_split = plan.per_split;
   const int64_t S = plan.splits;
   Tensor m = at::empty({S, G, B}, opts), s = at::empty({S, G, B}, opts);
@@ -209,7 +205,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lse_fwd_typed(
     LseTileParams<TA> pc = orient<TA>(c, true);
     pc.G = 1;
     pc.gamma[0] = TA(1);
-    const Plan cplan = plan_pass<TI>(N, B, D, 0, use_warp_kernels<TI>(1, labels, pc.E, D), kWarpStats);
+    const Plan cplan = plan_pass<TI>(pc, 0, kWarpStats);
     pc.cols_per_split = cplan.per_split;
     Tensor cm = at::empty({cplan.splits, 1, N}, opts), cs = at::empty({cplan.splits, 1, N}, opts);
     pc.out_m = cm.data_ptr<TA>();
@@ -277,7 +273,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lse_bwd_typed(const Common& c, at::Ar
     p.col_lse = key_rows ? p.q_lse : p.k_lse;
     p.col_gamma = key_rows ? p.gamma[0] : TA(1);
     const int64_t R = p.R;
-    const Plan plan = plan_pass<TI>(R, p.C, D, 1, use_warp_kernels<TI>(G, labels, p.E, D), kWarpGrad);
+    const Plan plan = plan_pass<TI>(p, 1, kWarpGrad);
     p.cols_per_split = plan.per_split;
     Tensor acc = at::empty({plan.splits, 1, R, D}, opts);
     Tensor gs = at::empty({plan.splits, R}, opts);
