@@ -16,8 +16,8 @@
 //     dc_i += sum_j G_ij; keys as rows: h_j += sum_i G_ij a_i q_i, dd_j += sum_i G_ij.
 // The columns are split over gridDim.y (more blocks than row tiles alone give); every block
 // writes its partial statistics and the host merges the splits (max / rescaled sums).
-// The passes with one gamma and no labels or exclusions on fp16/bf16 inputs have warp kernels
-// (lse_warp_kernel, below) that keep scores and outputs in registers instead.
+// The passes with one gamma, no labels and at most two exclusions per query on fp16/bf16 inputs
+// have warp kernels (lse_warp_kernel, below) that keep scores and outputs in registers instead.
 //
 // Tiles: BM rows (64, 32 or 16, chosen by the host to fit shared memory) x 64 columns; 128
 // threads; each row's 64 columns are handled by 128/BM consecutive threads, which combine row
@@ -390,8 +390,9 @@ __global__ void __launch_bounds__(kThreads) lse_tile_kernel(LseTileParams<typena
 
 // ---------------------------------------------------------------------------------------------
 // Warp kernels: the passes with one gamma, no labels and at most kWarpMaxE exclusions per query on
-// fp16/bf16 inputs (MoCo and frozen banks, CLIP, SimCLR's NT-Xent), flash-attention style. Each warp owns 16 rows of the block's 64; its
-// scores of a 64-column tile stay in the mma accumulators, with the logits
+// fp16/bf16 inputs (MoCo and frozen banks, CLIP, SimCLR's NT-Xent), flash-attention style. Each
+// warp owns 16 rows of the block's 64; its scores of a 64-column tile stay in the mma
+// accumulators, with the logits
 //   l_ij = rs_i cs_j S_ij + rb_i + cb_j   (-inf off the tile's valid columns or past R)
 // Exclusions: a tile holding an excluded (row, column) pair is flagged while its column terms are
 // staged (a block-uniform test), and only then are the pairs masked, element by element.
