@@ -25,10 +25,11 @@
 //     whose buffer is full is merged into its queue, and the scores it could not take are tested
 //     again, now against the new k-th key (keys, not scores: this tile's columns may be in the
 //     queue now), until none is left;
-//   * a merge (one warp, one row): the buffer is bitonic-sorted across lanes and registers, the
-//     row's sorted queue of KP keys (KP = k rounded up to a power of two >= 32) is loaded, merged
-//     by the bitonic rule C_e = max(Q_e, B_{KP-1-e}) (C holds the KP largest of both and is
-//     bitonic) and one bitonic merge network; the new threshold is the k-th key;
+//   * a merge (one warp, one row): the buffer is bitonic-sorted across lanes and registers; each
+//     key of the row's sorted queue of KP keys (KP = k rounded up to a power of two >= 32) moves
+//     down by the number of candidates above it and each candidate goes to its rank in the queue
+//     plus its own index (binary searches, and a walk down the buffer along a lane's run of queue
+//     keys); what lands past KP drops out; the new threshold is the k-th key;
 //   * the queues live in global memory (the kernel's output, per column split), touched only by
 //     merges; columns are split over gridDim.y and the host merges the splits' sorted queues.
 // Within a split the tiles are visited in increasing column order, so at the start of a tile every
@@ -41,10 +42,10 @@
 //
 // Cost (sm_90 code, fp16, D = 128, per warp and bank tile; not yet timed on a GPU): the fast path
 // is about 430 instructions, 64 of them mma and 112 the tile's cp.async copies; a slow tile adds
-// about 180 plus 20 per score position taken; a merge is about 1,040 instructions at KP = 256 and
-// 3,080 at KP = 1,024. A simulation of the selection on random unit vectors (one 2^19-column
-// split, scripts/simulate_cuda_topk.py) gives slow paths in 71 % / 96 % of the tiles and 38 / 119 merges per row at k = 256 /
-// 1,024.
+// about 180 plus 20 per score position taken; a merge is about 850 instructions at KP = 256 and
+// 1,450 at KP = 1,024 (the bitonic merge network it replaced: 1,040 and 3,080). A simulation of
+// the selection on random unit vectors (one 2^19-column split, scripts/simulate_cuda_topk.py)
+// gives slow paths in 71 % / 96 % of the tiles and 38 / 119 merges per row at k = 256 / 1,024.
 #pragma once
 
 #include "device_common.cuh"
@@ -172,30 +173,28 @@ __device__ __forceinline__ void warp_bitonic_sort_desc(int64_t (&v)[R]) {
     for (int stride = size >> 1; stride > 0; stride >>= 1) warp_bitonic_stage<R>(v, size, stride);
 }
 
-// Sorts a bitonic sequence of N = 32 * R keys into descending order (half-cleaners).
-template <int R>
-__device__ __forceinline__ void warp_bitonic_merge_desc(int64_t (&v)[R]) {
+// The number of keys greater than x in a descending array of N keys (N a power of two), by a
+// branch-free binary search.
+template <int N>
+__device__ __forceinline__ int count_greater(const int64_t* sorted, int64_t x) {
+  int r = 0;
 #pragma unroll
-  for (int stride = 16 * R; stride > 0; stride >>= 1) warp_bitonic_stage<R>(v, 0, stride);
-}
-
-// v[i] for a runtime i < R, by a tree of selects on the bits of i: a loop `if (j == i) x = v[j]`
-// is compiled as an indexed load from a copy of v in local memory.
-template <int R>
-__device__ __forceinline__ int64_t select_register(const int64_t (&v)[R], int i) {
-  int64_t t[R];
-#pragma unroll
-  for (int j = 0; j < R; ++j) t[j] = v[j];
-#pragma unroll
-  for (int w = R / 2; w >= 1; w /= 2)
-#pragma unroll
-    for (int j = 0; j < w; ++j) t[j] = (i & w) ? t[j + w] : t[j];
-  return t[0];
+  for (int step = N / 2; step >= 1; step >>= 1)
+    if (sorted[r + step - 1] > x) r += step;
+  // sorted[r] <= x here, unless r = N - 1 (the steps add up to N - 1): then that one decides
+  return r == N - 1 && sorted[N - 1] > x ? N : r;
 }
 
 // Merge a row's candidate buffer into its sorted queue (one warp); returns the new k-th key.
+// By ranks: the buffer B is sorted (bitonic, across lanes and registers) and written back; queue
+// key Q_e moves to e + #(B > Q_e) and candidate B_i to i + #(Q > B_i), and whatever lands at KP
+// or beyond drops out. Lane l holds the queue's keys l*QR .. l*QR + QR - 1, so their shifts are
+// one binary search and a walk down B (non-decreasing along the lane's keys); the candidates'
+// ranks are binary searches in the queue. Keys are distinct but for the empty key, and empties
+// land after every real key (empty candidates past KP), so the new positions below KP are a
+// permutation: each written once. Every read of the queue precedes every write.
 template <int KP>
-__device__ __forceinline__ int64_t warp_merge_row(int64_t* queue, const int64_t* cand, int count, int k) {
+__device__ __forceinline__ int64_t warp_merge_row(int64_t* queue, int64_t* cand, int count, int k) {
   constexpr int QR = KP / 32, CR = kTopkCap / 32;
   const int lane = threadIdx.x & 31;
   int64_t b[CR];
@@ -206,23 +205,38 @@ __device__ __forceinline__ int64_t warp_merge_row(int64_t* queue, const int64_t*
   }
   warp_bitonic_sort_desc<CR>(b);
   int64_t q[QR];
+  if constexpr (QR % 2 == 0) {  // 16-byte loads
+    const longlong2* src = reinterpret_cast<const longlong2*>(queue + lane * QR);
 #pragma unroll
-  for (int i = 0; i < QR; ++i) q[i] = queue[i * 32 + lane];
-  // C_e = max(Q_e, B_{KP-1-e}): element KP-1-e of B lives in register QR-1-i of lane 31-lane
+    for (int i = 0; i < QR / 2; ++i) {
+      const longlong2 v = src[i];
+      q[2 * i] = v.x, q[2 * i + 1] = v.y;
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < QR; ++i) q[i] = queue[lane * QR + i];
+  }
+  int bpos[CR];
+#pragma unroll
+  for (int i = 0; i < CR; ++i)
+    bpos[i] = b[i] == kEmptyKey ? KP : i * 32 + lane + count_greater<KP>(queue, b[i]);
+  __syncwarp();  // every lane has read the buffer and the queue
+#pragma unroll
+  for (int i = 0; i < CR; ++i) cand[i * 32 + lane] = b[i];
+  __syncwarp();  // the sorted buffer is visible
+  int shift = count_greater<kTopkCap>(cand, q[0]);
 #pragma unroll
   for (int i = 0; i < QR; ++i) {
-    const int src = QR - 1 - i;
-    int64_t other = kEmptyKey;
-    if (src < CR) other = __shfl_sync(0xffffffffu, b[src < CR ? src : 0], 31 - lane);
-    q[i] = other > q[i] ? other : q[i];
+    while (shift < kTopkCap && cand[shift] > q[i]) ++shift;
+    const int pos = lane * QR + i + shift;
+    if (shift > 0 && pos < KP) queue[pos] = q[i];
   }
-  warp_bitonic_merge_desc<QR>(q);
 #pragma unroll
-  for (int i = 0; i < QR; ++i) queue[i * 32 + lane] = q[i];
-  // the k-th key: element k-1
-  return __shfl_sync(0xffffffffu, select_register<QR>(q, (k - 1) / 32), (k - 1) % 32);
+  for (int i = 0; i < CR; ++i)
+    if (bpos[i] < KP) queue[bpos[i]] = b[i];
+  __syncwarp();  // the merged queue is visible
+  return queue[k - 1];
 }
-
 
 // ---------------------------------------------------------------------------------------------
 // the warp's scores and selection
