@@ -226,15 +226,20 @@ __device__ __forceinline__ void stage_rows(TS* dst, int ld, const TI* __restrict
   });
 }
 
-// Which 16-byte chunks of a [rows][dp] tile this thread copies: where dp / 8 divides kThreads
-// (dp = 16, 32, ..., 1024), one column of chunks (rows r0, r0 + step, ..., column d), computed
-// once per kernel, not per tile (two integer divisions, ~40 instructions); otherwise (column < 0)
-// every kThreads-th chunk, stepped per tile.
+// Which 16-byte chunks of a [rows][dp] tile (source rows of D elements, shared-memory rows of ld)
+// this thread copies: where dp / 8 divides kThreads (dp = 16, 32, ..., 1024), one column of
+// chunks (rows r0, r0 + step, ..., column d) with its source and destination strides, computed
+// once per kernel, not per tile (two integer divisions and 64-bit products, ~50 instructions);
+// otherwise (column < 0) every kThreads-th chunk, stepped per tile.
 struct AsyncPlan {
-  int r0 = 0, step = 0, column = -1;
-  __device__ __forceinline__ explicit AsyncPlan(int dp) {
+  int r0 = 0, step = 0, column = -1, s_step = 0;
+  int64_t g_step = 0;
+  __device__ __forceinline__ AsyncPlan(int dp, int64_t D, int ld) {
     const int chunks = dp / 8;
-    if (kThreads % chunks == 0) step = kThreads / chunks, r0 = threadIdx.x / chunks, column = (threadIdx.x % chunks) * 8;
+    if (kThreads % chunks == 0) {
+      step = kThreads / chunks, r0 = threadIdx.x / chunks, column = (threadIdx.x % chunks) * 8;
+      g_step = static_cast<int64_t>(step) * D, s_step = step * ld;
+    }
   }
 };
 
@@ -250,9 +255,14 @@ __device__ __forceinline__ void stage_rows_async(T* dst, int ld, const T* __rest
     const int d = plan.column;
     const T* g = base + static_cast<int64_t>(plan.r0) * D + d;
     T* s = dst + plan.r0 * ld + d;
-    for (int r = plan.r0; r < rows; r += plan.step, g += plan.step * D, s += plan.step * ld) {
-      const bool ok = r < valid && d < Di;
-      cp_async_16(s, ok ? g : src, ok ? 16 : 0);
+    if (valid == rows && d < Di) {  // a whole tile (all but a last one): no bounds per chunk
+#pragma unroll 4
+      for (int r = plan.r0; r < rows; r += plan.step, g += plan.g_step, s += plan.s_step) cp_async_16(s, g, 16);
+    } else {
+      for (int r = plan.r0; r < rows; r += plan.step, g += plan.g_step, s += plan.s_step) {
+        const bool ok = r < valid && d < Di;
+        cp_async_16(s, ok ? g : src, ok ? 16 : 0);
+      }
     }
   } else {
     for_each_strided(rows, dp / 8, [&](int r, int chunk) {
@@ -282,7 +292,7 @@ struct KeyTiles {
   __device__ __forceinline__ KeyTiles(TS* buf0, TS* buf1, int ld_, const TI* src_, int64_t nrows_, int64_t D_,
                                       int BN_, int dp_, int64_t c_begin, int64_t c_end_)
       : buf{buf0, buf1}, ld(ld_), BN(BN_), dp(dp_), cur(0), src(src_), nrows(nrows_), D(D_), c_end(c_end_),
-        async_ok(false), plan(dp_) {
+        async_ok(false), plan(dp_, D_, ld_) {
     if constexpr (TC) {
       async_ok = (D % 8 == 0) && ((reinterpret_cast<uintptr_t>(src) & 15) == 0);
       if (async_ok && c_begin < c_end) stage_async(0, c_begin);
