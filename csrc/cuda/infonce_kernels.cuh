@@ -568,21 +568,26 @@ __global__ void __launch_bounds__(kThreads, MODE == kWarpStats ? 4 : 3) lse_warp
     float z[NT][4];
     warp_scores<true, TI, NT>(Qs + 16 * warp * L.ldF, Ks, L.ldF, dp, z);
     const int valid = c_end - c0 < BN ? static_cast<int>(c_end - c0) : BN;
+    // the logits, in place, and this lane's column scales (of the logits and the second product)
+    float csv[NT][2];
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int c = 8 * j + 2 * lc + e;
+        csv[j][e] = col_terms ? cv[c] : 1.f;
+        const float cbv = col_terms ? cv[BN + c] : 0.f;
+#pragma unroll
+        for (int h = 0; h < 2; ++h) z[j][2 * h + e] = z[j][2 * h + e] * (rs[h] * csv[j][e]) + (rb[h] + cbv);
+      }
     if constexpr (FWD) {
-      float csv[NT][2];  // the column scales of this lane's columns (the logits and the key sums)
 #pragma unroll
       for (int j = 0; j < NT; ++j)
 #pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int c = 8 * j + 2 * lc + e;
-          csv[j][e] = col_terms ? cv[c] : 1.f;
-          const float cbv = col_terms ? cv[BN + c] : 0.f;
+        for (int e = 0; e < 2; ++e)
 #pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            const float l = z[j][2 * h + e] * (rs[h] * csv[j][e]) + (rb[h] + cbv);
-            z[j][2 * h + e] = c < valid && live[h] ? gamma * l : ninf;
-          }
-        }
+          for (int h = 0; h < 2; ++h)
+            z[j][2 * h + e] = 8 * j + 2 * lc + e < valid && live[h] ? gamma * z[j][2 * h + e] : ninf;
       if (p.E > 0 && xflag[parity] == tile) mask_excluded(p, cx, c0, wrow0, 16 * warp, ninf, z);
       float shift[2];
 #pragma unroll
@@ -621,11 +626,10 @@ __global__ void __launch_bounds__(kThreads, MODE == kWarpStats ? 4 : 3) lse_warp
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
           const int c = 8 * j + 2 * lc + e;
-          const float csc = col_terms ? cv[c] : 1.f, cbv = col_terms ? cv[BN + c] : 0.f;
           const float cw = col_terms ? cv[2 * BN + c] : 0.f, cl = col_terms ? cv[3 * BN + c] : 0.f;
 #pragma unroll
           for (int h = 0; h < 2; ++h) {
-            const float l = z[j][2 * h + e] * (rs[h] * csc) + (rb[h] + cbv);
+            const float l = z[j][2 * h + e];
             float g = rw[h] != 0.f ? rw[h] * ck_exp_fast(rg * l - rl[h]) : 0.f;
             if (cw != 0.f) g += cw * ck_exp_fast(cg * l - cl);
             z[j][2 * h + e] = c < valid && live[h] ? g : 0.f;
@@ -635,14 +639,12 @@ __global__ void __launch_bounds__(kThreads, MODE == kWarpStats ? 4 : 3) lse_warp
 #pragma unroll
       for (int j = 0; j < NT; ++j)
 #pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const float csc = col_terms ? cv[8 * j + 2 * lc + e] : 1.f;
+        for (int e = 0; e < 2; ++e)
 #pragma unroll
           for (int h = 0; h < 2; ++h) {
             s[h] += z[j][2 * h + e];
-            z[j][2 * h + e] *= csc;
+            z[j][2 * h + e] *= csv[j][e];
           }
-        }
     }
     if constexpr (OUT) warp_pk<TI, NT, DT>(z, Ks + d0, L.ldF, dslice, O);
     if (!tiles.async_ok) __syncthreads();  // the one key buffer is restaged next
