@@ -116,13 +116,13 @@ def _check_within_eager_error(target, inputs, mask, dtype, **kw):
 @pytest.mark.parametrize("d,col_terms", [(36, True), (128, False), (96, True), (300, True)])
 @pytest.mark.parametrize("passes", ["row-only", "both-sides", "no-column-lse", "gamma-0", "exclude-one", "exclude-two"])
 def test_lse_warp_kernels(target, dtype, d, col_terms, passes):
-    """The warp kernels (one gamma, no labels, fp16/bf16): the row-only forward with
-    its key sums, the statistics of the rows and of the columns (CLIP's column log-sum-exp) and
-    both backward orientations, with the column term of the gradient or without it; a gamma other
-    than 1 (and 0: the rows' term of the gradient vanishes), with and without column terms, D not
-    a multiple of 8 (key tiles staged without cp.async), D=300 (three slices of the output
-    columns, the last one partial), one or two exclusions per query, two column splits and rows past the last warp's, against the
-    fp64 reference within twice the eager error at the same dtype."""
+    """The warp kernels (one gamma, no labels, fp16/bf16): the row-only forward with its key sums,
+    the statistics of the rows and of the columns (CLIP's column log-sum-exp) and both backward
+    orientations, with the column term of the gradient or without it; a gamma other than 1 (and
+    0: the rows' term of the gradient vanishes), with and without column terms, D not a multiple
+    of 8 (key tiles staged without cp.async), D=300 (three slices of the output columns, the last
+    one partial), one or two exclusions per query, two column splits and rows past the last
+    warp's, against the fp64 reference within twice the eager error at the same dtype."""
     b, n = 20, 2500
     inputs = lse_inputs(b, n, d, dtype=torch.float64, seed=d, col_scale=col_terms, biases=col_terms)
     inputs[0] = torch.nn.functional.normalize(inputs[0], dim=1) * 4

@@ -48,28 +48,26 @@ Plan plan_lse(int64_t R, int64_t C, int64_t D, int nslots) {
 // inputs (InfoNCE against a bank or queue, CLIP, NT-Xent) run the warp kernels (lse_warp_kernel:
 // flash-attention style, scores and outputs in registers) where their shared memory fits;
 // CK_CUDA_WARP_KERNELS=0 keeps every pass on the general kernel (to compare).
-
+//
+// The plan of a pass with the parameters p (oriented, gammas set): the warp kernel in `mode` where
+// the pass qualifies and its shared memory fits, else the general kernel with nslots key-sum slots.
 template <typename TI>
-bool use_warp_kernel(const LseTileParams<typename LseTypes<TI>::TA>& p) {
+Plan plan_pass(const LseTileParams<typename LseTypes<TI>::TA>& p, int nslots, int mode) {
   static const bool enabled = [] {
     const char* v = std::getenv("CK_CUDA_WARP_KERNELS");
     return v == nullptr || std::string(v) != "0";
   }();
   const bool labels = p.lab_r != nullptr || p.bits_r != nullptr;
-  if (!(enabled && IsTensorCore<TI>::value && p.G == 1 && !labels && p.E <= kWarpMaxE)) return false;
-  return static_cast<int64_t>(lse_warp_smem_bytes<TI>(static_cast<int>((p.D + 15) / 16 * 16))) <= device_max_smem();
-}
-
-// The plan of a pass with the parameters p (oriented, gammas set): the warp kernel in `mode` where
-// use_warp_kernel allows it, else the general kernel with nslots key-sum slots.
-template <typename TI>
-Plan plan_pass(const LseTileParams<typename LseTypes<TI>::TA>& p, int nslots, int mode) {
-  if (!use_warp_kernel<TI>(p)) return plan_lse<TI>(p.R, p.C, p.D, nslots);
   Plan plan;
-  plan.warp_mode = mode;
-  plan.smem = lse_warp_smem_bytes<TI>(static_cast<int>((p.D + 15) / 16 * 16));
-  plan_splits(p.R, p.C, plan.bm, kLseBN, 16 * kLseBN, plan.splits, plan.per_split);
-  return plan;
+  if (enabled && IsTensorCore<TI>::value && p.G == 1 && !labels && p.E <= kWarpMaxE) {
+    plan.smem = lse_warp_smem_bytes<TI>(static_cast<int>((p.D + 15) / 16 * 16));
+    if (static_cast<int64_t>(plan.smem) <= device_max_smem()) {
+      plan.warp_mode = mode;
+      plan_splits(p.R, p.C, plan.bm, kLseBN, 16 * kLseBN, plan.splits, plan.per_split);
+      return plan;
+    }
+  }
+  return plan_lse<TI>(p.R, p.C, p.D, nslots);
 }
 
 template <typename TI, bool BWD>
