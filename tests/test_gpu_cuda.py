@@ -516,6 +516,32 @@ def test_emulator_reports_faults(case, message):
         _cuda_emu.ops().emulator_probe(case, 1024)
 
 
+@pytest.mark.parametrize("case,message", [
+    (5, "read shared memory no thread wrote yet"),  # a missing __syncthreads
+    (6, "read a cp.async copy that had not landed"),  # a missing cp.async wait
+    (7, "never waited for"),
+])
+def test_emulator_schedules_show_races_that_thread_order_hides(case, message, monkeypatch):
+    """Races pass unseen when thread 0 runs first and each cp.async lands at once (the forward
+    schedule); the default shuffled schedule and the reverse one report them."""
+    why = _cuda_emu.unavailable_reason()
+    if why is not None:
+        pytest.skip(f"the CUDA emulator is unavailable: {why}")
+    ops = _cuda_emu.ops()
+    monkeypatch.setenv("CK_EMU_SCHEDULE", "forward")
+    assert ops.emulator_probe(case, 4096) == 0
+    for schedule in ("shuffle", "reverse"):
+        monkeypatch.setenv("CK_EMU_SCHEDULE", schedule)
+        with pytest.raises(RuntimeError, match=message):
+            ops.emulator_probe(case, 4096)
+    monkeypatch.delenv("CK_EMU_SCHEDULE")
+    with pytest.raises(RuntimeError, match=message):
+        ops.emulator_probe(case, 4096)
+    monkeypatch.setenv("CK_EMU_SCHEDULE", "sideways")
+    with pytest.raises(RuntimeError, match="CK_EMU_SCHEDULE must be"):
+        ops.emulator_probe(4, 1024)
+
+
 def test_emulator_runs_correct_code_and_enforces_the_smem_limit():
     why = _cuda_emu.unavailable_reason()
     if why is not None:

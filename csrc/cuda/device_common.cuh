@@ -125,7 +125,7 @@ __device__ __forceinline__ void cp_async_16(void* dst, const void* src, int byte
   ck_emu::cp_async_16(dst, src, bytes);
 }
 __device__ __forceinline__ void cp_async_commit() {}
-__device__ __forceinline__ void cp_async_wait_all() {}
+__device__ __forceinline__ void cp_async_wait_all() { ck_emu::cp_async_wait_all(); }
 #else
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));

@@ -1,6 +1,9 @@
 // The CUDA emulator's scheduler and PTX semantics (see ck_emu.h).
 #include "ck_emu.h"
 
+#include <cstdlib>
+#include <utility>
+
 #include "cuda_bf16.h"
 #include "cuda_fp16.h"
 
@@ -88,6 +91,23 @@ void yield_to_scheduler() {
 
 namespace {
 
+uint64_t splitmix64(uint64_t& x) {
+  uint64_t z = (x += 0x9e3779b97f4a7c15ull);
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+  return z ^ (z >> 31);
+}
+
+// the order in which the block's threads run this round
+void schedule_round(Block& b) {
+  const int n = b.nthreads;
+  for (int t = 0; t < n; ++t) b.order[t] = state().schedule == Schedule::kReverse ? n - 1 - t : t;
+  if (state().schedule == Schedule::kShuffle)
+    for (int t = n - 1; t > 0; --t) std::swap(b.order[t], b.order[splitmix64(b.rng) % (t + 1)]);
+}
+
+void land(const PendingCopy& c) { std::memcpy(c.dst, c.bytes, 16); }
+
 void release_block_barrier(Block& b) {
   b.bar_arrived = 0;
   ++b.bar_gen;
@@ -101,6 +121,9 @@ void thread_exited(Block& b, Fiber& f) {
   if (w.arrived > 0 && b.error.empty())
     b.error = "CUDA emulator: a lane returned while others of its warp wait at " + std::string(w.kind) + " (" +
               who() + ")";
+  if (!f.pending.empty() && b.error.empty())
+    b.error = "CUDA emulator: a thread returned with cp.async copies it never waited for (" + who() + ")";
+  f.pending.clear();
   if (b.bar_arrived > 0 && b.bar_arrived == b.alive) release_block_barrier(b);  // exited threads count
 }
 
@@ -187,9 +210,13 @@ void run_block(Block& b) {
     w.arrived = 0;
   }
   std::memset(ck::cuda::smem, 0xff, s.smem_bytes);
+  const uint64_t linear_block = (static_cast<uint64_t>(b.bidx.z) * b.grid.y + b.bidx.y) * b.grid.x + b.bidx.x;
+  b.rng = s.seed ^ (linear_block * 0xd1b54a32d192ed03ull);
+  b.order.resize(b.nthreads);
   for (int t = 0; t < b.nthreads; ++t) {
     Fiber& f = b.fibers[t];
     f.state = Fiber::kReady;
+    f.pending.clear();
     f.linear = t;
     f.tid = uint3{static_cast<unsigned>(t % b.block.x), static_cast<unsigned>((t / b.block.x) % b.block.y),
                   static_cast<unsigned>(t / (b.block.x * b.block.y))};
@@ -197,7 +224,9 @@ void run_block(Block& b) {
   }
   while (b.alive > 0 && b.error.empty()) {
     bool progressed = false;
-    for (Fiber& f : b.fibers) {
+    schedule_round(b);
+    for (int t : b.order) {
+      Fiber& f = b.fibers[t];
       if (!can_run(b, f)) continue;
       f.state = Fiber::kReady;
       s.fiber = &f;
@@ -250,6 +279,14 @@ void run(void (*body)(const void*), const void* args, dim3 grid, dim3 block_dim,
   if (s.stacks.size() < static_cast<size_t>(b.nthreads) * kStackBytes)
     s.stacks.resize(static_cast<size_t>(b.nthreads) * kStackBytes);
   s.smem_bytes = smem_bytes;
+  const char* schedule = std::getenv("CK_EMU_SCHEDULE");
+  const std::string mode = schedule == nullptr ? "shuffle" : schedule;
+  if (mode == "shuffle") s.schedule = Schedule::kShuffle;
+  else if (mode == "reverse") s.schedule = Schedule::kReverse;
+  else if (mode == "forward") s.schedule = Schedule::kForward;
+  else throw std::runtime_error("CUDA emulator: CK_EMU_SCHEDULE must be shuffle, reverse or forward, not " + mode);
+  const char* seed = std::getenv("CK_EMU_SEED");
+  s.seed = seed == nullptr ? 0 : std::strtoull(seed, nullptr, 10);
   s.block = &b;
   for (unsigned z = 0; z < grid.z; ++z)
     for (unsigned y = 0; y < grid.y; ++y)
@@ -363,13 +400,26 @@ template void mma_16816<__half>(float (&)[4], const uint32_t (&)[4], uint32_t, u
 template void mma_16816<__nv_bfloat16>(float (&)[4], const uint32_t (&)[4], uint32_t, uint32_t);
 
 // cp.async.cg.shared.global [dst], [src], 16, src_bytes: src_bytes bytes copied, the rest of the
-// 16 zero-filled; both addresses 16-byte aligned. Copied at once (the wait is then a no-op).
+// 16 zero-filled; both addresses 16-byte aligned. The copy lands in shared memory at once or at the
+// thread's next wait, as the schedule says (the hardware may complete it at any time in between).
 void cp_async_16(void* dst, const void* src, int src_bytes) {
   auto* d = const_cast<unsigned char*>(smem_ptr(dst, 16, "cp.async (destination)"));
   if (src_bytes < 0 || src_bytes > 16) fail("cp.async: source size outside [0, 16]");
   if (src_bytes > 0 && (reinterpret_cast<uintptr_t>(src) & 15) != 0) fail("cp.async: source not 16-byte aligned");
-  std::memcpy(d, src, static_cast<size_t>(src_bytes));
-  std::memset(d + src_bytes, 0, static_cast<size_t>(16 - src_bytes));
+  PendingCopy c;
+  c.dst = d;
+  std::memcpy(c.bytes, src, static_cast<size_t>(src_bytes));
+  std::memset(c.bytes + src_bytes, 0, static_cast<size_t>(16 - src_bytes));
+  const Schedule mode = state().schedule;
+  const bool at_wait = mode == Schedule::kReverse || (mode == Schedule::kShuffle && (splitmix64(block().rng) & 1));
+  if (at_wait) fiber().pending.push_back(c);
+  else land(c);
+}
+
+// cp.async.wait_group 0: every copy of this thread has landed
+void cp_async_wait_all() {
+  for (const PendingCopy& c : fiber().pending) land(c);
+  fiber().pending.clear();
 }
 
 }  // namespace ck_emu

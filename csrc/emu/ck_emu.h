@@ -6,21 +6,30 @@
 // grid in turn; the block's threads are cooperative fibers (ucontext) on one host thread, switched
 // only at synchronization points, so the order of events is deterministic.
 //
+// Races: the order in which a block's threads run between two synchronization points is set by
+// CK_EMU_SCHEDULE: "shuffle" (the default: a fresh permutation each round, seeded by CK_EMU_SEED,
+// the block index and the round), "reverse" or "forward" (thread 0 first). Likewise each cp.async
+// lands at its issue or at the issuing thread's wait (shuffle: drawn per copy; reverse: at the
+// wait; forward: at the issue). A missing __syncthreads, __syncwarp or cp.async wait then shows as
+// a result that differs from the reference (shared memory starts as NaN bytes), not only on the
+// hardware. A race-free kernel gives the same bits under every schedule.
+//
 // Emulated: threadIdx/blockIdx/blockDim/gridDim; dynamic shared memory (one buffer, filled with
 // 0xff bytes before each block, so that reading what no thread wrote gives NaN or -1, not zero);
 // __syncthreads (threads that returned count as arrived, as on the hardware); the full-mask warp
 // collectives __shfl_sync, __shfl_xor_sync, __ballot_sync, __syncwarp; the PTX of
 // device_common.cuh: ldmatrix(.x2/.x4, .trans) and mma.sync.m16n8k16 (f16/bf16 -> f32) with
-// their register-fragment layouts from the PTX ISA, and cp.async (copied at once, zero-filled
-// past the source size); the opt-in shared-memory limit (cudaFuncSetAttribute) and an H100's
+// their register-fragment layouts from the PTX ISA, and cp.async (zero-filled past the source
+// size; cp.async.wait_group 0 completes a thread's copies); the opt-in shared-memory limit (cudaFuncSetAttribute) and an H100's
 // device properties (132 SMs, 227 KiB of shared memory per block).
 //
 // Checked, each an error naming the block and thread: a deadlock (no thread can make progress:
 // lanes of a warp at different collectives, a __syncthreads that some threads never reach), a
 // warp collective with a partial mask or with lanes that already returned, ldmatrix/cp.async
 // addresses outside shared memory or not 16-byte aligned, a launch with more dynamic shared
-// memory than allowed. Not emulated: timing, memory-model races (the fibers see each other's
-// writes at once), streams (everything is synchronous).
+// memory than allowed, a thread that returns with cp.async copies it never waited for. Not emulated:
+// timing, the memory model beyond the orders above (a thread's plain stores are seen by the others
+// at once), streams (everything is synchronous).
 #pragma once
 
 #include <ucontext.h>
@@ -94,8 +103,17 @@ struct Context {
 #endif
 };
 
+// a cp.async whose 16 bytes have not landed in shared memory yet
+struct PendingCopy {
+  unsigned char* dst;
+  unsigned char bytes[16];
+};
+
+enum class Schedule { kForward, kReverse, kShuffle };
+
 struct Fiber {
   Context ctx;
+  std::vector<PendingCopy> pending;
   uint3 tid{0, 0, 0};
   int linear = 0;
   enum State { kReady, kAtBlockBarrier, kAtWarpCollective, kDone } state = kReady;
@@ -120,7 +138,9 @@ struct Block {
   int nthreads = 0, alive = 0;
   int bar_arrived = 0;
   uint64_t bar_gen = 0;
+  uint64_t rng = 0;  // the block's schedule draws (splitmix64 state)
   std::vector<Fiber> fibers;
+  std::vector<int> order;  // the threads in the order of the current round
   std::vector<Warp> warps;
   void (*body)(const void*) = nullptr;
   const void* args = nullptr;
@@ -133,6 +153,8 @@ struct State {
   Fiber* fiber = nullptr;
   std::vector<char> stacks;
   size_t smem_bytes = 0;  // dynamic shared memory of the current launch (ck::cuda::smem)
+  Schedule schedule = Schedule::kShuffle;
+  uint64_t seed = 0;
   std::map<const void*, int> smem_optin;
   cudaError_t last_error = cudaSuccess;
 };
@@ -199,6 +221,7 @@ void ldmatrix(uint32_t* r, int nmat, bool trans, const void* p);
 template <typename T>
 void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
 void cp_async_16(void* dst, const void* src, int src_bytes);
+void cp_async_wait_all();
 
 template <typename P>
 struct Launcher {

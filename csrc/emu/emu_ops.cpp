@@ -18,10 +18,16 @@ struct Probe {
 
 // 0: lanes of warp 0 at two different collectives; 1: a lane at __syncthreads while the rest of
 // its warp waits at __syncwarp (a deadlock); 2: ldmatrix from a misaligned shared address;
-// 3: a shuffle by a warp whose other lanes returned; 4: correct code (butterfly sums, ballot)
+// 3: a shuffle by a warp whose other lanes returned; 4: correct code (butterfly sums, ballot);
+// races that the forward schedule (thread 0 first) hides and the others show: 5: a thread reads
+// what the thread before it wrote, with no barrier between; 6: a thread reads its cp.async copy
+// before waiting for it; 7: a thread returns without waiting for its cp.async copy
+alignas(16) const int kProbeSource[4] = {7, 7, 7, 7};
+
 __global__ void probe_kernel(Probe p) {
   extern __shared__ __align__(16) unsigned char smem[];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  int* words = reinterpret_cast<int*>(smem);
   if (p.which == 0 && warp == 0) {
     if (lane < 16) (void)__shfl_xor_sync(0xffffffffu, lane, 1);
     else (void)__ballot_sync(0xffffffffu, 1);
@@ -44,6 +50,16 @@ __global__ void probe_kernel(Probe p) {
       int ok = 0;
       for (int t = 0; t < 128; ++t) ok += reinterpret_cast<int*>(smem)[t];
       if (ok != 128) ck_emu::fail("self-test: wrong shuffle or ballot results");
+    }
+  } else if (p.which == 5) {
+    words[threadIdx.x] = 1;
+    if (threadIdx.x > 0 && words[threadIdx.x - 1] != 1) ck_emu::fail("self-test: read shared memory no thread wrote yet");
+    __syncthreads();
+  } else if (p.which == 6 || p.which == 7) {
+    ck_emu::cp_async_16(words + 4 * threadIdx.x, kProbeSource, 16);
+    if (p.which == 6) {
+      if (words[4 * threadIdx.x] != 7) ck_emu::fail("self-test: read a cp.async copy that had not landed");
+      ck_emu::cp_async_wait_all();
     }
   }
 }
