@@ -542,6 +542,35 @@ def test_emulator_schedules_show_races_that_thread_order_hides(case, message, mo
         ops.emulator_probe(4, 1024)
 
 
+def test_grid_planning_fills_the_waves():
+    """plan_splits (glue.h), the column splits of every CUDA grid, on the emulated H100's 132 SMs:
+    whole tiles, no empty split, splits of at least min_cols, and the block slots filled."""
+    why = _cuda_emu.unavailable_reason()
+    if why is not None:
+        pytest.skip(f"the CUDA emulator is unavailable: {why}")
+    plan = _cuda_emu.ops().emulator_plan_splits
+
+    def fill(row_blocks, slices, splits, per_sm):
+        blocks, slots = row_blocks * slices * splits, 132 * per_sm
+        return blocks / (-(-blocks // slots) * slots)
+
+    for row_blocks in (1, 4, 16, 128, 256):
+        for slices in (1, 2):
+            for cols in (0, 63, 2500, 65536, 2 ** 20):
+                for per_sm in (1, 2, 3, 4):
+                    splits, per = plan(row_blocks, slices, cols, 64, per_sm, 1024)
+                    assert splits >= 1 and per >= 64 and per % 64 == 0
+                    assert splits * per >= cols and (splits == 1 or (splits - 1) * per < cols)
+                    assert splits == 1 or per >= 1024
+    assert plan(1, 1, 2500, 64, 4, 1024)[0] == 2  # a tiny grid: as many splits as the columns allow
+    assert plan(4, 1, 65536, 64, 3, 1024)[0] >= 60  # MoCo, B=256: about the 64 the queue allows
+    assert plan(256, 2, 16384, 64, 2, 1024)[0] == 1  # CLIP N=16384: 512 blocks a split fill the GPU
+    # a bank of 2^20 keys for B=1024 (16 row blocks), 3 blocks/SM: 17 splits (2 blocks per SM's
+    # slot, 69 % of the slots) before the occupancy query; the slots filled now
+    splits = plan(16, 1, 2 ** 20, 64, 3, 1024)[0]
+    assert fill(16, 1, splits, 3) >= 0.96 and fill(16, 1, 17, 3) < 0.7
+
+
 def test_emulator_runs_correct_code_and_enforces_the_smem_limit():
     why = _cuda_emu.unavailable_reason()
     if why is not None:

@@ -48,16 +48,33 @@ inline int device_max_smem() {
 
 inline int device_sms() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
 
-// Column splits so that row tiles x splits fill the GPU about twice, each split >= min_cols.
-inline void plan_splits(int64_t rows, int64_t cols, int bm, int bn, int64_t min_cols, int64_t& splits,
-                        int64_t& per_split) {
-  const int64_t row_blocks = (rows + bm - 1) / bm;
-  int64_t want = (2 * device_sms() + row_blocks - 1) / std::max<int64_t>(row_blocks, 1);
-  const int64_t most = std::max<int64_t>(1, cols / std::max<int64_t>(min_cols, bn));
-  splits = std::max<int64_t>(1, std::min(want, most));
-  per_split = (cols + splits - 1) / splits;
-  per_split = std::max<int64_t>(bn, (per_split + bn - 1) / bn * bn);
+// Column splits (each >= min_cols and a whole number of bn-column tiles) for a grid of row_blocks x
+// splits x slices blocks that fills the GPU's block slots (blocks_per_sm per SM) in whole waves:
+// the fewest splits within 2 % of the best fill, at most 4 per wave's worth of row blocks. Each
+// split costs a warm-up (staging, a top-k queue) and one more partial result per row to merge.
+inline void plan_splits(int64_t row_blocks, int64_t slices, int64_t cols, int bn, int blocks_per_sm,
+                        int64_t min_cols, int64_t& splits, int64_t& per_split) {
+  const int64_t blocks_per_split = std::max<int64_t>(1, row_blocks * slices);
+  const int64_t slots = int64_t(std::max(blocks_per_sm, 1)) * device_sms();
+  const int64_t most = std::max<int64_t>(
+      1, std::min(cols / std::max<int64_t>(min_cols, bn), 4 * ((slots + blocks_per_split - 1) / blocks_per_split)));
+  auto fill = [&](int64_t s) {  // the busy share of the block slots over the waves of s splits
+    const int64_t blocks = blocks_per_split * s, waves = (blocks + slots - 1) / slots;
+    return double(blocks) / double(waves * slots);
+  };
+  double best = 0.0;
+  for (int64_t s = 1; s <= most; ++s) best = std::max(best, fill(s));
+  splits = 1;
+  while (splits < most && fill(splits) < 0.98 * best) ++splits;
+  per_split = std::max<int64_t>(bn, ((cols + splits - 1) / splits + bn - 1) / bn * bn);  // (no column: one empty split)
   splits = std::max<int64_t>(1, (cols + per_split - 1) / per_split);
+}
+
+// blocks_per_sm's answer (an occupancy query of launch.h), checked
+inline int checked_blocks_per_sm(cudaError_t err, int blocks, const char* what) {
+  TORCH_CHECK(err == cudaSuccess, what, " (CUDA): occupancy query failed: ", cudaGetErrorString(err));
+  TORCH_CHECK(blocks > 0, what, " (CUDA): the kernel does not fit on an SM (registers or shared memory)");
+  return blocks;
 }
 
 template <typename K>

@@ -29,7 +29,7 @@ struct Plan {
 };
 
 template <typename TI>
-Plan plan_lse(int64_t R, int64_t C, int64_t D, int nslots) {
+Plan plan_lse(int64_t R, int64_t C, int64_t D, int nslots, bool bwd) {
   Plan p;
   const int dp = static_cast<int>((D + 15) / 16 * 16);
   const int64_t limit = device_max_smem();
@@ -40,7 +40,10 @@ Plan plan_lse(int64_t R, int64_t C, int64_t D, int nslots) {
   }
   TORCH_CHECK(static_cast<int64_t>(p.smem) <= limit, "lse (CUDA): feature dimension ", D,
               " needs more shared memory than this GPU has; use backend='chunked' or 'triton'");
-  plan_splits(R, C, p.bm, kLseBN, 16 * kLseBN, p.splits, p.per_split);
+  int blocks = 0;
+  const cudaError_t err = lse_blocks_per_sm<TI>(bwd, p.bm, p.smem, &blocks);
+  plan_splits((R + p.bm - 1) / p.bm, 1, C, kLseBN, checked_blocks_per_sm(err, blocks, "lse"), 16 * kLseBN, p.splits,
+              p.per_split);
   return p;
 }
 
@@ -60,14 +63,18 @@ Plan plan_pass(const LseTileParams<typename LseTypes<TI>::TA>& p, int nslots, in
   const bool labels = p.lab_r != nullptr || p.bits_r != nullptr;
   Plan plan;
   if (enabled && IsTensorCore<TI>::value && p.G == 1 && !labels && p.E <= kWarpMaxE) {
-    plan.smem = lse_warp_smem_bytes<TI>(static_cast<int>((p.D + 15) / 16 * 16));
+    const int dp = static_cast<int>((p.D + 15) / 16 * 16);
+    plan.smem = lse_warp_smem_bytes<TI>(dp);
     if (static_cast<int64_t>(plan.smem) <= device_max_smem()) {
       plan.warp_mode = mode;
-      plan_splits(p.R, p.C, plan.bm, kLseBN, 16 * kLseBN, plan.splits, plan.per_split);
+      int blocks = 0;
+      const cudaError_t err = lse_warp_blocks_per_sm<TI>(mode, plan.smem, &blocks);
+      plan_splits((p.R + 63) / 64, lse_warp_slices(mode, dp), p.C, kLseBN, checked_blocks_per_sm(err, blocks, "lse"),
+                  16 * kLseBN, plan.splits, plan.per_split);
       return plan;
     }
   }
-  return plan_lse<TI>(p.R, p.C, p.D, nslots);
+  return plan_lse<TI>(p.R, p.C, p.D, nslots, mode == kWarpGrad);
 }
 
 template <typename TI, bool BWD>

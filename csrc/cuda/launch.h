@@ -25,8 +25,8 @@ template <typename TI>
 cudaError_t launch_lse(const LseTileParams<typename LseTypes<TI>::TA>& p, bool bwd, int bm, int64_t splits,
                        size_t smem, cudaStream_t stream);
 
-// the warp kernels (lse_warp_kernel; mode: LseWarpMode): fp16 / bf16, one gamma, no labels or
-// exclusions; grid = (ceil(R / 64), splits, lse_warp_slices(mode, dp))
+// the warp kernels (lse_warp_kernel; mode: LseWarpMode): fp16 / bf16, one gamma, no labels, at
+// most kWarpMaxE exclusions; grid = (ceil(R / 64), splits, lse_warp_slices(mode, dp))
 template <typename TI>
 size_t lse_warp_smem_bytes(int dp);
 template <typename TI>
@@ -41,6 +41,15 @@ cudaError_t launch_topk(const TopkParams& p, int kp, int64_t splits, size_t smem
 
 template <typename TI>
 cudaError_t launch_mix(const MixParams& p, int which, cudaStream_t stream);
+
+// The blocks of a kernel configuration that one SM runs at once with `smem` bytes of dynamic shared
+// memory (the occupancy calculator: registers, shared memory, threads), for planning the grid.
+template <typename TI>
+cudaError_t lse_blocks_per_sm(bool bwd, int bm, size_t smem, int* blocks);
+template <typename TI>
+cudaError_t lse_warp_blocks_per_sm(int mode, size_t smem, int* blocks);
+template <typename TI>
+cudaError_t topk_blocks_per_sm(int kp, size_t smem, int* blocks);
 
 }  // namespace cuda
 }  // namespace ck

@@ -22,29 +22,76 @@ size_t lse_smem_bytes(int bm, int dp, int nslots) {
   return static_cast<size_t>(lse_smem<TI>(bm, dp, nslots).total);
 }
 
-template <typename TI, int BM, bool BWD>
-cudaError_t launch_lse_cfg(const LseTileParams<typename LseTypes<TI>::TA>& p, int64_t splits, size_t smem,
-                           cudaStream_t stream) {
-  auto kernel = lse_tile_kernel<TI, BM, BWD>;
+// Calls f(kernel) with the kernel of a configuration (the one switch over each family's template
+// arguments, shared by its launcher and its occupancy query); an unknown warp mode or top-k
+// width is cudaErrorInvalidValue.
+template <typename TI, typename F>
+cudaError_t with_lse_kernel(bool bwd, int bm, F&& f) {
+  if (bwd) {
+    if (bm == 64) return f(lse_tile_kernel<TI, 64, true>);
+    if (bm == 32) return f(lse_tile_kernel<TI, 32, true>);
+    return f(lse_tile_kernel<TI, 16, true>);
+  }
+  if (bm == 64) return f(lse_tile_kernel<TI, 64, false>);
+  if (bm == 32) return f(lse_tile_kernel<TI, 32, false>);
+  return f(lse_tile_kernel<TI, 16, false>);
+}
+
+template <typename TI, typename F>
+cudaError_t with_lse_warp_kernel(int mode, F&& f) {
+  if constexpr (IsTensorCore<TI>::value) {
+    switch (mode) {
+      case kWarpStats: return f(lse_warp_kernel<TI, kWarpStats>);
+      case kWarpSums: return f(lse_warp_kernel<TI, kWarpSums>);
+      case kWarpGrad: return f(lse_warp_kernel<TI, kWarpGrad>);
+      default: return cudaErrorInvalidValue;
+    }
+  } else {
+    (void)mode, (void)f;
+    return cudaErrorInvalidValue;  // fp16 / bf16 only
+  }
+}
+
+template <typename TI, typename F>
+cudaError_t with_topk_kernel(int kp, F&& f) {
+  switch (kp) {
+    case 32: return f(topk_tile_kernel<TI, 32>);
+    case 64: return f(topk_tile_kernel<TI, 64>);
+    case 128: return f(topk_tile_kernel<TI, 128>);
+    case 256: return f(topk_tile_kernel<TI, 256>);
+    case 512: return f(topk_tile_kernel<TI, 512>);
+    case 1024: return f(topk_tile_kernel<TI, 1024>);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+template <typename K, typename P>
+cudaError_t launch_kernel(K kernel, dim3 grid, size_t smem, cudaStream_t stream, const P& params) {
   cudaError_t err = allow_smem(kernel, smem);
   if (err != cudaSuccess) return err;
-  dim3 grid(static_cast<unsigned>((p.R + BM - 1) / BM), static_cast<unsigned>(splits));
-  CK_LAUNCH(kernel, grid, kThreads, smem, stream)(p);
+  CK_LAUNCH(kernel, grid, kThreads, smem, stream)(params);
   return cudaGetLastError();
+}
+
+// the blocks of `kernel` that an SM holds at once
+template <typename K>
+cudaError_t occupancy(K kernel, size_t smem, int* blocks) {
+  cudaError_t err = allow_smem(kernel, smem);
+  if (err != cudaSuccess) return err;
+  return cudaOccupancyMaxActiveBlocksPerMultiprocessor(blocks, kernel, kThreads, smem);
 }
 
 template <typename TI>
 cudaError_t launch_lse(const LseTileParams<typename LseTypes<TI>::TA>& p, bool bwd, int bm, int64_t splits,
                        size_t smem, cudaStream_t stream) {
   if (p.R == 0) return cudaSuccess;
-  if (bwd) {
-    if (bm == 64) return launch_lse_cfg<TI, 64, true>(p, splits, smem, stream);
-    if (bm == 32) return launch_lse_cfg<TI, 32, true>(p, splits, smem, stream);
-    return launch_lse_cfg<TI, 16, true>(p, splits, smem, stream);
-  }
-  if (bm == 64) return launch_lse_cfg<TI, 64, false>(p, splits, smem, stream);
-  if (bm == 32) return launch_lse_cfg<TI, 32, false>(p, splits, smem, stream);
-  return launch_lse_cfg<TI, 16, false>(p, splits, smem, stream);
+  const dim3 grid(static_cast<unsigned>((p.R + bm - 1) / bm), static_cast<unsigned>(splits));
+  return with_lse_kernel<TI>(bwd, bm, [&](auto kernel) { return launch_kernel(kernel, grid, smem, stream, p); });
+}
+
+template <typename TI>
+cudaError_t lse_blocks_per_sm(bool bwd, int bm, size_t smem, int* blocks) {
+  return with_lse_kernel<TI>(bwd, bm, [&](auto kernel) { return occupancy(kernel, smem, blocks); });
 }
 
 template <typename TI>
@@ -52,33 +99,19 @@ size_t lse_warp_smem_bytes(int dp) {
   return static_cast<size_t>(lse_warp_smem<TI>(dp).total);
 }
 
-template <typename TI, int MODE>
-cudaError_t launch_lse_warp_cfg(const LseTileParams<float>& p, int64_t splits, size_t smem, cudaStream_t stream) {
-  auto kernel = lse_warp_kernel<TI, MODE>;
-  cudaError_t err = allow_smem(kernel, smem);
-  if (err != cudaSuccess) return err;
-  const int dp = static_cast<int>((p.D + 15) / 16 * 16);
-  dim3 grid(static_cast<unsigned>((p.R + 63) / 64), static_cast<unsigned>(splits),
-            static_cast<unsigned>(lse_warp_slices(MODE, dp)));
-  CK_LAUNCH(kernel, grid, kThreads, smem, stream)(p);
-  return cudaGetLastError();
-}
-
 template <typename TI>
 cudaError_t launch_lse_warp(const LseTileParams<typename LseTypes<TI>::TA>& p, int mode, int64_t splits, size_t smem,
                             cudaStream_t stream) {
-  if constexpr (IsTensorCore<TI>::value) {
-    if (p.R == 0) return cudaSuccess;
-    switch (mode) {
-      case kWarpStats: return launch_lse_warp_cfg<TI, kWarpStats>(p, splits, smem, stream);
-      case kWarpSums: return launch_lse_warp_cfg<TI, kWarpSums>(p, splits, smem, stream);
-      case kWarpGrad: return launch_lse_warp_cfg<TI, kWarpGrad>(p, splits, smem, stream);
-      default: return cudaErrorInvalidValue;
-    }
-  } else {
-    (void)p, (void)mode, (void)splits, (void)smem, (void)stream;
-    return cudaErrorInvalidValue;  // fp16 / bf16 only
-  }
+  if (p.R == 0) return cudaSuccess;
+  const int dp = static_cast<int>((p.D + 15) / 16 * 16);
+  const dim3 grid(static_cast<unsigned>((p.R + 63) / 64), static_cast<unsigned>(splits),
+                  static_cast<unsigned>(lse_warp_slices(mode, dp)));
+  return with_lse_warp_kernel<TI>(mode, [&](auto kernel) { return launch_kernel(kernel, grid, smem, stream, p); });
+}
+
+template <typename TI>
+cudaError_t lse_warp_blocks_per_sm(int mode, size_t smem, int* blocks) {
+  return with_lse_warp_kernel<TI>(mode, [&](auto kernel) { return occupancy(kernel, smem, blocks); });
 }
 
 template <typename TI>
@@ -86,28 +119,16 @@ size_t topk_smem_bytes(int dp) {
   return static_cast<size_t>(topk_smem<TI>(dp).total);
 }
 
-template <typename TI, int KP>
-cudaError_t launch_topk_cfg(const TopkParams& p, int64_t splits, size_t smem, cudaStream_t stream) {
-  auto kernel = topk_tile_kernel<TI, KP>;
-  cudaError_t err = allow_smem(kernel, smem);
-  if (err != cudaSuccess) return err;
-  dim3 grid(static_cast<unsigned>((p.M + kTopkBM - 1) / kTopkBM), static_cast<unsigned>(splits));
-  CK_LAUNCH(kernel, grid, kThreads, smem, stream)(p);
-  return cudaGetLastError();
-}
-
 template <typename TI>
 cudaError_t launch_topk(const TopkParams& p, int kp, int64_t splits, size_t smem, cudaStream_t stream) {
   if (p.M == 0) return cudaSuccess;
-  switch (kp) {
-    case 32: return launch_topk_cfg<TI, 32>(p, splits, smem, stream);
-    case 64: return launch_topk_cfg<TI, 64>(p, splits, smem, stream);
-    case 128: return launch_topk_cfg<TI, 128>(p, splits, smem, stream);
-    case 256: return launch_topk_cfg<TI, 256>(p, splits, smem, stream);
-    case 512: return launch_topk_cfg<TI, 512>(p, splits, smem, stream);
-    case 1024: return launch_topk_cfg<TI, 1024>(p, splits, smem, stream);
-    default: return cudaErrorInvalidValue;
-  }
+  const dim3 grid(static_cast<unsigned>((p.M + kTopkBM - 1) / kTopkBM), static_cast<unsigned>(splits));
+  return with_topk_kernel<TI>(kp, [&](auto kernel) { return launch_kernel(kernel, grid, smem, stream, p); });
+}
+
+template <typename TI>
+cudaError_t topk_blocks_per_sm(int kp, size_t smem, int* blocks) {
+  return with_topk_kernel<TI>(kp, [&](auto kernel) { return occupancy(kernel, smem, blocks); });
 }
 
 template <typename TI>
@@ -139,6 +160,9 @@ cudaError_t launch_mix(const MixParams& p, int which, cudaStream_t stream) {
                                            cudaStream_t);                                                      \
   template size_t topk_smem_bytes<TI>(int);                                                                    \
   template cudaError_t launch_topk<TI>(const TopkParams&, int, int64_t, size_t, cudaStream_t);                 \
+  template cudaError_t lse_blocks_per_sm<TI>(bool, int, size_t, int*);                                         \
+  template cudaError_t lse_warp_blocks_per_sm<TI>(int, size_t, int*);                                          \
+  template cudaError_t topk_blocks_per_sm<TI>(int, size_t, int*);                                              \
   template cudaError_t launch_mix<TI>(const MixParams&, int, cudaStream_t);
 
 }  // namespace cuda

@@ -33,24 +33,6 @@ Tensor row_scale(const Tensor& x, bool cosine) {
   return out;
 }
 
-// Column splits (each >= min_cols, a multiple of the tile) for a grid of row blocks x splits that
-// fills the GPU's block slots (blocks_per_sm per SM) in whole waves: the fewest splits whose last
-// wave is nearly full. Each split costs a warm-up of its queues and k keys more to merge per row.
-void plan_topk_splits(int64_t rows, int64_t cols, int blocks_per_sm, int64_t min_cols, int64_t& splits,
-                      int64_t& per_split) {
-  const int64_t row_blocks = (rows + kTopkBM - 1) / kTopkBM, slots = int64_t(blocks_per_sm) * device_sms();
-  const int64_t most = std::max<int64_t>(1, std::min(cols / min_cols, 4 * ((slots + row_blocks - 1) / row_blocks)));
-  double best_fill = -1.0;
-  splits = 1;
-  for (int64_t s = 1; s <= most; ++s) {
-    const int64_t blocks = row_blocks * s, waves = (blocks + slots - 1) / slots;
-    const double fill = double(blocks) / double(waves * slots);
-    if (fill > best_fill + 0.02) best_fill = fill, splits = s;
-  }
-  per_split = ((cols + splits - 1) / splits + kTopkBN - 1) / kTopkBN * kTopkBN;
-  splits = std::max<int64_t>(1, (cols + per_split - 1) / per_split);
-}
-
 std::tuple<Tensor, Tensor> topk_cuda(const Tensor& query, const Tensor& bank, int64_t k, c10::string_view similarity,
                                      const optional<Tensor>& exclude_index, const optional<Tensor>& query_labels,
                                      const optional<Tensor>& bank_labels) {
@@ -103,9 +85,11 @@ std::tuple<Tensor, Tensor> topk_cuda(const Tensor& query, const Tensor& bank, in
     const size_t smem = topk_smem_bytes<TI>(dp);
     TORCH_CHECK(static_cast<int64_t>(smem) <= limit, "topk (CUDA): feature dimension ", D,
                 " needs more shared memory than this GPU has");
+    int blocks = 0;
+    const cudaError_t occ = topk_blocks_per_sm<TI>(kp, smem, &blocks);
     int64_t splits, per_split;
-    plan_topk_splits(M, N, static_cast<int64_t>(smem) * 2 <= limit ? 2 : 1, std::max<int64_t>(8192, 8 * kp), splits,
-                     per_split);
+    plan_splits((M + kTopkBM - 1) / kTopkBM, 1, N, kTopkBN, checked_blocks_per_sm(occ, blocks, "topk"),
+                std::max<int64_t>(8192, 8 * kp), splits, per_split);
     p.cols_per_split = per_split;
     Tensor queues = at::full({splits, M, kp}, std::numeric_limits<int64_t>::min(), q.options().dtype(at::kLong));
     p.queues = queues.data_ptr<int64_t>();

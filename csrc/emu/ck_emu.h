@@ -34,6 +34,7 @@
 
 #include <ucontext.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
@@ -85,6 +86,7 @@ namespace ck_emu {
 constexpr int kSms = 132;                      // H100 SXM
 constexpr size_t kSmemDefault = 48 * 1024;     // without the opt-in attribute
 constexpr size_t kSmemOptin = 227 * 1024;      // cudaDevAttrMaxSharedMemoryPerBlockOptin
+constexpr size_t kSmemPerSm = 228 * 1024;      // cudaDevAttrMaxSharedMemoryPerMultiprocessor
 constexpr size_t kStackBytes = 256 * 1024;     // per emulated thread
 
 [[noreturn]] void fail(const std::string& what);
@@ -223,6 +225,13 @@ void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
 void cp_async_16(void* dst, const void* src, int src_bytes);
 void cp_async_wait_all();
 
+// the dynamic shared memory a kernel may launch with (48 KiB unless opted in)
+template <typename P>
+size_t smem_allowed(void (*kernel)(P)) {
+  auto found = state().smem_optin.find(reinterpret_cast<const void*>(kernel));
+  return found == state().smem_optin.end() ? kSmemDefault : static_cast<size_t>(found->second);
+}
+
 template <typename P>
 struct Launcher {
   void (*kernel)(P);
@@ -233,9 +242,7 @@ struct Launcher {
     self->first(*self->second);
   }
   void operator()(const P& p) const {
-    auto found = state().smem_optin.find(reinterpret_cast<const void*>(kernel));
-    const size_t allowed = found == state().smem_optin.end() ? kSmemDefault : static_cast<size_t>(found->second);
-    if (smem > allowed || smem > kSmemOptin) {
+    if (smem > smem_allowed(kernel) || smem > kSmemOptin) {
       state().last_error = cudaErrorInvalidValue;
       return;
     }
@@ -356,6 +363,16 @@ inline cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr attr, int) {
   if (attr == cudaDevAttrMaxSharedMemoryPerBlockOptin) *v = static_cast<int>(ck_emu::kSmemOptin);
   else if (attr == cudaDevAttrMultiProcessorCount) *v = ck_emu::kSms;
   else return cudaErrorInvalidValue;
+  return cudaSuccess;
+}
+// An H100's limits per SM (2048 threads, 228 KiB of shared memory, 1 KiB of it reserved per
+// block); registers are not modelled (the kernels' __launch_bounds__ keep them off the limit).
+template <typename P>
+inline cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* blocks, void (*kernel)(P), int block_size,
+                                                                 size_t smem) {
+  if (block_size <= 0 || block_size > 1024) return cudaErrorInvalidValue;
+  const size_t by_smem = smem > ck_emu::smem_allowed(kernel) ? 0 : ck_emu::kSmemPerSm / (smem + 1024);
+  *blocks = static_cast<int>(std::min<size_t>(by_smem, 2048 / block_size));
   return cudaSuccess;
 }
 template <typename P>

@@ -7,6 +7,7 @@
 
 #include "../ops_schema.h"
 #include "ck_emu.h"
+#include "../cuda/glue.h"
 
 // (in ck::cuda, where the kernels' `extern __shared__ smem[]` lives)
 namespace ck {
@@ -77,9 +78,20 @@ int64_t emulator_probe(int64_t which, int64_t smem_bytes) {
   return static_cast<int64_t>(cudaGetLastError());
 }
 
+// The glue's grid planning (glue.h, plan_splits) on the emulated H100 (132 SMs): (splits, per_split).
+std::tuple<int64_t, int64_t> emulator_plan_splits(int64_t row_blocks, int64_t slices, int64_t cols, int64_t bn,
+                                                  int64_t blocks_per_sm, int64_t min_cols) {
+  int64_t splits = 0, per_split = 0;
+  ck::cuda::plan_splits(row_blocks, slices, cols, static_cast<int>(bn), static_cast<int>(blocks_per_sm), min_cols,
+                        splits, per_split);
+  return {splits, per_split};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(contrastive_kernels_cuda_emu, m) {
   ck::define_ops(m);
   m.def("emulator_probe(int which, int smem_bytes) -> int", &emulator_probe);
+  m.def("emulator_plan_splits(int row_blocks, int slices, int cols, int bn, int blocks_per_sm, int min_cols) -> (int, int)",
+        &emulator_plan_splits);
 }
