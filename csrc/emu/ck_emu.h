@@ -20,16 +20,17 @@
 // collectives __shfl_sync, __shfl_xor_sync, __ballot_sync, __syncwarp; the PTX of
 // device_common.cuh: ldmatrix(.x2/.x4, .trans) and mma.sync.m16n8k16 (f16/bf16 -> f32) with
 // their register-fragment layouts from the PTX ISA, and cp.async (zero-filled past the source
-// size; cp.async.wait_group 0 completes a thread's copies); the opt-in shared-memory limit (cudaFuncSetAttribute) and an H100's
-// device properties (132 SMs, 227 KiB of shared memory per block).
+// size; cp.async.wait_group 0 completes a thread's copies); the opt-in shared-memory limit
+// (cudaFuncSetAttribute), the occupancy calculator (shared memory and threads, not registers) and
+// an H100's device properties (132 SMs, 227 KiB of shared memory per block).
 //
 // Checked, each an error naming the block and thread: a deadlock (no thread can make progress:
 // lanes of a warp at different collectives, a __syncthreads that some threads never reach), a
 // warp collective with a partial mask or with lanes that already returned, ldmatrix/cp.async
 // addresses outside shared memory or not 16-byte aligned, a launch with more dynamic shared
-// memory than allowed, a thread that returns with cp.async copies it never waited for. Not emulated:
-// timing, the memory model beyond the orders above (a thread's plain stores are seen by the others
-// at once), streams (everything is synchronous).
+// memory than allowed, a thread that returns with cp.async copies it never waited for. Not
+// emulated: timing, the memory model beyond the orders above (a thread's plain stores are seen by
+// the others at once), streams (everything is synchronous).
 #pragma once
 
 #include <ucontext.h>
