@@ -77,11 +77,5 @@ inline int checked_blocks_per_sm(cudaError_t err, int blocks, const char* what) 
   return blocks;
 }
 
-template <typename K>
-void set_smem(K kernel, size_t bytes) {
-  if (bytes > 48 * 1024)
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
-}
-
 }  // namespace cuda
 }  // namespace ck

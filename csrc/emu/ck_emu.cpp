@@ -98,12 +98,10 @@ uint64_t splitmix64(uint64_t& x) {
   return z ^ (z >> 31);
 }
 
-// the order in which the block's threads run this round
+// the order in which the block's threads run this round (forward and reverse: set once per block)
 void schedule_round(Block& b) {
-  const int n = b.nthreads;
-  for (int t = 0; t < n; ++t) b.order[t] = state().schedule == Schedule::kReverse ? n - 1 - t : t;
   if (state().schedule == Schedule::kShuffle)
-    for (int t = n - 1; t > 0; --t) std::swap(b.order[t], b.order[splitmix64(b.rng) % (t + 1)]);
+    for (int t = b.nthreads - 1; t > 0; --t) std::swap(b.order[t], b.order[splitmix64(b.rng) % (t + 1)]);
 }
 
 void land(const PendingCopy& c) { std::memcpy(c.dst, c.bytes, 16); }
@@ -213,6 +211,7 @@ void run_block(Block& b) {
   const uint64_t linear_block = (static_cast<uint64_t>(b.bidx.z) * b.grid.y + b.bidx.y) * b.grid.x + b.bidx.x;
   b.rng = s.seed ^ (linear_block * 0xd1b54a32d192ed03ull);
   b.order.resize(b.nthreads);
+  for (int t = 0; t < b.nthreads; ++t) b.order[t] = s.schedule == Schedule::kReverse ? b.nthreads - 1 - t : t;
   for (int t = 0; t < b.nthreads; ++t) {
     Fiber& f = b.fibers[t];
     f.state = Fiber::kReady;
