@@ -2,14 +2,14 @@
 // kernels. Included inside the per-ISA namespace after vec.h; pure C++.
 //
 // Layout convention: the query rows are the vector lanes. A "row group" is RG = MV * W
-// consecutive rows; Q is packed once as Q^T (D x Bp), so one vector load gives the d-th
-// coordinate of W rows. Key columns are broadcast scalars. Score tiles are therefore stored
+// consecutive rows; Q is packed once, each row group as its transpose (D x RG, contiguous), so
+// one vector load gives the d-th coordinate of W rows. Key columns are broadcast scalars. Score tiles are therefore stored
 // column by column, S^T[j][i], and every per-row statistic of the softmax (max, sum, the
 // positives' sum) is an element-wise vector operation, with no horizontal reduction.
 
 // C[n*ldc + m*W + lane] (+)= sum_{r < kred} A[r*lda + m*W + lane] * Bm[n*bsn + r*bsk]
 // for m < MV, n < NRr: MV*NRr accumulators stay in registers for the whole reduction.
-//   scores     S^T = Q^T-panel x K-panel      (A = Q^T, lda = Bp; Bm = packed K, bsn = 1, bsk = NR)
+//   scores     S^T = Q^T-panel x K-panel      (A = Q^T, lda = RG; Bm = packed K, bsn = 1, bsk = NR)
 //   key sums   E^T += P^T x K                 (A = P^T, lda = RG; Bm = K rows, bsn = 1, bsk = ldk)
 template <class V, int NRr, bool ACC>
 __attribute__((noinline)) void mk_rows(int64_t kred, const typename V::T* __restrict A, int64_t lda,
@@ -174,11 +174,12 @@ CK_INLINE void for_passing_lanes(typename V::M pass, typename V::R s, F&& f) {
   }
 }
 
-// Scores of one tile: S^T[j][RG rows] for the ceil(nc/NR) panels of columns t0.. of the block.
+// Scores of one tile: S^T[j][RG rows] for the ceil(nc/NR) panels of columns t0.. of the block;
+// qt_group: the row group's D x RG panel (see pack_row_groups in glue.h).
 template <class V>
-CK_INLINE void tile_scores(const typename V::T* qt_group, int64_t ldq, const typename V::T* kpanel,
-                           int64_t t0, int64_t nc, int64_t D, typename V::T* S) {
+CK_INLINE void tile_scores(const typename V::T* qt_group, const typename V::T* kpanel, int64_t t0, int64_t nc,
+                           int64_t D, typename V::T* S) {
   constexpr int NR = V::NR, RG = Tiles<V>::RG;
   for (int64_t p = 0; p * NR < nc; ++p)
-    mk_rows<V, NR, false>(D, qt_group, ldq, kpanel + (t0 + p * NR) * D, 1, NR, S + p * NR * RG, RG);
+    mk_rows<V, NR, false>(D, qt_group, RG, kpanel + (t0 + p * NR) * D, 1, NR, S + p * NR * RG, RG);
 }

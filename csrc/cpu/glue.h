@@ -1,4 +1,5 @@
-// Shared by the CPU glue files (topk.cpp, infonce.cpp): the merge of packed top-k keys.
+// Shared by the CPU glue files (topk.cpp, infonce.cpp): the packing of the queries in row groups
+// and the merge of packed top-k keys.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -13,6 +14,19 @@
 
 namespace ck {
 namespace cpu_glue {
+
+// Q (rows x D) packed for the row-vectorized score microkernel: zero-padded to `padded` rows
+// (a multiple of rg), then per group of rg rows its transpose, D x rg, contiguous:
+// out[g][d][lane] = Q[g*rg + lane][d]. One group's panel is one block (8 KB at D = 128, rg = 16):
+// a plain D x padded Q^T puts the panel's D rows `padded` floats apart, a power-of-two stride
+// that maps them to a few L1 sets, so they evicted each other (AVX2, B = 256: 1 KB apart, four
+// sets for 128 lines).
+inline at::Tensor pack_row_groups(const at::Tensor& q, int64_t padded, int64_t rg) {
+  const int64_t rows = q.size(0), D = q.size(1);
+  at::Tensor qp = at::zeros({padded, D}, q.options());
+  qp.narrow(0, 0, rows).copy_(q);
+  return qp.view({padded / rg, rg, D}).transpose(1, 2).contiguous();
+}
 
 constexpr int64_t kEmptyKey = std::numeric_limits<int64_t>::min();
 

@@ -84,8 +84,7 @@ Prepared<T> prepare(const Tensor& q, const Tensor& k, const Tensor& row_scale, c
   a.G = static_cast<int>(gammas.size());
   for (int g = 0; g < a.G; ++g) a.gamma[g] = static_cast<T>(gammas[g]);
   Tensor qf = q.to(acc).contiguous();
-  Tensor qt = at::zeros({D, a.Bp}, qf.options());
-  qt.narrow(1, 0, B).copy_(qf.t());
+  Tensor qt = cpu_glue::pack_row_groups(qf, a.Bp, rg);
   p.keep.push_back(qt);
   a.qt = qt.data_ptr<T>();
   if (need_qrow) {

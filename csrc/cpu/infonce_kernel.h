@@ -168,7 +168,7 @@ void lse_fwd_part(const LseArgs<typename V::T>& A, const LseWork<typename V::T>&
         const int64_t nc = ck_min<int64_t>(NC, nb - t0);
         const int64_t j0 = jb + t0;
         T* S = sc.S;
-        tile_scores<V>(A.qt + i0, Bp, sc.kpanel, t0, nc, D, S);
+        tile_scores<V>(A.qt + i0 * D, sc.kpanel, t0, nc, D, S);
         if constexpr (std::is_same_v<T, float>)
           if (A.cand_thr != nullptr) collect_candidates<V>(A, Wk, i0, j0, nc, S);
         const bool masked = build_valid<V>(A, i0, rows, j0, nc, sc.vmask);
@@ -339,7 +339,7 @@ void lse_bwd_part(const LseArgs<typename V::T>& A, const LseWork<typename V::T>&
         const int64_t nc = ck_min<int64_t>(NC, nb - t0);
         const int64_t j0 = jb + t0;
         T* S = sc.S;
-        tile_scores<V>(A.qt + i0, Bp, sc.kpanel, t0, nc, D, S);
+        tile_scores<V>(A.qt + i0 * D, sc.kpanel, t0, nc, D, S);
         const bool masked = build_valid<V>(A, i0, rows, j0, nc, sc.vmask);
         const bool pos = labels && A.d_pos != nullptr;
         if (pos) build_positive<V>(A, i0, rows, j0, nc, masked, sc.vmask, sc.posm);

@@ -44,7 +44,7 @@ struct LseArgs {
   int64_t B = 0, Bp = 0, N = 0, D = 0, Dp = 0;
   int G = 1;
   T gamma[kMaxGammas] = {};
-  const T* qt = nullptr;      // D x Bp: Q^T in the accumulation type
+  const T* qt = nullptr;      // Bp/RG x D x RG: Q in row groups, each transposed (pack_row_groups)
   const T* qrow = nullptr;    // Bp x Dp: Q row-major (backward, key-side gradients only)
   const void* k = nullptr;    // N x D, row-major, in k_dtype
   int k_dtype = kSame;
@@ -98,7 +98,7 @@ struct LseWork {
 // ties resolve to the lower column; one buffer of topk_capacity(k) keys per query row and part.
 struct TopkArgs {
   int64_t M = 0, Mp = 0, N = 0, D = 0, k = 0;
-  const float* qt = nullptr;      // D x Mp, fp32
+  const float* qt = nullptr;      // Mp/RG x D x RG, fp32 (pack_row_groups)
   const float* qscale = nullptr;  // Mp: 1/|q_i| (cosine) or |q_i|^2 (l2), else null
   const void* bank = nullptr;     // N x D in bank_dtype
   int bank_dtype = kFloat;        // kFloat, kHalf, kBFloat16 or kDouble (scored in fp32)

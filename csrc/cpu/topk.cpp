@@ -50,8 +50,7 @@ std::tuple<Tensor, Tensor> topk_cpu(const Tensor& query, const Tensor& bank, int
   a.k = k;
   std::vector<Tensor> keep;
   Tensor qf = query.to(at::kFloat).contiguous();
-  Tensor qt = at::zeros({D, a.Mp}, qf.options());
-  qt.narrow(1, 0, M).copy_(qf.t());
+  Tensor qt = cpu_glue::pack_row_groups(qf, a.Mp, rg);
   keep.push_back(qt);
   a.qt = qt.data_ptr<float>();
   a.sim = sim == "dot" ? cpu::kDot : (sim == "cosine" ? cpu::kCosine : cpu::kL2);

@@ -49,7 +49,7 @@ void topk_part(const TopkArgs& A, const TopkWork& Wk, int64_t c0, int64_t c1) {
   using TL = Tiles<V>;
   static_assert(sizeof(typename V::T) == sizeof(float), "top-k scores are fp32");
   constexpr int W = V::W, MV = V::MV, RG = TL::RG, NC = TL::NC, NB = TL::NB;
-  const int64_t D = A.D, Mp = A.Mp, M = A.M, k = A.k, C = topk_capacity(k);
+  const int64_t D = A.D, M = A.M, k = A.k, C = topk_capacity(k);
   float* kbuf = Wk.scratch;
   float* kpanel = kbuf + NB * D;
   float* S = kpanel + NB * D;
@@ -79,7 +79,7 @@ void topk_part(const TopkArgs& A, const TopkWork& Wk, int64_t c0, int64_t c1) {
       for (int m = 0; m < MV; ++m) qs[m] = A.qscale ? V::load(A.qscale + i0 + m * W) : V::zero();
       for (int64_t t0 = 0; t0 < nb; t0 += NC) {
         const int64_t nc = ck_min<int64_t>(NC, nb - t0);
-        tile_scores<V>(A.qt + i0, Mp, kpanel, t0, nc, D, S);
+        tile_scores<V>(A.qt + i0 * D, kpanel, t0, nc, D, S);
         R thr[MV];
         for (int m = 0; m < MV; ++m) thr[m] = V::load(Wk.thr + i0 + m * W);
         for (int64_t jj = 0; jj < nc; ++jj) {
