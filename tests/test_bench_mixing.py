@@ -1,4 +1,6 @@
 """The mixing benchmark candidates (bench/baselines_mochi.py) and the mixing preset, on the CPU."""
+import csv
+
 import torch
 
 import contrastive_kernels as ck
@@ -44,4 +46,8 @@ def test_mixing_preset_reports_the_ratio_to_plain_infonce(tmp_path, capsys, monk
     ratios = next(line for line in out.splitlines() if "against plain InfoNCE" in line)
     for backend in backends:
         assert f"B=8 K=64 D=8 n_hard=8 s=4 s_q=2 {backend}: " in ratios, backend
-    assert "eager-mochi does not support info_nce_bank" in out
+    # the mixing-only candidates get no row (not a failed one) on the plain case
+    assert "does not support" not in out
+    rows = list(csv.DictReader(open(tmp_path / "results.csv")))
+    assert {(r["op"], r["backend"]) for r in rows if r["backend"] in ("eager-mochi", "cpu-separate-topk")} == {
+        ("mixing", b) for b in backends if b in ("eager-mochi", "cpu-separate-topk")}

@@ -15,7 +15,7 @@ import sys
 import torch
 
 from .baselines_mochi import FUSED_TOPK_BACKENDS, MIXED_LSE_BACKENDS
-from .cases import DTYPES, PRESETS, Case
+from .cases import DTYPES, PRESETS, Case, applies
 from .measure import h2d_bandwidth, matmul_tflops, measure_in_process, measure_isolated, memory_limit
 from .report import environment, markdown, plot, write_csv
 
@@ -73,7 +73,8 @@ def run(args) -> list:
     mm_cache = {}
     rows = []
     limit = memory_limit(args.device)
-    bar = tqdm([(c, b) for c in cases for b in backends], desc="bench", unit="run", file=sys.stderr)
+    bar = tqdm([(c, b) for c in cases for b in backends if applies(b, c.op)], desc="bench", unit="run",
+               file=sys.stderr)
     for c, backend in bar:
         _save_partial(args.out, rows)  # the rows before this one (also those skipped or failed)
         bar.set_postfix_str(f"{c.label or c.op} {c.shape_str} {c.dtype} {backend}")

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from .cases import DTYPES, register_baseline
 
 
-@register_baseline("faiss_cpu")
+@register_baseline("faiss_cpu", ops=("topk",))
 def build_faiss_cpu(c, device):
     if c.op != "topk" or not str(device).startswith("cpu") or DTYPES[c.dtype] != torch.float32:
         return None

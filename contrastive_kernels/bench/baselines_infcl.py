@@ -30,7 +30,7 @@ def _head_dim(d: int):
     return None
 
 
-@register_baseline("infcl")
+@register_baseline("infcl", ops=("clip",))
 def infcl_clip(c: Case, device: str):
     if c.op != "clip":
         return None

@@ -53,7 +53,7 @@ def eager_mochi_loss(q, k, queue, temperature, n_hard, n_synthetic, n_query_synt
     return F.cross_entropy(logits, torch.zeros(b, dtype=torch.long, device=q.device))
 
 
-@register_baseline("eager-mochi")
+@register_baseline("eager-mochi", ops=("mixing",))
 def _eager_mochi(c: Case, device: str):
     if c.op != "mixing":
         return None
@@ -93,6 +93,6 @@ def _with_flag_off(backend: str, module, flag: str):
 
 
 for _backend in FUSED_TOPK_BACKENDS:
-    register_baseline(f"{_backend}-separate-topk")(_with_flag_off(_backend, _loss_topk, "FUSED_TOPK"))
+    register_baseline(f"{_backend}-separate-topk", ops=("mixing",))(_with_flag_off(_backend, _loss_topk, "FUSED_TOPK"))
 for _backend in MIXED_LSE_BACKENDS:
-    register_baseline(f"{_backend}-mixed-dots")(_with_flag_off(_backend, losses, "MIXED_LSE"))
+    register_baseline(f"{_backend}-mixed-dots", ops=("mixing",))(_with_flag_off(_backend, losses, "MIXED_LSE"))

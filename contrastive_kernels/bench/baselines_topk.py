@@ -64,7 +64,7 @@ def torch_topk(q, bank, k):
     return best_v, best_i
 
 
-@register_baseline("torch-topk")
+@register_baseline("torch-topk", ops=("topk", "topk_host"))
 def _torch_topk(c: Case, device: str):
     if c.op not in ("topk", "topk_host"):
         return None
@@ -72,7 +72,7 @@ def _torch_topk(c: Case, device: str):
     return lambda: torch_topk(q, bank, k)
 
 
-@register_baseline("gemm-only")
+@register_baseline("gemm-only", ops=("topk",))
 def _gemm_only(c: Case, device: str):
     if c.op != "topk" or not device.startswith("cuda"):
         return None
@@ -92,7 +92,7 @@ def faiss_gpu_available():
     return None
 
 
-@register_baseline("faiss-gpu")
+@register_baseline("faiss-gpu", ops=("topk",))
 def _faiss_gpu(c: Case, device: str):
     if c.op != "topk" or not device.startswith("cuda") or c.dtype == "bf16":
         return None

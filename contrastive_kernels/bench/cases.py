@@ -119,15 +119,24 @@ PRESETS["gpu"] = (PRESETS["moco"] + PRESETS["qk"] + PRESETS["clip"] + PRESETS["s
 
 # Outside candidates (Inf-CL, FAISS, a hand-written torch top-k, ...): name -> builder(case, device)
 # returning a step callable, or None when the candidate does not support the case. Modules
-# bench/baselines_*.py register themselves with ``register_baseline``.
+# bench/baselines_*.py register themselves with ``register_baseline``, naming the ops they can
+# run at all: a preset's other ops get no row for them (rather than a failed one).
 BASELINES: Dict[str, Callable[[Case, str], Optional[Callable[[], None]]]] = {}
+BASELINE_OPS: Dict[str, Tuple[str, ...]] = {}
 
 
-def register_baseline(name: str):
+def register_baseline(name: str, ops: Tuple[str, ...]):
     def deco(builder):
         BASELINES[name] = builder
+        BASELINE_OPS[name] = tuple(ops)
         return builder
     return deco
+
+
+def applies(backend: str, op: str) -> bool:
+    """False for an outside candidate that cannot run ``op`` (e.g. FAISS on a loss case)."""
+    _load_baselines()
+    return backend not in BASELINE_OPS or op in BASELINE_OPS[backend]
 
 
 def _load_baselines():

@@ -38,6 +38,11 @@ def environment(device: str) -> Dict[str, str]:
         except OSError:
             pass
         env["device"] = f"{name}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}"
+        # the cpu backend's kernels are compiled per instruction set: its figures depend on which
+        from .. import _ext
+
+        if _ext.load() is not None:
+            env["cpu kernels"] = _ext.build_info().get("cpu_isa", "?")
     return env
 
 
