@@ -3,9 +3,10 @@
 //
 // Layout convention: the query rows are the vector lanes. A "row group" is RG = MV * W
 // consecutive rows; Q is packed once, each row group as its transpose (D x RG, contiguous), so
-// one vector load gives the d-th coordinate of W rows. Key columns are broadcast scalars. Score tiles are therefore stored
-// column by column, S^T[j][i], and every per-row statistic of the softmax (max, sum, the
-// positives' sum) is an element-wise vector operation, with no horizontal reduction.
+// one vector load gives the d-th coordinate of W rows. Key columns are broadcast scalars. Score
+// tiles are therefore stored column by column, S^T[j][i], and every per-row statistic of the
+// softmax (max, sum, the positives' sum) is an element-wise vector operation, with no horizontal
+// reduction.
 
 // C[n*ldc + m*W + lane] (+)= sum_{r < kred} A[r*lda + m*W + lane] * Bm[n*bsn + r*bsk]
 // for m < MV, n < NRr: MV*NRr accumulators stay in registers for the whole reduction.
