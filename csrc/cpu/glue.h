@@ -28,6 +28,16 @@ inline at::Tensor pack_row_groups(const at::Tensor& q, int64_t padded, int64_t r
   return qp.view({padded / rg, rg, D}).transpose(1, 2).contiguous();
 }
 
+// The inverse layout for per-row outputs the kernels accumulate in row groups (the key sums):
+// t (..., padded/rg, D, rg) -> (..., padded, D).
+inline at::Tensor unpack_row_groups(const at::Tensor& t) {
+  const int64_t n = t.dim();
+  std::vector<int64_t> shape(t.sizes().begin(), t.sizes().end() - 3);
+  shape.push_back(t.size(n - 3) * t.size(n - 1));
+  shape.push_back(t.size(n - 2));
+  return t.transpose(n - 2, n - 1).reshape(shape);
+}
+
 constexpr int64_t kEmptyKey = std::numeric_limits<int64_t>::min();
 
 // The n largest keys of each row over H candidate lists, sorted, as (values fp32, indices int64);

@@ -54,6 +54,7 @@ Tensor pad_rows(const Tensor& x, int64_t rows, at::ScalarType dtype) {
 template <typename T>
 struct Prepared {
   cpu::LseArgs<T> args;
+  int64_t rg = 1;            // rows per row group of the kernel table
   std::vector<Tensor> keep;  // tensors the raw pointers point into
 };
 
@@ -78,6 +79,7 @@ Prepared<T> prepare(const Tensor& q, const Tensor& k, const Tensor& row_scale, c
   cpu::LseArgs<T>& a = p.args;
   a.B = B;
   a.Bp = (B + rg - 1) / rg * rg;
+  p.rg = rg;
   a.N = N;
   a.D = D;
   a.Dp = (D + vw - 1) / vw * vw;
@@ -175,7 +177,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lse_fwd_impl(
   Tensor run_max = at::full({std::max<int64_t>(P, 1), G, Bp}, -std::numeric_limits<double>::infinity(), opts);
   Tensor run_sum = at::zeros({std::max<int64_t>(P, 1), G, Bp}, opts);
   Tensor pos = at::zeros({std::max<int64_t>(P, 1), 2, Bp}, opts);
-  Tensor accum = at::zeros({slots > 0 ? std::max<int64_t>(P, 1) : 0, slots, D, Bp}, opts);
+  Tensor accum = at::zeros({slots > 0 ? std::max<int64_t>(P, 1) : 0, slots, Bp / p.rg, D, p.rg}, opts);
   const int64_t scratch_n = (f64 ? tab->lse_scratch_f64 : tab->lse_scratch_f32)(D, a.Dp);
   Tensor scratch = at::empty({std::max<int64_t>(P, 1), scratch_n}, opts);
   const bool candidates = cand != nullptr && cand->threshold != nullptr;
@@ -226,12 +228,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lse_fwd_impl(
   Tensor e_key = at::empty({0}, opts), p_key = at::empty({0}, opts);
   if (row_only) {
     if (P > 0) {
-      Tensor e = (accum.narrow(1, 0, G) * w.unsqueeze(2)).sum(0);             // (G, D, Bp)
+      Tensor sums = cpu_glue::unpack_row_groups(accum);                       // (P, S, Bp, D)
+      Tensor e = (sums.narrow(1, 0, G) * w.unsqueeze(3)).sum(0);              // (G, Bp, D)
       Tensor live = s > 0;
-      Tensor denom = at::where(live, s, at::ones_like(s)).unsqueeze(1);
-      e = at::where(live.unsqueeze(1), e / denom, at::zeros_like(e));
-      e_key = e.narrow(2, 0, B).transpose(1, 2).contiguous();                // (G, B, D)
-      if (labels) p_key = accum.select(1, G).sum(0).narrow(1, 0, B).t().contiguous();
+      Tensor denom = at::where(live, s, at::ones_like(s)).unsqueeze(2);
+      e = at::where(live.unsqueeze(2), e / denom, at::zeros_like(e));
+      e_key = e.narrow(1, 0, B).contiguous();                                 // (G, B, D)
+      if (labels) p_key = sums.select(1, G).sum(0).narrow(0, 0, B).contiguous();
     } else {
       e_key = at::zeros({G, B, D}, opts);
       if (labels) p_key = at::zeros({B, D}, opts);
@@ -331,7 +334,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lse_bwd_impl(
 
   const Parts parts = split_columns(N, tab->col_align);
   const int64_t P = parts.count;
-  Tensor gk = at::zeros({need_g_key ? std::max<int64_t>(P, 1) : 0, D, Bp}, opts);
+  Tensor gk = at::zeros({need_g_key ? std::max<int64_t>(P, 1) : 0, Bp / p.rg, D, p.rg}, opts);
   Tensor dcp = at::zeros({std::max<int64_t>(P, 1), Bp}, opts);
   const int64_t scratch_n = (f64 ? tab->lse_scratch_f64 : tab->lse_scratch_f32)(D, a.Dp);
   Tensor scratch = at::empty({std::max<int64_t>(P, 1), scratch_n}, opts);
@@ -346,7 +349,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lse_bwd_impl(
       bwd(a, w, parts.bounds[t], parts.bounds[t + 1]);
     }
   });
-  Tensor g_key = need_g_key ? gk.sum(0).narrow(1, 0, B).t().contiguous() : at::empty({0}, opts);
+  Tensor g_key = need_g_key ? cpu_glue::unpack_row_groups(gk.sum(0)).narrow(0, 0, B).contiguous()
+                             : at::empty({0}, opts);
   Tensor dc = need_dc ? dcp.sum(0).narrow(0, 0, B).contiguous() : at::empty({0}, opts);
   return {g_key, h, dc, dd};
 }

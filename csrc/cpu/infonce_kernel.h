@@ -207,8 +207,8 @@ void lse_fwd_part(const LseArgs<typename V::T>& A, const LseWork<typename V::T>&
               const R rescale = V::exp(V::sub(old, shift[m]));
               V::store(rsum + m * W, V::mul(V::load(rsum + m * W), rescale));
               if (A.row_only) {
-                T* e = Wk.acc + static_cast<int64_t>(g) * D * Bp + i0 + m * W;
-                for (int64_t d = 0; d < D; ++d) V::store(e + d * Bp, V::mul(V::load(e + d * Bp), rescale));
+                T* e = Wk.acc + static_cast<int64_t>(g) * D * Bp + i0 * D + m * W;
+                for (int64_t d = 0; d < D; ++d) V::store(e + d * RG, V::mul(V::load(e + d * RG), rescale));
               }
             }
             V::store(rmax + m * W, nm);
@@ -283,10 +283,10 @@ void lse_fwd_part(const LseArgs<typename V::T>& A, const LseWork<typename V::T>&
           const T* ktile = krow + t0 * D;
           for (int s = 0; s < slots; ++s) {
             const T* P = sc.P + s * tile;
-            T* e = Wk.acc + static_cast<int64_t>(s) * D * Bp + i0;
+            T* e = Wk.acc + static_cast<int64_t>(s) * D * Bp + i0 * D;
             for (int64_t d0 = 0; d0 < D; d0 += NR) {
               const int nr = static_cast<int>(ck_min<int64_t>(NR, D - d0));
-              mk_rows_n<V, true>(nr, nc, P, RG, ktile + d0, 1, D, e + d0 * Bp, Bp);
+              mk_rows_n<V, true>(nr, nc, P, RG, ktile + d0, 1, D, e + d0 * RG, RG);
             }
           }
         }
@@ -373,7 +373,7 @@ void lse_bwd_part(const LseArgs<typename V::T>& A, const LseWork<typename V::T>&
           const T* ktile = krow + t0 * D;
           for (int64_t d0 = 0; d0 < D; d0 += NR) {
             const int nr = static_cast<int>(ck_min<int64_t>(NR, D - d0));
-            mk_rows_n<V, true>(nr, nc, sc.P, RG, ktile + d0, 1, D, Wk.acc + d0 * Bp + i0, Bp);
+            mk_rows_n<V, true>(nr, nc, sc.P, RG, ktile + d0, 1, D, Wk.acc + i0 * D + d0 * RG, RG);
           }
         }
         if (A.need_h) {

@@ -86,8 +86,9 @@ struct LseWork {
   T* run_sum = nullptr;   // G x Bp (forward)
   T* pos_sum = nullptr;   // Bp (forward, labels)
   T* pos_cnt = nullptr;   // Bp (forward, labels)
-  T* acc = nullptr;       // forward row-only: S x D x Bp with S = G (+1 with labels): E^T (and
-                          // the positives' key sum); backward: D x Bp, g_key^T
+  T* acc = nullptr;       // forward row-only: S x (Bp/RG x D x RG) with S = G (+1 with labels): E
+                          // (and the positives' key sum); backward: Bp/RG x D x RG, g_key; each
+                          // row group's D x RG block contiguous, as the queries (pack_row_groups)
   T* dc = nullptr;        // Bp (backward)
   T* scratch = nullptr;   // lse_scratch(D, Dp) elements
   int64_t* cand_keys = nullptr;   // B x cand_cap (forward, cand_thr): the part's candidates
