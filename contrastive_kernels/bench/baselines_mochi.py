@@ -55,8 +55,6 @@ def eager_mochi_loss(q, k, queue, temperature, n_hard, n_synthetic, n_query_synt
 
 @register_baseline("eager-mochi", ops=("mixing",))
 def _eager_mochi(c: Case, device: str):
-    if c.op != "mixing":
-        return None
     d = c.dims
     gen = torch.Generator().manual_seed(0)
     dtype = DTYPES[c.dtype]
@@ -77,8 +75,6 @@ MIXED_LSE_BACKENDS = ("triton", "cpu", "cuda")
 def _with_flag_off(backend: str, module, flag: str):
     """``backend``'s mixing step with ``module.flag`` set to False while it runs."""
     def build(c: Case, device: str):
-        if c.op != "mixing":
-            return None
         step, _ = build_step(c, backend, device)
 
         def run():

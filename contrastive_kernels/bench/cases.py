@@ -118,9 +118,10 @@ PRESETS["gpu"] = (PRESETS["moco"] + PRESETS["qk"] + PRESETS["clip"] + PRESETS["s
 
 
 # Outside candidates (Inf-CL, FAISS, a hand-written torch top-k, ...): name -> builder(case, device)
-# returning a step callable, or None when the candidate does not support the case. Modules
-# bench/baselines_*.py register themselves with ``register_baseline``, naming the ops they can
-# run at all: a preset's other ops get no row for them (rather than a failed one).
+# returning a step callable, or None when the candidate does not support the case's device or
+# dtype. Modules bench/baselines_*.py register themselves with ``register_baseline``, naming the
+# ops they can run at all: builders are only called for those (a preset's other ops get no row
+# for them rather than a failed one).
 BASELINES: Dict[str, Callable[[Case, str], Optional[Callable[[], None]]]] = {}
 BASELINE_OPS: Dict[str, Tuple[str, ...]] = {}
 
@@ -163,7 +164,7 @@ def build_step(c: Case, backend: str, device: str) -> Tuple[Callable[[], None], 
 
     _load_baselines()
     if backend in BASELINES:
-        step = BASELINES[backend](c, device)
+        step = BASELINES[backend](c, device) if applies(backend, c.op) else None
         if step is None:
             raise NotImplementedError(f"{backend} does not support {c.op}")
         return step, []
