@@ -57,6 +57,25 @@ void check_ranges(const Tensor& hard_index, int64_t n_neg, const Tensor& pair_in
 #define CK_NO_CONTRACT
 #endif
 
+// The weight and the two rows that point (i, t) mixes: v_it = a x + (1 - a) y.
+template <typename scalar_t, typename acc_t>
+struct PointRows {
+  acc_t a;
+  const scalar_t* x;
+  const scalar_t* y;
+};
+
+template <typename scalar_t, typename acc_t>
+inline PointRows<scalar_t, acc_t> point_rows(const scalar_t* q, const scalar_t* neg, const Draws& dr, int64_t i,
+                                             int64_t t, int64_t D) {
+  const int64_t* hard = dr.hard + i * dr.H;
+  if (t < dr.S)
+    return {static_cast<acc_t>(dr.alpha[i * dr.S + t]), neg + hard[dr.pair[(i * dr.S + t) * 2]] * D,
+            neg + hard[dr.pair[(i * dr.S + t) * 2 + 1]] * D};
+  const int64_t u = t - dr.S;
+  return {static_cast<acc_t>(dr.qw[i * dr.SQ + u]), q + i * D, neg + hard[dr.qidx[i * dr.SQ + u]] * D};
+}
+
 // The unnormalized point v_it = a x + (1 - a) y in acc_t, each product and the sum rounded
 // separately (no FMA contraction), exactly as the reference's elementwise ops compute it.
 template <typename scalar_t, typename acc_t>
@@ -65,24 +84,11 @@ CK_NO_CONTRACT inline void mixed_vector(const scalar_t* q, const scalar_t* neg, 
 #if defined(__clang__)
 #pragma clang fp contract(off)
 #endif
-  const int64_t* hard = dr.hard + i * dr.H;
-  acc_t a;
-  const scalar_t* y;
-  const scalar_t* x;
-  if (t < dr.S) {
-    a = static_cast<acc_t>(dr.alpha[i * dr.S + t]);
-    x = neg + hard[dr.pair[(i * dr.S + t) * 2]] * D;
-    y = neg + hard[dr.pair[(i * dr.S + t) * 2 + 1]] * D;
-  } else {
-    const int64_t u = t - dr.S;
-    a = static_cast<acc_t>(dr.qw[i * dr.SQ + u]);
-    x = q + i * D;
-    y = neg + hard[dr.qidx[i * dr.SQ + u]] * D;
-  }
-  const acc_t b = acc_t(1) - a;
+  const PointRows<scalar_t, acc_t> p = point_rows<scalar_t, acc_t>(q, neg, dr, i, t, D);
+  const acc_t b = acc_t(1) - p.a;
   for (int64_t d = 0; d < D; ++d) {
-    const acc_t ax = a * static_cast<acc_t>(x[d]);
-    const acc_t by = b * static_cast<acc_t>(y[d]);
+    const acc_t ax = p.a * static_cast<acc_t>(p.x[d]);
+    const acc_t by = b * static_cast<acc_t>(p.y[d]);
     out[d] = ax + by;
   }
 }
@@ -92,13 +98,11 @@ CK_NO_CONTRACT inline void mixed_vector(const scalar_t* q, const scalar_t* neg, 
 template <typename scalar_t>
 inline void prefetch_point(const scalar_t* neg, const Draws& dr, int64_t i, int64_t t, int64_t T, int64_t D) {
   if (t >= T) return;
-  const int64_t* hard = dr.hard + i * dr.H;
-  const int64_t rx = t < dr.S ? hard[dr.pair[(i * dr.S + t) * 2]] : -1;
-  const int64_t ry = t < dr.S ? hard[dr.pair[(i * dr.S + t) * 2 + 1]] : hard[dr.qidx[i * dr.SQ + (t - dr.S)]];
+  const PointRows<scalar_t, float> p = point_rows<scalar_t, float>(neg, neg, dr, i, t, D);
   const int64_t bytes = D * static_cast<int64_t>(sizeof(scalar_t));
   for (int64_t off = 0; off < bytes; off += 64) {
-    if (rx >= 0) __builtin_prefetch(reinterpret_cast<const char*>(neg + rx * D) + off);
-    __builtin_prefetch(reinterpret_cast<const char*>(neg + ry * D) + off);
+    if (t < dr.S) __builtin_prefetch(reinterpret_cast<const char*>(p.x) + off);  // else x is the query row
+    __builtin_prefetch(reinterpret_cast<const char*>(p.y) + off);
   }
 }
 
