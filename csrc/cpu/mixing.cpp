@@ -96,12 +96,13 @@ CK_NO_CONTRACT inline void mixed_vector(const scalar_t* q, const scalar_t* neg, 
 // Starts loading the negative rows that point (i, t) mixes: the rows are scattered over the queue
 // (cache misses), and prefetching a few points ahead overlaps their latency with the arithmetic.
 template <typename scalar_t>
-inline void prefetch_point(const scalar_t* neg, const Draws& dr, int64_t i, int64_t t, int64_t T, int64_t D) {
+inline void prefetch_point(const scalar_t* q, const scalar_t* neg, const Draws& dr, int64_t i, int64_t t, int64_t T,
+                           int64_t D) {
   if (t >= T) return;
-  const PointRows<scalar_t, float> p = point_rows<scalar_t, float>(neg, neg, dr, i, t, D);
+  const PointRows<scalar_t, float> p = point_rows<scalar_t, float>(q, neg, dr, i, t, D);
   const int64_t bytes = D * static_cast<int64_t>(sizeof(scalar_t));
   for (int64_t off = 0; off < bytes; off += 64) {
-    if (t < dr.S) __builtin_prefetch(reinterpret_cast<const char*>(p.x) + off);  // else x is the query row
+    if (t < dr.S) __builtin_prefetch(reinterpret_cast<const char*>(p.x) + off);  // else x is the (cached) query row
     __builtin_prefetch(reinterpret_cast<const char*>(p.y) + off);
   }
 }
@@ -215,7 +216,7 @@ Tensor mixed_dots_cpu(const Tensor& q_in, const Tensor& mix_query, const Tensor&
       std::vector<acc_t> h(D);
       for (int64_t i = b0; i < b1; ++i)
         for (int64_t t = 0; t < T; ++t) {
-          prefetch_point(np, dr, i, t + kPrefetchAhead, T, D);
+          prefetch_point(mp, np, dr, i, t + kPrefetchAhead, T, D);
           mixed_point<scalar_t, acc_t>(mp, np, dr, i, t, D, h.data());
           op[i * T + t] = dot_lanes(qp + i * D, h.data(), D);
         }
@@ -249,7 +250,7 @@ Tensor mixed_dots_bwd_cpu(const Tensor& grad_in, const Tensor& mix_query, const 
       std::vector<acc_t> h(D);
       for (int64_t i = b0; i < b1; ++i)
         for (int64_t t = 0; t < T; ++t) {
-          prefetch_point(np, dr, i, t + kPrefetchAhead, T, D);
+          prefetch_point(mp, np, dr, i, t + kPrefetchAhead, T, D);
           mixed_point<scalar_t, acc_t>(mp, np, dr, i, t, D, h.data());
           const acc_t w = gp[i * T + t];
           for (int64_t d = 0; d < D; ++d) op[i * D + d] += w * h[d];
@@ -306,7 +307,7 @@ std::tuple<Tensor, Tensor, Tensor> mixed_lse_cpu(const Tensor& q_in, const Tenso
           s[g] = acc_t(0);
         }
         for (int64_t t = 0; t < T; ++t) {
-          prefetch_point(np, dr, i, t + kPrefetchAhead, T, D);
+          prefetch_point(mp, np, dr, i, t + kPrefetchAhead, T, D);
           mixed_point<scalar_t, acc_t>(mp, np, dr, i, t, D, h.data());
           const acc_t u = dot_lanes(qp + i * D, h.data(), D);
           const acc_t l = ap[i] * u + cp[i];
