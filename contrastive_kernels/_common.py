@@ -95,7 +95,8 @@ def draw_mixing(batch: int, n_hard: int, n_synthetic: int, n_query_synthetic: in
     uni = torch.rand((batch, s + sq), generator=generator, device=gen_device, dtype=torch.float32)
     idx, uni = idx.to(device), uni.to(device)
     return MixingDraws(
-        pair_index=torch.stack([idx[:, :s], idx[:, s:2 * s]], dim=-1),
+        # views into the two draws (no copies): pair_index[i, t] = (idx[i, t], idx[i, s + t])
+        pair_index=idx[:, :2 * s].unflatten(1, (2, s)).transpose(1, 2),
         alpha=uni[:, :s],
         query_index=idx[:, 2 * s:],
         query_weight=uni[:, s:] * 0.5,

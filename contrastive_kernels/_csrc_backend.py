@@ -79,10 +79,10 @@ def lse_stats_topk(q, k, row_scale, col_scale=None, row_bias=None, col_bias=None
     from the loss kernel's own pass over the queue (op lse_topk_fwd; _loss_topk.py) where
     ``cpu_fused_topk_reason`` allows: the CPU kernel's raw dot is the top-k kernel's, bitwise
     (the same microkernel over the same fp32 operands). CPU backend only."""
-    def fused(thr, cap):
+    def fused(kth, cap):
         out = _ops().lse_topk_fwd(q, k, row_scale, col_scale, row_bias, col_bias, [float(g) for g in gammas],
                                   None, None, None, False, query_side_only(q, k, row_scale, col_scale, row_bias, col_bias),
-                                  thr, cap, n_hard)
+                                  _loss_topk.lower_threshold(kth), cap, n_hard)
         return out[0], out[6], _loss_topk.inexact_rows(out[0], out[7], n_hard, cap)
 
     return _loss_topk.lse_stats_topk(

@@ -5,10 +5,12 @@ csrc/cpu/infonce_kernel.h).
 A backend's ``lse_stats_topk(q, k, ...)`` returns the loss's ``row_lse`` AND exactly
 ``topk(q.detach(), k.detach(), n_hard, similarity="dot").indices``, reading the queue once:
 
-1. Threshold (``sample_threshold``): T_i = the k_s-th largest score of row i over a strided sample
-   of the queue (every f-th row, ``candidate_plan``), lowered by a small margin. About f * k_s
-   >= n_hard queue rows score above it: one (B x K/f) matmul and a small top-k. Queues too short
-   for f >= 2 (``MIN_SAMPLE_STRIDE``) take the separate top-k.
+1. Threshold: t_i (``sample_kth``) = the k_s-th largest score of row i over a strided sample of
+   the queue (every f-th row, ``candidate_plan``): one (B x K/f) matmul and one k-th value. The
+   backend lowers it by a small margin (``lower_threshold``: T_i = t_i - 2^-7 |t_i|; the Triton
+   loss kernel does it as it loads t_i, the CPU backend on the host). About f * k_s >= n_hard
+   queue rows score above it. Queues too short for f >= 2 (``MIN_SAMPLE_STRIDE``) take the
+   separate top-k.
 2. The loss kernel tests each raw dot <q_i, k_j> (before any scaling) against T_i (Triton:
    s >= T_i; CPU: s > T_i) and lists the passing columns of each row, at most ``capacity`` of
    them (per row; on the CPU per row and thread, whose column ranges are disjoint), and counts
@@ -67,24 +69,33 @@ def candidate_plan(n_rows: int, n_hard: int):
     return f, k_s, max(cap, n_hard)
 
 
+# T_i = t_i - THRESHOLD_MARGIN |t_i|: the sample's product rounds differently from the loss
+# kernel's, and a 16-bit t_i is rounded; a candidate at the margin must not be missed
+THRESHOLD_MARGIN = 2.0 ** -7
+
+
 def _kth_by_matmul(q, sample, k_s):
-    # selected in the product's dtype (exact either way), cast once per row, not per score
-    return torch.topk(q @ sample.T, k_s, dim=1, sorted=False).values.amin(1)
+    # selected in the product's dtype (exact either way); one op, contiguous
+    return torch.kthvalue(q @ sample.T, sample.shape[0] - k_s + 1, dim=1).values
 
 
 @torch.no_grad()
-def sample_threshold(q, k, f: int, k_s: int, kth: Optional[Callable] = None) -> torch.Tensor:
-    """T_i (fp32): the k_s-th largest <q_i, k_j> over the sample k[::f], lowered by 2^-7 of its
-    magnitude (this product rounds differently from the loss kernel, and a 16-bit result is
-    rounded: a candidate at the margin must not be missed); -inf when k_s is the whole sample.
-    ``kth(q, sample, k_s)`` -> the k_s-th largest score per row (default: a matmul and torch.topk;
-    a backend may pass its own top-k). Any arithmetic will do: the threshold only sizes the
-    candidate lists, the check decides."""
+def sample_kth(q, k, f: int, k_s: int, kth: Optional[Callable] = None) -> torch.Tensor:
+    """t (B,), in the product's dtype: the k_s-th largest <q_i, k_j> over the sample k[::f]; -inf
+    when k_s is the whole sample. ``kth(q, sample, k_s)`` -> the k_s-th largest score per row
+    (default: a matmul and torch.kthvalue; a backend may pass its own top-k). Any arithmetic will
+    do: the threshold only sizes the candidate lists, the check decides."""
     sample = k.detach()[::f]
     if k_s >= sample.shape[0]:
-        return torch.full((q.shape[0],), float("-inf"), dtype=torch.float32, device=q.device)
-    t = (kth or _kth_by_matmul)(q.detach(), sample, k_s).float()
-    return torch.add(t, t.abs(), alpha=-(2.0 ** -7)).contiguous()
+        return torch.full((q.shape[0],), float("-inf"), dtype=q.dtype, device=q.device)
+    return (kth or _kth_by_matmul)(q.detach(), sample, k_s)
+
+
+def lower_threshold(t: torch.Tensor) -> torch.Tensor:
+    """T = t - THRESHOLD_MARGIN |t| in fp32, contiguous (-inf stays -inf). The Triton loss kernel
+    computes the same as it loads t."""
+    t = t.float()
+    return torch.add(t, t.abs(), alpha=-THRESHOLD_MARGIN).contiguous()
 
 
 def common_reason(q: torch.Tensor, k: torch.Tensor, n_hard: int) -> Optional[str]:
@@ -111,12 +122,13 @@ def inexact_rows(row_lse: torch.Tensor, count: torch.Tensor, n_hard: int, capaci
 def lse_stats_topk(backend: str, reason: Optional[str], q, k, gammas: Sequence[float], n_hard: int,
                    flags: tuple, fused: Callable, separate_lse: Callable, topk: Callable,
                    kth: Optional[Callable] = None):
-    """(row_lse, hard) of a backend's ``lse_stats_topk``. ``fused(threshold, capacity)`` runs the
-    loss pass with candidates -> (row_lse, best (B, n_hard) int64, inexact (B,): nonzero for the
+    """(row_lse, hard) of a backend's ``lse_stats_topk``. ``fused(t, capacity)`` runs the loss
+    pass with candidates, the columns scoring above ``lower_threshold(t)`` (t: ``sample_kth``'s)
+    -> (row_lse, best (B, n_hard) int64, inexact (B,): nonzero for the
     rows to recompute, see ``inexact_rows``); ``separate_lse()``
     -> row_lse without them; ``topk(q, k, n)`` -> the backend's exact top-k indices. ``reason``:
     why the fused path cannot run (None: it can); ``flags`` tell the affine forms apart; ``kth``
-    goes to ``sample_threshold``."""
+    goes to ``sample_kth``."""
     key = (backend, str(q.device), str(q.dtype), int(q.shape[0]), int(k.shape[0]), int(q.shape[1]),
            len(gammas), n_hard, flags)
     if reason is not None or _checked_keys.get(key) is False:
@@ -124,7 +136,7 @@ def lse_stats_topk(backend: str, reason: Optional[str], q, k, gammas: Sequence[f
         return separate_lse(), topk(q.detach(), k.detach(), n_hard)
     STATS["fused_calls"] += 1
     f, k_s, cap = candidate_plan(int(k.shape[0]), n_hard)
-    row_lse, hard, inexact = fused(sample_threshold(q, k, f, k_s, kth), cap)
+    row_lse, hard, inexact = fused(sample_kth(q, k, f, k_s, kth), cap)
     redo = torch.nonzero(inexact).flatten()  # the one synchronization
     if redo.numel():
         STATS["fallback_rows"] += int(redo.numel())

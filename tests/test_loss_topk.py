@@ -107,14 +107,14 @@ def test_threshold_misses_fall_back_to_topk(be, stats, monkeypatch):
     every row is recomputed by topk, and the result is still exact."""
     case = _case(17, 500, 12, torch.float32, seed=5)
     want = _separate(be, *case, 25)[1]
-    monkeypatch.setattr(LT, "sample_threshold", lambda q, k, f, ks, kth=None: torch.full((q.shape[0],), 1e30))
+    monkeypatch.setattr(LT, "sample_kth", lambda q, k, f, ks, kth=None: torch.full((q.shape[0],), 1e30))
     assert torch.equal(be.run(*case[:6], gammas=case[6], n_hard=25)[1], want)
     assert stats["fallback_rows"] == 17
     monkeypatch.undo()
     monkeypatch.setattr(LT, "STATS", stats)
     plan = LT.candidate_plan
     monkeypatch.setattr(LT, "candidate_plan", lambda n, k: plan(n, k)[:2] + (k,))  # capacity n_hard
-    monkeypatch.setattr(LT, "sample_threshold", lambda q, k, f, ks, kth=None: torch.full((q.shape[0],), -1e30))
+    monkeypatch.setattr(LT, "sample_kth", lambda q, k, f, ks, kth=None: torch.full((q.shape[0],), -1e30))
     assert torch.equal(be.run(*case[:6], gammas=case[6], n_hard=25)[1], want)
     assert stats["fallback_rows"] == 34
 

@@ -216,10 +216,34 @@ def test_opcheck_mixing_ops():
     torch.library.opcheck(torch.ops.contrastive_kernels.triton_mixed_lse.default,
                           args + (scale.detach(), bias.detach(), [1.0], extra), test_utils=utils)
     q, k, a, col, rb, cb, gammas = _lse_case(7, 90, 8, torch.float32, "l2", (1.0, 0.5))
-    thr = LT.sample_threshold(q, k, 2, 5)
+    thr = LT.sample_kth(q, k, 2, 5)
     torch.library.opcheck(torch.ops.contrastive_kernels.triton_lse_topk_fwd.default,
                           (q.requires_grad_(), k, a.requires_grad_(), col, rb, cb, gammas, False,
                            thr, 48, 5), test_utils=utils)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_lse_topk_kernel_lowers_the_sample_score(dtype):
+    """The loss kernel lists exactly the columns with <q_i, k_j> >= lower_threshold(t)_i, the
+    margin applied as it loads t (in the input dtype). Integer features: exact scores; t_i sits
+    half a unit above a score of row i, so only the margin (2^-7 |t_i| >= 0.5) lets that column in."""
+    T = M._topk
+    g = torch.Generator().manual_seed(7)
+    q = torch.randint(-8, 9, (9, 16), generator=g).to(dtype)
+    k = torch.randint(-8, 9, (300, 16), generator=g).to(dtype)
+    s = q.double() @ k.double().T
+    v = s.topk(20, dim=1).values[:, -1].clamp(min=64.0)  # a score of the row, or 64
+    t = (v + 0.5).to(dtype)
+    lowered = LT.lower_threshold(t).double()
+    want = s >= lowered[:, None]
+    assert (want & (s < t.double()[:, None])).any(), "the margin must matter for some column"
+    keys = ops.triton_lse_topk_fwd(q, k, torch.ones(9), None, None, None, [1.0], True, t, 300, 5)[5]
+    listed = torch.zeros_like(want)
+    for i in range(9):
+        cols = T.decode_indices(keys[i][keys[i] != T.INT64_MIN])
+        assert cols.unique().numel() == cols.numel()
+        listed[i, cols] = True
+    assert torch.equal(listed, want)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64], ids=str)
@@ -235,7 +259,7 @@ def test_fake_kernels_give_the_real_shapes(dtype):
     if dtype != torch.float64:
         q, k, a, col, rb, cb, gammas = _lse_case(7, 90, 8, dtype)
         calls.append((ops.triton_lse_topk_fwd, (q, k, a, col, rb, cb, gammas, True,
-                                                LT.sample_threshold(q, k, 2, 5), 32, 5)))
+                                                LT.sample_kth(q, k, 2, 5), 32, 5)))
     for op, call_args in calls:
         real = op(*call_args)
         with FakeTensorMode() as mode:

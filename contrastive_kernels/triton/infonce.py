@@ -418,7 +418,8 @@ def _lse_fwd_kernel(Q, K, A, BS, CB, DB, EXCL, QL, KL, g0_hi, g0_lo, g1_hi, g1_l
     """Split-K forward (module docstring). CAND (the hard negatives of mixing, triton/mixing.py):
     also append to row i's list (CAND_K: int64 top-k keys of triton/topk.py, the order-preserving
     bits of the raw fp32 dot in the high word and the complemented column in the low word) every
-    valid column with the raw dot s_ij >= THR[i]: per tile one atomic add on CAND_CNT[i] reserves
+    valid column with the raw dot s_ij >= T_i = t - 2^-7 |t|, t = THR[i] in fp32
+    (_loss_topk.lower_threshold; THR in any float dtype): per tile one atomic add on CAND_CNT[i] reserves
     the slots, a prefix sum over the columns places them; slots at or past cand_cap are dropped
     (CAND_CNT still counts them, so the caller sees the overflow)."""
     rg = tl.program_id(0)
@@ -446,7 +447,8 @@ def _lse_fwd_kernel(Q, K, A, BS, CB, DB, EXCL, QL, KL, g0_hi, g0_lo, g1_hi, g1_l
         e_acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=acc_ty)
         thr = tl.zeros([BLOCK_M], dtype=tl.float32)
         if CAND:
-            thr = tl.load(THR + rows, mask=row_ok, other=float("inf"))
+            t_s = tl.load(THR + rows, mask=row_ok, other=float("inf")).to(tl.float32)
+            thr = t_s - tl.abs(t_s) * 0.0078125  # 2^-7: _loss_topk.THRESHOLD_MARGIN
         for j0 in range(col_lo, col_hi, BLOCK_N):
             cols = (j0 + offs_n).to(tl.int64)
             col_ok = cols < col_hi
@@ -1154,7 +1156,7 @@ def _forward(q, k, row_scale, col_scale, row_bias, col_bias, gammas, exclude, q_
     col_m, col_s = (part(n_rg, n), part(n_rg, n)) if want_col_lse else (scratch, scratch)
     e_p = part(n_sp, bsz, dim) if row_only else scratch
     if cand:
-        thr, cand_k, count = threshold.to(torch.float32).contiguous(), *extra
+        thr, cand_k, count = threshold.contiguous(), *extra  # lowered in the kernel
     else:  # the autotuner zeroes CAND_CNT before its timing runs: a scratch buffer of its own
         thr, cand_k, count = scratch, scratch, part(1)
     launcher(_lse_fwd_kernel)[(n_rg, n_sp)](
@@ -1345,7 +1347,7 @@ def paired_dot(a, b):
 _I32 = ("B", "N", "D", "S", "R", "n", "stride_q", "stride_k", "stride_x", "stride_a", "stride_b",
         "n_words",
         "rows_per_group", "cols_per_split", "cand_cap", "n_hard")
-_PTR_TYPES = {"EXCL": "*i64", "QL": "*i64", "KL": "*i64", "THR": "*fp32", "CAND_K": "*i64",
+_PTR_TYPES = {"EXCL": "*i64", "QL": "*i64", "KL": "*i64", "CAND_K": "*i64",
               "CAND_CNT": "*i32", "EXTRA": "*fp32"}
 _F32 = ("g0_hi", "g0_lo", "g1_hi", "g1_lo")
 
@@ -1398,7 +1400,7 @@ def _variant(name, kernel, d, dtypes, **constexprs):
     consts["BLOCK_D"] = lambda dt: _d_blocks(d, _TORCH_DT[dt])[0]
     consts["D_CHUNKS"] = lambda dt: _d_blocks(d, _TORCH_DT[dt])[1]
     return dict(name=f"{name},D={d}]", kernel=kernel, dtypes=dtypes, constexprs=consts,
-                signature=_aot_signature(kernel, {"Q": "*{dt}", "K": "*{dt}"}))
+                signature=_aot_signature(kernel, {"Q": "*{dt}", "K": "*{dt}", "THR": "*{dt}"}))
 
 
 def _aot_specs():

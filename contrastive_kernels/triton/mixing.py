@@ -150,31 +150,31 @@ LSE_WARPS = 8
 
 @triton.jit
 def _point_block(NEG, MQ, HARD, PAIR, ALPHA, QIDX, QW, row, tb, n_hard, S, SQ, stride_n, stride_m,
-                 BLOCK_T: tl.constexpr):
+                 sp_r, sp_t, sp_xy, sa_r, sqi_r, sw_r, BLOCK_T: tl.constexpr):
     """Block ``tb`` of row ``row``'s points: (x pointers, y pointers, weight w of x, valid lanes,
     output column t). Blocks 0 .. cdiv(S, BLOCK_T)-1 are pair mixes (x, y hard negatives, w = a),
-    the rest query mixes (x = the row of MQ, w = b)."""
+    the rest query mixes (x = the row of MQ, w = b). The draws come with their strides (PAIR:
+    row, point, x/y; ALPHA, QIDX, QW: row), so that draw_mixing's views need no copies."""
     offs = tl.arange(0, BLOCK_T)
     n_pair_blocks = tl.cdiv(S, BLOCK_T)
     hard_row = HARD + row * n_hard
     if tb < n_pair_blocks:
         t = tb * BLOCK_T + offs
         ok = t < S
-        flat = row * S + t
-        px = tl.load(PAIR + 2 * flat, mask=ok, other=0)
-        py = tl.load(PAIR + 2 * flat + 1, mask=ok, other=0)
+        p_ptr = PAIR + row * sp_r + t * sp_t
+        px = tl.load(p_ptr, mask=ok, other=0)
+        py = tl.load(p_ptr + sp_xy, mask=ok, other=0)
         xr = tl.load(hard_row + px, mask=ok, other=0)
         yr = tl.load(hard_row + py, mask=ok, other=0)
-        w = tl.load(ALPHA + flat, mask=ok, other=0.0)
+        w = tl.load(ALPHA + row * sa_r + t, mask=ok, other=0.0)
         x_ptr = NEG + xr * stride_n
         t_out = t
     else:
         t = (tb - n_pair_blocks) * BLOCK_T + offs
         ok = t < SQ
-        flat = row * SQ + t
-        py = tl.load(QIDX + flat, mask=ok, other=0)
+        py = tl.load(QIDX + row * sqi_r + t, mask=ok, other=0)
         yr = tl.load(hard_row + py, mask=ok, other=0)
-        w = tl.load(QW + flat, mask=ok, other=0.0)
+        w = tl.load(QW + row * sw_r + t, mask=ok, other=0.0)
         x_ptr = MQ + row * stride_m + tl.zeros([BLOCK_T], dtype=tl.int64)
         t_out = S + t
     y_ptr = NEG + yr * stride_n
@@ -201,7 +201,8 @@ def _sqrt(x):
 
 @triton.jit
 def _mix_fwd_kernel(Q, MQ, NEG, HARD, PAIR, ALPHA, QIDX, QW, U, NRM, OUT,
-                    n_hard, S, SQ, D, stride_q, stride_m, stride_n, eps,
+                    n_hard, S, SQ, D, stride_q, stride_m, stride_n, sp_r, sp_t, sp_xy, sa_r, sqi_r,
+                    sw_r, eps,
                     WANT_DOTS: tl.constexpr, WANT_POINTS: tl.constexpr, BLOCK_T: tl.constexpr,
                     BLOCK_D: tl.constexpr, D_CHUNKS: tl.constexpr):
     """One block of one row's synthetic points: nrm = max(|v|, eps); WANT_DOTS: U = <q, v> / nrm
@@ -210,7 +211,8 @@ def _mix_fwd_kernel(Q, MQ, NEG, HARD, PAIR, ALPHA, QIDX, QW, U, NRM, OUT,
     tb = tl.program_id(1)
     acc_ty: tl.constexpr = NRM.dtype.element_ty
     x_ptr, y_ptr, w, ok, t_out = _point_block(NEG, MQ, HARD, PAIR, ALPHA, QIDX, QW, row, tb,
-                                              n_hard, S, SQ, stride_n, stride_m, BLOCK_T)
+                                              n_hard, S, SQ, stride_n, stride_m, sp_r, sp_t, sp_xy,
+                                              sa_r, sqi_r, sw_r, BLOCK_T)
     wx = w.to(acc_ty)
     wy = 1.0 - wx
     offs_d = tl.arange(0, BLOCK_D)
@@ -239,8 +241,8 @@ def _mix_fwd_kernel(Q, MQ, NEG, HARD, PAIR, ALPHA, QIDX, QW, U, NRM, OUT,
 
 @triton.jit
 def _mix_bwd_kernel(G, NRM, MQ, NEG, HARD, PAIR, ALPHA, QIDX, QW, DQ_P,
-                    B, n_hard, S, SQ, D, stride_m, stride_n, blocks_per_split,
-                    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+                    B, n_hard, S, SQ, D, stride_m, stride_n, sp_r, sp_t, sp_xy, sa_r, sqi_r, sw_r,
+                    blocks_per_split, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
     """DQ_P[split, row, chunk] = sum over the split's points t of G[row, t] v_t / NRM[row, t]."""
     row = tl.program_id(0).to(tl.int64)
     dc = tl.program_id(1)
@@ -253,7 +255,8 @@ def _mix_bwd_kernel(G, NRM, MQ, NEG, HARD, PAIR, ALPHA, QIDX, QW, DQ_P,
     acc = tl.zeros([BLOCK_D], dtype=acc_ty)
     for tb in range(tb0, tb1):
         x_ptr, y_ptr, w, ok, t_out = _point_block(NEG, MQ, HARD, PAIR, ALPHA, QIDX, QW, row, tb,
-                                                  n_hard, S, SQ, stride_n, stride_m, BLOCK_T)
+                                                  n_hard, S, SQ, stride_n, stride_m, sp_r, sp_t,
+                                                  sp_xy, sa_r, sqi_r, sw_r, BLOCK_T)
         wx = w.to(acc_ty)
         out_t = row * (S + SQ) + t_out
         g = tl.load(G + out_t, mask=ok, other=0.0) / tl.load(NRM + out_t, mask=ok, other=1.0)
@@ -264,14 +267,15 @@ def _mix_bwd_kernel(G, NRM, MQ, NEG, HARD, PAIR, ALPHA, QIDX, QW, DQ_P,
 
 @triton.jit
 def _mixed_lse_kernel(Q, MQ, NEG, HARD, PAIR, ALPHA, QIDX, QW, A, C, EXTRA, LSE, M_P, S_P, U_P,
-                      E_P, B, n_hard, S, SQ, D, stride_q, stride_m, stride_n, eps, blocks_per_split,
+                      E_P, B, n_hard, S, SQ, D, stride_q, stride_m, stride_n, sp_r, sp_t, sp_xy,
+                      sa_r, sqi_r, sw_r, eps, blocks_per_split,
                       g0_hi, g0_lo, g1_hi, g1_lo, G: tl.constexpr, FINAL: tl.constexpr,
-                      HAS_EXTRA: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
-                      D_CHUNKS: tl.constexpr):
+                      HAS_C: tl.constexpr, HAS_EXTRA: tl.constexpr, BLOCK_T: tl.constexpr,
+                      BLOCK_D: tl.constexpr, D_CHUNKS: tl.constexpr):
     """Online softmax of z_gt = gamma_g (A[row] u_t + C[row]) over the split's points t of one
-    row, u_t = <q, v_t> / nrm_t, per gamma g (two lanes, the first G real; the gammas come as
-    infonce's scalar (hi, lo) pairs): running max m, sum s,
-    U = sum p u and E = sum p h (h = v / nrm), p = e^{z - m}, all rescaled when m moves.
+    row (C[row] = 0 unless HAS_C), u_t = <q, v_t> / nrm_t, per gamma g (two lanes, the first G
+    real; the gammas come as infonce's scalar (hi, lo) pairs): running max m, sum s, U = sum p u
+    and E = sum p h (h = v / nrm), p = e^{z - m}, all rescaled when m moves.
     FINAL (one split): LSE = m + log s, U_P = U / s, E_P = E / s (rows with no point: -inf, 0, 0);
     else the raw partials go to M_P, S_P, U_P, E_P[split, g, row] for _mixed_combine_kernel.
     HAS_EXTRA (FINAL, one gamma): EXTRA[row] is one more term of the row's sum, a log-weight with
@@ -286,7 +290,10 @@ def _mixed_lse_kernel(Q, MQ, NEG, HARD, PAIR, ALPHA, QIDX, QW, A, C, EXTRA, LSE,
     g0, g1 = _gammas(g0_hi, g0_lo, g1_hi, g1_lo, acc_ty)
     gam = tl.where(offs_g == 0, g0, g1)
     a = tl.load(A + row).to(acc_ty)
-    c = tl.load(C + row).to(acc_ty)
+    if HAS_C:
+        c = tl.load(C + row).to(acc_ty)
+    else:
+        c = tl.zeros([], dtype=acc_ty)
     offs_d = tl.arange(0, BLOCK_D)
     n_blocks = tl.cdiv(S, BLOCK_T) + tl.cdiv(SQ, BLOCK_T)
     tb0 = sp * blocks_per_split
@@ -301,7 +308,8 @@ def _mixed_lse_kernel(Q, MQ, NEG, HARD, PAIR, ALPHA, QIDX, QW, A, C, EXTRA, LSE,
         qv = tl.load(Q + row * stride_q + offs_d, mask=offs_d < D, other=0.0).to(acc_ty)
     for tb in range(tb0, tb1):
         x_ptr, y_ptr, w, ok, t_out = _point_block(NEG, MQ, HARD, PAIR, ALPHA, QIDX, QW, row, tb,
-                                                  n_hard, S, SQ, stride_n, stride_m, BLOCK_T)
+                                                  n_hard, S, SQ, stride_n, stride_m, sp_r, sp_t,
+                                                  sp_xy, sa_r, sqi_r, sw_r, BLOCK_T)
         wx = w.to(acc_ty)
         wy = 1.0 - wx
         if D_CHUNKS == 1:
@@ -445,9 +453,14 @@ def _n_sm(device: torch.device) -> int:
 
 
 def _draw_args(hard_index, pair_index, alpha, query_index, query_weight):
-    return (hard_index.to(torch.int64).contiguous(), pair_index.to(torch.int64).contiguous(),
-            alpha.to(torch.float32).contiguous(), query_index.to(torch.int64).contiguous(),
-            query_weight.to(torch.float32).contiguous())
+    """(hard, pair, alpha, query_index, query_weight) for the kernels, then their strides (pair:
+    3, the others: the row's). draw_mixing's views into its two draws pass as they are: no copy
+    unless a dtype or a feature stride other than 1 needs one."""
+    hard = hard_index.to(torch.int64).contiguous()
+    pair = pair_index.to(torch.int64)
+    al, qidx, qw = (_rows(alpha.to(torch.float32)), _rows(query_index.to(torch.int64)),
+                    _rows(query_weight.to(torch.float32)))
+    return (hard, pair, al, qidx, qw), (*pair.stride(), al.stride(0), qidx.stride(0), qw.stride(0))
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -476,12 +489,13 @@ def _launch_fwd(q, mix_query, negatives, hard_index, pair_index, alpha, query_in
         return
     negatives = _rows(negatives)
     mix_query = _rows(mix_query).to(negatives.dtype)
-    hard, pair, al, qidx, qw = _draw_args(hard_index, pair_index, alpha, query_index, query_weight)
+    (hard, pair, al, qidx, qw), strides = _draw_args(hard_index, pair_index, alpha, query_index,
+                                                     query_weight)
     block_d, d_chunks = _d_block(d, nrm.dtype)
     launcher(_mix_fwd_kernel)[(b, n_blocks)](
         q, mix_query, negatives, hard, pair, al, qidx, qw, u, nrm, out,
-        hard.shape[1], s, sq, d, q.stride(0), mix_query.stride(0), negatives.stride(0), NORM_EPS,
-        WANT_DOTS=want_dots, WANT_POINTS=want_points, BLOCK_T=BLOCK_T, BLOCK_D=block_d,
+        hard.shape[1], s, sq, d, q.stride(0), mix_query.stride(0), negatives.stride(0), *strides,
+        NORM_EPS, WANT_DOTS=want_dots, WANT_POINTS=want_points, BLOCK_T=BLOCK_T, BLOCK_D=block_d,
         D_CHUNKS=d_chunks, num_warps=4)
 
 
@@ -517,7 +531,8 @@ def mixed_dots_backward(grad, nrm, mix_query, negatives, hard_index, pair_index,
         return mix_query.new_zeros((b, d), dtype=q_dtype)
     negatives = _rows(negatives)
     mix_query = _rows(mix_query).to(negatives.dtype)
-    hard, pair, al, qidx, qw = _draw_args(hard_index, pair_index, alpha, query_index, query_weight)
+    (hard, pair, al, qidx, qw), strides = _draw_args(hard_index, pair_index, alpha, query_index,
+                                                     query_weight)
     block_d, d_chunks = _d_block(d, acc)
     if INTERPRETER or mix_query.device.type != "cuda":
         splits = min(2, n_blocks)  # exercises the partial sums
@@ -528,7 +543,7 @@ def mixed_dots_backward(grad, nrm, mix_query, negatives, hard_index, pair_index,
     part = mix_query.new_empty((splits, b, d), dtype=acc)
     launcher(_mix_bwd_kernel)[(b, d_chunks, splits)](
         grad.to(acc).contiguous(), nrm.contiguous(), mix_query, negatives, hard, pair, al, qidx,
-        qw, part, b, hard.shape[1], s, sq, d, mix_query.stride(0), negatives.stride(0), per,
+        qw, part, b, hard.shape[1], s, sq, d, mix_query.stride(0), negatives.stride(0), *strides, per,
         BLOCK_T=BLOCK_T, BLOCK_D=block_d, num_warps=4)
     dq = part[0] if splits == 1 else part.sum(0)
     return dq.to(q_dtype)
@@ -600,16 +615,16 @@ def mixed_lse_forward(q, mix_query, negatives, hard_index, pair_index, alpha, qu
     q = _rows(q)
     negatives = _rows(negatives)
     mix_query = _rows(mix_query).to(negatives.dtype)
-    hard, pair, al, qidx, qw = _draw_args(hard_index, pair_index, alpha, query_index, query_weight)
+    (hard, pair, al, qidx, qw), strides = _draw_args(hard_index, pair_index, alpha, query_index,
+                                                     query_weight)
     scale = row_scale.to(acc).contiguous()
-    bias = (row_bias.to(acc).contiguous() if row_bias is not None
-            else torch.zeros_like(scale))
+    bias = row_bias.to(acc).contiguous() if row_bias is not None else scale  # unread: HAS_C
     launcher(_mixed_lse_kernel)[(b, splits)](
         q, mix_query, negatives, hard, pair, al, qidx, qw, scale, bias,
         extra if extra is not None else scale, lse, m_p, s_p, u_p, e_p,
         b, hard.shape[1], s, sq, d, q.stride(0), mix_query.stride(0), negatives.stride(0),
-        NORM_EPS, per, *_infonce.gamma_pairs(gammas), G=g, FINAL=final,
-        HAS_EXTRA=final and extra is not None, BLOCK_T=BLOCK_T, BLOCK_D=block_d,
+        *strides, NORM_EPS, per, *_infonce.gamma_pairs(gammas), G=g, FINAL=final,
+        HAS_C=row_bias is not None, HAS_EXTRA=final and extra is not None, BLOCK_T=BLOCK_T, BLOCK_D=block_d,
         D_CHUNKS=d_chunks, num_warps=LSE_WARPS)
     if final:
         return lse, e_sum, u_sum
@@ -688,11 +703,11 @@ def lse_stats_topk(q, k, row_scale, col_scale=None, row_bias=None, col_bias=None
     from the separate top-k."""
     from .. import ops
 
-    def fused(thr, cap):
+    def fused(kth, cap):
         row_only = (query_side_only(q, k, row_scale, col_scale, row_bias, col_bias)
                     and _infonce.row_only_supported(q.shape[1], q.dtype, len(gammas), False))
         out = ops.triton_lse_topk_fwd(q, k, row_scale, col_scale, row_bias, col_bias,
-                                      [float(g) for g in gammas], bool(row_only), thr, cap, n_hard,
+                                      [float(g) for g in gammas], bool(row_only), kth, cap, n_hard,
                                       row_extra)
         return out[0], merge_candidates(out[5], n_hard), out[6]
 
@@ -719,16 +734,18 @@ def merge_candidates(cand_keys, n_hard):
 
 def _aot_specs():
     idx = {"HARD": "*i64", "PAIR": "*i64", "QIDX": "*i64", "ALPHA": "*fp32", "QW": "*fp32"}
+    draw_strides = {n: "i32" for n in ("sp_r", "sp_t", "sp_xy", "sa_r", "sqi_r", "sw_r")}
     fwd_sig = {"Q": "*{dt}", "MQ": "*{dt}", "NEG": "*{dt}", **idx, "U": "*{acc}", "NRM": "*{acc}",
                "OUT": "*{dt}", "n_hard": "i32", "S": "i32", "SQ": "i32", "D": "i32",
-               "stride_q": "i32", "stride_m": "i32", "stride_n": "i32", "eps": "fp32"}
+               "stride_q": "i32", "stride_m": "i32", "stride_n": "i32", **draw_strides, "eps": "fp32"}
     bwd_sig = {"G": "*{acc}", "NRM": "*{acc}", "MQ": "*{dt}", "NEG": "*{dt}", **idx,
                "DQ_P": "*{acc}", "B": "i32", "n_hard": "i32", "S": "i32", "SQ": "i32", "D": "i32",
-               "stride_m": "i32", "stride_n": "i32", "blocks_per_split": "i32"}
+               "stride_m": "i32", "stride_n": "i32", **draw_strides, "blocks_per_split": "i32"}
     lse_sig = {"Q": "*{dt}", "MQ": "*{dt}", "NEG": "*{dt}", **idx,
                **{p: "*{acc}" for p in ("A", "C", "EXTRA", "LSE", "M_P", "S_P", "U_P", "E_P")},
                "B": "i32", "n_hard": "i32", "S": "i32", "SQ": "i32", "D": "i32", "stride_q": "i32",
-               "stride_m": "i32", "stride_n": "i32", "eps": "fp32", "blocks_per_split": "i32",
+               "stride_m": "i32", "stride_n": "i32", **draw_strides, "eps": "fp32",
+               "blocks_per_split": "i32",
                **{p: "fp32" for p in ("g0_hi", "g0_lo", "g1_hi", "g1_lo")}}
     divisible = ("D", "stride_q", "stride_m", "stride_n")
     specs = []
@@ -754,9 +771,9 @@ def _aot_specs():
                 name=f"mixed_lse[D={d},{g} gammas,{'final' if final else 'splits'}]",
                 kernel=_mixed_lse_kernel, dtypes=dtypes,
                 signature={**lse_sig, **{c: "constexpr" for c in
-                                         ("G", "FINAL", "HAS_EXTRA", "BLOCK_T", "BLOCK_D",
-                                          "D_CHUNKS")}},
-                constexprs=dict(G=g, FINAL=final, HAS_EXTRA=g == 1, BLOCK_T=32,
+                                         ("G", "FINAL", "HAS_C", "HAS_EXTRA", "BLOCK_T",
+                                          "BLOCK_D", "D_CHUNKS")}},
+                constexprs=dict(G=g, FINAL=final, HAS_C=g == 2, HAS_EXTRA=g == 1, BLOCK_T=32,
                                 BLOCK_D=lambda dt, c=chunks: c(dt)[0],
                                 D_CHUNKS=lambda dt, c=chunks: c(dt)[1]),
                 divisible=divisible, num_warps=LSE_WARPS, num_stages=3))
