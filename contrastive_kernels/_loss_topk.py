@@ -122,13 +122,12 @@ def inexact_rows(row_lse: torch.Tensor, count: torch.Tensor, n_hard: int, capaci
 def lse_stats_topk(backend: str, reason: Optional[str], q, k, gammas: Sequence[float], n_hard: int,
                    flags: tuple, fused: Callable, separate_lse: Callable, topk: Callable,
                    kth: Optional[Callable] = None):
-    """(row_lse, hard) of a backend's ``lse_stats_topk``. ``fused(t, capacity)`` runs the loss
-    pass with candidates, the columns scoring above ``lower_threshold(t)`` (t: ``sample_kth``'s)
-    -> (row_lse, best (B, n_hard) int64, inexact (B,): nonzero for the
-    rows to recompute, see ``inexact_rows``); ``separate_lse()``
-    -> row_lse without them; ``topk(q, k, n)`` -> the backend's exact top-k indices. ``reason``:
-    why the fused path cannot run (None: it can); ``flags`` tell the affine forms apart; ``kth``
-    goes to ``sample_kth``."""
+    """(row_lse, hard) of a backend's ``lse_stats_topk``. ``fused(t, capacity)`` runs the loss pass
+    with candidates, the columns scoring above ``lower_threshold(t)`` (t: ``sample_kth``'s) ->
+    (row_lse, best (B, n_hard) int64, inexact (B,): nonzero for the rows to recompute, see
+    ``inexact_rows``); ``separate_lse()`` -> row_lse without them; ``topk(q, k, n)`` -> the
+    backend's exact top-k indices. ``reason``: why the fused path cannot run (None: it can);
+    ``flags`` tell the affine forms apart; ``kth`` goes to ``sample_kth``."""
     key = (backend, str(q.device), str(q.dtype), int(q.shape[0]), int(k.shape[0]), int(q.shape[1]),
            len(gammas), n_hard, flags)
     if reason is not None or _checked_keys.get(key) is False:

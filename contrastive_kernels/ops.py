@@ -27,15 +27,14 @@ atomics) unless ``torch.use_deterministic_algorithms(True)`` asks for reproducib
     gammas, row_only, threshold, capacity, n_hard, row_extra?=None) -> (the 5 outputs of
     triton_lse_fwd, keys (B, capacity) int64, inexact (B,) int32)``
     ``triton_lse_fwd`` over a queue (no exclusions, labels or column statistics) whose kernel also
-    lists, per row, every column j with <q_i, k_j> >= T_i as a top-k key of
-    triton/topk.py (score, then the lower column first; those past ``capacity`` are dropped, empty
-    slots hold INT64_MIN): the hard negatives of mixing from the loss's own pass
-    (triton/mixing.py). T_i = t - 2^-7 |t| in fp32 for t = threshold[i] (any float dtype: the
-    threshold sample's k-th score as it comes, _loss_topk.sample_kth; the kernel lowers it as
-    ``_loss_topk.lower_threshold`` would, saving three host ops). ``inexact`` is 1 for the rows whose list may not hold their top
-    ``n_hard`` (fewer than n_hard or more than capacity columns passed, or a non-finite lse): the
-    caller recomputes those. Same autograd formula as ``triton_lse_fwd``; the candidates carry no
-    gradient.
+    lists, per row, every column j with <q_i, k_j> >= T_i as a top-k key of triton/topk.py (score,
+    then the lower column first; those past ``capacity`` are dropped, empty slots hold INT64_MIN):
+    the hard negatives of mixing from the loss's own pass (triton/mixing.py). T_i = t - 2^-7 |t| in
+    fp32 for t = threshold[i] (any float dtype: the threshold sample's k-th score as it comes,
+    _loss_topk.sample_kth; the kernel lowers it as ``_loss_topk.lower_threshold`` would, saving
+    three host ops). ``inexact`` is 1 for the rows whose list may not hold their top ``n_hard``
+    (fewer than n_hard or more than capacity columns passed, or a non-finite lse): the caller
+    recomputes those. Same autograd formula as ``triton_lse_fwd``; the candidates carry no gradient.
 
 ``contrastive_kernels::triton_paired_dot(a, b) -> (n,) fp32``: <a_i, b_i> of (n, D) rows
     (fp16/bf16/fp32), products and sum in fp32, in one launch; its backward

@@ -419,9 +419,9 @@ def _lse_fwd_kernel(Q, K, A, BS, CB, DB, EXCL, QL, KL, g0_hi, g0_lo, g1_hi, g1_l
     also append to row i's list (CAND_K: int64 top-k keys of triton/topk.py, the order-preserving
     bits of the raw fp32 dot in the high word and the complemented column in the low word) every
     valid column with the raw dot s_ij >= T_i = t - 2^-7 |t|, t = THR[i] in fp32
-    (_loss_topk.lower_threshold; THR in any float dtype): per tile one atomic add on CAND_CNT[i] reserves
-    the slots, a prefix sum over the columns places them; slots at or past cand_cap are dropped
-    (CAND_CNT still counts them, so the caller sees the overflow)."""
+    (_loss_topk.lower_threshold; THR in any float dtype): per tile one atomic add on CAND_CNT[i]
+    reserves the slots, a prefix sum over the columns places them; slots at or past cand_cap are
+    dropped (CAND_CNT still counts them, so the caller sees the overflow)."""
     rg = tl.program_id(0)
     sp = tl.program_id(1)
     acc_ty = A.dtype.element_ty

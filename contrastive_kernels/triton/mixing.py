@@ -543,7 +543,8 @@ def mixed_dots_backward(grad, nrm, mix_query, negatives, hard_index, pair_index,
     part = mix_query.new_empty((splits, b, d), dtype=acc)
     launcher(_mix_bwd_kernel)[(b, d_chunks, splits)](
         grad.to(acc).contiguous(), nrm.contiguous(), mix_query, negatives, hard, pair, al, qidx,
-        qw, part, b, hard.shape[1], s, sq, d, mix_query.stride(0), negatives.stride(0), *strides, per,
+        qw, part, b, hard.shape[1], s, sq, d, mix_query.stride(0), negatives.stride(0), *strides,
+        per,
         BLOCK_T=BLOCK_T, BLOCK_D=block_d, num_warps=4)
     dq = part[0] if splits == 1 else part.sum(0)
     return dq.to(q_dtype)
@@ -624,8 +625,8 @@ def mixed_lse_forward(q, mix_query, negatives, hard_index, pair_index, alpha, qu
         extra if extra is not None else scale, lse, m_p, s_p, u_p, e_p,
         b, hard.shape[1], s, sq, d, q.stride(0), mix_query.stride(0), negatives.stride(0),
         *strides, NORM_EPS, per, *_infonce.gamma_pairs(gammas), G=g, FINAL=final,
-        HAS_C=row_bias is not None, HAS_EXTRA=final and extra is not None, BLOCK_T=BLOCK_T, BLOCK_D=block_d,
-        D_CHUNKS=d_chunks, num_warps=LSE_WARPS)
+        HAS_C=row_bias is not None, HAS_EXTRA=final and extra is not None, BLOCK_T=BLOCK_T,
+        BLOCK_D=block_d, D_CHUNKS=d_chunks, num_warps=LSE_WARPS)
     if final:
         return lse, e_sum, u_sum
     return _combine_splits(m_p, s_p, u_p, e_p, extra, lse, e_sum, u_sum)
@@ -737,7 +738,8 @@ def _aot_specs():
     draw_strides = {n: "i32" for n in ("sp_r", "sp_t", "sp_xy", "sa_r", "sqi_r", "sw_r")}
     fwd_sig = {"Q": "*{dt}", "MQ": "*{dt}", "NEG": "*{dt}", **idx, "U": "*{acc}", "NRM": "*{acc}",
                "OUT": "*{dt}", "n_hard": "i32", "S": "i32", "SQ": "i32", "D": "i32",
-               "stride_q": "i32", "stride_m": "i32", "stride_n": "i32", **draw_strides, "eps": "fp32"}
+               "stride_q": "i32", "stride_m": "i32", "stride_n": "i32", **draw_strides,
+               "eps": "fp32"}
     bwd_sig = {"G": "*{acc}", "NRM": "*{acc}", "MQ": "*{dt}", "NEG": "*{dt}", **idx,
                "DQ_P": "*{acc}", "B": "i32", "n_hard": "i32", "S": "i32", "SQ": "i32", "D": "i32",
                "stride_m": "i32", "stride_n": "i32", **draw_strides, "blocks_per_split": "i32"}
