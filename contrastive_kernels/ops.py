@@ -25,16 +25,18 @@ atomics) unless ``torch.use_deterministic_algorithms(True)`` asks for reproducib
 
 ``contrastive_kernels::triton_lse_topk_fwd(q, k, row_scale, col_scale?, row_bias?, col_bias?,
     gammas, row_only, threshold, capacity, n_hard, row_extra?=None) -> (the 5 outputs of
-    triton_lse_fwd, keys (B, capacity) int64, inexact (B,) int32)``
+    triton_lse_fwd, hard (B, n_hard) int64, inexact (B,) int32)``
     ``triton_lse_fwd`` over a queue (no exclusions, labels or column statistics) whose kernel also
     lists, per row, every column j with <q_i, k_j> >= T_i as a top-k key of triton/topk.py (score,
-    then the lower column first; those past ``capacity`` are dropped, empty slots hold INT64_MIN):
-    the hard negatives of mixing from the loss's own pass (triton/mixing.py). T_i = t - 2^-7 |t| in
-    fp32 for t = threshold[i] (any float dtype: the threshold sample's k-th score as it comes,
+    then the lower column first; at most ``capacity``), and a second kernel sorts each row's list:
+    ``hard`` holds the columns of the n_hard largest, in topk's order. These are the hard
+    negatives of mixing from the loss's own pass (triton/mixing.py). T_i = t - 2^-7 |t| in fp32
+    for t = threshold[i] (any float dtype: the threshold sample's k-th score as it comes,
     _loss_topk.sample_kth; the kernel lowers it as ``_loss_topk.lower_threshold`` would, saving
     three host ops). ``inexact`` is 1 for the rows whose list may not hold their top ``n_hard``
-    (fewer than n_hard or more than capacity columns passed, or a non-finite lse): the caller
-    recomputes those. Same autograd formula as ``triton_lse_fwd``; the candidates carry no gradient.
+    (fewer than n_hard or more than capacity columns passed, or a non-finite lse): their ``hard``
+    is arbitrary and the caller recomputes them. Same autograd formula as ``triton_lse_fwd``; the
+    hard negatives carry no gradient.
 
 ``contrastive_kernels::triton_paired_dot(a, b) -> (n,) fp32``: <a_i, b_i> of (n, D) rows
     (fp16/bf16/fp32), products and sum in fp32, in one launch; its backward
@@ -266,7 +268,7 @@ if TRITON_OPS_AVAILABLE:
     @triton_lse_topk_fwd.register_fake
     def _triton_lse_topk_fwd_fake(q, k, row_scale, col_scale, row_bias, col_bias, gammas, row_only,
                                   threshold, capacity, n_hard, row_extra=None):
-        return forward_topk_outputs(q, k, gammas, row_only, capacity)
+        return forward_topk_outputs(q, k, gammas, row_only, n_hard)
 
     def _topk_fwd_setup_context(ctx, inputs, output):
         (q, k, row_scale, col_scale, row_bias, col_bias, gammas, row_only, _thr, _cap, _n,
@@ -274,7 +276,7 @@ if TRITON_OPS_AVAILABLE:
         _save_lse_context(ctx, q, k, row_scale, col_scale, row_bias, col_bias, gammas, None, None,
                           None, row_only, row_extra, output)
 
-    def _topk_fwd_backward(ctx, d_row, d_pos, _d_count, d_col, _d_e, _d_keys, _d_cnt):
+    def _topk_fwd_backward(ctx, d_row, d_pos, _d_count, d_col, _d_e, _d_hard, _d_inexact):
         grads, d_extra = _lse_grads(ctx, d_row, d_pos, d_col, _needs(ctx, 11))
         return grads + (None,) * 5 + (d_extra,)
 

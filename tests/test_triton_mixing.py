@@ -237,13 +237,42 @@ def test_lse_topk_kernel_lowers_the_sample_score(dtype):
     lowered = LT.lower_threshold(t).double()
     want = s >= lowered[:, None]
     assert (want & (s < t.double()[:, None])).any(), "the margin must matter for some column"
-    keys = ops.triton_lse_topk_fwd(q, k, torch.ones(9), None, None, None, [1.0], True, t, 300, 5)[5]
+    keys, count = M._infonce.lse_forward_topk(q, k, torch.ones(9), None, None, None, [1.0], True, t,
+                                              300, 5, lists=True)[5:]
+    assert torch.equal(count.long(), want.sum(1))
     listed = torch.zeros_like(want)
     for i in range(9):
-        cols = T.decode_indices(keys[i][keys[i] != T.INT64_MIN])
+        cols = T.decode_indices(keys[i, :int(count[i])])
         assert cols.unique().numel() == cols.numel()
         listed[i, cols] = True
     assert torch.equal(listed, want)
+
+
+def test_candidate_merge_kernel_sorts_each_list_and_flags_rows():
+    """_cand_merge_kernel on hand-made lists: row i's hard negatives are the columns of the
+    n_hard largest of its first min(count_i, cap) keys (slots past them hold garbage that must
+    not be read), in topk's order (ties: the lower column); the flag marks a short list, an
+    overflow and a non-finite lse."""
+    T, n_hard, cap = M._topk, 6, 20
+    g = torch.Generator().manual_seed(3)
+    count = torch.tensor([20, 9, 5, 21, 12, 6], dtype=torch.int32)
+    scores = torch.randint(-4, 5, (6, cap), generator=g).float()  # ties on purpose
+    cols = torch.stack([torch.randperm(1000, generator=g)[:cap] for _ in range(6)])
+    keys = T.encode_keys(scores, cols)
+    garbage = torch.arange(cap)[None, :] >= count[:, None].clamp(max=cap)
+    keys = keys.masked_fill(garbage, 2**62)  # larger than any written key
+    lse = torch.zeros(2, 6)
+    lse[1, 4] = float("nan")
+    hard, inexact = torch.empty(6, n_hard, dtype=torch.int64), torch.empty(6, dtype=torch.int32)
+    M._infonce._cand_merge_kernel[(6,)](keys, count, lse, hard, inexact, 6, cap, n_hard,
+                                        N_GAMMA=2, WIDTH=32)
+    for i in range(6):
+        n = min(int(count[i]), cap)
+        # topk's order: score descending, then the lower column
+        order = sorted(range(n), key=lambda j: (-scores[i, j].item(), cols[i, j].item()))
+        want = cols[i, order[:n_hard]]
+        assert torch.equal(hard[i, :want.numel()], want), i
+    assert inexact.tolist() == [0, 0, 1, 1, 1, 0]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64], ids=str)

@@ -75,7 +75,7 @@ import triton.language as tl
 
 from .._common import query_side_only
 from . import cdiv, launcher, next_power_of_2
-from .topk import INT64_MIN, _pack  # _pack: the top-k key; a plain global for inductor
+from .topk import _pack  # _pack: the top-k key; a plain global for inductor
 
 INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -524,10 +524,9 @@ def _log_total(mx, tot):
 
 @triton.jit
 def _row_merge_kernel(ROW_M, ROW_S, POS_P, CNT_P, ROW_E, OUT_LSE, OUT_POS, OUT_CNT, OUT_E,
-                      CAND_CNT, EXTRA, S, B, D, n_hard, cand_cap, N_GAMMA: tl.constexpr,
-                      LABELS: tl.constexpr, ROW_ONLY: tl.constexpr, CAND: tl.constexpr,
-                      HAS_EXTRA: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
-                      BLOCK_S: tl.constexpr):
+                      EXTRA, S, B, D, N_GAMMA: tl.constexpr, LABELS: tl.constexpr,
+                      ROW_ONLY: tl.constexpr, HAS_EXTRA: tl.constexpr, BLOCK_R: tl.constexpr,
+                      BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
     """Merge the (m, s) partials of S key splits: lse = M + log sum_s s_s exp(m_s - M); label
     sums add up (zeros without labels); with ROW_ONLY the normalized E = sum_s exp(m_s - M) E_s /
     sum, BLOCK_D features per program (grid axis 1). HAS_EXTRA (one gamma): EXTRA[i] is one more
@@ -537,15 +536,12 @@ def _row_merge_kernel(ROW_M, ROW_S, POS_P, CNT_P, ROW_E, OUT_LSE, OUT_POS, OUT_C
     The splits are read BLOCK_S at a time (independent loads in flight instead of a chain of S
     dependent ones), and E's B D S values are spread over row x feature blocks: at MoCo's B = 256
     row blocks alone are a handful of programs (8 of them, S = 66: 32 us on an H100). The
-    programs of axis 1 = 0 write the row statistics. CAND: CAND_CNT[i] (the row's candidate
-    count) becomes its inexact flag, 1 unless n_hard <= count <= cand_cap and every lse of the
-    row is finite (_loss_topk.py), so that the host finds the rows to redo with one nonzero."""
+    programs of axis 1 = 0 write the row statistics."""
     rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
     row_ok = rows < B
     head = row_ok & (rows * 0 + tl.program_id(1) == 0)  # the rows this program writes statistics of
     splits = tl.arange(0, BLOCK_S)
     acc_ty = OUT_LSE.dtype.element_ty
-    finite = row_ok
     for g in tl.static_range(N_GAMMA):
         mx = tl.full([BLOCK_R], float("-inf"), acc_ty)
         tot = tl.zeros([BLOCK_R], dtype=acc_ty)
@@ -566,7 +562,6 @@ def _row_merge_kernel(ROW_M, ROW_S, POS_P, CNT_P, ROW_E, OUT_LSE, OUT_POS, OUT_C
             tot = tot * tl.exp(mx - shift) + tl.exp(x - shift)
             mx = new
         lse = _log_total(mx, tot)
-        finite = finite & (tl.abs(lse) < float("inf"))  # false for NaN too
         tl.store(OUT_LSE + g * B + rows, lse, mask=head)
         if ROW_ONLY and g == 0:
             offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -585,10 +580,6 @@ def _row_merge_kernel(ROW_M, ROW_S, POS_P, CNT_P, ROW_E, OUT_LSE, OUT_POS, OUT_C
                 e += tl.sum(w[:, :, None] * part, 0)
             tl.store(OUT_E + rows[:, None] * D + offs_d[None, :], e,
                      mask=row_ok[:, None] & d_ok[None, :])
-    if CAND:
-        cnt = tl.load(CAND_CNT + rows, mask=head, other=0)
-        exact = finite & (cnt >= n_hard) & (cnt <= cand_cap)
-        tl.store(CAND_CNT + rows, tl.where(exact, 0, 1).to(tl.int32), mask=head)
     # without labels the sums are zeros: written here, not by two fills on the host
     ps = tl.zeros([BLOCK_R], dtype=acc_ty)
     pc = tl.zeros([BLOCK_R], dtype=acc_ty)
@@ -618,6 +609,30 @@ def _col_merge_kernel(COL_M, COL_S, OUT, R, N, BLOCK: tl.constexpr):
         tot = tot * tl.exp(mx - shift) + t * tl.exp(m - shift)
         mx = new
     tl.store(OUT + cols, _log_total(mx, tot), mask=ok)
+
+
+@triton.jit
+def _cand_merge_kernel(CAND_K, CAND_CNT, LSE, HARD, INEXACT, B, cand_cap, n_hard,
+                       N_GAMMA: tl.constexpr, WIDTH: tl.constexpr):
+    """CAND mode's hard negatives, one program per row i: the n_hard largest of its first
+    min(count_i, cand_cap) keys (the slots the loss kernel reserved and wrote; the rest of the
+    row is never read, so the buffer needs no fill), sorted largest first (WIDTH: cand_cap
+    rounded up to a power of two, padded with INT64_MIN), as columns j = 2^32 - 1 - (key &
+    (2^32 - 1)): topk's order (score, then the lower column). INEXACT[i] = 1 unless n_hard <=
+    count_i <= cand_cap and every lse of the row is finite (_loss_topk.py): the host finds the
+    rows to redo with one nonzero."""
+    row = tl.program_id(0).to(tl.int64)
+    cnt = tl.load(CAND_CNT + row)
+    offs = tl.arange(0, WIDTH)
+    keys = tl.load(CAND_K + row * cand_cap + offs, mask=offs < tl.minimum(cnt, cand_cap),
+                   other=-9223372036854775808)
+    keys = tl.sort(keys, descending=True)
+    low = tl.full([WIDTH], 4294967295, tl.int64)
+    tl.store(HARD + row * n_hard + offs, low - (keys & low), mask=offs < n_hard)
+    exact = (cnt >= n_hard) & (cnt <= cand_cap)
+    for g in tl.static_range(N_GAMMA):
+        exact = exact & (tl.abs(tl.load(LSE + g * B + row)) < float("inf"))  # false for NaN too
+    tl.store(INEXACT + row, tl.where(exact, 0, 1).to(tl.int32))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1015,12 +1030,12 @@ def _label_mode(q_labels) -> tuple:
     return 2, q_labels.shape[1]
 
 
-def forward_topk_outputs(q, k, gammas, row_only, capacity):
-    """``forward_outputs`` plus the candidates of ``lse_forward_topk`` (also its fake kernel):
-    keys (B, capacity) int64, inexact flags (B,) int32."""
+def forward_topk_outputs(q, k, gammas, row_only, n_hard):
+    """``forward_outputs`` plus the hard negatives of ``lse_forward_topk`` (also its fake kernel):
+    hard (B, n_hard) int64, inexact flags (B,) int32."""
     b = q.shape[0]
     return (*forward_outputs(q, k, gammas, False, row_only),
-            q.new_empty((b, capacity), dtype=torch.int64), q.new_empty((b,), dtype=torch.int32))
+            q.new_empty((b, n_hard), dtype=torch.int64), q.new_empty((b,), dtype=torch.int32))
 
 
 def forward_outputs(q, k, gammas, want_col_lse, row_only):
@@ -1096,15 +1111,30 @@ def lse_forward(q, k, row_scale, col_scale, row_bias, col_bias, gammas, exclude,
 
 
 def lse_forward_topk(q, k, row_scale, col_scale, row_bias, col_bias, gammas, row_only, threshold,
-                     capacity, n_hard, row_extra=None):
+                     capacity, n_hard, row_extra=None, *, lists=False):
     """``lse_forward`` over a queue (no exclusions, labels or column statistics) with the CAND mode
-    of the kernel: also the columns j with <q_i, k_j> >= threshold[i] (fp32) of each row i, as
-    (keys (B, capacity) int64: the top-k keys of triton/topk.py (score, then the lower column
-    first), INT64_MIN where empty, in no particular order; inexact (B,) int32: 1 where the list
-    may not hold the row's top ``n_hard``, i.e. unless n_hard <= count <= capacity and the row's
-    lse are finite). Needs the feature dim resident (D_CHUNKS == 1)."""
-    return _forward(q, k, row_scale, col_scale, row_bias, col_bias, gammas, None, None, None,
-                    False, row_only, threshold, int(capacity), int(n_hard), row_extra)
+    of the kernel, which lists the columns j with <q_i, k_j> >= lower_threshold(threshold)[i] of
+    each row i (at most ``capacity``), then ``_cand_merge_kernel``: returns lse_forward's outputs
+    and (hard (B, n_hard) int64: the columns of the n_hard largest listed scores, topk's order;
+    inexact (B,) int32: 1 where the list may not hold the row's top ``n_hard``, i.e. unless
+    n_hard <= count <= capacity and the row's lse are finite; such a row's hard is arbitrary).
+    ``lists`` (tests): (keys (B, capacity) int64, triton/topk.py's encoding, only the first
+    min(count, capacity) of a row written, in no particular order; count (B,) int32) instead.
+    Needs the feature dim resident (D_CHUNKS == 1)."""
+    out = _forward(q, k, row_scale, col_scale, row_bias, col_bias, gammas, None, None, None,
+                   False, row_only, threshold, int(capacity), int(n_hard), row_extra)
+    if lists:
+        return out
+    (cand_k, count), cap, n_hard = out[5:], int(capacity), int(n_hard)
+    hard = q.new_empty((q.shape[0], n_hard), dtype=torch.int64)
+    inexact = torch.empty_like(count)
+    width = next_power_of_2(max(cap, n_hard))
+    if width > 16384:  # registers: candidate_plan keeps cap near 2 n_hard <= 2 MAX_K
+        raise ValueError(f"candidate capacity {cap} too large for the candidate merge")
+    launcher(_cand_merge_kernel)[(int(q.shape[0]),)](
+        cand_k, count, out[0], hard, inexact, int(q.shape[0]), cap, n_hard,
+        N_GAMMA=len(gammas), WIDTH=width, num_warps=max(4, min(16, width // 256)))
+    return (*out[:5], hard, inexact)
 
 
 def _forward(q, k, row_scale, col_scale, row_bias, col_bias, gammas, exclude, q_labels, k_labels,
@@ -1116,20 +1146,14 @@ def _forward(q, k, row_scale, col_scale, row_bias, col_bias, gammas, exclude, q_
     cand = threshold is not None
     args = (q, k, row_scale, col_scale, row_bias, col_bias, gammas, exclude, q_labels, k_labels,
             want_col_lse, row_only, threshold, capacity, n_hard, row_extra)
-    if cand:
-        (row_lse, pos_sum, pos_count, col_lse, row_e, cand_k,
-         count) = forward_topk_outputs(q, k, gammas, row_only, capacity)
-        cand_k.fill_(INT64_MIN)  # empty slots: no candidate (triton/topk.py's encoding)
-        count.zero_()
-        extra = (cand_k, count)
-    else:
-        row_lse, pos_sum, pos_count, col_lse, row_e = forward_outputs(q, k, gammas, want_col_lse,
-                                                                      row_only)
-        extra = ()
+    row_lse, pos_sum, pos_count, col_lse, row_e = forward_outputs(q, k, gammas, want_col_lse,
+                                                                  row_only)
     bsz, dim, n = int(q.shape[0]), int(q.shape[1]), int(k.shape[0])  # launch plans need ints
+    extra = ()
+    if cand:  # (keys, count): only the slots below count are written (no fill needed)
+        extra = (q.new_empty((bsz, max(1, capacity)), dtype=torch.int64),
+                 q.new_zeros((bsz,), dtype=torch.int32))
     if n == 0:
-        if cand:
-            count.fill_(1)  # inexact: no candidates
         empty = (torch.full_like(row_lse, float("-inf")) if row_extra is None
                  else row_extra.to(row_lse.dtype)[None].clone())
         return (empty, torch.zeros_like(pos_sum),
@@ -1171,11 +1195,10 @@ def _forward(q, k, row_scale, col_scale, row_bias, col_bias, gammas, exclude, q_
     launcher(_row_merge_kernel)[(cdiv(bsz, block_r),
                                     cdiv(dim, block_d) if row_only else 1)](
         row_m, row_s, pos_p, cnt_p, e_p, row_lse, pos_sum, pos_count,
-        row_e if row_only else row_lse, count,
+        row_e if row_only else row_lse,
         row_extra.to(acc).contiguous() if row_extra is not None else scratch, n_sp, bsz, dim,
-        n_hard, max(1, capacity), N_GAMMA=n_g, LABELS=flags["LABELS"], ROW_ONLY=row_only,
-        CAND=cand, HAS_EXTRA=row_extra is not None, BLOCK_R=block_r, BLOCK_D=block_d,
-        BLOCK_S=block_s)
+        N_GAMMA=n_g, LABELS=flags["LABELS"], ROW_ONLY=row_only, HAS_EXTRA=row_extra is not None,
+        BLOCK_R=block_r, BLOCK_D=block_d, BLOCK_S=block_s)
     if want_col_lse:
         block_c = 64 if INTERPRETER else 256
         launcher(_col_merge_kernel)[(cdiv(n, block_c),)](col_m, col_s, col_lse, n_rg, n,
@@ -1437,15 +1460,15 @@ def _aot_specs():
         _variant("lse_bwd_k[supcon,bits", k_k, 256, lowp,
                  **{**bwd, "LABELS": 2, "N_EXCL": 1, "FUSED_DQ": False}),
         _variant("lse_bwd_k[clip", k_k, 512, lowp, **{**bwd, "WANT_COL": True, "FUSED_DQ": False}),
-        dict(name="row_merge[row_only,cand,extra]", kernel=_row_merge_kernel, dtypes=("fp32",),
+        dict(name="row_merge[row_only,extra]", kernel=_row_merge_kernel, dtypes=("fp32",),
              signature=_aot_signature(_row_merge_kernel, {}),
-             constexprs=dict(N_GAMMA=1, LABELS=0, ROW_ONLY=True, CAND=True, HAS_EXTRA=True,
+             constexprs=dict(N_GAMMA=1, LABELS=0, ROW_ONLY=True, HAS_EXTRA=True,
                              **dict(zip(("BLOCK_R", "BLOCK_D", "BLOCK_S"),
                                         _MERGE_BLOCKS["row_only"]))),
              configs=[(4, 1, {})]),
         dict(name="row_merge[2 gammas,labels]", kernel=_row_merge_kernel, dtypes=("fp32",),
              signature=_aot_signature(_row_merge_kernel, {}),
-             constexprs=dict(N_GAMMA=2, LABELS=1, ROW_ONLY=False, CAND=False, HAS_EXTRA=False,
+             constexprs=dict(N_GAMMA=2, LABELS=1, ROW_ONLY=False, HAS_EXTRA=False,
                              **dict(zip(("BLOCK_R", "BLOCK_D", "BLOCK_S"), _MERGE_BLOCKS["rows"]))),
              configs=[(4, 1, {})]),
         dict(name="row_dot", kernel=_row_dot_kernel, dtypes=lowp,
@@ -1456,6 +1479,16 @@ def _aot_specs():
                                                             "DA": "*{dt}", "DB": "*{dt}"}),
              constexprs=dict(WANT_A=True, WANT_B=True, BLOCK_R=8, BLOCK_D=128),
              configs=[(4, 1, {})]),
+        # MoCHi's candidate merge at MoCo's shape (n_hard 1024: cap 2400 -> 4096) and at
+        # n_hard = MAX_K (cap about 4300 -> 8192), with the warps the host gives them
+        dict(name="cand_merge[4096]", kernel=_cand_merge_kernel, dtypes=("fp32",),
+             signature=_aot_signature(_cand_merge_kernel, {"CAND_K": "*i64", "HARD": "*i64",
+                                                           "INEXACT": "*i32"}),
+             constexprs=dict(N_GAMMA=1, WIDTH=4096), configs=[(16, 1, {})]),
+        dict(name="cand_merge[8192,2 gammas]", kernel=_cand_merge_kernel, dtypes=("fp32",),
+             signature=_aot_signature(_cand_merge_kernel, {"CAND_K": "*i64", "HARD": "*i64",
+                                                           "INEXACT": "*i32"}),
+             constexprs=dict(N_GAMMA=2, WIDTH=8192), configs=[(16, 1, {})]),
         dict(name="col_merge", kernel=_col_merge_kernel, dtypes=("fp32",),
              signature=_aot_signature(_col_merge_kernel, {}), constexprs=dict(BLOCK=256),
              configs=[(4, 1, {})]),

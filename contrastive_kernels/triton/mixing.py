@@ -710,7 +710,7 @@ def lse_stats_topk(q, k, row_scale, col_scale=None, row_bias=None, col_bias=None
         out = ops.triton_lse_topk_fwd(q, k, row_scale, col_scale, row_bias, col_bias,
                                       [float(g) for g in gammas], bool(row_only), kth, cap, n_hard,
                                       row_extra)
-        return out[0], merge_candidates(out[5], n_hard), out[6]
+        return out[0], out[5], out[6]
 
     return _loss_topk.lse_stats_topk(
         NAME, fused_topk_reason(q, k, n_hard, len(gammas)), q, k, gammas, n_hard,
@@ -718,14 +718,6 @@ def lse_stats_topk(q, k, row_scale, col_scale=None, row_bias=None, col_bias=None
         lambda: _infonce.lse_stats(q, k, row_scale, col_scale, row_bias, col_bias, gammas=gammas,
                                    row_extra=row_extra)[0],
         lambda a, b, n: _topk.topk(a, b, n, similarity="dot")[1])
-
-
-def merge_candidates(cand_keys, n_hard):
-    """hard (B, n_hard) int64 from each row's candidate keys (the loss kernel writes triton/topk.py's
-    encoding: score, then the lower index first): the columns of the n_hard largest. Rows with
-    fewer than n_hard candidates get arbitrary indices: the caller recomputes them (the kernel flags
-    them inexact)."""
-    return _topk.decode_indices(_topk._topk_keys(cand_keys, n_hard))
 
 
 # ------------------------------------------------------------------------------------------------
