@@ -18,8 +18,8 @@ A backend's ``lse_stats_topk(q, k, ...)`` returns the loss's ``row_lse`` AND exa
 3. The n_hard best listed columns, in topk's order (score, then the lower index).
 
 Exactness is checked, not assumed: row i is exact when n_hard <= count_i <= capacity and its
-log-sum-exp is finite (the Triton row-merge kernel flags the rows that are not, the CPU backend
-``inexact_rows``). Then every unlisted score is strictly below every listed one (Triton:
+log-sum-exp is finite (the Triton candidate-merge kernel flags the rows that are not, the CPU
+backend ``inexact_rows``). Then every unlisted score is strictly below every listed one (Triton:
 unlisted < T_i <= listed; CPU: unlisted <= T_i < listed), so the list holds the whole
 top-n_hard, ties included. Other rows (an unlucky sample, ties piled on the threshold,
 non-finite features) are recomputed by the backend's ``topk``. The threshold only sizes the

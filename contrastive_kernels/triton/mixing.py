@@ -68,7 +68,9 @@ Here the loss kernel, in each tile, tests the raw dot s_ij = <q_i, k_j> (the til
 tensor-core result, before any scaling) against T_i. Tiles where some row passes append the
 keys pack(s_ij, j) of the passing elements (the int64 keys of triton/topk.py: order = score, then
 lower index) to the row's candidate list: one atomic add per row and tile reserves the slots, a
-prefix sum over the tile's columns places them. The merge is a torch.topk over (B, C) int64 keys.
+prefix sum over the tile's columns places them. The merge (``infonce._cand_merge_kernel``, one
+program per row) sorts the row's listed keys, decodes the columns of the n_hard largest and
+flags the row when its list cannot be proven to hold them.
 
 Equality with ``topk_similarity`` (the contract of ``info_nce(mixing=)``) needs the loss kernel's
 s_ij to be bitwise the top-k kernel's score: both are one ``tl.dot`` of the (rows x D) query tile
@@ -83,9 +85,11 @@ top-k dot is unreliable); the first call of each shape key compares the fused ha
 ``topk``'s and, on any difference, warns and uses ``topk`` for that key from then on; and
 ``CK_MIXING_FUSED_TOPK=0`` turns the fused path off.
 
-Expected cost (H100, bf16, B=256, D=128, n_hard=1024, s=512, s'=256). Not measured yet (no GPU
-time in the session that wrote this): estimates from flop and byte counts and from the recorded
-top-k results (benchmarks/results/gpu-mining-h100), to be replaced by ``make bench-mixing-gpu``.
+Expected cost (H100, bf16, B=256, D=128, n_hard=1024, s=512, s'=256), estimated before any GPU
+run from flop and byte counts and from the recorded top-k results
+(benchmarks/results/gpu-mining-h100). Measured since (benchmarks/results/gpu-mixing-h100, when
+the step ran 110 host ops): 2.2x the plain step at K=65536 and at K=2^20, both host-bound
+(0.58 ms of kernels in a 6.0 ms step at K=65536).
 - Plain fused InfoNCE, row-only: 4BKD flops, B*K exponentials, ~10 small kernels around it:
   K=65536 ~0.1 ms (launch-bound), K=2^20 ~0.5 ms.
 - Separate top-k: its own GEMM (2BKD) plus a threshold pass plus one extraction step (a
@@ -100,7 +104,8 @@ top-k results (benchmarks/results/gpu-mining-h100), to be replaced by ``make ben
   vs 113; 128x64/8 warps spills 456 B where the plain kernel uses 214 registers), so the
   autotuner will settle on a smaller tile for it: estimated +30-60 % of the loss kernel. Fixed
   costs: the sample threshold (one B x 8192 matmul and a small top-k, ~20-30 us), the merge
-  (torch.topk of n_hard over ~2.5-5 n_hard keys per row, ~30-60 us), the synthetic logits
+  (then a torch.topk of n_hard over ~2.5-5 n_hard keys per row, ~30-60 us; now a per-row sort
+  in one kernel), the synthetic logits
   (``mixed_lse``: one gather of 2 x 768 rows per query row from L2, ~15-30 us; ``mixed_dots``
   forward and backward gathered twice), one host synchronization. K=2^20: ~+50-80 %;
   K=65536: ~+150 %.
