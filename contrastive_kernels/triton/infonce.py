@@ -625,7 +625,7 @@ def _cand_merge_kernel(CAND_K, CAND_CNT, LSE, HARD, INEXACT, B, cand_cap, n_hard
     cnt = tl.load(CAND_CNT + row)
     offs = tl.arange(0, WIDTH)
     keys = tl.load(CAND_K + row * cand_cap + offs, mask=offs < tl.minimum(cnt, cand_cap),
-                   other=-9223372036854775808)
+                   other=-9223372036854775808)  # topk.INT64_MIN (a literal: not a jit global)
     keys = tl.sort(keys, descending=True)
     low = tl.full([WIDTH], 4294967295, tl.int64)
     tl.store(HARD + row * n_hard + offs, low - (keys & low), mask=offs < n_hard)

@@ -549,8 +549,7 @@ def mixed_dots_backward(grad, nrm, mix_query, negatives, hard_index, pair_index,
     launcher(_mix_bwd_kernel)[(b, d_chunks, splits)](
         grad.to(acc).contiguous(), nrm.contiguous(), mix_query, negatives, hard, pair, al, qidx,
         qw, part, b, hard.shape[1], s, sq, d, mix_query.stride(0), negatives.stride(0), *strides,
-        per,
-        BLOCK_T=BLOCK_T, BLOCK_D=block_d, num_warps=4)
+        per, BLOCK_T=BLOCK_T, BLOCK_D=block_d, num_warps=4)
     dq = part[0] if splits == 1 else part.sum(0)
     return dq.to(q_dtype)
 
