@@ -39,16 +39,19 @@ warps, so that two programs share an SM and one's epilogue overlaps the other's 
 * FILTER (the main pass). Every row i has a threshold key T_i, a lower bound of its final k-th
   key. The epilogue computes the row maxima of t (one max per element, plus the label compare
   when labels are given) and compares f_i(max) with T_i: most tiles stop there. Where some row
-  passes (a *survivor*), the tile's survivors are extracted in key order, up to X per row in
-  straight code (X = 1..8, from the expected survivor density): the row maximum, its lowest
-  column (searched on the fp32 pipe with tile-local fp32 column numbers), then that element
-  is masked out and the maximum taken again. Each survivor that is not excluded
-  (``exclude_index``, tested per survivor, not per element) is written as a key to the
+  passes (a *survivor*), the tile's survivors are extracted, up to X per row in straight code
+  (X = 1..8, from the expected survivor density). X = 1 (survivors sparse, the usual case for
+  k <= 128): one pass sums BN + c over the row's scores at or above T_i (c: the tile-local
+  column, fp32, exact); a sum below 2 BN means one survivor, which is the row maximum, at column
+  sum - BN. X > 1: in key order, the row maximum, its lowest column (searched on the fp32 pipe),
+  then that element is masked out and the maximum taken again. Each survivor that is not
+  excluded (``exclude_index``, tested per survivor, not per element) is written as a key to the
   program's own slots of a candidate buffer (``cap`` slots per row and split; a per-row
   counter in registers: no atomics). A tile with more than X survivors in some row goes on the
   program's redo list; after the walk the program recomputes those tiles and extracts the
-  rest, skipping the first X (a data-dependent loop, kept out of the main walk: a nested loop
-  would stop Triton from pipelining it).
+  rest (X = 1: all survivors of the rows with several; X > 1: all but the first X), a
+  data-dependent loop kept out of the main walk (a nested loop would stop Triton from
+  pipelining it).
 * TILEMAX (thresholds): the largest score of each (row, tile), written as an fp32 (M, tiles)
   matrix (no column search: the threshold needs only the value).
 * DENSE (small banks): every key of the tile is written to an (M, n) key matrix.
@@ -78,13 +81,14 @@ Cost (H100, M=8192, D=128, fp16; the GEMM floor is GEMM_ONLY, 4.6 ms at N=2^20):
 18.9 ms (1.6x / 2.7x / 5.1x). torch.mm + torch.topk in chunks: 69-332 ms. The gap to the floor
 is the extraction work in tiles where some row has a survivor (for k >= 128 nearly every tile
 at these sizes, since ~f*k survivors per row spread over N/BN tiles), plus the sample pass.
-Those figures predate the column-free TILEMAX pass and the sample steps of ``sample_factor``
-(whose instruction model gives k=16 about 1.9x and k=128 about 3.0x the floor; not measured).
-Per sm_90 SASS, a FILTER tile without survivors costs about what a GEMM_ONLY tile does (304
-against 287 instructions per thread); a tile where some row has one costs 433 more (X=1), most
-of it two full-tile passes (the survivor count and the column search, 5 instructions per
-element) that Triton runs for all BM rows, so 1.3x the floor at k <= 128 would need a
-different selection (per warp or per row, not per CTA tile).
+Those figures predate the column-free TILEMAX pass, the sample steps of ``sample_factor`` and
+the survivor sum (not measured since). Per sm_90 SASS, a FILTER tile without survivors costs
+about what a GEMM_ONLY tile does (306 against 287 instructions per thread); a tile where some
+row has one costs 295 more (X=1), 192 of them the survivor sum's compare, select and add on
+each of the thread's 64 elements, which Triton runs for all BM rows (433 before the sum
+replaced a survivor count and a column search). By ``sample_factor``'s model that puts k=16 at
+about 1.7x the floor and k=128 at 2.6x; 1.3x at k <= 128 would need a different selection (per
+warp or per row, not per CTA tile).
 
 Limits: k <= MAX_K (2048) here; larger k runs the chunked backend (exact, without the fused
 GEMM epilogue). The candidate buffer takes about 8 * (16k + ...) bytes per query row; query rows
@@ -234,15 +238,13 @@ def _eligible_tile(q0, q_ptr, rows64, row_ok, stride_qm, b_ptr, stride_bv, baux_
 
 
 @triton.jit
-def _extract(s, m, cont, cnt, t0col, lcol, gbase, step, thr_v, thr_i, ex, rows64, out_ptr,
-             stride_out, slot0, cap, j, skip, E: tl.constexpr, LAST: tl.constexpr):
-    """One extraction step on final scores s (BM, BN) with row maxima m: for each row still
-    going (``cont``), take its largest key (lowest column among equal scores), keep it if it is
-    at or above the row's threshold and not excluded. Unless LAST, mask it out of s and take
-    the next maximum. Columns are tile-local fp32 (``lcol`` = 0..BN-1, exact): the search runs
-    on the fp32 pipe. Step ``j`` stores nothing when j < skip (the redo pass repeats the first
-    X steps of the main walk)."""
-    a = tl.min(tl.where(s == m[:, None], lcol[None, :], 1.0e9), 1)
+def _store_candidate(m, a, cont, cnt, t0col, gbase, step, thr_v, thr_i, ex, rows64, out_ptr,
+                     stride_out, slot0, cap, j, skip, E: tl.constexpr):
+    """Keep, for each row still going (``cont``), the candidate of score m at tile-local column
+    ``a`` (fp32) if it is at or above the row's threshold and not excluded: its key goes to the
+    row's next slot. Step ``j`` stores nothing when j < skip (the redo pass repeats the first X
+    steps of the main walk). Returns (cnt, elig): elig, the rows whose candidate passed the
+    threshold (stored or skipped)."""
     gidx = gbase + (t0col + a.to(tl.int32)).to(tl.int64) * step
     elig = cont & (m > float("-inf")) & ((m > thr_v) | ((m == thr_v) & (gidx <= thr_i)))
     keep = elig & ((cnt * 0 + j) >= skip)
@@ -251,12 +253,34 @@ def _extract(s, m, cont, cnt, t0col, lcol, gbase, step, thr_v, thr_i, ex, rows64
     key = _pack(m, gidx)
     tl.store(out_ptr + rows64 * stride_out + slot0 + cnt, key, mask=keep & (cnt < cap))
     cnt += keep.to(tl.int32)
+    return cnt, elig
+
+
+@triton.jit
+def _extract(s, m, cont, cnt, t0col, lcol, gbase, step, thr_v, thr_i, ex, rows64, out_ptr,
+             stride_out, slot0, cap, j, skip, E: tl.constexpr, LAST: tl.constexpr):
+    """One extraction step on final scores s (BM, BN) with row maxima m: for each row still
+    going (``cont``), take its largest key (lowest column among equal scores) and keep it as
+    ``_store_candidate`` does. Unless LAST, mask it out of s and take the next maximum. Columns
+    are tile-local fp32 (``lcol`` = 0..BN-1, exact): the search runs on the fp32 pipe."""
+    a = tl.min(tl.where(s == m[:, None], lcol[None, :], 1.0e9), 1)
+    cnt, elig = _store_candidate(m, a, cont, cnt, t0col, gbase, step, thr_v, thr_i, ex, rows64,
+                                 out_ptr, stride_out, slot0, cap, j, skip, E)
     cont = elig & (cnt <= cap)
     if not LAST:
         s = tl.where(lcol[None, :] == a[:, None], float("-inf"), s)
         m = tl.max(s, 1)
         cont = cont & (m >= thr_v) & (m > float("-inf"))
     return s, m, cont, cnt
+
+
+@triton.jit
+def _survivor_sum(s, thr_v, lcol, BN: tl.constexpr):
+    """Per row, the sum of BN + column over the scores at or above the threshold (ties counted
+    generously): under 2 BN exactly when the row has at most one survivor, and then BN + its
+    column (exact in fp32: at most BN (2 BN - 1) < 2^24). One pass where a survivor count and a
+    column search take two."""
+    return tl.sum(tl.where(s >= thr_v[:, None], lcol[None, :] + BN, 0.0), 1)
 
 
 @triton.jit
@@ -274,14 +298,24 @@ def _filter_tile(q0, q_ptr, rows64, row_ok, stride_qm, b_ptr, stride_bv, baux_pt
     if tl.max(cont.to(tl.int32), 0) > 0:
         s = _row_f(s, qa[:, None], SIM)
         lcol = tl.arange(0, BN).to(tl.float32)
-        # survivors per row in this tile (ties at the threshold counted generously): rows with
-        # more than X of them need the redo pass
-        n_surv = tl.sum(tl.where(s >= thr_v[:, None], 1.0, 0.0), 1)
-        for i in tl.static_range(X):
-            s, m, cont, cnt = _extract(s, m, cont, cnt, t * BN, lcol, gbase, step, thr_v, thr_i,
-                                       ex, rows64, out_ptr, stride_out, slot0, cap, 0, 0, E,
-                                       i == X - 1)
-        if tl.max((cont & (n_surv > X)).to(tl.int32), 0) > 0:
+        if X == 1:
+            # a row with one survivor (it is the row maximum m) is done here; rows with more go
+            # to the redo pass whole
+            packed = _survivor_sum(s, thr_v, lcol, BN)
+            one = packed < 2 * BN
+            cnt, _ = _store_candidate(m, packed - BN, cont & one, cnt, t * BN, gbase, step, thr_v,
+                                      thr_i, ex, rows64, out_ptr, stride_out, slot0, cap, 0, 0, E)
+            more = cont & ~one
+        else:
+            # survivors per row in this tile (ties at the threshold counted generously): rows with
+            # more than X of them need the redo pass
+            n_surv = tl.sum(tl.where(s >= thr_v[:, None], 1.0, 0.0), 1)
+            for i in tl.static_range(X):
+                s, m, cont, cnt = _extract(s, m, cont, cnt, t * BN, lcol, gbase, step, thr_v,
+                                           thr_i, ex, rows64, out_ptr, stride_out, slot0, cap, 0, 0,
+                                           E, i == X - 1)
+            more = cont & (n_surv > X)
+        if tl.max(more.to(tl.int32), 0) > 0:
             tl.store(redo_ptr + nredo, t)
             nredo += 1
     return cnt, nredo
@@ -413,10 +447,15 @@ def _topk_tile_kernel(
             cont = row_ok & (cnt <= cap) & (m >= thr_v) & (m > float("-inf"))
             j = 0
             lcol = tl.arange(0, BN).to(tl.float32)
+            if X == 1:  # the main walk stored the rows with one survivor and nothing of the others
+                cont = cont & (_survivor_sum(s, thr_v, lcol, BN) >= 2 * BN)
+                skip = 0
+            else:
+                skip = X
             while tl.max(cont.to(tl.int32), 0) > 0:
                 s, m, cont, cnt = _extract(s, m, cont, cnt, t * BN, lcol, gbase, step64, thr_v,
-                                           thr_i, ex, rows64, out_ptr, stride_out, slot0, cap, j, X,
-                                           E, False)
+                                           thr_i, ex, rows64, out_ptr, stride_out, slot0, cap, j,
+                                           skip, E, False)
                 j += 1
         tl.store(cnt_ptr + rows64 * n_splits + pid_s, cnt, mask=row_ok)
 
@@ -716,13 +755,15 @@ def sample_factor(k: int, n_view: int, bn: int) -> int:
     of the sample. 0: no such sample (the exact cascade is used).
 
     The default minimizes a per-tile instruction model (sm_90 SASS of the fp16 kernel,
-    scripts/triton_aot_topk.py --sass): a FILTER tile costs 304 instructions per thread, plus 433
+    scripts/triton_aot_topk.py --sass): a FILTER tile costs 306 instructions per thread, plus 295
     (X=1) when one of its BM=64 rows has a survivor, which happens with probability
-    p = 1 - exp(-64 f k / tiles); a TILEMAX tile costs 296 (GEMM_ONLY: 287). Per bank tile:
-    304 + 433 p + 296 / f. At N = 2^20 (8192 tiles), k=16: f=8 613, f=4 547, f=2 547; k=32: f=4
-    651, f=2 621; k=128: f=2 ~860 with the redo pass. The model reproduced the H100 ratios
-    measured before the TILEMAX pass lost its column search (2.3x and 3.4x GEMM_ONLY at k=16 and
-    k=128); ``CK_TOPK_SAMPLE`` overrides it for measurements."""
+    p = 1 - exp(-64 f k / tiles); a TILEMAX tile costs 296 (GEMM_ONLY: 287); a tile with a row
+    of two or more survivors is recomputed by the redo pass (about 1,230). Per bank tile:
+    306 + 295 p + 296 / f + redo. At N = 2^20 (8192 tiles), k=16: f=8 539, f=4 499, f=2 520;
+    k=32: f=4 576, f=2 573; k=128: f=2 746. With the survivor path's earlier cost (433: a count
+    and a column search) the model reproduced the H100 ratios measured before the TILEMAX pass
+    lost its column search (2.3x and 3.4x GEMM_ONLY at k=16 and k=128); ``CK_TOPK_SAMPLE``
+    overrides it for measurements."""
     want = int(os.environ.get("CK_TOPK_SAMPLE", "0")) or (8 if k <= 4 else 4 if k <= 16 else 2)
     f = want
     while f > 1 and n_view // (f * bn) < 4 * k:
