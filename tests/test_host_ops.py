@@ -169,8 +169,7 @@ def test_host_work_counter_sees_added_ops():
     assert n_cat == n_base + 2
 
 
-def test_profile_script_runs_on_cpu(capsys):
-    """scripts/profile_gpu_step.py (the GPU session's host/kernel split) at its tiny CPU shape."""
+def _profile_script():
     import importlib.util
     import pathlib
 
@@ -178,6 +177,12 @@ def test_profile_script_runs_on_cpu(capsys):
     spec = importlib.util.spec_from_file_location("profile_gpu_step", path)
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
+    return script
+
+
+def test_profile_script_runs_on_cpu(capsys):
+    """scripts/profile_gpu_step.py (the GPU session's host/kernel split) at its tiny CPU shape."""
+    script = _profile_script()
     script.main(["--device", "cpu", "--tiny", "--steps", "1", "--graph", "--no-launch",
                  "--cprofile", "--rows", "5"])
     out = capsys.readouterr().out
@@ -185,3 +190,22 @@ def test_profile_script_runs_on_cpu(capsys):
     assert "graph replay: needs a CUDA device" in out
     assert "no Triton launches: wall" in out
     assert "host profile of 1 steps" in out and "Ordered by: internal time" in out
+
+
+def test_no_launch_mochi_step_recomputes_no_rows():
+    """With every launch skipped the MoCHi step's inexact-row flags are never written; the
+    script's ``no_triton_launches`` counts every row certified, so the host work it times is a
+    real step's (no fallback top-k of random rows), and it restores everything after."""
+    from contrastive_kernels import _loss_topk
+
+    script = _profile_script()
+    step = _moco_step((64, 16, 8))
+    step()  # launched: the fused path's first-call check passes
+    real = _loss_topk.lse_stats_topk
+    fused, fallback = _loss_topk.STATS["fused_calls"], _loss_topk.STATS["fallback_rows"]
+    with script.no_triton_launches():
+        for _ in range(3):
+            step()
+    assert _loss_topk.STATS["fused_calls"] == fused + 3
+    assert _loss_topk.STATS["fallback_rows"] == fallback
+    assert _loss_topk.lse_stats_topk is real
