@@ -98,6 +98,9 @@ for stage in "$@"; do
             echo "CK_TOPK_SAMPLE=$f" | tee -a "$OUT/topk.txt"
             CK_TOPK_SAMPLE=$f $PY scripts/bench_topk_gpu.py --quick --no-torch 2>&1 | tee -a "$OUT/topk.txt" || status=1
         done
+        # the X=1 survivor sum against the survivor count + column search it replaced
+        echo "CK_TOPK_SURVIVOR_SUM=0" | tee -a "$OUT/topk.txt"
+        CK_TOPK_SURVIVOR_SUM=0 $PY scripts/bench_topk_gpu.py --quick --no-torch 2>&1 | tee -a "$OUT/topk.txt" || status=1
         DIAGNOSE=1 DIAGNOSE_K=16,128 $PY scripts/bench_topk_gpu.py 2>&1 | tee -a "$OUT/topk.txt" || status=1
         ;;
     *) echo "unknown stage $stage"; status=2 ;;

@@ -142,13 +142,15 @@ def test_redo_pass_many_survivors_per_tile(small, monkeypatch):
     _check(got, _spec(q, bank, 30, "dot"), q, bank, "dot")
 
 
-@pytest.mark.parametrize("x_steps", [1, 2, 4])
-def test_filter_pass_lists_exactly_the_keys_at_or_above_each_threshold(small, x_steps):
+@pytest.mark.parametrize("x_steps,survivor_sum", [(1, True), (1, False), (2, True), (4, True)])
+def test_filter_pass_lists_exactly_the_keys_at_or_above_each_threshold(small, monkeypatch, x_steps,
+                                                                        survivor_sum):
     """One FILTER launch with hand-set threshold keys (the j-th best of each row, j from 1 to 40
     over 10 tiles): each row's slots hold exactly its eligible keys at or above the threshold,
     whether a tile holds one of them (stored from the survivor sum, no column search), up to X
-    (the straight extraction) or more (the redo pass), with exclusions and labels. Integer
-    features: exact scores, ties."""
+    (the straight extraction) or more (the redo pass), with exclusions and labels; also X=1
+    without the sum (CK_TOPK_SURVIVOR_SUM=0, the A/B). Integer features: exact scores, ties."""
+    monkeypatch.setattr(T, "SURVIVOR_SUM", survivor_sum)
     g = torch.Generator().manual_seed(11)
     m, n = 20, 640
     q = torch.randint(-20, 21, (m, 8), generator=g).float()

@@ -130,6 +130,9 @@ SIM_CODES = {"dot": 0, "cosine": 1, "l2": 2}
 # span several tiles and splits. Tests may change them.
 CPU_BLOCKS = {"BM": 16, "BN": 32, "splits": 3}
 STATS = None  # a list to collect per-pass survivor statistics into (benchmarks, tests)
+# X=1 tiles: the survivor sum (module docstring); CK_TOPK_SURVIVOR_SUM=0 runs the survivor count
+# and column search it replaced (the A/B of scripts/gpu_session.sh's topk stage)
+SURVIVOR_SUM = os.environ.get("CK_TOPK_SURVIVOR_SUM", "1") != "0"
 
 
 # --------------------------------------------------------------------------------------------
@@ -288,7 +291,7 @@ def _filter_tile(q0, q_ptr, rows64, row_ok, stride_qm, b_ptr, stride_bv, baux_pt
                  t, n_view, step, gbase, thr_v, thr_i, ex, out_ptr, stride_out, slot0, cap, cnt,
                  redo_ptr, nredo, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr,
                  BN: tl.constexpr, SIM: tl.constexpr, E: tl.constexpr, LABELS: tl.constexpr,
-                 X: tl.constexpr, MASKED: tl.constexpr, PREC: tl.constexpr):
+                 X: tl.constexpr, SUM: tl.constexpr, MASKED: tl.constexpr, PREC: tl.constexpr):
     vcols = t * BN + tl.arange(0, BN)
     col_ok = vcols < n_view
     s = _eligible_tile(q0, q_ptr, rows64, row_ok, stride_qm, b_ptr, stride_bv, baux_ptr, bl_ptr, ql,
@@ -298,7 +301,7 @@ def _filter_tile(q0, q_ptr, rows64, row_ok, stride_qm, b_ptr, stride_bv, baux_pt
     if tl.max(cont.to(tl.int32), 0) > 0:
         s = _row_f(s, qa[:, None], SIM)
         lcol = tl.arange(0, BN).to(tl.float32)
-        if X == 1:
+        if X == 1 and SUM:
             # a row with one survivor (it is the row maximum m) is done here; rows with more go
             # to the redo pass whole
             packed = _survivor_sum(s, thr_v, lcol, BN)
@@ -341,7 +344,7 @@ def _topk_tile_kernel(
         M, n_view, stride_qm, stride_bv, step, gbase, stride_out, cap, tiles_per_split, n_splits,
         D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, SIM: tl.constexpr,
         E: tl.constexpr, EP: tl.constexpr, LABELS: tl.constexpr, MODE: tl.constexpr,
-        X: tl.constexpr, PREC: tl.constexpr, ALWAYS_MASK: tl.constexpr):
+        X: tl.constexpr, SUM: tl.constexpr, PREC: tl.constexpr, ALWAYS_MASK: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
     rows = pid_m * BM + tl.arange(0, BM)
@@ -428,12 +431,12 @@ def _topk_tile_kernel(
             cnt, nredo = _filter_tile(q0, q_ptr, rows64, row_ok, stride_qm, b_ptr, stride_bv,
                                       baux_ptr, bl_ptr, ql, qa, t, n_view, step64, gbase, thr_v,
                                       thr_i, ex, out_ptr, stride_out, slot0, cap, cnt, redo, nredo,
-                                      D, BD, BM, BN, SIM, E, LABELS, X, ALWAYS_MASK, PREC)
+                                      D, BD, BM, BN, SIM, E, LABELS, X, SUM, ALWAYS_MASK, PREC)
         for t in range(t_full, t1):  # the partial last tile, if this split has it
             cnt, nredo = _filter_tile(q0, q_ptr, rows64, row_ok, stride_qm, b_ptr, stride_bv,
                                       baux_ptr, bl_ptr, ql, qa, t, n_view, step64, gbase, thr_v,
                                       thr_i, ex, out_ptr, stride_out, slot0, cap, cnt, redo, nredo,
-                                      D, BD, BM, BN, SIM, E, LABELS, X, True, PREC)
+                                      D, BD, BM, BN, SIM, E, LABELS, X, SUM, True, PREC)
         # tiles that had more than X survivors in some row: recompute, skip the first X steps
         for r in range(0, nredo):
             t = tl.load(redo + r)
@@ -447,7 +450,7 @@ def _topk_tile_kernel(
             cont = row_ok & (cnt <= cap) & (m >= thr_v) & (m > float("-inf"))
             j = 0
             lcol = tl.arange(0, BN).to(tl.float32)
-            if X == 1:  # the main walk stored the rows with one survivor and nothing of the others
+            if X == 1 and SUM:  # the main walk stored the rows with one survivor, nothing of the others
                 cont = cont & (_survivor_sum(s, thr_v, lcol, BN) >= 2 * BN)
                 skip = 0
             else:
@@ -684,7 +687,7 @@ def _launch(mode, qs: _Queries, view: _View, similarity, cfg: _Config, *, out, c
         m, view.n_view, qs.q.stride(0), view.data.stride(0) * view.step, view.step, view.base,
         out.stride(0), cap, per_split, splits,
         D=d, BD=cfg.BD, BM=cfg.BM, BN=cfg.BN, SIM=SIM_CODES[similarity], E=qs.n_ex, EP=ep,
-        LABELS=qs.labels is not None, MODE=mode, X=x_steps, PREC=cfg.precision,
+        LABELS=qs.labels is not None, MODE=mode, X=x_steps, SUM=SURVIVOR_SUM, PREC=cfg.precision,
         ALWAYS_MASK=INTERPRETER, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
@@ -902,7 +905,7 @@ def _aot_spec(dtype, mode, sim, e, labels, x, d=128, cc=9):
            "n_splits": "i32"}
     const = {"D": d, "BD": bd, "BM": bm, "BN": bn_dense if mode == MODE_DENSE else bn, "SIM": sim,
              "E": e, "EP": _next_pow2(e) if e else 1, "LABELS": labels, "MODE": mode, "X": x,
-             "PREC": "tf32x3" if dtype == torch.float32 else "tf32", "ALWAYS_MASK": False}
+             "SUM": SURVIVOR_SUM, "PREC": "tf32x3" if dtype == torch.float32 else "tf32", "ALWAYS_MASK": False}
     sig.update({name: "constexpr" for name in const})
     aligned = ["q_ptr", "qaux_ptr", "ex_ptr", "ql_ptr", "thr_v_ptr", "thr_i_ptr", "b_ptr",
                "baux_ptr", "bl_ptr", "out_ptr", "cnt_ptr", "redo_ptr", "stride_qm", "stride_bv"]
