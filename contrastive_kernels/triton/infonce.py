@@ -75,7 +75,7 @@ import triton.language as tl
 
 from .._common import query_side_only
 from . import cdiv, launcher, next_power_of_2
-from .topk import _pack  # _pack: the top-k key; a plain global for inductor
+from .topk import _pack, _unpack_index  # the top-k key; plain globals for inductor
 
 INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -627,8 +627,7 @@ def _cand_merge_kernel(CAND_K, CAND_CNT, LSE, HARD, INEXACT, B, cand_cap, n_hard
     keys = tl.load(CAND_K + row * cand_cap + offs, mask=offs < tl.minimum(cnt, cand_cap),
                    other=-9223372036854775808)  # topk.INT64_MIN (a literal: not a jit global)
     keys = tl.sort(keys, descending=True)
-    low = tl.full([WIDTH], 4294967295, tl.int64)
-    tl.store(HARD + row * n_hard + offs, low - (keys & low), mask=offs < n_hard)
+    tl.store(HARD + row * n_hard + offs, _unpack_index(keys), mask=offs < n_hard)
     exact = (cnt >= n_hard) & (cnt <= cand_cap)
     for g in tl.static_range(N_GAMMA):
         exact = exact & (tl.abs(tl.load(LSE + g * B + row)) < float("inf"))  # false for NaN too

@@ -165,6 +165,13 @@ def _pack(v, gidx):
 
 
 @triton.jit
+def _unpack_index(keys):
+    """The bank indices of ``_pack``'s keys (``decode_indices`` in a kernel)."""
+    low = tl.full(keys.shape, 4294967295, tl.int64)
+    return low - (keys & low)
+
+
+@triton.jit
 def _row_f(t, qa, SIM: tl.constexpr):
     """f_i of the module docstring, for t of shape (BM,) or (BM, BN) (qa broadcast on rows)."""
     if SIM == 1:
