@@ -83,15 +83,18 @@ def debiased_nce(l_pos: torch.Tensor, l_neg: torch.Tensor, tau_plus: float, beta
 def debiased_nce_from_stats(l_pos, log_ratio, n, tau_plus, temperature):
     """The DCL/HCL loss from l_pos and log R, R = sum_j w_j neg_j / sum_j w_j over N negatives.
 
-    Evaluated in log space (every exponential is shifted by m = max(l_pos, log R)), so T = 0.01
-    cannot overflow. N = 0 gives loss 0.
+    Evaluated in log space: every exponential is shifted by m = max(l_pos, log R, -1/T), the
+    largest of the three exponents, so none overflows (T = 0.01, or logits far below -1/T as l2
+    similarities give) and the sum inside the log is at least 1. N = 0 gives loss 0.
     """
     if n == 0:
         return l_pos * 0.0  # no negatives: loss 0, still attached to the graph
+    floor_logit = -1.0 / temperature
     m = torch.maximum(log_ratio, l_pos)
+    m = torch.maximum(m, floor_logit) if torch.is_tensor(floor_logit) else m.clamp(min=floor_logit)
     pos = torch.exp(l_pos - m)
     ng = n * (torch.exp(log_ratio - m) - tau_plus * pos) / (1 - tau_plus)
-    floor = n * torch.exp(-1.0 / temperature - m)
+    floor = n * torch.exp(floor_logit - m)
     ng = torch.maximum(ng, floor)
     return torch.log(pos + ng) - (l_pos - m)
 

@@ -1,6 +1,8 @@
 """Every fused backend against reference.py: the loss value and every gradient, for every option
 of every loss, in fp64 (tight) and fp32 (DESIGN.md's twice-the-eager-error rule), at odd shapes."""
 
+import math
+
 import pytest
 import torch
 
@@ -200,6 +202,51 @@ def test_chunking_boundaries(backend):
         test_sup_con(backend, torch.float64, "cosine", "multi_hot", "none")
     finally:
         chunked.set_memory_budget(old)
+
+
+def _dcl_fp64(l_pos, l_neg, tau_plus, beta, temperature):
+    """DCL/HCL straight from Chuang et al. / Robinson et al. in fp64 (no shifts: the logits here
+    are far from fp64's range)."""
+    n = l_neg.shape[1]
+    w = torch.exp(beta * l_neg)
+    pos, neg = torch.exp(l_pos), torch.exp(l_neg)
+    ng = (-tau_plus * n * pos + n * (w * neg).sum(1) / w.sum(1)) / (1 - tau_plus)
+    ng = torch.maximum(ng, torch.full_like(ng, n * math.exp(-1.0 / temperature)))
+    return -torch.log(pos / (pos + ng))
+
+
+@pytest.mark.parametrize("fn_name", ["info_nce", "nt_xent"])
+@pytest.mark.parametrize("beta", [0.0, 0.5])
+def test_debiased_loss_finite_when_every_logit_is_far_below_minus_one_over_t(backend, fn_name, beta):
+    """DCL/HCL's floor N e^{-1/T} once overflowed (inf loss, NaN gradient) in fp32 when every logit
+    was far below -1/T (l2 similarities at T = 0.01): finite features must give a finite loss,
+    here the fp64 formula's."""
+    t = 0.01
+    q = torch.tensor([[1.0, 0.0], [0.6, 0.8]])
+    p = torch.tensor([[0.0, 1.0], [-0.8, 0.6]])
+    queue = torch.tensor([[0.0, -1.0], [-1.0, 0.0], [0.6, -0.8]])
+    qg = q.clone().requires_grad_()
+    if fn_name == "info_nce":
+        loss = ck.info_nce(qg, p, queue, temperature=t, similarity="l2", tau_plus=0.1, beta=beta,
+                           backend=backend)
+        l_all = -torch.cdist(q.double(), torch.cat([p, queue]).double()) ** 2 / t
+        want = _dcl_fp64(l_all[torch.arange(2), torch.arange(2)], l_all[:, 2:], 0.1, beta, t).mean()
+    else:  # four unit vectors 90 degrees apart: every logit -200 or -400
+        q, p = torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([[-1.0, 0.0], [0.0, -1.0]])
+        qg = q.clone().requires_grad_()
+        loss = ck.nt_xent(qg, p, temperature=t, similarity="l2", tau_plus=0.1, beta=beta,
+                          backend=backend)
+        z = torch.cat([q, p]).double()
+        l_all = -torch.cdist(z, z) ** 2 / t
+        rows = []
+        for i in range(4):
+            j = (i + 2) % 4
+            others = [c for c in range(4) if c not in (i, j)]
+            rows.append(_dcl_fp64(l_all[i, j].view(1), l_all[i, others].view(1, -1), 0.1, beta, t))
+        want = torch.cat(rows).mean()
+    (grad,) = torch.autograd.grad(loss, qg)
+    assert torch.isfinite(loss) and torch.isfinite(grad).all()
+    assert abs(loss.double() - want).item() < 1e-5 * abs(want.item())
 
 
 @pytest.mark.parametrize("backend_name", ["chunked", "cpu"])
