@@ -258,8 +258,11 @@ _EXCLUDED = torch.iinfo(torch.int64).min
 
 def pack_keys(scores: torch.Tensor, first_index: int) -> torch.Tensor:
     """fp32 scores (M, n) of bank rows first_index.. -> int64 keys whose order is (score, then
-    lower index). The fp32 bits are mapped so that signed-integer order equals float order."""
-    bits = (scores + 0.0).contiguous().view(torch.int32).to(torch.int64)  # +0.0: -0.0 ties +0.0
+    lower index). The fp32 bits are mapped so that signed-integer order equals float order;
+    every NaN (of either sign: inf - inf gives -nan on x86) becomes +nan, above +inf, as in
+    torch.sort, and NaNs tie (lower index first)."""
+    scores = torch.where(scores.isnan(), math.nan, scores + 0.0)  # +0.0: -0.0 ties +0.0
+    bits = scores.contiguous().view(torch.int32).to(torch.int64)
     ordered = torch.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
     index = torch.arange(first_index, first_index + scores.shape[1], device=scores.device)
     return (ordered << 32) | (_LOW_MASK - index)[None, :]

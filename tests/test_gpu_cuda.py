@@ -320,6 +320,19 @@ def test_topk_ties_exclusions_labels_and_host_bank(target):
     assert (a.indices.cpu() == b.indices).float().mean() > 0.99
 
 
+def test_topk_ranks_nan_scores_first(target):
+    """Every NaN score (inf - inf is -nan) ranks above +inf, NaNs tie (lower column first): the
+    reference's torch.sort order."""
+    DEV = target.dev
+    q = torch.tensor([[1.0, -1.0], [0.5, 0.5], [0.0, 1.0]])
+    bank = torch.tensor([[math.inf, math.inf], [1.0, 0.0], [math.nan, 1.0], [2.0, 0.0], [0.0, 3.0]])
+    got_v, got_i = target.ops.topk(q.to(DEV), bank.to(DEV), 4, similarity="dot", exclude_index=None,
+                                   query_labels=None, bank_labels=None)
+    want_v, want_i = reference.topk_similarity(q, bank, 4)
+    assert got_i.cpu().tolist() == want_i.tolist()
+    assert torch.equal(got_v.cpu().isnan(), want_v.isnan())
+
+
 def test_topk_ties_with_a_merge_inside_a_tile(target):
     """A row's candidate buffer fills in the middle of a bank tile whose scores all tie: the merge
     then puts some of the tile's columns in the queue while lower columns of the same score still

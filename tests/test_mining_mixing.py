@@ -1,5 +1,7 @@
 """Mining (top-k, semantic positives) and hard-negative mixing through the public API, on every
 backend: against the reference, FAISS and the explicit MoCHi path of DESIGN.md."""
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -46,6 +48,22 @@ def test_topk_limits_and_exclusions(backend):
     assert torch.allclose(v, ck.topk_similarity(q, bank, 19, exclude_index=rows, query_labels=labels_q,
                                                 bank_labels=labels_b, exclude_same_label=True,
                                                 backend="reference")[0])
+
+
+@pytest.mark.parametrize("backend", ALL)
+def test_topk_ranks_nan_scores_first_whatever_their_sign(backend):
+    """NaN scores rank above +inf and tie among themselves (lower index first), as torch.sort
+    ranks them in the reference: q . (inf, inf) = inf - inf is -nan on x86, which bit-pattern keys
+    ranked last."""
+    q = torch.tensor([[1.0, -1.0], [0.5, 0.5], [0.0, 1.0]])
+    bank = torch.tensor([[math.inf, math.inf], [1.0, 0.0], [math.nan, 1.0], [2.0, 0.0], [0.0, 3.0]])
+    want = ck.topk_similarity(q, bank, 4, backend="reference")
+    assert want.values[0, :2].isnan().all() and want.indices[0, :2].tolist() == [0, 2]
+    got = ck.topk_similarity(q, bank, 4, backend=backend)
+    assert got.indices.tolist() == want.indices.tolist()
+    assert torch.equal(got.values.isnan(), want.values.isnan())
+    ok = ~want.values.isnan()
+    assert torch.equal(got.values[ok], want.values[ok])
 
 
 @pytest.mark.parametrize("backend", ALL)

@@ -37,9 +37,10 @@ CK_SCALAR_INLINE float half_bits_to_float(uint16_t h) {
 
 // Top-k keys: signed int64 whose order is (score, then the lower column). The fp32 bits are
 // mapped to an int32 whose signed order equals the float order (negative floats have their
-// magnitude bits flipped), placed in the high word; the low word is 0xFFFFFFFF - column.
+// magnitude bits flipped), placed in the high word; the low word is 0xFFFFFFFF - column. Every
+// NaN (either sign: inf - inf is -nan on x86) becomes +nan, above +inf, as torch.sort ranks it.
 CK_SCALAR_INLINE int64_t pack_key(float score, int64_t column) {
-  int32_t bits = static_cast<int32_t>(float_to_bits(score + 0.0f));  // -0.0 -> +0.0
+  int32_t bits = score != score ? 0x7FC00000 : static_cast<int32_t>(float_to_bits(score + 0.0f));  // -0.0 -> +0.0
   int32_t ordered = bits >= 0 ? bits : (bits ^ 0x7FFFFFFF);
   return static_cast<int64_t>(static_cast<uint64_t>(static_cast<uint32_t>(ordered)) << 32 |
                               (0xFFFFFFFFull - static_cast<uint64_t>(column)));

@@ -81,8 +81,9 @@ __host__ __device__ __forceinline__ int64_t pack_key_bits(int32_t bits, int64_t 
                               (0xFFFFFFFFull - static_cast<uint64_t>(column)));
 }
 
+// -0.0 -> +0.0; every NaN -> +nan (above +inf, as torch.sort ranks it)
 __device__ __forceinline__ int64_t pack_key(float score, int64_t column) {
-  return pack_key_bits(__float_as_int(score + 0.0f), column);  // -0.0 -> +0.0
+  return pack_key_bits(score != score ? 0x7FC00000 : __float_as_int(score + 0.0f), column);
 }
 
 __device__ __forceinline__ float key_score(int64_t key) {
