@@ -19,6 +19,24 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 NORM_EPS = 1e-12  # the eps of torch.nn.functional.normalize: x / max(||x||, eps)
 
 
+def first_order_only(what: str) -> None:
+    """Called first in every fused backward formula: raise if autograd asked for a graph of the
+    gradient (``create_graph=True``: the engine runs backward with grad mode on). Those formulas
+    call kernels with no derivative of their own, so a second derivative taken through them would
+    be silently wrong (or missing). Tracing (torch.compile, fake tensors) and functorch transforms
+    (torch.func.grad runs even a first derivative with a graph) are let through."""
+    if not torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+    if _get_current_dispatch_mode() is not None or torch._C._are_functorch_transforms_active():
+        return
+    raise RuntimeError(
+        f"contrastive_kernels: {what} has first derivatives only, and this backward was asked for a "
+        "graph of the gradient (create_graph=True: a second derivative, a gradient penalty); use "
+        "backend='reference' for that")
+
+
 class TopK(NamedTuple):
     """What ``topk_similarity`` returns: ``values`` (M, k) and int64 ``indices`` (M, k)."""
 
@@ -180,6 +198,7 @@ def mixed_lse_backward(ctx, d_lse, _d_e, _d_u):
     dq_i = a_i sum_g w_gi e_gi, da_i = sum_g w_gi su_gi, dc_i = sum_g w_gi, where w = d_lse gamma
     (rows with no point, lse = -inf, get nothing). With a row_extra x (one gamma, a term e^{x_i}
     of the sum): dx_i = w_i e^{x_i - lse_i}, and dc_i = w_i - dx_i (the points' share)."""
+    first_order_only("the fused MoCHi (mixed_lse)")
     need = ctx.needs_input_grad
     row_scale, lse, e_sum, u_sum, row_extra = ctx.saved_tensors
     acc = lse.dtype

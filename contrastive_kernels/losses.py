@@ -37,7 +37,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from . import reference
-from ._common import NORM_EPS, Mixing, acc_dtype, draw_mixing, pack_multi_hot, to_acc
+from ._common import NORM_EPS, Mixing, acc_dtype, draw_mixing, first_order_only, pack_multi_hot, to_acc
 
 
 class Side(NamedTuple):
@@ -91,6 +91,7 @@ class _PairedDot(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
+        first_order_only("the fused backends' positive logits")
         a, b = ctx.saved_tensors
         want_a, want_b = ctx.needs_input_grad[:2]
         scaled = lambda x: lambda i, j: g[i:j, None].float() * x[i:j].float()  # noqa: E731

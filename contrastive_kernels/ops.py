@@ -76,7 +76,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from ._common import (extra_grad, mixed_lse_backward, mixed_lse_outputs, mixed_lse_setup_context,
+from ._common import (extra_grad, first_order_only, mixed_lse_backward, mixed_lse_outputs, mixed_lse_setup_context,
                       times_gammas)
 
 TRITON_OPS_AVAILABLE = False
@@ -204,6 +204,7 @@ if TRITON_OPS_AVAILABLE:
                                   q_labels, k_labels, row_lse, col_lse, row_extra)
 
     def _fwd_backward(ctx, d_row, d_pos, _d_count, d_col, _d_e):
+        first_order_only("backend='triton'")
         grads, d_extra = _lse_grads(ctx, d_row, d_pos, d_col, _needs(ctx, 12))
         return grads + (None,) * 6 + (d_extra,)
 
@@ -277,6 +278,7 @@ if TRITON_OPS_AVAILABLE:
                           None, row_only, row_extra, output)
 
     def _topk_fwd_backward(ctx, d_row, d_pos, _d_count, d_col, _d_e, _d_hard, _d_inexact):
+        first_order_only("backend='triton'")
         grads, d_extra = _lse_grads(ctx, d_row, d_pos, d_col, _needs(ctx, 11))
         return grads + (None,) * 5 + (d_extra,)
 
@@ -327,6 +329,7 @@ if TRITON_OPS_AVAILABLE:
                               query_index, query_weight)
 
     def _mixed_dots_backward(ctx, d_u, _d_nrm):
+        first_order_only("backend='triton'")
         dq = None
         if ctx.needs_input_grad[0] and d_u is not None:
             dq = torch.ops.contrastive_kernels.triton_mixed_dots_bwd(
@@ -375,6 +378,7 @@ if TRITON_OPS_AVAILABLE:
         ctx.save_for_backward(*inputs)
 
     def _paired_dot_backward(ctx, g):
+        first_order_only("backend='triton'")
         want_a, want_b = ctx.needs_input_grad[:2]
         if g is None or not (want_a or want_b):
             return None, None

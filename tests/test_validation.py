@@ -167,6 +167,48 @@ def test_finite_features_stay_finite_at_low_temperature(backend, dtype, similari
                 assert grad.dtype == dtype and torch.isfinite(grad.float()).all(), name
 
 
+def _second_derivative_calls(backend):
+    f, g = torch.randn(6, 8, dtype=torch.float64), torch.randn(6, 8, dtype=torch.float64)
+    h = torch.randn(40, 8, dtype=torch.float64)
+    labels = torch.tensor([0, 1, 0, 1, 2, 2])
+    mixing = lambda: ck.Mixing(4, 3, 2, generator=torch.Generator().manual_seed(1))  # noqa: E731
+    calls = {
+        "info_nce": lambda f, g, h: ck.info_nce(f, g, h, temperature=0.5, backend=backend),
+        "dcl/hcl": lambda f, g, h: ck.info_nce(f, g, h, temperature=0.5, tau_plus=0.1, beta=0.5, backend=backend),
+        "mochi": lambda f, g, h: ck.info_nce(f, g, h, temperature=0.5, mixing=mixing(), backend=backend),
+        "nt_xent": lambda f, g, h: ck.nt_xent(f, g, temperature=0.5, backend=backend),
+        "nt_xent mixing": lambda f, g, h: ck.nt_xent(f, g, temperature=0.5, mixing=mixing(), backend=backend),
+        "clip": lambda f, g, h: ck.clip_loss(f, g, 2.0, backend=backend),
+        "sup_con": lambda f, g, h: ck.sup_con(f, labels, temperature=0.5, backend=backend),
+    }
+    return (f, g, h), calls
+
+
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_second_derivatives_are_refused_by_the_fused_backends(backend):
+    """The fused backward formulas call kernels with no derivative of their own: a graph of the
+    gradient (create_graph=True) would make a second derivative silently wrong, so it is an error
+    naming the way out; first derivatives, also under reentrant checkpointing (its inner backward
+    runs with grad mode on in the forward's recomputation only), still work. The reference's
+    second derivative is plain autograd's (gradgradcheck)."""
+    leaves, calls = _second_derivative_calls(backend)
+    for name, call in calls.items():
+        x = [t.clone().requires_grad_() for t in leaves]
+        with pytest.raises(RuntimeError, match="first derivatives only.*backend='reference'"):
+            torch.autograd.grad(call(*x), x[0], create_graph=True)
+        x = [t.clone().requires_grad_() for t in leaves]
+        torch.utils.checkpoint.checkpoint(call, *x, use_reentrant=True).backward()
+        (want,) = torch.autograd.grad(_second_derivative_calls("reference")[1][name](*x), x[0])
+        assert torch.allclose(x[0].grad, want, rtol=1e-9, atol=1e-12), name
+
+
+def test_reference_second_derivatives():
+    leaves, calls = _second_derivative_calls("reference")
+    for name in ("info_nce", "dcl/hcl", "clip"):
+        x = [t.clone().requires_grad_() for t in leaves]
+        assert torch.autograd.gradgradcheck(calls[name], x), name
+
+
 def test_gpu_side_checks_poison_instead_of_syncing():
     """On a GPU an invalid tensor temperature or index turns the loss into NaN (no sync); the
     same path is exercised here through the function that builds it."""
