@@ -7,9 +7,11 @@ same random draws and label encodings.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import NamedTuple, Optional
 
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 SIMILARITIES = ("dot", "cosine", "l2")
 REDUCTIONS = ("mean", "sum", "none")
@@ -19,22 +21,43 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 NORM_EPS = 1e-12  # the eps of torch.nn.functional.normalize: x / max(||x||, eps)
 
 
-def first_order_only(what: str) -> None:
-    """Called first in every fused backward formula: raise if autograd asked for a graph of the
-    gradient (``create_graph=True``: the engine runs backward with grad mode on). Those formulas
-    call kernels with no derivative of their own, so a second derivative taken through them would
-    be silently wrong (or missing). Tracing (torch.compile, fake tensors) and functorch transforms
-    (torch.func.grad runs even a first derivative with a graph) are let through."""
-    if not torch.is_grad_enabled() or torch.compiler.is_compiling():
-        return
-    from torch.utils._python_dispatch import _get_current_dispatch_mode
+def first_order(what: str):
+    """Decorates every fused backward formula: they call kernels with no derivative of their own,
+    so a second derivative through them would be silently wrong. When autograd asks for a graph
+    of the gradient (``create_graph=True``: the engine runs backward with grad mode on), the
+    gradients are still returned (right as first derivatives: a penalty that does not
+    differentiate them again is fine), but through a node that raises if a second backward
+    reaches it. torch's once_differentiable does this only when the incoming gradients require
+    grad, and its node hangs off fresh leaves, which a second ``autograd.grad(..., inputs)`` never
+    visits: here the node also takes the saved tensors that are in the graph. Tracing (torch.compile, fake tensors) and
+    functorch transforms are left alone."""
+    message = (f"contrastive_kernels: {what} has first derivatives only, and a second backward "
+               "(a graph of its gradient, create_graph=True) reached it; use backend='reference' "
+               "for second derivatives").encode()
 
-    if _get_current_dispatch_mode() is not None or torch._C._are_functorch_transforms_active():
-        return
-    raise RuntimeError(
-        f"contrastive_kernels: {what} has first derivatives only, and this backward was asked for a "
-        "graph of the gradient (create_graph=True: a second derivative, a gradient penalty); use "
-        "backend='reference' for that")
+    def decorate(backward):
+        @functools.wraps(backward)
+        def first_order_backward(*args):
+            if (not torch.is_grad_enabled() or torch.compiler.is_compiling()
+                    or _get_current_dispatch_mode() is not None or torch._C._are_functorch_transforms_active()):
+                return backward(*args)
+            with torch.no_grad():
+                grads = backward(*args)
+            single = not isinstance(grads, tuple)
+            grads = (grads,) if single else grads
+            flagged = [g.detach().requires_grad_() if isinstance(g, torch.Tensor) and g.is_floating_point() else g
+                       for g in grads]
+            # the node must lie on the second backward's path to the inputs: give it the saved
+            # tensors that are in the graph as inputs too (their outputs are dropped)
+            ctx = next(a for a in args if hasattr(a, "saved_tensors"))
+            anchors = [t for t in ctx.saved_tensors if isinstance(t, torch.Tensor) and t.requires_grad]
+            out = torch._C._functions.DelayedError(message, len(flagged) + len(anchors))(*flagged, *anchors)
+            out = out if isinstance(out, tuple) else (out,)
+            return out[0] if single else tuple(out[:len(flagged)])
+
+        return first_order_backward
+
+    return decorate
 
 
 class TopK(NamedTuple):
@@ -192,13 +215,13 @@ def mixed_lse_setup_context(ctx, inputs, output):
     ctx.save_for_backward(row_scale, lse, e_sum, u_sum, row_extra)
 
 
+@first_order("the fused MoCHi (mixed_lse)")
 def mixed_lse_backward(ctx, d_lse, _d_e, _d_u):
     """lse_gi = log sum_t e^{gamma_g l_it}, l_it = a_i <q_i, h_it> + c_i (h constant), with the
     forward's softmax-weighted sums e_gi = sum_t p_git h_it and su_gi = sum_t p_git u_it:
     dq_i = a_i sum_g w_gi e_gi, da_i = sum_g w_gi su_gi, dc_i = sum_g w_gi, where w = d_lse gamma
     (rows with no point, lse = -inf, get nothing). With a row_extra x (one gamma, a term e^{x_i}
     of the sum): dx_i = w_i e^{x_i - lse_i}, and dc_i = w_i - dx_i (the points' share)."""
-    first_order_only("the fused MoCHi (mixed_lse)")
     need = ctx.needs_input_grad
     row_scale, lse, e_sum, u_sum, row_extra = ctx.saved_tensors
     acc = lse.dtype

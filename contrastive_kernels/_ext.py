@@ -28,7 +28,7 @@ from typing import Optional
 
 import torch
 
-from ._common import first_order_only, mixed_lse_backward, mixed_lse_outputs, mixed_lse_setup_context, times_gammas
+from ._common import first_order, mixed_lse_backward, mixed_lse_outputs, mixed_lse_setup_context, times_gammas
 
 _lock = threading.Lock()
 _module = None
@@ -228,8 +228,8 @@ def _cast(t, dtype):
     return None if t is None else t.to(dtype)
 
 
+@first_order("backend='cpu' / 'cuda'")
 def _lse_fwd_backward(ns, ctx, d_row, d_pos, _d_count, d_col, _d_e, _d_p):
-    first_order_only("backend='cpu' / 'cuda'")
     need = ctx.needs_input_grad
     gammas = ctx.gammas
     dt = ctx.in_dtypes
@@ -292,8 +292,8 @@ def _mixed_dots_setup(ctx, inputs, output):
     ctx.save_for_backward(mix_query, negatives, hard_index, pair_index, alpha, query_index, query_weight)
 
 
+@first_order("backend='cpu' / 'cuda'")
 def _mixed_dots_backward(ns, ctx, grad):
-    first_order_only("backend='cpu' / 'cuda'")
     saved = ctx.saved_tensors
     if not ctx.needs_input_grad[0] or grad is None:
         return (None,) * 8

@@ -28,7 +28,7 @@ from typing import Optional, Sequence
 import torch
 
 from . import reference
-from ._common import MixingDraws, acc_dtype, first_order_only, query_side_only
+from ._common import MixingDraws, acc_dtype, first_order, query_side_only
 
 NAME = "chunked"
 DEFAULT_BUDGET_MB = {"cpu": 32, "cuda": 256}  # per device type; others take the CPU's
@@ -178,8 +178,8 @@ class _LseStats(torch.autograd.Function):
         return row_lse, pos_sum, pos_count, col_lse
 
     @staticmethod
+    @first_order("backend='chunked'")
     def backward(ctx, d_row, d_pos, _d_count, d_col):
-        first_order_only("backend='chunked'")
         need = ctx.needs_input_grad
         gammas = ctx.gammas
         if ctx.row_only:
@@ -350,8 +350,8 @@ class _MixedDots(torch.autograd.Function):
         return out
 
     @staticmethod
+    @first_order("backend='chunked'")
     def backward(ctx, grad):
-        first_order_only("backend='chunked'")
         mix_query, negatives, hard_index = ctx.saved_tensors
         acc = grad.dtype
         dq = torch.empty((mix_query.shape[0], mix_query.shape[1]), dtype=acc, device=grad.device)

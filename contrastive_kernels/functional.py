@@ -202,7 +202,8 @@ def _positive_scalar(name, value, device):
 def _number(name, value, low, high, high_open=True):
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a float, got {type(value).__name__}")
-    ok = math.isfinite(value) and value >= low and (value < high if high_open else value <= high)
+    # [low, high) as written: low = -inf admits -inf (mine_semantic_positives: every pair)
+    ok = (math.isfinite(value) or value == low) and value >= low and (value < high if high_open else value <= high)
     if not ok:
         bound = f"[{low}, {high})" if high_open else f"[{low}, {high}]"
         raise ValueError(f"{name} must be in {bound}, got {value}")
@@ -535,7 +536,9 @@ def topk_similarity(query, bank, k, *, similarity="dot", exclude_index=None, que
                     bank_labels=None, exclude_same_label=False, backend="auto"):
     """Exact top-k bank rows per query by similarity (largest first; ties: lower index first)
     without forming the (M, N) score matrix. Returns (values in the query's dtype, int64 indices),
-    each (M, k), as a named tuple (``.values``, ``.indices``). ``bank`` may stay on the host while ``query`` is on a GPU (streamed in chunks)."""
+    each (M, k), as a named tuple (``.values``, ``.indices``). The values carry no gradient on any
+    backend (mining picks rows: score the picked rows again where a gradient is wanted). ``bank``
+    may stay on the host while ``query`` is on a GPU (streamed in chunks)."""
     _features("query", query)
     _features("bank", bank)
     _like("bank", bank, "query", query, allow_host=True)
@@ -576,7 +579,8 @@ def topk_similarity(query, bank, k, *, similarity="dot", exclude_index=None, que
 
 def mine_semantic_positives(embeddings, k, threshold, *, similarity="cosine", backend="auto"):
     """Semantic positive pairs: directed (i, j), i != j, j among the k most similar rows of i with
-    score >= threshold. Returns pairs (P, 2) int64 sorted by i then descending score, scores (P,)."""
+    score >= threshold (-inf: all of them). Returns pairs (P, 2) int64 sorted by i then descending
+    score, scores (P,)."""
     _features("embeddings", embeddings)
     n = embeddings.shape[0]
     k = _count("k", k, low=1)

@@ -37,7 +37,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from . import reference
-from ._common import NORM_EPS, Mixing, acc_dtype, draw_mixing, first_order_only, pack_multi_hot, to_acc
+from ._common import NORM_EPS, Mixing, acc_dtype, draw_mixing, first_order, pack_multi_hot, to_acc
 
 
 class Side(NamedTuple):
@@ -90,8 +90,8 @@ class _PairedDot(torch.autograd.Function):
         return _by_row_chunks(a, lambda i, j: (a[i:j].float() * b[i:j].float()).sum(-1), torch.float32)
 
     @staticmethod
+    @first_order("the fused backends' positive logits")
     def backward(ctx, g):
-        first_order_only("the fused backends' positive logits")
         a, b = ctx.saved_tensors
         want_a, want_b = ctx.needs_input_grad[:2]
         scaled = lambda x: lambda i, j: g[i:j, None].float() * x[i:j].float()  # noqa: E731
@@ -279,7 +279,17 @@ def info_nce(ops, query, positive_key, queue=None, *, temperature, similarity, i
                             gammas, parts, own, merge_last_part=chain)
         n_neg += mixing.n_total
     loss = _finish(l_pos, parts, own, n_neg, tau_plus, beta, temperature, positive_in_parts)
-    return reference.reduce_loss(loss, reduction)
+    return _keep_empty_inputs(reference.reduce_loss(loss, reduction), queue, extra_negatives)
+
+
+def _keep_empty_inputs(loss, *tensors):
+    """The loss, still attached to the inputs with no rows that the kernels skipped (a K = 0 queue
+    or no extra negatives that requires grad), so that autograd gives them an empty gradient as
+    the reference does, not "not used in the graph"."""
+    for t in tensors:
+        if t is not None and t.numel() == 0 and t.requires_grad:
+            loss = loss + t.sum().to(loss.dtype)
+    return loss
 
 
 def nt_xent(ops, z1, z2, *, temperature, similarity, tau_plus, beta, mixing, reduction):
@@ -354,4 +364,4 @@ def multi_positive_info_nce(ops, query, keys, positive_index, queue=None, *, tem
     l_pos = paired_logits(query, rows, picked, similarity, scale)  # (B, P)
     n_pos = valid.sum(1)
     loss = lse - torch.where(valid, l_pos, torch.zeros_like(l_pos)).sum(1) / n_pos.clamp(min=1)
-    return reference.reduce_loss(loss, reduction, keep=n_pos > 0)
+    return _keep_empty_inputs(reference.reduce_loss(loss, reduction, keep=n_pos > 0), queue)

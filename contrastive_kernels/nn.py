@@ -3,6 +3,7 @@ and MoCo's queue."""
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Optional
 
 import torch
@@ -182,10 +183,14 @@ class MoCoQueue(nn.Module):
     def __init__(self, size: int, dim: int, *, dtype=torch.float32, device=None, group=None,
                  normalize: bool = True):
         super().__init__()
-        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        # numbers.Integral: numpy integers too, as the functional API takes them
+        if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 1:
             raise ValueError(f"size must be a positive int, got {size!r}")
-        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+        if isinstance(dim, bool) or not isinstance(dim, numbers.Integral) or dim < 1:
             raise ValueError(f"dim must be a positive int, got {dim!r}")
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+        size, dim = int(size), int(dim)
         init = torch.randn(size, dim, device=device)
         if normalize:
             init = F.normalize(init, dim=1, eps=NORM_EPS)

@@ -76,7 +76,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from ._common import (extra_grad, first_order_only, mixed_lse_backward, mixed_lse_outputs, mixed_lse_setup_context,
+from ._common import (extra_grad, first_order, mixed_lse_backward, mixed_lse_outputs, mixed_lse_setup_context,
                       times_gammas)
 
 TRITON_OPS_AVAILABLE = False
@@ -203,8 +203,8 @@ if TRITON_OPS_AVAILABLE:
             ctx.save_for_backward(q, k, row_scale, col_scale, row_bias, col_bias, exclude,
                                   q_labels, k_labels, row_lse, col_lse, row_extra)
 
+    @first_order("backend='triton'")
     def _fwd_backward(ctx, d_row, d_pos, _d_count, d_col, _d_e):
-        first_order_only("backend='triton'")
         grads, d_extra = _lse_grads(ctx, d_row, d_pos, d_col, _needs(ctx, 12))
         return grads + (None,) * 6 + (d_extra,)
 
@@ -277,8 +277,8 @@ if TRITON_OPS_AVAILABLE:
         _save_lse_context(ctx, q, k, row_scale, col_scale, row_bias, col_bias, gammas, None, None,
                           None, row_only, row_extra, output)
 
+    @first_order("backend='triton'")
     def _topk_fwd_backward(ctx, d_row, d_pos, _d_count, d_col, _d_e, _d_hard, _d_inexact):
-        first_order_only("backend='triton'")
         grads, d_extra = _lse_grads(ctx, d_row, d_pos, d_col, _needs(ctx, 11))
         return grads + (None,) * 5 + (d_extra,)
 
@@ -328,8 +328,8 @@ if TRITON_OPS_AVAILABLE:
         ctx.save_for_backward(output[1], mix_query, negatives, hard_index, pair_index, alpha,
                               query_index, query_weight)
 
+    @first_order("backend='triton'")
     def _mixed_dots_backward(ctx, d_u, _d_nrm):
-        first_order_only("backend='triton'")
         dq = None
         if ctx.needs_input_grad[0] and d_u is not None:
             dq = torch.ops.contrastive_kernels.triton_mixed_dots_bwd(
@@ -377,8 +377,8 @@ if TRITON_OPS_AVAILABLE:
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(*inputs)
 
+    @first_order("backend='triton'")
     def _paired_dot_backward(ctx, g):
-        first_order_only("backend='triton'")
         want_a, want_b = ctx.needs_input_grad[:2]
         if g is None or not (want_a or want_b):
             return None, None

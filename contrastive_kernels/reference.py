@@ -222,10 +222,12 @@ def multi_positive_info_nce(query, keys, positive_index, queue=None, *, temperat
 # --------------------------------------------------------------------------------------------
 
 
+@torch.no_grad()
 def topk_similarity(query, bank, k, *, similarity="dot", exclude_index=None, query_labels=None,
                     bank_labels=None, exclude_same_label=False):
     """Exact top-k bank rows per query by similarity, largest first, ties broken by the lower
-    index. Scores are fp32 (from the inputs upcast), values returned in the query's dtype."""
+    index. Scores are fp32 (from the inputs upcast), values returned in the query's dtype,
+    without gradient (as every backend's)."""
     bank = bank.to(query.device)
     scores = similarity_matrix(query.float(), bank.float(), similarity)
     scores = scores + 0.0  # -0.0 -> +0.0, so that equal scores really tie

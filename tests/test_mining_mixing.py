@@ -67,6 +67,16 @@ def test_topk_ranks_nan_scores_first_whatever_their_sign(backend):
 
 
 @pytest.mark.parametrize("backend", ALL)
+def test_mining_results_carry_no_gradient_and_minus_inf_keeps_every_pair(backend):
+    e = torch.randn(12, 6, requires_grad=True)
+    top = ck.topk_similarity(e, e.detach(), 3, backend=backend)
+    assert not top.values.requires_grad
+    pairs, scores = ck.mine_semantic_positives(e, 3, -math.inf, backend=backend)
+    assert pairs.shape == (36, 2) and not scores.requires_grad
+    assert (pairs[:, 0] != pairs[:, 1]).all()
+
+
+@pytest.mark.parametrize("backend", ALL)
 def test_topk_half_precision_values_in_input_dtype(backend):
     q, bank = torch.randn(4, 16).half(), torch.randn(100, 16).half()
     v, i = ck.topk_similarity(q, bank, 5, backend=backend)

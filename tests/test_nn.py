@@ -2,6 +2,7 @@
 MoCo queue's ring buffer, state_dict round trip and device moves."""
 import math
 
+import pytest
 import torch
 
 import contrastive_kernels as ck
@@ -89,6 +90,29 @@ def test_moco_queue_used_as_negatives_then_enqueued():
     loss.backward()
     queue.enqueue(k)
     assert torch.equal(queue.keys[:4], k)
+
+
+def test_moco_queue_takes_numpy_sizes():
+    np = pytest.importorskip("numpy")
+    queue = ck.nn.MoCoQueue(np.int64(6), np.int32(4))
+    assert queue.keys.shape == (6, 4) and queue.size == 6
+
+
+def test_empty_queue_and_extra_negatives_get_empty_gradients(backend):
+    """A K = 0 queue or (B, 0, D) extra negatives that require grad: every backend leaves their
+    kernels out, and the loss still reaches them (empty gradients, as the reference's), not
+    autograd's "not used in the graph"."""
+    q, k = torch.randn(4, 6, requires_grad=True), torch.randn(4, 6)
+    queue, extra = torch.randn(0, 6, requires_grad=True), torch.randn(4, 0, 6, requires_grad=True)
+    loss = ck.info_nce(q, k, queue, temperature=0.5, extra_negatives=extra, backend=backend)
+    g_q, g_queue, g_extra = torch.autograd.grad(loss, [q, queue, extra])
+    assert g_queue.shape == (0, 6) and g_extra.shape == (4, 0, 6)
+    want = torch.autograd.grad(ck.info_nce(q, k, queue, temperature=0.5, extra_negatives=extra,
+                                           backend="reference"), q)[0]
+    assert torch.allclose(g_q, want, atol=1e-6)
+    loss = ck.multi_positive_info_nce(q, k, torch.arange(4)[:, None], queue, temperature=0.5,
+                                      backend=backend)
+    assert torch.autograd.grad(loss, queue)[0].shape == (0, 6)
 
 
 def test_compile_fullgraph_on_first_call_in_a_fresh_process():

@@ -86,12 +86,14 @@ BAD = [
     ("topk similarity", ValueError, "similarity must be one of", lambda: ck.topk_similarity(q, queue, 2, similarity="ip")),
     ("mine k", ValueError, "k=4 exceeds the 3 other rows", lambda: ck.mine_semantic_positives(q, 4, 0.5)),
     ("mine threshold", ValueError, "threshold", lambda: ck.mine_semantic_positives(q, 2, math.nan)),
+    ("mine threshold inf", ValueError, r"threshold must be in \[-inf, inf\), got inf", lambda: ck.mine_semantic_positives(q, 2, math.inf)),
     ("mix index range", ValueError, r"hard_index must hold indices in \[0, 16\)", lambda: ck.mix_hard_negatives(q, queue, torch.full((4, 2), 16), 2, 1)),
     ("mix index empty", ValueError, "hard_index must have at least one column", lambda: ck.mix_hard_negatives(q, queue, torch.zeros(4, 0, dtype=torch.long), 2, 1)),
     ("mix counts", ValueError, "n_synthetic must be >= 0", lambda: ck.mix_hard_negatives(q, queue, torch.zeros(4, 2, dtype=torch.long), -1, 1)),
     ("mix generator", TypeError, "generator must be a torch.Generator", lambda: ck.mix_hard_negatives(q, queue, torch.zeros(4, 2, dtype=torch.long), 1, 1, generator=3)),
     ("backend unavailable", ck.BackendUnavailableError, "backend='cuda' is not available on cpu", lambda: ck.info_nce(q, k, backend="cuda")),
     ("queue size", ValueError, "size must be a positive int", lambda: ck.nn.MoCoQueue(0, 8)),
+    ("queue dtype", TypeError, "dtype must be a floating torch.dtype", lambda: ck.nn.MoCoQueue(4, 8, dtype=torch.int64)),
     ("enqueue shape", ValueError, r"keys must be \(n, 8\)", lambda: ck.nn.MoCoQueue(4, 8).enqueue(torch.randn(2, 3))),
 ]
 
@@ -186,19 +188,22 @@ def _second_derivative_calls(backend):
 
 @pytest.mark.parametrize("backend", FUSED_BACKENDS)
 def test_second_derivatives_are_refused_by_the_fused_backends(backend):
-    """The fused backward formulas call kernels with no derivative of their own: a graph of the
-    gradient (create_graph=True) would make a second derivative silently wrong, so it is an error
-    naming the way out; first derivatives, also under reentrant checkpointing (its inner backward
-    runs with grad mode on in the forward's recomputation only), still work. The reference's
-    second derivative is plain autograd's (gradgradcheck)."""
+    """The fused backward formulas call kernels with no derivative of their own. With
+    create_graph=True the first derivative still comes back (right: a penalty that does not
+    differentiate it again works), but a second backward through it raises, naming the way out,
+    where it was silently wrong. First derivatives under reentrant checkpointing work. The
+    reference's second derivatives are plain autograd's (gradgradcheck)."""
     leaves, calls = _second_derivative_calls(backend)
+    reference_calls = _second_derivative_calls("reference")[1]
     for name, call in calls.items():
         x = [t.clone().requires_grad_() for t in leaves]
+        (want,) = torch.autograd.grad(reference_calls[name](*x), x[0])
+        (got,) = torch.autograd.grad(call(*x), x[0], create_graph=True)
+        assert torch.allclose(got, want, rtol=1e-9, atol=1e-12), name
         with pytest.raises(RuntimeError, match="first derivatives only.*backend='reference'"):
-            torch.autograd.grad(call(*x), x[0], create_graph=True)
+            torch.autograd.grad(got.pow(2).sum(), x[0])
         x = [t.clone().requires_grad_() for t in leaves]
         torch.utils.checkpoint.checkpoint(call, *x, use_reentrant=True).backward()
-        (want,) = torch.autograd.grad(_second_derivative_calls("reference")[1][name](*x), x[0])
         assert torch.allclose(x[0].grad, want, rtol=1e-9, atol=1e-12), name
 
 
