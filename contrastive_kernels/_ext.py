@@ -24,6 +24,7 @@ import os
 import shutil
 import sys
 import threading
+import time
 from typing import Optional
 
 import torch
@@ -46,6 +47,67 @@ def _try_prebuilt():
         return None, f"contrastive_kernels._C is not built ({exc})"
 
 
+JIT_NAME = "contrastive_kernels_C"
+# a build folder whose files have not changed for this long, with no process working in it, was
+# left locked by a killed build (torch's lock has no owner and would be waited on forever)
+STALE_LOCK_S = float(os.environ.get("CK_JIT_STALE_LOCK_S", "120"))
+
+
+def _processes_working_in(folder: str) -> bool:
+    """Whether a process has ``folder`` as its working directory (torch runs ninja, and ninja the
+    compilers, there). Linux only (/proc); processes of other users are not visible."""
+    if not os.path.isdir("/proc"):
+        return False
+    real = os.path.realpath(folder)
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                if os.path.realpath(os.readlink(f"/proc/{pid}/cwd")) == real:
+                    return True
+            except OSError:
+                pass
+    return False
+
+
+def _newest_change(folder: str) -> float:
+    times = [os.stat(folder).st_mtime]
+    for entry in os.scandir(folder):
+        try:
+            times.append(entry.stat(follow_symlinks=False).st_mtime)
+        except OSError:
+            pass
+    return max(times)
+
+
+def wait_for_build_lock(folder: str, stale_s: float = STALE_LOCK_S, poll_s: float = 1.0) -> bool:
+    """Wait while another process builds the extension in ``folder`` (its ``lock`` file exists);
+    remove a lock left by a killed build instead of waiting for it forever: one whose folder has
+    not changed for ``stale_s`` seconds while no process works in it. True if a lock was removed."""
+    lock = os.path.join(folder, "lock")
+    told = False
+    while os.path.exists(lock):
+        try:
+            idle = time.time() - _newest_change(folder)
+        except OSError:  # the folder or lock went away meanwhile
+            time.sleep(poll_s)
+            continue
+        if idle > stale_s and not _processes_working_in(folder):
+            try:
+                os.unlink(lock)
+            except FileNotFoundError:
+                return False
+            print(f"contrastive_kernels: removed {lock}, left by a build that was killed "
+                  f"(nothing in its folder changed for {idle:.0f} s)", file=sys.stderr)
+            return True
+        if not told:
+            print(f"contrastive_kernels: waiting for another process's build of the extension "
+                  f"({lock}; a lock with no build behind it is removed after {stale_s:.0f} s)",
+                  file=sys.stderr)
+            told = True
+        time.sleep(poll_s)
+    return False
+
+
 def _try_jit():
     if os.environ.get("CK_JIT", "1") == "0":
         return None, "JIT compilation is off (CK_JIT=0)"
@@ -63,9 +125,10 @@ def _try_jit():
                      and cpp_extension.CUDA_HOME is not None)
         kw = _build.extension_kwargs(_SOURCE_ROOT, with_cuda)
         flags = kw["extra_compile_args"]
+        wait_for_build_lock(cpp_extension._get_build_directory(JIT_NAME, verbose=False))
         print("contrastive_kernels: compiling the C++ extension (JIT, first use only)...", file=sys.stderr)
         mod = cpp_extension.load(
-            name="contrastive_kernels_C", sources=kw["sources"], extra_include_paths=kw["include_dirs"],
+            name=JIT_NAME, sources=kw["sources"], extra_include_paths=kw["include_dirs"],
             extra_cflags=flags["cxx"] if isinstance(flags, dict) else flags,
             extra_cuda_cflags=flags["nvcc"] if isinstance(flags, dict) else None,
             extra_ldflags=kw["extra_link_args"], with_cuda=with_cuda, verbose=False)

@@ -8,6 +8,8 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 
 import pytest
 import torch
@@ -454,6 +456,54 @@ def test_unavailable_extension_is_explained_and_auto_falls_back():
     """
     proc = _run(code, CK_JIT="0")
     assert proc.returncode == 0 and "raised:" in proc.stdout, proc.stderr[-2000:]
+
+
+def _locked_build_folder(tmp_path, age_s):
+    folder = tmp_path / "contrastive_kernels_C"
+    folder.mkdir()
+    (folder / "build.ninja").write_text("x")
+    (folder / "lock").write_text("")
+    old = time.time() - age_s
+    for p in (folder / "build.ninja", folder / "lock", folder):
+        os.utime(p, (old, old))
+    return folder
+
+
+def test_jit_build_removes_a_lock_left_by_a_killed_build(tmp_path, capsys):
+    """torch waits forever on a lock with no build behind it (a build killed mid-way): an import
+    hung. A folder unchanged for the stale time, with no process working in it, is unlocked."""
+    folder = _locked_build_folder(tmp_path, age_s=600)
+    assert _ext.wait_for_build_lock(str(folder), stale_s=120, poll_s=0.01) is True
+    assert not (folder / "lock").exists() and (folder / "build.ninja").exists()
+    assert "left by a build that was killed" in capsys.readouterr().err
+
+
+def test_jit_build_waits_for_a_live_build(tmp_path, capsys):
+    """A fresh lock is another process's build: wait for it to finish, remove nothing."""
+    folder = _locked_build_folder(tmp_path, age_s=0)
+    timer = threading.Timer(0.3, lambda: os.unlink(folder / "lock"))
+    timer.start()
+    t0 = time.perf_counter()
+    assert _ext.wait_for_build_lock(str(folder), stale_s=120, poll_s=0.01) is False
+    timer.join()
+    assert time.perf_counter() - t0 >= 0.25
+    assert "waiting for another process's build" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="needs /proc (Linux)")
+def test_jit_build_keeps_the_lock_of_a_process_compiling_in_the_folder(tmp_path):
+    """A compiler may leave the folder unchanged for a long time: a process whose working
+    directory is the folder (ninja and the compilers run there) keeps the lock valid."""
+    folder = _locked_build_folder(tmp_path, age_s=600)
+    compiler = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], cwd=folder)
+    try:
+        timer = threading.Timer(0.5, compiler.kill)
+        timer.start()
+        assert _ext.wait_for_build_lock(str(folder), stale_s=120, poll_s=0.05) is True
+        assert compiler.poll() is not None  # removed only once the process was gone
+    finally:
+        compiler.kill()
+        compiler.wait()
 
 
 @needs_ext
