@@ -1,9 +1,11 @@
 """The training loop (python -m contrastive_kernels.train): every method, determinism, resume
 after a kill, --compare and the lockstep check, usage errors, outputs, and the default job's
 kNN accuracy."""
+import errno
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -12,7 +14,7 @@ import time
 import pytest
 import torch
 
-from contrastive_kernels.train import config, trainer
+from contrastive_kernels.train import checkpoint, cli as cli_module, config, report, trainer
 from contrastive_kernels.train.augment import PRESETS
 from contrastive_kernels.train.cli import main
 from contrastive_kernels.train.data import (Captions, DataOrder, compose_halves, load_digits,
@@ -40,10 +42,30 @@ def run_main(argv, out):
         return json.load(f)
 
 
-def cli(*argv, timeout=300, **kw):
+def cli(*argv, timeout=300, cwd=ROOT, **kw):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    return subprocess.run([sys.executable, "-m", "contrastive_kernels.train", *argv], cwd=ROOT,
+    return subprocess.run([sys.executable, "-m", "contrastive_kernels.train", *argv], cwd=cwd,
                           env=env, capture_output=True, text=True, timeout=timeout, **kw)
+
+
+def fake_training_children(monkeypatch, run_training):
+    """cli's runs of the training loop go to ``run_training(cmd) -> returncode``; other
+    subprocesses (platform's, ...) run as usual: subprocess is one module for everybody."""
+    real_run = subprocess.run
+
+    def fake_run(cmd, **kw):
+        if list(cmd[1:3]) == ["-m", "contrastive_kernels.train"]:
+            return subprocess.CompletedProcess(cmd, run_training(cmd))
+        return real_run(cmd, **kw)
+
+    monkeypatch.setattr(cli_module.subprocess, "run", fake_run)
+
+
+def one_line_error(capsys) -> str:
+    """The single stderr line of a failed run (a traceback or a second line fails the test)."""
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(cli_module.PROG + ": error: "), err
+    return err[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -188,6 +210,51 @@ def test_compare_outputs(tmp_path):
     assert os.path.getsize(out / "loss_compare.png") > 1000
 
 
+def test_compare_passes_an_out_starting_with_a_dash_to_its_runs(monkeypatch, tmp_path):
+    """The runs get --out=VALUE: '--out -weird/reference' would read as two flags."""
+    commands = []
+    # a failed run: compare stops there
+    fake_training_children(monkeypatch, lambda cmd: commands.append(cmd) or 1)
+    monkeypatch.chdir(tmp_path)
+    assert main(tiny("--compare", "reference,auto", "--out=-weird")) == 2
+    args = config.parse_args(commands[0][3:])
+    assert args.out == os.path.join("-weird", "reference") and args.impl == "reference"
+
+
+def test_compare_resumes_finished_runs(tmp_path, monkeypatch, capsys):
+    """--compare ... --resume when both runs are already complete: they keep their metrics and
+    the report is written again (the runs in this process, to keep the test fast)."""
+    out = tmp_path / "cmp"
+    argv = tiny(steps=3)
+    finished = {impl: run_main(argv + ["--impl", impl], out / impl) for impl in ("reference", "auto")}
+    fake_training_children(monkeypatch, lambda cmd: main(cmd[3:]))
+    capsys.readouterr()
+    assert main(argv + ["--compare", "reference,auto", "--out", str(out), "--resume"]) == 0
+    assert capsys.readouterr().err.count("no steps left to train; metrics.json kept as it was") == 2
+    data = json.load(open(out / "compare.json"))
+    for impl, m in finished.items():
+        assert data["runs"][impl]["samples_per_s"] == m["samples_per_s"] > 0
+    assert data["lockstep_run_reproduces_first_run"] is True
+
+
+def test_lockstep_curve_is_plotted_per_step(tmp_path, monkeypatch):
+    """spp makes 2 loss calls per step: the lockstep curve of loss_compare.png still spans the
+    steps 1..5, one point per step (the larger of its calls' differences)."""
+    argv = tiny("--method", "spp", "--impl", "reference", "--shadow-impl", "chunked", steps=5)
+    m = run_main(argv, tmp_path)
+    trace = m["lockstep_trace"]
+    assert len(trace["loss_diff"]["chunked"]) == 10 and trace["call_step"] == [1, 1, 2, 2, 3, 3, 4, 4, 5, 5]
+    by_step = report.per_step_max(trace["loss_diff"]["chunked"], trace["call_step"])
+    assert list(by_step) == [1, 2, 3, 4, 5]
+    figures = []
+    monkeypatch.setattr(report, "_save", lambda fig, path: figures.append(fig))
+    report.plot_compare({"reference": m["loss"], "chunked": m["loss"]}, str(tmp_path / "c.png"),
+                        "title", lockstep={"chunked": by_step})
+    lower = figures[0].axes[1]
+    assert [list(line.get_xdata()) for line in lower.lines if "lockstep" in line.get_label()] == \
+        [[1, 2, 3, 4, 5]]
+
+
 # ---------------------------------------------------------------------------------------------
 # checkpoints and resume
 # ---------------------------------------------------------------------------------------------
@@ -281,6 +348,62 @@ def test_resume_without_checkpoint_starts_fresh(tmp_path):
     assert m["resumed_from_step"] is None and len(m["loss"]) == 3
 
 
+def test_resume_of_a_finished_run(tmp_path, capsys):
+    """Nothing left to train: metrics.json keeps the finished run's throughput and timings;
+    without it (lost), the run is evaluated again and the summary says no step was left."""
+    argv = tiny(steps=3) + ["--out", str(tmp_path)]
+    finished = run_main(tiny(steps=3), tmp_path)
+    capsys.readouterr()
+    assert main(argv + ["--resume"]) == 0
+    assert json.load(open(tmp_path / "metrics.json")) == finished
+    assert "no steps left to train" in capsys.readouterr().err
+    os.unlink(tmp_path / "metrics.json")
+    assert main(argv + ["--resume"]) == 0
+    assert "no steps left to train" in capsys.readouterr().out
+    again = json.load(open(tmp_path / "metrics.json"))
+    assert again["loss"] == finished["loss"] and again["knn_top1"] == finished["knn_top1"]
+    assert again["samples_per_s"] is None and again["steps_this_process"] == 0
+
+
+def _truncated_checkpoint(path):
+    checkpoint.atomic_torch_save({k: 1 for k in checkpoint.CHECKPOINT_KEYS}, str(path))
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+@pytest.mark.parametrize("make,message", [
+    (_truncated_checkpoint, "is not a readable checkpoint"),
+    (lambda p: p.mkdir(), "is a folder, not a checkpoint file"),
+    (lambda p: p.write_text('{"step": 3}'), "is not a readable checkpoint"),
+    (lambda p: torch.save({"a": 1}, p), "has checkpoint format None"),
+    (lambda p: torch.save([1, 2], p), "not a checkpoint of this training loop"),
+    (lambda p: torch.save({"format": 2, "config": {}}, p), "has checkpoint format 2"),
+    (lambda p: torch.save({"format": 1, "step": 3}, p), "lacks 'config'"),
+], ids=["truncated", "folder", "json", "dict", "list", "format-2", "missing-keys"])
+def test_bad_resume_file_is_a_one_line_error(tmp_path, capsys, make, message):
+    path = tmp_path / "bad.pt"
+    make(path)
+    assert main(tiny() + ["--out", str(tmp_path / "out"), "--resume", str(path)]) == 2
+    line = one_line_error(capsys)
+    assert str(path) in line and message in line
+
+
+def test_resume_removes_only_its_own_temporaries_in_its_out_folder(tmp_path):
+    """--resume PATH leaves PATH's folder alone; in --out, only the temporaries of the run's own
+    files (a run killed while writing them) are removed."""
+    src, out = tmp_path / "src", tmp_path / "out"
+    run_main(tiny(steps=3), src)
+    theirs = [src / ".tmp-checkpoint.pt.abcd1234", src / ".tmp-notes", out / ".tmp-notes",
+              out / ".tmp-checkpoint.ptx.abcd1234"]
+    ours = [out / ".tmp-checkpoint.pt.abcd1234", out / ".tmp-metrics.json.efgh5678",
+            out / ".tmp-loss.png.ijkl9012"]
+    out.mkdir()
+    for p in theirs + ours:
+        p.write_text("x")
+    run_main(tiny(steps=3) + ["--resume", str(src / "checkpoint.pt")], out)
+    assert all(p.exists() for p in theirs) and not any(p.exists() for p in ours)
+
+
 def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
     """A failure while writing leaves the previous checkpoint intact and no temporary file."""
     from contrastive_kernels.train import checkpoint
@@ -292,11 +415,42 @@ def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(checkpoint.os, "replace", broken_replace)
-    with pytest.raises(OSError):
+    with pytest.raises(OSError, match=re.escape(f"cannot write {path}: disk full")):
         checkpoint.atomic_torch_save({"step": 2}, path)
     monkeypatch.undo()
-    assert checkpoint.load_checkpoint(path) == {"step": 1}
+    assert torch.load(path, weights_only=False) == {"step": 1}
     assert os.listdir(tmp_path) == ["checkpoint.pt"]
+
+
+def test_disk_full_at_a_checkpoint_is_a_one_line_error(tmp_path, monkeypatch, capsys):
+    """The second checkpoint (step 6) cannot be written: exit code 1, one line naming the file
+    and the OS error, and the checkpoint of step 3 intact."""
+    real_replace = os.replace
+
+    def full_disk_after_first_checkpoint(src, dst):
+        if dst.endswith("checkpoint.pt") and os.path.exists(dst):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(checkpoint.os, "replace", full_disk_after_first_checkpoint)
+    assert main(tiny() + ["--out", str(tmp_path)]) == 1
+    line = one_line_error(capsys)
+    assert str(tmp_path / "checkpoint.pt") in line and os.strerror(errno.ENOSPC) in line
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["step"] == 3
+    assert os.listdir(tmp_path) == ["checkpoint.pt"]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_output_files_get_the_normal_mode(tmp_path, umask):
+    """Not mkstemp's 0600: the mode open() would give (0666 less the umask)."""
+    old = os.umask(umask)
+    try:
+        checkpoint.atomic_write_bytes(str(tmp_path / "a.bin"), b"x")
+        checkpoint.atomic_torch_save({"step": 1}, str(tmp_path / "checkpoint.pt"))
+    finally:
+        os.umask(old)
+    for name in ("a.bin", "checkpoint.pt"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~umask
 
 
 # ---------------------------------------------------------------------------------------------
@@ -329,6 +483,9 @@ def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
     (["--method", "simclr", "--mixing", "8,4", "--distributed"], "not supported with --distributed"),
     (["--shadow-impl", "chunked", "--distributed"], "single-process check"),
     (["--threads", "0"], "expected a positive integer"),
+    (["--seed", str(1 << 64)], "torch.manual_seed's range"),
+    (["--seed", str(-(1 << 63) - 1)], "torch.manual_seed's range"),
+    (["--seed", "x"], "expected an integer"),
 ])
 def test_usage_errors_exit_2_with_a_message(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:
@@ -336,6 +493,50 @@ def test_usage_errors_exit_2_with_a_message(argv, message, capsys):
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert message in err and "usage:" in err
+
+
+def test_seed_takes_the_whole_range_of_torch(tmp_path):
+    for seed in (-(1 << 63), (1 << 64) - 1):
+        assert run_main(tiny("--seed", str(seed), steps=1), tmp_path)["config"]["seed"] == seed
+
+
+def _read_only(monkeypatch, folder):
+    real_access = os.access
+    monkeypatch.setattr(config.os, "access", lambda p, mode, **kw: False if os.path.realpath(p)
+                        == os.path.realpath(folder) else real_access(p, mode, **kw))
+
+
+@pytest.mark.parametrize("out,message", [
+    ("", "--out must name a folder"),
+    ("file", "exists and is not a folder"),
+    (os.path.join("file", "sub"), "file is not a folder"),
+    ("ro", "is not writable"),
+    (os.path.join("ro", "sub"), "is not writable"),
+])
+def test_bad_out_folder_is_a_usage_error(tmp_path, monkeypatch, capsys, out, message):
+    """Found before any data or model is built."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "ro").mkdir()
+    _read_only(monkeypatch, tmp_path / "ro")
+    monkeypatch.setattr(trainer, "build_data", lambda cfg: pytest.fail("data built"))
+    with pytest.raises(SystemExit) as exc:
+        main(tiny("--out", out))
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "usage:" in err and "Traceback" not in err
+
+
+def test_help_states_the_defaults():
+    """--batch-size: multilabel's default differs; --warmup-steps: the cap at a tenth of the
+    run (lr_at); every flag has a help text."""
+    parser = config.build_parser()
+    helps = {a.dest: a.help for a in parser._actions}
+    assert all(helps.values()), [d for d, h in helps.items() if not h]
+    assert "default 256; multilabel 128" in helps["batch_size"]
+    assert "1e-4" in helps["weight_decay"]
+    assert "at most a tenth of the run's steps" in helps["warmup_steps"]
+    assert trainer.lr_at(0, 20, 1.0, 40) == 0.5  # 40 warm-up steps asked, 2 used
 
 
 def test_usage_error_from_the_command_line_has_no_traceback():
@@ -405,6 +606,30 @@ def test_data_order_resumes_mid_epoch():
     assert all(torch.equal(x, y) for x, y in zip(rest, [b.next(4) for _ in range(4)]))
     # every epoch is a permutation: the first 10 indices cover the data once
     assert sorted(torch.cat(first + rest)[:10].tolist()) == list(range(10))
+
+
+def test_data_order_refuses_an_empty_data_set():
+    with pytest.raises(ValueError, match="at least one sample"):
+        DataOrder(0, seed=5)
+
+
+def test_empty_training_split_is_a_usage_error(tmp_path):
+    """qk on 1 synthetic image: it is held out, none is left to train on (this used to hang)."""
+    proc = cli(*tiny("--method", "qk", "--data", "synthetic", "--num-samples", "1", steps=2),
+               "--out", str(tmp_path), timeout=60)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "the training split is empty" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "checkpoint.pt").exists()
+
+
+@pytest.mark.parametrize("method", ["moco", "multilabel"])
+def test_empty_held_out_split_is_a_usage_error(tmp_path, capsys, method):
+    """10 synthetic images over 8 classes: 20% of each class rounds to none; refused before
+    training."""
+    argv = tiny("--method", method, "--data", "synthetic", "--num-samples", "10")
+    assert main(argv + ["--out", str(tmp_path)]) == 2
+    assert "the held-out split is empty" in one_line_error(capsys)
+    assert not (tmp_path / "checkpoint.pt").exists()
 
 
 def test_augment_is_reproducible_and_in_range():

@@ -19,7 +19,34 @@ import numpy as np
 import torch
 
 CHECKPOINT_NAME = "checkpoint.pt"
+CHECKPOINT_FORMAT = 1
+# what a checkpoint holds (Trainer.save); a file without one of these is not one of ours
+CHECKPOINT_KEYS = ("format", "config", "step", "losses", "init_metrics", "modules", "optimizers",
+                   "method", "lockstep", "data_order", "per_rank", "world")
+# the files a run writes into its --out folder (the temporaries of other files are left alone)
+RUN_OUTPUTS = (CHECKPOINT_NAME, "metrics.json", "loss.png")
 _TMP_PREFIX = ".tmp-"
+
+
+class WriteError(OSError):
+    """An output file could not be written (disk full, read-only...): one line naming the file;
+    the previous version of the file, if any, is left as it was."""
+
+
+class CheckpointError(Exception):
+    """A --resume file that is not a checkpoint of this training loop: one line naming it."""
+
+
+def _temporary_prefix(name: str) -> str:
+    return _TMP_PREFIX + name + "."
+
+
+def _file_mode() -> int:
+    # mkstemp creates 0600 files; outputs get the mode open() would give them. os.umask can only
+    # be read by setting it, so set it back at once.
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def _fsync_dir(path: str) -> None:
@@ -36,20 +63,28 @@ def _fsync_dir(path: str) -> None:
 
 
 def atomic_write_bytes(path: str, data: bytes) -> None:
+    """Raises WriteError (naming ``path`` and the OS error) when the file cannot be written."""
     directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX + os.path.basename(path) + ".", dir=directory)
+    try:
+        os.makedirs(directory, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=_temporary_prefix(os.path.basename(path)), dir=directory)
+    except OSError as exc:
+        raise WriteError(f"cannot write {path}: {exc.strerror or exc}") from exc
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), _file_mode())
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         try:
             os.unlink(tmp)
         except OSError:
             pass
+        if isinstance(exc, OSError):
+            raise WriteError(f"cannot write {path}: {exc.strerror or exc} (any earlier version "
+                             "of it is left as it was)") from exc
         raise
     _fsync_dir(directory)
 
@@ -64,10 +99,14 @@ def atomic_write_json(obj, path: str) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
 
 
-def remove_stale_temporaries(directory: str) -> int:
-    """Temporary files left by a run killed while writing; returns how many were removed."""
+def remove_stale_temporaries(directory: str, names=RUN_OUTPUTS) -> int:
+    """Temporary files left in ``directory`` by a run killed while writing one of ``names``;
+    returns how many were removed. Other files, temporary or not, are left alone."""
     removed = 0
-    for path in glob.glob(os.path.join(directory, _TMP_PREFIX + "*")):
+    paths = [p for name in names
+             for p in glob.glob(os.path.join(glob.escape(directory),
+                                             glob.escape(_temporary_prefix(name)) + "*"))]
+    for path in paths:
         try:
             os.unlink(path)
             removed += 1
@@ -77,8 +116,26 @@ def remove_stale_temporaries(directory: str) -> int:
 
 
 def load_checkpoint(path: str) -> Dict:
-    # our own file: it holds numpy/python RNG states, which weights_only loading refuses
-    return torch.load(path, map_location="cpu", weights_only=False)
+    """A checkpoint written by ``Trainer.save``; CheckpointError (one line) for anything else."""
+    if os.path.isdir(path):
+        raise CheckpointError(f"{path} is a folder, not a checkpoint file")
+    try:
+        # our own file: it holds numpy/python RNG states, which weights_only loading refuses
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # torch.load fails in many ways on a truncated or foreign file
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise CheckpointError(f"{path} is not a readable checkpoint ({reason})") from exc
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} is not a checkpoint of this training loop (it holds a "
+                              f"{type(state).__name__}, not a dict)")
+    if state.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path} has checkpoint format {state.get('format')!r}; this "
+                              f"training loop reads format {CHECKPOINT_FORMAT}")
+    missing = [k for k in CHECKPOINT_KEYS if k not in state]
+    if missing:
+        raise CheckpointError(f"{path} is not a complete checkpoint: it lacks "
+                              f"{', '.join(repr(k) for k in missing)}")
+    return state
 
 
 # --------------------------------------------------------------------------------------------

@@ -10,8 +10,8 @@ import sys
 from typing import Dict, List, Optional
 
 from . import config
-from .report import compare_markdown, plot_compare, relative_differences
-from .checkpoint import atomic_write_bytes, atomic_write_json
+from .report import compare_markdown, per_step_max, plot_compare, relative_differences
+from .checkpoint import WriteError, atomic_write_bytes, atomic_write_json
 
 PROG = "python -m contrastive_kernels.train"
 COMPARE_TOLERANCE = 1e-3  # max relative loss difference accepted between implementations (fp32)
@@ -33,8 +33,9 @@ def _environment(device: str, threads: int) -> str:
 
 
 def _run_child(base: List[str], impl: str, out: str, extra: List[str] = ()) -> Optional[Dict]:
+    # --out=VALUE: a folder whose name starts with "-" would otherwise read as a flag
     cmd = [sys.executable, "-m", "contrastive_kernels.train", *base, "--impl", impl, *extra,
-           "--out", out]
+           f"--out={out}"]
     print(f"[compare] {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
     proc = subprocess.run(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     if proc.returncode != 0:
@@ -100,7 +101,9 @@ def compare(args) -> int:
     plot_compare({n: m["loss"] for n, m in runs.items()}, os.path.join(args.out, "loss_compare.png"),
                  f"{args.method} on {args.data}: " + " vs ".join(
                      f"{n} ({runs[n]['impl_resolved']})" for n in names),
-                 lockstep={n: lockstep["lockstep_trace"]["loss_diff"][n] for n in others})
+                 lockstep={n: per_step_max(lockstep["lockstep_trace"]["loss_diff"][n],
+                                           lockstep["lockstep_trace"]["call_step"])
+                           for n in others})
     print(text, flush=True)
     print(f"wrote {os.path.join(args.out, 'compare.md')}, compare.json, loss_compare.png",
           file=sys.stderr)
@@ -115,22 +118,27 @@ def compare(args) -> int:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = config.parse_args(argv)  # usage errors exit with code 2 here
-    if args.compare is not None:
-        return compare(args)
     from .trainer import RunError, run
 
     try:
+        if args.compare is not None:
+            return compare(args)
         metrics = run(args)
     except RunError as exc:
         return _error(str(exc))
+    except WriteError as exc:  # disk full, ...: not a usage error
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 1
     if metrics is not None:
         extra = f", mAP {metrics['map']:.4f}" if "map" in metrics else ""
         init = metrics.get("knn_top1_init")
         init_text = f" (untrained {init:.4f})" if init is not None else ""
+        speed = metrics["samples_per_s"]  # None when this process had no step left to train
+        speed_text = "no steps left to train" if speed is None else f"{speed:,.0f} samples/s"
         print(f"{args.method} on {metrics['data']} [--impl {args.impl} -> "
               f"{metrics['impl_resolved']}]: {metrics['steps']} steps, final loss "
               f"{metrics['loss'][-1]:.4f}, kNN top-1 {metrics['knn_top1']:.4f}{init_text}{extra}, "
-              f"{metrics['samples_per_s']:,.0f} samples/s, peak memory "
+              f"{speed_text}, peak memory "
               f"{metrics['peak_memory_mb']:.0f} MiB, wall {metrics['wall_time_s']:.1f} s "
               f"-> {os.path.join(args.out, 'metrics.json')}", flush=True)
     return 0

@@ -65,6 +65,21 @@ def _nonnegative_int(text: str) -> int:
     return value
 
 
+# torch.manual_seed takes a signed or an unsigned 64-bit integer
+SEED_MIN, SEED_MAX = -(1 << 63), (1 << 64) - 1
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}")
+    if not SEED_MIN <= value <= SEED_MAX:
+        raise argparse.ArgumentTypeError(f"expected an integer in [{SEED_MIN}, {SEED_MAX}] "
+                                         f"(torch.manual_seed's range), got {value}")
+    return value
+
+
 def _float_in(low: float, high: float, low_open=False, high_open=False):
     def parse(text: str) -> float:
         try:
@@ -125,6 +140,14 @@ def parse_shadow(text: str) -> List[str]:
     return parse_impls(text, minimum=1)
 
 
+def _per_method_default(key: str) -> str:
+    """'256; multilabel 128': the default most methods share, then the methods that differ."""
+    values = [d[key] for d in METHOD_DEFAULTS.values()]
+    common = max(values, key=values.count)
+    others = [f"{m} {d[key]}" for m, d in METHOD_DEFAULTS.items() if d[key] != common]
+    return "; ".join([str(common)] + others)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m contrastive_kernels.train", description=DESCRIPTION,
@@ -149,12 +172,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="optimizer steps (default per method; moco 800)")
     g.add_argument("--epochs", type=_float_in(0, math.inf, low_open=True), default=None,
                    help="train for this many passes over the training split instead of --steps")
-    g.add_argument("--batch-size", type=_positive_int, default=None, help="default per method (256)")
+    g.add_argument("--batch-size", type=_positive_int, default=None,
+                   help="images per step, over all processes "
+                        f"(default {_per_method_default('batch_size')})")
     g.add_argument("--lr", type=_float_in(0, math.inf, low_open=True), default=None,
                    help="peak AdamW learning rate (default 2e-3)")
-    g.add_argument("--weight-decay", type=_float_in(0, math.inf), default=1e-4)
+    g.add_argument("--weight-decay", type=_float_in(0, math.inf), default=1e-4,
+                   help="AdamW weight decay (default 1e-4)")
     g.add_argument("--warmup-steps", type=_nonnegative_int, default=40,
-                   help="linear warm-up, then cosine decay to 0 (default 40)")
+                   help="linear warm-up over this many steps, at most a tenth of the run's steps, "
+                        "then cosine decay to 0 (default 40)")
     g = p.add_argument_group("loss")
     g.add_argument("--temperature", type=_float_in(0, math.inf, low_open=True), default=None,
                    help="softmax temperature (clip: 1 / initial logit scale) (default per method)")
@@ -206,7 +233,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="synthetic: side in pixels (default 16)")
     g.add_argument("--knn-k", type=_positive_int, default=20, help="kNN neighbours (default 20)")
     g = p.add_argument_group("run")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=_seed, default=0,
+                   help="seeds the run's random draws (initialization, augmentation, data "
+                        "order); the data sets and the held-out split never depend on it "
+                        "(default 0)")
     g.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
     g.add_argument("--threads", type=_positive_int, default=1,
                    help="torch CPU threads (default 1: the models are tiny, so intra-op threads "
@@ -226,6 +256,24 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-eval-init", dest="eval_init", action="store_false",
                    help="skip the kNN evaluation of the untrained encoder")
     return p
+
+
+def out_problem(out: str) -> Optional[str]:
+    """Why the --out folder cannot be used, or None: checked before any data or model is built,
+    and without creating anything (the run creates the folder)."""
+    if not out:
+        return "--out must name a folder, got ''"
+    path = os.path.abspath(out)
+    if os.path.exists(path) and not os.path.isdir(path):
+        return f"--out {out} exists and is not a folder"
+    existing = path  # the nearest existing folder above: where the run will create its own
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        return f"--out {out}: {existing} is not a folder"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"--out {out}: {existing} is not writable (no permission or a read-only file system)"
+    return None
 
 
 def resolve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> argparse.Namespace:
@@ -263,6 +311,9 @@ def resolve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> argpar
                      "one --impl at a time")
     if args.out is None:
         args.out = os.path.join("runs", args.method)
+    problem = out_problem(args.out)
+    if problem:
+        parser.error(problem)
     if args.device is None:
         import torch
 

@@ -254,6 +254,8 @@ class DataOrder:
     dropped. ``state_dict`` holds the generator state, the current permutation and the position."""
 
     def __init__(self, n: int, seed: int):
+        if n < 1:  # next() would loop forever, taking nothing from empty permutations
+            raise ValueError(f"DataOrder needs at least one sample, got n={n}")
         self.n = n
         self.generator = torch.Generator().manual_seed(seed)
         self.perm: Optional[torch.Tensor] = None

@@ -54,6 +54,9 @@ class Lockstep:
         self.shadows, self.generator = list(shadows), mixing_generator
         self.loss_diff = {name: [] for name in self.shadows}
         self.grad_diff = {name: [] for name in self.shadows}
+        # the training step (from 1) of each call, set by the trainer: a step makes 0 to 2 calls
+        self.step: Optional[int] = None
+        self.call_step: List[Optional[int]] = []
 
     def _evaluate(self, fn, args, kw, backend, state):
         self.generator.set_state(state)
@@ -76,14 +79,18 @@ class Lockstep:
             for g0, g1 in zip(base_grads, grads):
                 worst = max(worst, float((g1 - g0).abs().max() / g0.abs().max().clamp(min=1e-12)))
             self.grad_diff[name].append(worst)
+        self.call_step.append(self.step)
         self.generator.set_state(after)
         return loss
 
     def state_dict(self):
-        return {"loss_diff": self.loss_diff, "grad_diff": self.grad_diff}
+        return {"loss_diff": self.loss_diff, "grad_diff": self.grad_diff, "call_step": self.call_step}
 
     def load_state_dict(self, state):
         self.loss_diff, self.grad_diff = state["loss_diff"], state["grad_diff"]
+        # checkpoints written before call_step was recorded: those calls' steps are unknown
+        calls = len(next(iter(self.loss_diff.values()), []))
+        self.call_step = state.get("call_step", [None] * calls)
 
     def summary(self):
         out = {}

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import io
 import math
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 from .checkpoint import atomic_write_bytes
 
@@ -56,10 +56,21 @@ def relative_differences(a: List[float], b: List[float]) -> List[float]:
     return [abs(x - y) / max(abs(y), 1e-12) for x, y in zip(a, b)]
 
 
+def per_step_max(values: List[float], call_step: List[Optional[int]]) -> Dict[int, float]:
+    """Per-call values -> {step: the largest of its calls}, steps in order (a step may make 0,
+    1 or 2 loss calls; calls of an unknown step, None, are left out)."""
+    out: Dict[int, float] = {}
+    for step, value in zip(call_step, values):
+        if step is not None:
+            out[step] = max(out.get(step, value), value)
+    return dict(sorted(out.items()))
+
+
 def plot_compare(curves: Dict[str, List[float]], path: str, title: str,
-                 lockstep: Dict[str, List[float]] = None) -> None:
+                 lockstep: Dict[str, Dict[int, float]] = None) -> None:
     """All loss curves on one axes; below, each curve's relative difference to the first
-    (free-running) and, when given, the lockstep per-call relative loss differences."""
+    (free-running) and, when given, the lockstep relative loss difference of each step (the
+    largest over the step's loss calls; see ``per_step_max``)."""
     plt = _pyplot()
     names = list(curves)
     fig, (ax, ax2) = plt.subplots(2, 1, figsize=(7, 6), sharex=True,
@@ -76,9 +87,10 @@ def plot_compare(curves: Dict[str, List[float]], path: str, title: str,
         rel = relative_differences(curves[name], base)
         ax2.plot(range(1, len(rel) + 1), [max(r, 1e-10) for r in rel], styles[i % 4], lw=0.8,
                  label=f"free-running: |{name} - {names[0]}| / |{names[0]}|")
-    for i, (name, rel) in enumerate((lockstep or {}).items(), 1):
-        ax2.plot(range(1, len(rel) + 1), [max(r, 1e-10) for r in rel], lw=0.8, color=f"C{i + 2}",
-                 label=f"lockstep: same inputs, {name} vs {names[0]}")
+    for i, (name, by_step) in enumerate((lockstep or {}).items(), 1):
+        ax2.plot(list(by_step), [max(r, 1e-10) for r in by_step.values()], lw=0.8,
+                 color=f"C{i + 2}", label=f"lockstep: same inputs, {name} vs {names[0]} "
+                                          "(largest of the step's loss calls)")
     ax2.set_yscale("log")
     ax2.axhline(1e-3, color="gray", lw=0.8, ls="--")
     ax2.set_xlabel("step")

@@ -12,6 +12,7 @@ bit for bit on the CPU (same thread count). ``torch.use_deterministic_algorithms
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import random
@@ -54,10 +55,28 @@ def check_impl(impl: str, device: str) -> None:
         raise RunError(f"--impl {impl} is not available on {device}: {reason}")
 
 
+def check_split_sizes(data, cfg) -> None:
+    """Training needs images to draw batches from, evaluation held-out images to score: a
+    --num-samples too small for either is refused before training (an empty training split
+    would make the data order loop forever, an empty held-out one crash the evaluation)."""
+    n_train, n_test = len(data.train_x), len(data.test_x)
+    if n_train and n_test:
+        return
+    empty = "training" if not n_train else "held-out"
+    held_out = "20% of the images, at least one" if data.kind == "copy" else \
+        "20% of each class, rounded"
+    raise RunError(f"--data {cfg.data} --num-samples {cfg.num_samples} is too small: it gives "
+                   f"{n_train} training and {n_test} held-out images ({held_out}), so the "
+                   f"{empty} split is empty; give a larger --num-samples")
+
+
 def build_data(cfg):
     if cfg.method == "qk" and cfg.data == "synthetic":
-        return load_copy_detection(cfg.num_samples, cfg.image_size, cfg.bank_size)
+        data = load_copy_detection(cfg.num_samples, cfg.image_size, cfg.bank_size)
+        check_split_sizes(data, cfg)
+        return data
     base = load_digits() if cfg.data == "digits" else load_synthetic(cfg.num_samples, cfg.image_size)
+    check_split_sizes(base, cfg)
     if cfg.method == "multilabel":
         return make_multilabel(base, n_train=2 * len(base.train_x), n_test=2 * len(base.test_x))
     return base
@@ -167,6 +186,11 @@ class Trainer:
             self.device = torch.device(cfg.device)
         for impl in [cfg.impl, *(cfg.shadow_impl or [])]:
             check_impl(impl, str(self.device))
+        if self.rank == 0:  # before the data and models are built: a bad --out fails at once
+            try:
+                os.makedirs(cfg.out, exist_ok=True)
+            except OSError as exc:
+                raise RunError(f"--out {cfg.out}: cannot create the folder ({exc.strerror or exc})")
         torch.set_num_threads(cfg.threads)
         # CPU: strict (an op without a deterministic implementation would raise); CUDA: the
         # deterministic implementations where they exist, a warning for the ops that have none
@@ -187,8 +211,6 @@ class Trainer:
         self.step = 0
         self.init_metrics: Optional[Dict] = None
         self.resumed_from: Optional[int] = None
-        if self.rank == 0:
-            os.makedirs(cfg.out, exist_ok=True)
         self.ckpt_path = os.path.join(cfg.out, ckpt.CHECKPOINT_NAME)
 
     # -- checkpoints -----------------------------------------------------------------------------
@@ -207,7 +229,7 @@ class Trainer:
         if self.rank != 0:
             return
         state = {
-            "format": 1,
+            "format": ckpt.CHECKPOINT_FORMAT,
             "config": training_config(self.cfg),
             "step": self.step,
             "losses": list(self.losses),
@@ -225,14 +247,17 @@ class Trainer:
     def maybe_resume(self):
         cfg = self.cfg
         path = self.ckpt_path if cfg.resume == "auto" else cfg.resume
-        if self.rank == 0:
-            ckpt.remove_stale_temporaries(os.path.dirname(os.path.abspath(path)))
+        if self.rank == 0:  # our own folder only: --resume PATH may point into someone else's
+            ckpt.remove_stale_temporaries(cfg.out)
         if not os.path.exists(path):
             if cfg.resume != "auto":
                 raise RunError(f"--resume {path}: no such checkpoint")
             print(f"no checkpoint at {path}: starting from step 0", file=sys.stderr)
             return
-        state = ckpt.load_checkpoint(path)
+        try:
+            state = ckpt.load_checkpoint(path)
+        except ckpt.CheckpointError as exc:
+            raise RunError(f"--resume: {exc}")
         saved, now = state["config"], training_config(cfg)
         differ = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
         if differ:
@@ -294,6 +319,8 @@ class Trainer:
             t = time.perf_counter()
             idx = self.order.next(cfg.batch_size)[self.rank * per_rank:(self.rank + 1) * per_rank]
             lr = lr_at(self.step, self.total, cfg.lr, cfg.warmup_steps)
+            if self.method.lockstep is not None:  # its calls are plotted per step
+                self.method.lockstep.step = self.step + 1
             for opt in self.method.optimizers.values():
                 for group in opt.param_groups:
                     group["lr"] = lr
@@ -326,12 +353,31 @@ class Trainer:
             self.save()
         metrics = None
         if self.rank == 0:
-            t_eval = time.perf_counter()
-            final = self.evaluate()
-            metrics = self.write_outputs(final, mem, step_time, steps_here,
-                                         time.perf_counter() - t_eval)
+            if steps_here == 0:
+                metrics = self.finished_metrics()
+                print(f"the checkpoint is at step {self.step} of {self.total}: no steps left to "
+                      "train" + ("; metrics.json kept as it was" if metrics is not None else ""),
+                      file=sys.stderr)
+            if metrics is None:
+                t_eval = time.perf_counter()
+                final = self.evaluate()
+                metrics = self.write_outputs(final, mem, step_time, steps_here,
+                                             time.perf_counter() - t_eval)
         self.barrier()
         return metrics
+
+    def finished_metrics(self) -> Optional[Dict]:
+        """OUT/metrics.json when it was written by the run that reached this very step (same
+        config, same losses): a resume that has nothing left to train keeps it, with that run's
+        throughput and timings, rather than replace them with those of an empty loop."""
+        try:
+            with open(os.path.join(self.cfg.out, "metrics.json")) as f:
+                earlier = json.load(f)
+        except (OSError, ValueError):
+            return None
+        same_run = isinstance(earlier, dict) and earlier.get("config") == training_config(self.cfg) \
+            and earlier.get("loss") == self.losses
+        return earlier if same_run else None
 
     def write_outputs(self, final, mem, step_time, steps_here, eval_time) -> Dict:
         cfg = self.cfg
