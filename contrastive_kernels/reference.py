@@ -90,8 +90,7 @@ def debiased_nce_from_stats(l_pos, log_ratio, n, tau_plus, temperature):
     if n == 0:
         return l_pos * 0.0  # no negatives: loss 0, still attached to the graph
     floor_logit = -1.0 / temperature
-    m = torch.maximum(log_ratio, l_pos)
-    m = torch.maximum(m, floor_logit) if torch.is_tensor(floor_logit) else m.clamp(min=floor_logit)
+    m = torch.maximum(log_ratio, l_pos).clamp(min=floor_logit)  # floor_logit: float or tensor
     pos = torch.exp(l_pos - m)
     ng = n * (torch.exp(log_ratio - m) - tau_plus * pos) / (1 - tau_plus)
     floor = n * torch.exp(floor_logit - m)
