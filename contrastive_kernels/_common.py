@@ -21,7 +21,7 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 NORM_EPS = 1e-12  # the eps of torch.nn.functional.normalize: x / max(||x||, eps)
 
 
-def first_order(what: str):
+def first_order(what: str, instead: str = "backend='reference'"):
     """Decorates every fused backward formula: they call kernels with no derivative of their own,
     so a second derivative through them would be silently wrong. When autograd asks for a graph
     of the gradient (``create_graph=True``: the engine runs backward with grad mode on), the
@@ -29,10 +29,11 @@ def first_order(what: str):
     differentiate them again is fine), but through a node that raises if a second backward
     reaches it. torch's once_differentiable does this only when the incoming gradients require
     grad, and its node hangs off fresh leaves, which a second ``autograd.grad(..., inputs)`` never
-    visits: here the node also takes the saved tensors that are in the graph. Tracing (torch.compile, fake tensors) and
-    functorch transforms are left alone."""
+    visits: here the node also takes the saved tensors that are in the graph. Tracing
+    (torch.compile, fake tensors) and functorch transforms are left alone. The error names
+    ``what`` and, as ``instead``, what has second derivatives."""
     message = (f"contrastive_kernels: {what} has first derivatives only, and a second backward "
-               "(a graph of its gradient, create_graph=True) reached it; use backend='reference' "
+               f"(a graph of its gradient, create_graph=True) reached it; use {instead} "
                "for second derivatives").encode()
 
     def decorate(backward):

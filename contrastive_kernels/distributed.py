@@ -83,11 +83,10 @@ from typing import List, Sequence
 
 import torch
 import torch.distributed as dist
-from torch.autograd.function import once_differentiable
 
 from . import losses, reference
 from ._common import (FLOAT_DTYPES, GROUP_STRATEGIES, REDUCTIONS, SIMILARITIES,
-                      acc_dtype, pack_multi_hot, to_acc)
+                      acc_dtype, first_order, pack_multi_hot, to_acc)
 
 # --------------------------------------------------------------------------------------------
 # the group
@@ -278,7 +277,8 @@ _reduce_scatter_into = getattr(dist, "reduce_scatter_single", None) or dist.redu
 
 class _GatherRows(torch.autograd.Function):
     """All ranks' rows in rank order; backward sums each row's gradient over the ranks and hands
-    every rank the gradient of its own rows (a reduce-scatter)."""
+    every rank the gradient of its own rows (a reduce-scatter). Both directions are linear and
+    each one's backward is the other, so second derivatives (``backend="reference"``) go through."""
 
     @staticmethod
     def forward(ctx, x, group, world):
@@ -290,13 +290,26 @@ class _GatherRows(torch.autograd.Function):
         return out
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad):
-        grad = grad.contiguous()
-        out = grad.new_empty((grad.shape[0] // ctx.world, *grad.shape[1:]))
-        _reduce_scatter_into(out, grad, group=ctx.group)
-        _count("collective", (ctx.world - 1) * out.numel() * out.element_size())
-        return out, None, None
+        return _ReduceScatterRows.apply(grad, ctx.group, ctx.world), None, None
+
+
+class _ReduceScatterRows(torch.autograd.Function):
+    """The sum over the ranks of ``x`` (W * n, ...), of which every rank keeps its own block of n
+    rows; backward all-gathers the blocks' gradients (``_GatherRows``)."""
+
+    @staticmethod
+    def forward(ctx, x, group, world):
+        ctx.group, ctx.world = group, world
+        x = x.contiguous()
+        out = x.new_empty((x.shape[0] // world, *x.shape[1:]))
+        _reduce_scatter_into(out, x, group=group)
+        _count("collective", (world - 1) * out.numel() * out.element_size())
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _GatherRows.apply(grad, ctx.group, ctx.world), None, None
 
 
 def gather_rows(x: torch.Tensor, group, world: int) -> torch.Tensor:
@@ -335,43 +348,24 @@ def all_gather_rows(keys: torch.Tensor, group) -> torch.Tensor:
     return torch.cat([out[r * most:r * most + n] for r, n in enumerate(rows)], 0)
 
 
-class _MergeColLse(torch.autograd.Function):
-    """Each rank has the column LSE of all N keys over its own rows (N,); every rank gets its own
-    keys' column LSE over the rows of all ranks (B,): log sum_r exp(partial_r), computed as a max
-    all-reduce and a reduce-scatter of exp(partial - max). Backward: d partial_r =
-    dC * exp(partial_r - C) for every key (the owners' dC and C all-gathered: N floats)."""
-
-    @staticmethod
-    def forward(ctx, partial, group, world, rank):
-        top = partial.detach().clone()
-        dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
-        top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
-        terms = torch.exp(partial - top).contiguous()
-        n = partial.shape[0] // world
-        summed = terms.new_empty(n)
-        _reduce_scatter_into(summed, terms, group=group)
-        own = torch.log(summed) + top[rank * n:(rank + 1) * n]
-        every = own.new_empty(partial.shape[0])
-        _all_gather_into(every, own.contiguous(), group)
-        _count("collective", (world - 1) * n * own.element_size() * 4)  # max, sum, gather
-        ctx.group, ctx.world = group, world
-        ctx.save_for_backward(partial, every)
-        return own
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad):
-        partial, every = ctx.saved_tensors
-        grads = grad.new_empty(partial.shape[0])
-        _all_gather_into(grads, grad.contiguous(), ctx.group)
-        _count("collective", (ctx.world - 1) * grad.numel() * grad.element_size())
-        return grads * _share(every, partial), None, None, None
-
-
 def _merge_col_lse(partial, group, world, rank):
+    """Each rank has the column LSE of all N keys over its own rows (N,); every rank gets its own
+    keys' column LSE over the rows of all ranks (B,): log sum_r exp(partial_r), as a max
+    all-reduce (a constant shift) and a reduce-scatter of exp(partial - max). Plain autograd
+    through ``_ReduceScatterRows`` gives the backward, d partial_r = all-gather(dC / S) *
+    exp(partial_r - max) (N floats), and its derivatives in turn."""
     if world == 1:
         return partial
-    return _MergeColLse.apply(partial, group, world, rank)
+    top = partial.detach().clone()
+    dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
+    _count("collective", 2 * (world - 1) * top.numel() // world * top.element_size())
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    summed = _ReduceScatterRows.apply(torch.exp(partial - top), group, world)
+    # a column that is -inf on every rank sums to 0: log 0 = -inf, with a zero gradient (not NaN)
+    some = summed > 0
+    own = torch.log(torch.where(some, summed, torch.ones_like(summed)))
+    n = summed.shape[0]
+    return torch.where(some, own, torch.full_like(own, -math.inf)) + top[rank * n:(rank + 1) * n]
 
 
 def _all_reduce_sum(x: torch.Tensor, group) -> torch.Tensor:
@@ -526,7 +520,7 @@ class _RingStats(torch.autograd.Function):
         return state["row"], state["pos"], state["count"], col_lse, pair
 
     @staticmethod
-    @once_differentiable
+    @first_order("group_strategy='ring'", instead="group_strategy='gather' with backend='reference'")
     def backward(ctx, d_row, d_pos, _d_count, d_col, d_pair):
         q, a, c, k, b, d, q_labels, k_labels, exclude, pairs, row_lse, col_lse = ctx.saved_tensors
         ring, ops, gammas, want_col_lse = ctx.ring, ctx.ops, ctx.gammas, ctx.want_col_lse

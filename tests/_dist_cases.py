@@ -19,7 +19,8 @@ def _features(n, d, g):
 def case_id(c):
     keys = ["loss", "variant", "estimator", "similarity", "strategy", "backend", "reduction",
             "dtype", "B"]
-    return "-".join(str(c[k]) for k in keys if c.get(k) not in (None, ""))
+    return "-".join(str(c[k]) for k in keys if c.get(k) not in (None, "")) + (
+        "-second" if c.get("second") else "")
 
 
 def build(c, world):
@@ -122,6 +123,17 @@ def oracle_synthetic(q, queue, world):
         out.append(ck.mix_hard_negatives(qr, queue.detach(), hard, 3, 2, generator=gen,
                                          backend="reference"))
     return torch.cat(out, 0)
+
+
+def second_derivatives(grads, inputs, sharding):
+    """Cases with "second": the gradients of the penalty sum ||g||^2 over the gradients ``grads``
+    (taken with create_graph=True) of the row-sharded inputs. Under group= each rank's g is
+    factor x its shard of the whole-batch gradient (factor = W for "mean", else 1), so the ranks'
+    penalties add up to factor^2 x the whole-batch penalty, and their gradients combine (cat of
+    the shards, sum of the replicated) to factor^2 x the whole-batch ones."""
+    penalty = sum((g * g).sum() for g, how in zip(grads, sharding) if how == "rows")
+    second = torch.autograd.grad(penalty, inputs, allow_unused=True)
+    return [torch.zeros_like(x) if h is None else h for h, x in zip(second, inputs)]
 
 
 def output_positions(c, world, b):

@@ -1,8 +1,9 @@
 """One rank of test_distributed.py: ``python tests/_dist_worker.py JOB.json RANK``.
 
 JOB.json: {"world": W, "init": "file:///...", "mode": "cases" | "scenarios", "cases": [...],
-"out": folder}. Writes OUT/rank{RANK}.pt: for "cases", {case_id: [value, *grads] or an error
-string}; for "scenarios", {name: result}. Runs with the worktree on PYTHONPATH (set by the test)."""
+"out": folder}. Writes OUT/rank{RANK}.pt: for "cases", {case_id: [value, *grads] (a case with
+"second": the gradients of _dist_cases.second_derivatives instead) or an error string}; for
+"scenarios", {name: result}. Runs with the worktree on PYTHONPATH (set by the test)."""
 from __future__ import annotations
 
 import json
@@ -40,8 +41,11 @@ def run_case(c, rank, world, group):
     else:
         w = dc.weights(c, world)[dc.output_positions(c, world, c["B"])[rank]]
         scalar = (out * w.to(out.dtype)).sum()
-    gs = torch.autograd.grad(scalar, [local[n] for n in grads], allow_unused=True)
+    inputs = [local[n] for n in grads]
+    gs = torch.autograd.grad(scalar, inputs, allow_unused=True, create_graph=c.get("second", False))
     gs = [torch.zeros_like(local[n]) if g is None else g for n, g in zip(grads, gs)]
+    if c.get("second"):
+        gs = dc.second_derivatives(gs, inputs, [sharding[n] for n in grads])
     return [out.detach().double()] + [g.detach().double() for g in gs]
 
 

@@ -53,6 +53,24 @@ def _grid(**axes):
     return [dict(zip(names, values)) for values in itertools.product(*axes.values())]
 
 
+_SECOND_LOSSES = [("info_nce", "queue_grad+extra", "dcl+hcl"), ("nt_xent", "", "hcl"),
+                  ("clip_loss", "", "ce"), ("sup_con", "multi-hot", "ce"),
+                  ("multi_positive", "queue_grad", "ce")]
+SECOND_ORDER = [_case(loss, variant, estimator=est, backend="reference", second=True,
+                      similarity=sim)
+                for (loss, variant, est), sim in zip(_SECOND_LOSSES, SIMS + SIMS)]
+# the ring, and the fused backends under either strategy, have first derivatives only: a second
+# backward raises the same clear error on every rank (and no rank hangs in a collective)
+SECOND_ORDER_REFUSED = [
+    (_case("info_nce", "queue_grad+extra", backend="reference", strategy="ring", second=True),
+     "group_strategy='ring' has first derivatives only"),
+    (_case("clip_loss", backend="reference", strategy="ring", second=True),
+     "use group_strategy='gather' with backend='reference' for second derivatives"),
+    (_case("info_nce", "queue_grad+extra", second=True), "has first derivatives only"),
+    (_case("clip_loss", second=True), "use backend='reference' for second derivatives"),
+]
+
+
 def _world2_cases():
     cases = []
     for g in _grid(variant=["in_batch", "queue", "queue_grad", "queue+in_batch"],
@@ -92,6 +110,9 @@ def _world2_cases():
                 cases.append(_case(loss, variant, strategy=s, dtype=dtype, estimator="dcl",
                                    similarity="l2" if dtype == "float32" else "cosine", B=5))
             cases.append(_case(loss, variant, strategy=s, B=1, similarity="dot"))
+    # second derivatives (a penalty on the gradients): through the gather strategy on the
+    # reference backend, for every loss (CLIP: the merge of the texts' column LSE)
+    cases += SECOND_ORDER + [c for c, _ in SECOND_ORDER_REFUSED]
     # every other available backend: one case per loss and strategy
     for backend in OTHER_BACKENDS:
         for loss, variant in [("info_nce", "queue+in_batch"), ("nt_xent", ""), ("clip_loss", ""),
@@ -103,7 +124,7 @@ def _world2_cases():
 
 
 def _world4_cases():
-    cases = []
+    cases = list(SECOND_ORDER)
     for g in _grid(similarity=SIMS, strategy=STRATEGIES, backend=BACKENDS):
         cases.append(_case("info_nce", "queue_grad+extra", estimator="dcl+hcl", **g))
         cases.append(_case("info_nce", "in_batch", estimator="ce", **g))
@@ -182,9 +203,12 @@ def _whole(c, world, dtype, backend="reference"):
         local[name] = y
     out = dc.call(dict(c, backend=backend, strategy="gather"), local, world=world)
     scalar = out if out.dim() == 0 else (out * dc.weights(c, world).to(out.dtype)).sum()
-    gs = torch.autograd.grad(scalar, [local[n] for n in grads], allow_unused=True)
+    inputs = [local[n] for n in grads]
+    gs = torch.autograd.grad(scalar, inputs, allow_unused=True, create_graph=c.get("second", False))
     gs = [torch.zeros_like(local[n]) if g is None else g for n, g in zip(grads, gs)]
-    return [out.detach().double()] + [g.double() for g in gs], sharding, grads
+    if c.get("second"):
+        gs = dc.second_derivatives(gs, inputs, [sharding[n] for n in grads])
+    return [out.detach().double()] + [g.detach().double() for g in gs], sharding, grads
 
 
 def check_case(c, world, ranks):
@@ -192,6 +216,8 @@ def check_case(c, world, ranks):
         assert not isinstance(got, str), f"rank {r} raised:\n{got}"
     truth, sharding, grads = _whole(c, world, torch.float64)
     factor = world if c["reduction"] == "mean" else 1
+    if c.get("second"):  # the penalty of the gradients (dc.second_derivatives) is quadratic in them
+        factor = factor ** 2
     if c["reduction"] == "mean":
         value = sum(r[0] for r in ranks) / world
     elif c["reduction"] == "sum":
@@ -224,9 +250,19 @@ def check_case(c, world, ranks):
             f"{name}: error {err:.3g} vs twice the single-process error {err_ref:.3g} + floor")
 
 
-@pytest.mark.parametrize("c", CASES[2], ids=dc.case_id)
+@pytest.mark.parametrize("c", [c for c in CASES[2] if c not in [r for r, _ in SECOND_ORDER_REFUSED]],
+                         ids=dc.case_id)
 def test_world2(c, tmp_path_factory):
     check_case(c, 2, [r[dc.case_id(c)] for r in results(2, tmp_path_factory)])
+
+
+@pytest.mark.parametrize("c, message", SECOND_ORDER_REFUSED,
+                         ids=[dc.case_id(c) for c, _ in SECOND_ORDER_REFUSED])
+def test_second_derivatives_refused_on_every_rank(c, message, tmp_path_factory):
+    for r, got in enumerate(results(2, tmp_path_factory)):
+        got = got[dc.case_id(c)]
+        assert isinstance(got, str), f"rank {r} returned a result"
+        assert "RuntimeError" in got and message in got, (r, got[-800:])
 
 
 @pytest.mark.parametrize("c", CASES[4], ids=dc.case_id)

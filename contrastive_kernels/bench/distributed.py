@@ -49,9 +49,8 @@ def comm_bytes(loss, strategy, b, world, d, itemsize, similarity="cosine", label
     features with ``label_bytes`` of labels per row); all keys require grad.
 
     gather: all-gather (W-1) b D s and reduce-scatter (W-1) b D s of the keys, plus (W-1) b
-    label_bytes; clip_loss adds 5 (W-1) b f for merging the texts' column LSE (max all-reduce
-    and reduce-scatter of N floats, all-gather of the result forward and of its gradient
-    backward). Collectives are counted as a ring algorithm sends them ((W-1)/W of the gathered
+    label_bytes; clip_loss adds 4 (W-1) b f for merging the texts' column LSE (a max all-reduce
+    and a reduce-scatter of N floats forward, an all-gather of N floats of gradient backward). Collectives are counted as a ring algorithm sends them ((W-1)/W of the gathered
     size; 2 (W-1)/W for an all-reduce).
     ring: forward (W-1) hops of the shard, b (D s + c f + label_bytes) each (c = 1 column term
     for cosine / l2, 0 for dot; f = 4 fp32 statistics); backward (W-1) hops of the same shard
@@ -62,7 +61,7 @@ def comm_bytes(loss, strategy, b, world, d, itemsize, similarity="cosine", label
     if w == 1:
         return 0
     if strategy == "gather":
-        return (w - 1) * b * (2 * d * s + label_bytes + (5 * f if loss == "clip_loss" else 0))
+        return (w - 1) * b * (2 * d * s + label_bytes + (4 * f if loss == "clip_loss" else 0))
     c = 0 if similarity == "dot" else 1
     shard = b * (d * s + c * f + label_bytes)
     total = 2 * (w - 1) * shard + w * b * (d + c) * f
