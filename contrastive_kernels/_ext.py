@@ -48,6 +48,7 @@ def _try_prebuilt():
 
 
 JIT_NAME = "contrastive_kernels_C"
+JIT_NOTICE_S = 3.0  # a JIT load still running after this long is compiling: say so
 # a build folder whose files have not changed for this long, with no process working in it, was
 # left locked by a killed build (torch's lock has no owner and would be waited on forever)
 STALE_LOCK_S = float(os.environ.get("CK_JIT_STALE_LOCK_S", "120"))
@@ -126,12 +127,20 @@ def _try_jit():
         kw = _build.extension_kwargs(_SOURCE_ROOT, with_cuda)
         flags = kw["extra_compile_args"]
         wait_for_build_lock(cpp_extension._get_build_directory(JIT_NAME, verbose=False))
-        print("contrastive_kernels: compiling the C++ extension (JIT, first use only)...", file=sys.stderr)
-        mod = cpp_extension.load(
-            name=JIT_NAME, sources=kw["sources"], extra_include_paths=kw["include_dirs"],
-            extra_cflags=flags["cxx"] if isinstance(flags, dict) else flags,
-            extra_cuda_cflags=flags["nvcc"] if isinstance(flags, dict) else None,
-            extra_ldflags=kw["extra_link_args"], with_cuda=with_cuda, verbose=False)
+        # said only when the load takes a while: a cached build loads in a second or two
+        notice = threading.Timer(JIT_NOTICE_S, print, ("contrastive_kernels: compiling the C++ "
+                                 "extension (JIT, on first use and after source changes; a few "
+                                 "minutes)...",), {"file": sys.stderr, "flush": True})
+        notice.daemon = True
+        notice.start()
+        try:
+            mod = cpp_extension.load(
+                name=JIT_NAME, sources=kw["sources"], extra_include_paths=kw["include_dirs"],
+                extra_cflags=flags["cxx"] if isinstance(flags, dict) else flags,
+                extra_cuda_cflags=flags["nvcc"] if isinstance(flags, dict) else None,
+                extra_ldflags=kw["extra_link_args"], with_cuda=with_cuda, verbose=False)
+        finally:
+            notice.cancel()
         return mod, None
     except Exception as exc:  # noqa: BLE001 - any build failure becomes the reason
         first = str(exc).strip().splitlines()

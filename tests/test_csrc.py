@@ -5,6 +5,7 @@ precisions, threading, bad direct calls, and the messages when the extension is 
 
 The whole suite also runs with backend="cpu" through conftest.FUSED_BACKENDS."""
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -504,6 +505,21 @@ def test_jit_build_keeps_the_lock_of_a_process_compiling_in_the_folder(tmp_path)
     finally:
         compiler.kill()
         compiler.wait()
+
+
+@pytest.mark.skipif(shutil.which(os.environ.get("CXX", "c++")) is None, reason="no C++ compiler: no JIT")
+@pytest.mark.parametrize("load_s, told", [(0.0, False), (0.4, True)])
+def test_jit_load_says_it_compiles_only_when_it_takes_a_while(monkeypatch, capsys, load_s, told):
+    """A cached build loads silently; a load still running after JIT_NOTICE_S is a compile, and
+    says so (it used to say "compiling" on every import of a source checkout)."""
+    from torch.utils import cpp_extension
+
+    monkeypatch.setattr(_ext, "JIT_NOTICE_S", 0.1)
+    monkeypatch.setattr(_ext, "wait_for_build_lock", lambda folder: False)
+    monkeypatch.setattr(cpp_extension, "load", lambda **kw: time.sleep(load_s) or "module")
+    assert _ext._try_jit() == ("module", None)
+    time.sleep(0.2)  # a notice left armed would fire now
+    assert ("compiling the C++ extension" in capsys.readouterr().err) is told
 
 
 @needs_ext
