@@ -147,6 +147,20 @@ def _try_jit():
         return None, f"the JIT build failed ({type(exc).__name__}: {first[-1] if first else ''})"
 
 
+def jit_build_cached() -> bool:
+    """Whether torch's extension cache holds an earlier JIT build of the extension: loading it then
+    takes a fraction of a second (or rebuilds it, if the sources or flags changed since)."""
+    if os.environ.get("CK_JIT", "1") == "0" or not os.path.isdir(os.path.join(_SOURCE_ROOT, "csrc")):
+        return False
+    try:
+        from torch.utils import cpp_extension
+
+        folder = cpp_extension._get_build_directory(JIT_NAME, verbose=False)
+    except Exception:  # noqa: BLE001 - no cache folder: nothing cached
+        return False
+    return os.path.exists(os.path.join(folder, JIT_NAME + ".so"))
+
+
 def load():
     """The extension module (build info functions; its import registered the ops), or None."""
     global _module, _reason, _loaded, _cuda_kernels

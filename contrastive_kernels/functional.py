@@ -92,6 +92,8 @@ def resolve_backend(backend: str, family: str, device: torch.device):
         return _module(backend)
     order = AUTO_ORDER.get((family, torch.device(device).type), ("chunked",))
     for name in order:
+        if torch.compiler.is_compiling() and name not in _loaded:
+            continue  # torch.compile cannot trace an import (a first JIT build): the next one
         if backend_unavailable_reason(name, device) is None:
             return _module(name)
     return _module("chunked")
@@ -106,8 +108,9 @@ def _is_reference(ops) -> bool:
 def _preload():
     """Import the backend modules that are cheap to import, now rather than at the first call:
     torch.compile cannot trace an import, so a first call under torch.compile(fullgraph=True)
-    must find its backend already loaded. The C++/CUDA backends load their extension now only when
-    it is prebuilt; a JIT build waits for the first use (or ``available_backends``)."""
+    must find its backend already loaded. The C++/CUDA backends load their extension now when it
+    is prebuilt or an earlier JIT build is cached; a first JIT build waits for the first use (or
+    ``available_backends``), and until then ``auto`` under torch.compile passes over them."""
     _module("chunked")
     if importlib.util.find_spec("triton") is not None:
         _module("triton")
@@ -115,9 +118,9 @@ def _preload():
         prebuilt = importlib.util.find_spec("contrastive_kernels._C") is not None
     except (ImportError, ValueError):  # an import hook refusing it: treat as not built
         prebuilt = False
-    if prebuilt:
-        from . import _ext
+    from . import _ext
 
+    if prebuilt or _ext.jit_build_cached():
         _ext.load()
         _module("cpu")
         _module("cuda")
