@@ -134,3 +134,124 @@ def test_cuda_topk_simulation_ends_with_the_exact_top_k():
     assert stats["tiles"] == 79 and 0 < stats["slow_tiles"] <= 79
     assert 100 <= stats["survivors_per_row"] <= 5000
     assert stats["merges_per_row"] >= stats["survivors_per_row"] / sim.CAP
+
+
+def _fake_measure(calls=None):
+    def measure(c, backend, device, repeats):
+        if calls is not None:
+            calls.append((c.op, c.shape, c.dtype, backend))
+        return {"median_ms": 1.0, "min_ms": 1.0, "max_ms": 1.0, "peak_extra_bytes": 0, "memory_exact": True}
+    return measure
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--backends", "refrence"], "unknown backend 'refrence'"),   # a typo: not a row per case
+    (["--backends", ","], "--backends names no backend"),
+    (["--device", "gpu"], "--device must be cpu or cuda"),
+    (["--device", "meta"], "--device must be cpu or cuda"),
+    (["--timeout", "0"], "--timeout must be > 0"),
+    (["--preset", "cpu", "--backends", "faiss_cpu"], "nothing to measure"),
+])
+def test_bench_more_usage_errors(argv, message, capsys):
+    """Arguments that used to run every case (a process pair each on the CPU) into an error row,
+    or time every measurement out at once, are one usage error up front."""
+    with pytest.raises(SystemExit) as exc:
+        parse_args(argv)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and message in err and "Traceback" not in err
+
+
+def test_bench_backend_list_tolerates_spaces_and_repeats(tmp_path, monkeypatch):
+    from contrastive_kernels.bench import __main__ as cli
+
+    assert parse_args(["--backends", "reference, chunked,,reference"]).backends == "reference,chunked"
+    monkeypatch.setattr(cli, "measure_in_process", _fake_measure())
+    main(["--preset", "cpu-quick", "--backends", "reference, chunked", "--no-isolate", "--out", str(tmp_path)])
+    rows = list(csv.DictReader(open(tmp_path / "results.csv")))
+    assert [r["backend"] for r in rows] == ["reference", "chunked"] * 3 and all(not r["note"] for r in rows)
+
+
+@pytest.mark.parametrize("kind", ["file", "under-a-file"])
+def test_bench_out_that_cannot_be_a_folder_is_a_usage_error(tmp_path, monkeypatch, capsys, kind):
+    """--out naming a file (or a path below one) failed with a traceback after the first
+    measurement (minutes into a CPU run); now before any."""
+    from contrastive_kernels.bench import __main__ as cli
+
+    (tmp_path / "f").write_text("x")
+    out = tmp_path / "f" if kind == "file" else tmp_path / "f" / "sub"
+    calls = []
+    monkeypatch.setattr(cli, "measure_in_process", _fake_measure(calls))
+    with pytest.raises(SystemExit) as exc:
+        main(["--preset", "cpu-quick", "--backends", "reference", "--no-isolate", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "--out" in err and "Traceback" not in err
+    assert calls == [] and (tmp_path / "f").read_text() == "x"
+
+
+def test_bench_partial_of_an_earlier_run_is_not_left_as_this_runs(tmp_path, monkeypatch):
+    """A run cut short before its first row used to leave the partial rows of an earlier run with
+    another configuration in results.partial.json, as if they were its own."""
+    from contrastive_kernels.bench import __main__ as cli
+
+    out = tmp_path / "res"
+    (out).mkdir()
+    (out / "results.partial.json").write_text(json.dumps({"rows": [{"label": "quick", "backend": "chunked"}]}))
+
+    def die(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "measure_in_process", die)
+    with pytest.raises(KeyboardInterrupt):
+        main(["--preset", "cpu", "--backends", "reference", "--no-isolate", "--out", str(out)])
+    partial = json.load(open(out / "results.partial.json"))
+    assert partial["rows"] == []
+    assert partial["config"]["preset"] == "cpu" and partial["config"]["backends"] == "reference"
+
+
+def test_bench_case_shared_by_two_presets_is_measured_once(tmp_path, monkeypatch):
+    """--preset gpu holds B=256 K=65536 D=128 bf16 (moco, mochi) and B=1024 K=2^20 D=128 bf16
+    (qk, sweep) twice: each was measured twice per backend and drawn twice in the sweep plot."""
+    from contrastive_kernels.bench import __main__ as cli
+    from contrastive_kernels.bench import cases
+
+    dups = lambda name: [(c.op, c.shape, c.dtype) for c in PRESETS[name]]  # noqa: E731
+    assert len(set(dups("gpu"))) < len(dups("gpu"))  # the situation this guards against
+    monkeypatch.setitem(cases.PRESETS, "tiny-a", [case("info_nce_bank", B=8, K=64, D=8, label="a")])
+    monkeypatch.setitem(cases.PRESETS, "tiny-b", [case("info_nce_bank", B=8, K=k, D=8, label="b")
+                                                  for k in (64, 256)])
+    calls = []
+    monkeypatch.setattr(cli, "measure_in_process", _fake_measure(calls))
+    main(["--preset", "tiny-a,tiny-b", "--backends", "reference,chunked", "--no-isolate", "--out", str(tmp_path)])
+    assert len(calls) == len(set(calls)) == 4
+    rows = list(csv.DictReader(open(tmp_path / "results.csv")))
+    assert [(r["label"], r["shape"], r["backend"]) for r in rows] == [
+        ("a+b", "B=8 K=64 D=8", "reference"), ("a+b", "B=8 K=64 D=8", "chunked"),
+        ("b", "B=8 K=256 D=8", "reference"), ("b", "B=8 K=256 D=8", "chunked")]
+
+
+def test_write_csv_replaces_the_old_file_atomically(tmp_path, monkeypatch):
+    """A write that fails half-way (Ctrl-C, a full disk) keeps the previous results.csv whole."""
+    from contrastive_kernels.bench import report
+
+    path = tmp_path / "results.csv"
+    path.write_text("old results\n")
+
+    def fail(self, row):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(csv.DictWriter, "writerow", fail)
+    with pytest.raises(KeyboardInterrupt):
+        report.write_csv([{"label": "x"}], str(path))
+    assert path.read_text() == "old results\n" and os.listdir(tmp_path) == ["results.csv"]
+
+
+def test_bench_help_names_every_candidate(capsys, monkeypatch):
+    """--help listed only the library's backends; README.md's outside candidates (infcl,
+    torch-topk, gemm-only, faiss_cpu, faiss-gpu, eager-mochi) are accepted too."""
+    monkeypatch.setenv("COLUMNS", "1000")  # no line breaks inside hyphenated names
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for name in ("reference", "compile", "chunked", "triton", "cpu", "cuda", "infcl", "torch-topk",
+                 "gemm-only", "faiss_cpu", "faiss-gpu", "eager-mochi"):
+        assert name in text, name

@@ -2,7 +2,7 @@
 shape presets, next to the eager reference and the practical matmul peak.
 
   python -m contrastive_kernels.bench                       # the CPU preset (MoCo and QK shapes)
-  python -m contrastive_kernels.bench --preset gpu          # every GPU preset (on a CUDA device)
+  python -m contrastive_kernels.bench --preset gpu          # every GPU loss preset (on a CUDA device)
   python -m contrastive_kernels.bench --preset moco --backends reference,compile,triton
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ import sys
 import torch
 
 from .baselines_mochi import FUSED_TOPK_BACKENDS, MIXED_LSE_BACKENDS
-from .cases import DTYPES, PRESETS, Case, applies
+from .cases import BASELINES, DTYPES, PRESETS, Case, _load_baselines, applies
 from .measure import h2d_bandwidth, matmul_tflops, measure_in_process, measure_isolated, memory_limit
 from .report import environment, markdown, plot, write_csv
 
@@ -31,18 +31,64 @@ def _default_backends(device: str):
     return names
 
 
+def _known_backends():
+    from contrastive_kernels.functional import BACKEND_MODULES
+
+    _load_baselines()
+    return ["reference", "compile", *BACKEND_MODULES, *BASELINES]
+
+
+def _cases(args):
+    """The cases of ``args.preset`` (several presets: each case once, its labels joined)."""
+    merged = {}
+    for preset in args.preset.split(","):
+        for c in PRESETS[preset]:
+            dtype = args.dtype or c.dtype
+            key = (c.op, c.shape, dtype)
+            if key not in merged:
+                merged[key] = []
+            if c.label not in merged[key]:
+                merged[key].append(c.label)
+    return [Case(op, shape, dtype, "+".join(x for x in labels if x))
+            for (op, shape, dtype), labels in merged.items()]
+
+
+def _backends(args):
+    return args.backends.split(",") if args.backends else _default_backends(args.device)
+
+
+def _check_out(out) -> str:
+    """Why ``out`` cannot take the results (None if it can): checked before any measurement."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        return f"--out {out!r} is a file, not a folder"
+    try:
+        os.makedirs(out, exist_ok=True)
+        probe = os.path.join(out, f".bench-write-test-{os.getpid()}")
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as exc:
+        return f"--out {out!r} is not a writable folder: {exc.strerror or exc}"
+    return None
+
+
 def parse_args(argv=None):
+    names = ", ".join(_known_backends())
     p = argparse.ArgumentParser(prog="python -m contrastive_kernels.bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="cpu", help=f"one of {', '.join(PRESETS)} (default cpu); "
-                   "several separated by commas")
+                   "several separated by commas (a case in two of them is measured once)")
     p.add_argument("--backends", default=None,
-                   help="comma-separated: reference, compile, chunked, triton, cpu, cuda "
-                        "(default: reference + every available backend; compile on GPUs)")
+                   help=f"comma-separated, from: {names} "
+                        "(default: reference + every available backend; compile on GPUs); an "
+                        "outside candidate only runs the ops it supports")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--dtype", default=None, help="override the presets' dtypes: fp32, fp16, bf16")
-    p.add_argument("--repeats", type=int, default=5, help="timed steps per measurement")
-    p.add_argument("--timeout", type=float, default=900.0, help="seconds per CPU measurement")
+    p.add_argument("--repeats", type=int, default=5,
+                   help="timed steps per measurement (CPU: at most 60 s of them; GPU: "
+                        "triton's do_bench over max(100, 20 x repeats) ms)")
+    p.add_argument("--timeout", type=float, default=900.0,
+                   help="seconds per CPU measurement process (not with --no-isolate)")
     p.add_argument("--out", default=None, help="folder for results.csv, results.md, *.png, results.json")
     p.add_argument("--no-isolate", action="store_true",
                    help="measure CPU cases in this process (peak memory is then only indicative)")
@@ -55,28 +101,54 @@ def parse_args(argv=None):
         p.error(f"unknown dtype {args.dtype!r}; choose from {', '.join(DTYPES)}")
     if args.repeats < 1:
         p.error("--repeats must be >= 1")
+    if not args.timeout > 0:
+        p.error("--timeout must be > 0")
+    if args.backends is not None:
+        chosen = list(dict.fromkeys(b.strip() for b in args.backends.split(",") if b.strip()))
+        if not chosen:
+            p.error("--backends names no backend")
+        for b in chosen:
+            if b not in _known_backends():
+                p.error(f"unknown backend {b!r}; choose from {names}")
+        args.backends = ",".join(chosen)
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        kind = torch.device(args.device).type
+    except (RuntimeError, ValueError):
+        kind = None
+    if kind not in ("cpu", "cuda"):
+        p.error(f"--device must be cpu or cuda (or cuda:N), not {args.device!r}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error("--device cuda was asked for but torch sees no CUDA device")
+    if args.list:
+        return args
+    if not any(applies(b, c.op) for c in _cases(args) for b in _backends(args)):
+        p.error(f"nothing to measure: no case of --preset {args.preset} runs with --backends "
+                f"{args.backends or 'default'}")
+    if args.out:
+        why = _check_out(args.out)
+        if why:
+            p.error(why)
     return args
 
 
 def run(args) -> list:
     from tqdm import tqdm
 
-    cases = [c for preset in args.preset.split(",") for c in PRESETS[preset]]
-    if args.dtype:
-        cases = list(dict.fromkeys(Case(c.op, c.shape, args.dtype, c.label) for c in cases))
-    backends = args.backends.split(",") if args.backends else _default_backends(args.device)
+    cases = _cases(args)
+    backends = _backends(args)
     cpu = not args.device.startswith("cuda")
     mm_cache = {}
     rows = []
+    config = {k: getattr(args, k) for k in ("preset", "backends", "device", "dtype", "repeats")}
+    config["backends"] = ",".join(backends)
+    _save_partial(args.out, rows, config)  # replaces the partial rows of an earlier run
     limit = memory_limit(args.device)
     bar = tqdm([(c, b) for c in cases for b in backends if applies(b, c.op)], desc="bench", unit="run",
                file=sys.stderr)
     for c, backend in bar:
-        _save_partial(args.out, rows)  # the rows before this one (also those skipped or failed)
+        _save_partial(args.out, rows, config)  # the rows before this one (also skipped or failed)
         bar.set_postfix_str(f"{c.label or c.op} {c.shape_str} {c.dtype} {backend}")
         row = {"label": c.label, "op": c.op, "shape": c.shape_str, "dtype": c.dtype,
                "device": args.device, "backend": backend, "negatives": c.negatives,
@@ -113,7 +185,7 @@ def run(args) -> list:
             row["h2d_gbps"] = mm_cache["h2d"]
             row["pct_of_h2d"] = 100.0 * row["bank_gbps"] / row["h2d_gbps"]
         rows.append(row)
-    _save_partial(args.out, rows)
+    _save_partial(args.out, rows, config)
     # mixing against plain InfoNCE at the same B, K, D, dtype and backend (the issue's "at most
     # 15 %"); the mixing-only candidates against the backend they stand beside
     plain_of = {"eager-mochi": "reference",
@@ -149,11 +221,14 @@ def _write_atomic(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _save_partial(out, rows) -> None:
-    """The rows measured so far, so that a run cut short (a time limit, a crash) keeps them."""
-    if out and rows:
+def _save_partial(out, rows, config=None) -> None:
+    """The rows measured so far, so that a run cut short (a time limit, a crash) keeps them; with
+    the run's configuration, written (empty) before the first measurement too, so that a partial
+    file of an earlier run never passes for this one's."""
+    if out:
         os.makedirs(out, exist_ok=True)
-        _write_atomic(os.path.join(out, PARTIAL), json.dumps({"rows": rows}, indent=1, default=str))
+        _write_atomic(os.path.join(out, PARTIAL),
+                      json.dumps({"config": config, "rows": rows}, indent=1, default=str))
 
 
 def main(argv=None) -> int:
