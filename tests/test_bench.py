@@ -151,6 +151,7 @@ def _fake_measure(calls=None):
     (["--device", "meta"], "--device must be cpu or cuda"),
     (["--timeout", "0"], "--timeout must be > 0"),
     (["--preset", "cpu", "--backends", "faiss_cpu"], "nothing to measure"),
+    (["--preset", "cpu,moco", "--device", "cpu"], "--preset moco is sized for a GPU"),
 ])
 def test_bench_more_usage_errors(argv, message, capsys):
     """Arguments that used to run every case (a process pair each on the CPU) into an error row,
@@ -159,6 +160,17 @@ def test_bench_more_usage_errors(argv, message, capsys):
         parse_args(argv)
     err = capsys.readouterr().err
     assert exc.value.code == 2 and message in err and "Traceback" not in err
+
+
+def test_faiss_missing_is_said_in_the_row(monkeypatch):
+    """Without faiss the FAISS row said "faiss_cpu does not support topk"."""
+    import sys
+
+    from contrastive_kernels.bench.cases import build_step, case
+
+    monkeypatch.setitem(sys.modules, "faiss", None)  # import faiss -> ImportError
+    with pytest.raises(RuntimeError, match="faiss is not installed.*pip install faiss-cpu"):
+        build_step(case("topk", M=4, N=64, D=8, k=2), "faiss_cpu", "cpu")
 
 
 def test_bench_backend_list_tolerates_spaces_and_repeats(tmp_path, monkeypatch):

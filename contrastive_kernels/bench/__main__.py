@@ -15,7 +15,7 @@ import sys
 import torch
 
 from .baselines_mochi import FUSED_TOPK_BACKENDS, MIXED_LSE_BACKENDS
-from .cases import BASELINES, DTYPES, PRESETS, Case, _load_baselines, applies
+from .cases import BASELINES, DTYPES, GPU_PRESETS, PRESETS, Case, _load_baselines, applies
 from .measure import h2d_bandwidth, matmul_tflops, measure_in_process, measure_isolated, memory_limit
 from .report import environment, markdown, plot, write_csv
 
@@ -121,6 +121,10 @@ def parse_args(argv=None):
         p.error(f"--device must be cpu or cuda (or cuda:N), not {args.device!r}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error("--device cuda was asked for but torch sees no CUDA device")
+    on_gpu = [x for x in args.preset.split(",") if x in GPU_PRESETS]
+    if kind == "cpu" and on_gpu and not args.list:
+        p.error(f"--preset {','.join(on_gpu)} is sized for a GPU (hours on a CPU); the CPU presets "
+                f"are {', '.join(x for x in PRESETS if x.startswith('cpu'))}")
     if args.list:
         return args
     if not any(applies(b, c.op) for c in _cases(args) for b in _backends(args)):

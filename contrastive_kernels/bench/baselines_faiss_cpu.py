@@ -17,8 +17,8 @@ def build_faiss_cpu(c, device):
         return None
     try:
         import faiss
-    except ImportError:
-        return None
+    except ImportError as exc:  # reported in the row's note
+        raise RuntimeError(f"faiss is not installed ({exc}); pip install faiss-cpu") from exc
     d = c.dims
     gen = torch.Generator().manual_seed(0)  # the same draws as cases.build_step
     q = F.normalize(torch.randn(d["M"], d["D"], generator=gen), dim=1).numpy()

@@ -115,6 +115,8 @@ PRESETS: Dict[str, List[Case]] = {
 }
 PRESETS["gpu"] = (PRESETS["moco"] + PRESETS["qk"] + PRESETS["clip"] + PRESETS["simclr"]
                   + PRESETS["mixing"] + PRESETS["gpu-sweep"])
+# sized for a GPU: hours (and, for the eager rows, more memory than a workstation has) on a CPU
+GPU_PRESETS = ("moco", "qk", "clip", "simclr", "mining", "mining-host", "mixing", "gpu-sweep", "gpu")
 
 
 # Outside candidates (Inf-CL, FAISS, a hand-written torch top-k, ...): name -> builder(case, device)
@@ -166,7 +168,7 @@ def build_step(c: Case, backend: str, device: str) -> Tuple[Callable[[], None], 
     if backend in BASELINES:
         step = BASELINES[backend](c, device) if applies(backend, c.op) else None
         if step is None:
-            raise NotImplementedError(f"{backend} does not support {c.op}")
+            raise NotImplementedError(f"{backend} does not run {c.op} in {c.dtype} on {device}")
         return step, []
     gen = torch.Generator().manual_seed(0)
     dtype, d = DTYPES[c.dtype], c.dims
