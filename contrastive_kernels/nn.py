@@ -43,16 +43,35 @@ class _GroupAttribute:
         obj.__dict__["_group_ref"] = _Shared(value)
 
 
+def _positive_start(name, value) -> float:
+    """A float > 0 to start a learnable value from: a real number (numpy's too) or a one-element
+    floating tensor, finite and > 0 (a non-finite start would leave the parameter stuck)."""
+    if torch.is_tensor(value) and value.numel() == 1 and value.is_floating_point():
+        value = float(value.detach())
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a float > 0, got {type(value).__name__}")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a finite float > 0, got {value!r}")
+    return float(value)
+
+
 class _TemperatureLoss(nn.Module):
     """A loss module's temperature: the float or tensor given (an nn.Parameter given is
     registered), or with ``learnable_temperature=True`` the exp of a learnable
-    ``log_temperature`` initialized at log(temperature), so that it stays positive."""
+    ``log_temperature`` initialized at log(temperature), so that it stays positive.
+
+    ``loss.temperature = t`` changes it (e.g. a temperature schedule); with a learnable
+    temperature it sets ``log_temperature`` to log(t) in place (the optimizer keeps its
+    parameter)."""
 
     def _init_temperature(self, temperature, learnable: bool):
         if learnable:
-            if not (isinstance(temperature, (int, float)) and temperature > 0):
-                raise ValueError(f"a learnable temperature needs a float > 0 to start from, got {temperature!r}")
-            self.log_temperature = nn.Parameter(torch.tensor(math.log(float(temperature))))
+            if isinstance(temperature, nn.Parameter):
+                raise ValueError("learnable_temperature=True creates its own parameter; give a "
+                                 "float to start from (or give the nn.Parameter with "
+                                 "learnable_temperature=False)")
+            start = _positive_start("a learnable temperature's start", temperature)
+            self.log_temperature = nn.Parameter(torch.tensor(math.log(start)))
             self._fixed_temperature = None
         else:
             self._fixed_temperature = temperature
@@ -62,6 +81,23 @@ class _TemperatureLoss(nn.Module):
         if self._fixed_temperature is None:
             return self.log_temperature.exp()
         return self._fixed_temperature
+
+    @temperature.setter
+    def temperature(self, value):
+        if self._fixed_temperature is None:  # learnable: keep the parameter, move its value
+            start = _positive_start("temperature", value)
+            with torch.no_grad():
+                self.log_temperature.fill_(math.log(start))
+            return
+        if "_fixed_temperature" in self._parameters and not isinstance(value, nn.Parameter):
+            del self._parameters["_fixed_temperature"]  # a float or tensor replaces a given parameter
+        self._fixed_temperature = value
+
+    def __setattr__(self, name, value):
+        if name == "temperature":  # nn.Module would register an nn.Parameter given under that name
+            _TemperatureLoss.temperature.fset(self, value)
+        else:
+            super().__setattr__(name, value)
 
 
 class InfoNCELoss(_TemperatureLoss):
@@ -136,7 +172,13 @@ class SupConLoss(_TemperatureLoss):
 class ClipLoss(nn.Module):
     """CLIP's symmetric loss with a learnable logit scale, kept as its log
     (``log_logit_scale``, initialized to log(1/0.07)); the scale used is
-    ``exp(log_logit_scale)`` clamped at ``max_logit_scale`` (100, as CLIP does)."""
+    ``exp(log_logit_scale)`` clamped at ``max_logit_scale`` (100, as CLIP does).
+
+    As in CLIP, the clamp is on the parameter: each use of ``logit_scale`` (each forward) first
+    clamps ``log_logit_scale`` in place at log(max_logit_scale), so the scale gets a gradient at
+    the cap in both directions and can come back down when the loss asks for it (an optimizer
+    step past the cap is undone by the next use instead of leaving a parameter with zero
+    gradient for good). ``learnable=False`` keeps the log scale as a buffer."""
 
     group = _GroupAttribute()
 
@@ -144,9 +186,11 @@ class ClipLoss(nn.Module):
                  similarity="dot", reduction="mean", backend="auto", group=None,
                  group_strategy="gather"):
         super().__init__()
-        if not (init_logit_scale > 0 and max_logit_scale > 0):
-            raise ValueError(f"init_logit_scale and max_logit_scale must be > 0, got "
-                             f"{init_logit_scale} and {max_logit_scale}")
+        init_logit_scale = _positive_start("init_logit_scale", init_logit_scale)
+        if isinstance(max_logit_scale, bool) or not isinstance(max_logit_scale, numbers.Real):
+            raise TypeError(f"max_logit_scale must be a float > 0, got {type(max_logit_scale).__name__}")
+        if not max_logit_scale > 0:  # NaN fails too; inf: no cap
+            raise ValueError(f"max_logit_scale must be > 0, got {max_logit_scale!r}")
         log_scale = torch.tensor(math.log(init_logit_scale))
         if learnable:
             self.log_logit_scale = nn.Parameter(log_scale)
@@ -158,7 +202,15 @@ class ClipLoss(nn.Module):
 
     @property
     def logit_scale(self) -> torch.Tensor:
-        return self.log_logit_scale.exp().clamp(max=self.max_logit_scale)
+        log_scale, cap = self.log_logit_scale, self.max_logit_scale
+        if not isinstance(log_scale, nn.Parameter) or math.isinf(cap):
+            return log_scale.exp().clamp(max=cap)
+        with torch.no_grad():  # CLIP's clamp of the parameter itself (the same on every DDP rank)
+            log_scale.clamp_(max=math.log(cap))
+        # exp's gradient (exp saves its output, not the parameter: several forwards before one
+        # backward are fine), and the value min(exp, cap) exactly: exp(log(cap)) may round above
+        scale = log_scale.exp()
+        return scale - (scale - cap).clamp(min=0).detach()
 
     def forward(self, image_features, text_features):
         return functional.clip_loss(image_features, text_features, self.logit_scale,
@@ -227,6 +279,8 @@ class MoCoQueue(nn.Module):
             # every rank's keys, in rank order: all ranks keep identical queues
             keys = distributed.all_gather_rows(keys.detach(), self.group)
         keys = keys.detach().to(device=self.keys.device, dtype=self.keys.dtype)
+        if keys.untyped_storage().data_ptr() == self.keys.untyped_storage().data_ptr():
+            keys = keys.clone()  # rows of the queue itself: the writes below would overlap them
         n = keys.shape[0]
         if n == 0:
             return

@@ -45,11 +45,92 @@ def test_clip_loss_scale_init_clamp_and_gradient():
     with torch.no_grad():
         clip.log_logit_scale.fill_(math.log(500.0))
     assert float(clip.logit_scale.detach()) == 100.0
-    clip.log_logit_scale.grad = None
-    clip(img, txt).backward()
-    assert clip.log_logit_scale.grad == 0  # clamped: no push beyond 100
+    assert float(clip.log_logit_scale.detach()) == pytest.approx(math.log(100.0))  # as CLIP clamps it
     frozen = ck.nn.ClipLoss(10.0, learnable=False)
     assert not any(True for _ in frozen.parameters())
+
+
+def test_clip_loss_scale_past_the_cap_comes_back():
+    """An optimizer step past the cap used to leave the log scale above log(100) with a zero
+    gradient for good (the clamp was on the value): stuck at 100 whatever the loss asked for. As
+    in CLIP, the parameter itself is clamped, so the gradient at the cap brings it back down."""
+    torch.manual_seed(0)
+    img, txt = torch.randn(8, 16), torch.randn(8, 16)  # unrelated pairs: the loss wants a small scale
+    clip = ck.nn.ClipLoss()
+    opt = torch.optim.SGD(clip.parameters(), lr=1e-3)
+    with torch.no_grad():
+        clip.log_logit_scale.fill_(math.log(100.0) + 0.5)  # where an overshooting step leaves it
+    for _ in range(3):
+        opt.zero_grad()
+        clip(img, txt).backward()
+        assert clip.log_logit_scale.grad > 0
+        opt.step()
+    assert float(clip.logit_scale.detach()) < 100.0
+    # at the cap the value is exactly the cap and the gradient is exp's
+    with torch.no_grad():
+        clip.log_logit_scale.fill_(math.log(500.0))
+    scale = clip.logit_scale
+    assert float(scale.detach()) == 100.0
+    assert torch.autograd.grad(scale, clip.log_logit_scale)[0] == pytest.approx(100.0)
+    # several forwards before one backward (the in-place clamp must not break the first graph)
+    clip.log_logit_scale.grad = None
+    (clip(img, txt) + clip(txt, img)).backward()
+    assert torch.isfinite(clip.log_logit_scale.grad)
+    # under torch.compile too
+    torch._dynamo.reset()
+    compiled = torch.compile(clip, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        clip.log_logit_scale.fill_(math.log(500.0))
+    want = ck.clip_loss(img, txt, 100.0)
+    got = compiled(img, txt)
+    assert torch.allclose(got, want) and float(clip.log_logit_scale.detach()) == pytest.approx(math.log(100.0))
+
+
+def test_clip_loss_rejects_bad_scales():
+    q = torch.randn(4, 6)
+    for bad, exc in ((None, TypeError), ("14", TypeError), (torch.tensor([1.0, 2.0]), TypeError),
+                     (True, TypeError), (0.0, ValueError), (-1.0, ValueError),
+                     (math.inf, ValueError), (math.nan, ValueError)):
+        with pytest.raises(exc, match="init_logit_scale"):
+            ck.nn.ClipLoss(bad)
+    for bad, exc in ((None, TypeError), ("100", TypeError), (0.0, ValueError), (math.nan, ValueError)):
+        with pytest.raises(exc, match="max_logit_scale"):
+            ck.nn.ClipLoss(max_logit_scale=bad)
+    assert torch.isfinite(ck.nn.ClipLoss(torch.tensor(20.0), max_logit_scale=math.inf)(q, q))
+    assert float(ck.nn.ClipLoss(500.0, learnable=False).logit_scale) == 100.0
+
+
+def test_learnable_temperature_start_values():
+    np = pytest.importorskip("numpy")
+    for start in (np.float32(0.1), np.float64(0.1), torch.tensor(0.1), 1):
+        loss_fn = ck.nn.InfoNCELoss(start, learnable_temperature=True)
+        assert float(loss_fn.temperature.detach()) == pytest.approx(float(start), rel=1e-6)
+    for bad, exc in ((True, TypeError), ("0.1", TypeError), (None, TypeError), (0.0, ValueError),
+                     (math.inf, ValueError), (math.nan, ValueError),
+                     (torch.nn.Parameter(torch.tensor(0.1)), ValueError)):
+        with pytest.raises(exc):
+            ck.nn.NTXentLoss(bad, learnable_temperature=True)
+
+
+def test_temperature_can_be_assigned():
+    """A temperature schedule: ``loss.temperature = t`` (it raised AttributeError)."""
+    q, k, queue = torch.randn(4, 6), torch.randn(4, 6), torch.randn(9, 6)
+    loss_fn = ck.nn.InfoNCELoss(0.2)
+    loss_fn.temperature = 0.1
+    assert torch.equal(loss_fn(q, k, queue), ck.info_nce(q, k, queue, temperature=0.1))
+    t = torch.nn.Parameter(torch.tensor(0.3))
+    loss_fn.temperature = t  # a parameter is registered, as when given to the constructor
+    assert loss_fn.temperature is t and any(p is t for p in loss_fn.parameters())
+    loss_fn.temperature = 0.4  # and a float replaces it
+    assert loss_fn.temperature == 0.4 and not list(loss_fn.parameters())
+    learnable = ck.nn.NTXentLoss(0.5, learnable_temperature=True)
+    param = learnable.log_temperature
+    opt = torch.optim.SGD(learnable.parameters(), lr=0.1)
+    learnable.temperature = 0.25  # in place: the optimizer keeps training the same parameter
+    assert learnable.log_temperature is param and opt.param_groups[0]["params"][0] is param
+    assert float(learnable.temperature.detach()) == pytest.approx(0.25, rel=1e-6)
+    with pytest.raises(ValueError):
+        learnable.temperature = -1.0
 
 
 def test_moco_queue_ring_buffer():
@@ -67,6 +148,19 @@ def test_moco_queue_ring_buffer():
     queue.enqueue(big)  # more than the queue holds: only the newest 5 survive
     assert sorted(queue.keys[:, 0].tolist()) == sorted(big[-5:, 0].tolist())
     assert int(queue.ptr) == 2
+
+
+def test_moco_queue_enqueue_of_its_own_rows():
+    """Rows of the queue itself (a view of its buffer) were overwritten while being copied:
+    wrong rows (wrapping) or a RuntimeError (overlapping memory)."""
+    for ptr, rows in ((4, slice(3, 5)), (1, slice(0, 3)), (2, slice(0, 5))):
+        queue, expected = ck.nn.MoCoQueue(5, 2), ck.nn.MoCoQueue(5, 2)
+        for q in (queue, expected):
+            q.keys.copy_(torch.arange(10.0).view(5, 2))
+            q.ptr.fill_(ptr)
+        expected.enqueue(queue.keys[rows].clone())
+        queue.enqueue(queue.keys[rows])
+        assert torch.equal(queue.keys, expected.keys) and int(queue.ptr) == int(expected.ptr)
 
 
 def test_moco_queue_state_dict_round_trip_and_to():
@@ -117,7 +211,9 @@ def test_empty_queue_and_extra_negatives_get_empty_gradients(backend):
 
 def test_compile_fullgraph_on_first_call_in_a_fresh_process():
     """torch.compile cannot trace an import: the first call of a loss under
-    torch.compile(fullgraph=True) must find its backend module already loaded."""
+    torch.compile(fullgraph=True) must find its backend module already loaded (a prebuilt or
+    cached JIT extension is loaded at import); ``auto`` passes over a backend that is not loaded
+    yet (a first JIT build) instead of failing the trace."""
     import subprocess
     import sys
     import textwrap
@@ -133,6 +229,14 @@ def test_compile_fullgraph_on_first_call_in_a_fresh_process():
             got = f(q, k, queue)
             assert torch.allclose(got, want, rtol=1e-5), (backend, got, want)
             got.backward()
+        from contrastive_kernels import functional
+        for name in ("cpu", "cuda"):  # as if their JIT build had not run yet
+            functional._loaded.pop(name, None)
+        torch._dynamo.reset()
+        f = torch.compile(lambda q, k, queue: ck.info_nce(q, k, queue), fullgraph=True,
+                          backend="aot_eager")
+        assert torch.allclose(f(q, k, queue), want, rtol=1e-5)
+        assert "cpu" not in functional._loaded
         print("ok")
     """)
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
