@@ -179,14 +179,18 @@ def _choice(name, value, options):
         raise ValueError(f"{name} must be one of {', '.join(map(repr, options))}; got {value!r}")
 
 
-def _positive_scalar(name, value, device):
+def _positive_scalar(name, value, device, smallest=0.0):
     """A float > 0, or a 0-dim floating tensor (whose value is checked when it is on the CPU; on
-    a GPU an invalid value yields NaN rather than a synchronizing check)."""
+    a GPU an invalid value yields NaN rather than a synchronizing check). ``smallest`` > 0: the
+    value must be at least that (a temperature's reciprocal must be finite in float32)."""
     if isinstance(value, bool):
         raise TypeError(f"{name} must be a float or a 0-dim tensor, got a bool")
+    need = f"a finite number >= {smallest:.3g}" if smallest else "a finite number > 0"
     if isinstance(value, numbers.Real):
-        if not (math.isfinite(value) and value > 0):
-            raise ValueError(f"{name} must be a finite number > 0, got {value}")
+        # comparisons, not math.isfinite: under torch.compile a float argument that changed
+        # between calls is a SymFloat, which dynamo guards on but cannot pass to math functions
+        if not ((value >= smallest if smallest else value > 0) and value < math.inf):
+            raise ValueError(f"{name} must be {need}, got {value}")
         return value
     if torch.is_tensor(value):
         if value.dim() != 0:
@@ -195,11 +199,16 @@ def _positive_scalar(name, value, device):
             raise TypeError(f"{name} must be a floating-point tensor, got dtype {value.dtype}")
         if value.device.type == "cpu" and not torch.compiler.is_compiling():
             v = float(value.detach())
-            if not (math.isfinite(v) and v > 0):
-                raise ValueError(f"{name} must be finite and > 0, got {v}")
+            if not ((v >= smallest if smallest else v > 0) and v < math.inf):
+                raise ValueError(f"{name} must be {need}, got {v}")
             return value
-        return torch.where(value > 0, value, torch.full_like(value, math.nan))
+        ok = (value >= smallest) if smallest else (value > 0)
+        return torch.where(ok & (value < math.inf), value, torch.full_like(value, math.nan))
     raise TypeError(f"{name} must be a float or a 0-dim tensor, got {type(value).__name__}")
+
+
+# A temperature's smallest value: its reciprocal (the logits' scale) must be finite in float32
+MIN_TEMPERATURE = torch.finfo(torch.float32).tiny
 
 
 def _number(name, value, low, high, high_open=True):
@@ -344,7 +353,7 @@ def info_nce(query, positive_key, queue=None, *, temperature=0.07, similarity="d
         raise TypeError(f"in_batch_negatives must be None or a bool, got {type(in_batch_negatives).__name__}")
     if in_batch_negatives is None:
         in_batch_negatives = queue is None
-    temperature = _positive_scalar("temperature", temperature, query.device)
+    temperature = _positive_scalar("temperature", temperature, query.device, MIN_TEMPERATURE)
     _common_options(similarity, reduction, backend)
     tau_plus = _number("tau_plus", tau_plus, 0.0, 1.0)
     beta = _number("beta", beta, 0.0, math.inf)
@@ -386,7 +395,7 @@ def nt_xent(z1, z2, *, temperature=0.5, similarity="cosine", tau_plus=0.0, beta=
     _features("z1", z1)
     _features("z2", z2)
     _like("z2", z2, "z1", z1, same_rows=True)
-    temperature = _positive_scalar("temperature", temperature, z1.device)
+    temperature = _positive_scalar("temperature", temperature, z1.device, MIN_TEMPERATURE)
     _common_options(similarity, reduction, backend)
     tau_plus = _number("tau_plus", tau_plus, 0.0, 1.0)
     beta = _number("beta", beta, 0.0, math.inf)
@@ -448,7 +457,7 @@ def sup_con(features, labels, *, temperature=0.07, similarity="cosine", reductio
     so that the mean of the ranks' losses is the whole-batch loss."""
     _features("features", features)
     labels = _labels("labels", labels, features.shape[0], features.device)
-    temperature = _positive_scalar("temperature", temperature, features.device)
+    temperature = _positive_scalar("temperature", temperature, features.device, MIN_TEMPERATURE)
     _common_options(similarity, reduction, backend)
     kwargs = dict(temperature=temperature, similarity=similarity, reduction=reduction)
     if _group(group, group_strategy) is not None:
@@ -489,7 +498,7 @@ def multi_positive_info_nce(query, keys, positive_index, queue=None, *, temperat
         n_key_columns *= distributed.world_size(distributed.check_group(group))
     n_columns = n_key_columns + (0 if queue is None else queue.shape[0])
     bad = _index_range("positive_index", positive_index, -1, n_columns)
-    temperature = _positive_scalar("temperature", temperature, query.device)
+    temperature = _positive_scalar("temperature", temperature, query.device, MIN_TEMPERATURE)
     _common_options(similarity, reduction, backend)
     if bad is not None:
         positive_index = torch.where((positive_index >= -1) & (positive_index < n_columns),

@@ -33,11 +33,15 @@ BAD = [
     ("not a tensor", TypeError, "query must be a torch.Tensor", lambda: ck.info_nce(q.tolist(), k)),
     ("empty batch", ValueError, "query is empty", lambda: ck.info_nce(q[:0], k[:0])),
     ("zero dim", ValueError, "feature dimension 0", lambda: ck.info_nce(q[:, :0], k[:, :0])),
-    ("T zero", ValueError, "temperature must be a finite number > 0", lambda: ck.info_nce(q, k, temperature=0.0)),
+    ("T zero", ValueError, "temperature must be a finite number >= 1.18e-38", lambda: ck.info_nce(q, k, temperature=0.0)),
     ("T negative", ValueError, "temperature", lambda: ck.info_nce(q, k, temperature=-0.1)),
     ("T nan", ValueError, "temperature", lambda: ck.info_nce(q, k, temperature=math.nan)),
     ("T inf", ValueError, "temperature", lambda: ck.info_nce(q, k, temperature=math.inf)),
-    ("T tensor zero", ValueError, "temperature must be finite and > 0", lambda: ck.info_nce(q, k, temperature=torch.tensor(0.0))),
+    ("T tensor zero", ValueError, "temperature must be a finite number >= 1.18e-38", lambda: ck.info_nce(q, k, temperature=torch.tensor(0.0))),
+    # 1 / temperature overflows float32 below its smallest normal: an error, not a NaN loss
+    ("T tiny", ValueError, "temperature must be a finite number >= 1.18e-38, got 1e-39", lambda: ck.info_nce(q, k, temperature=1e-39)),
+    ("T tensor tiny", ValueError, "temperature must be a finite number >= 1.18e-38", lambda: ck.nt_xent(q, k, temperature=torch.tensor(1e-44))),
+    ("T tensor inf", ValueError, "temperature", lambda: ck.sup_con(q, torch.arange(4), temperature=torch.tensor(math.inf))),
     ("T tensor 1-D", ValueError, "temperature must be a float or a 0-dim tensor", lambda: ck.info_nce(q, k, temperature=torch.ones(1))),
     ("T int tensor", TypeError, "temperature must be a floating-point tensor", lambda: ck.info_nce(q, k, temperature=torch.tensor(1))),
     ("T str", TypeError, "temperature must be a float", lambda: ck.info_nce(q, k, temperature="0.1")),
@@ -60,7 +64,7 @@ BAD = [
     ("nt_xent rows", ValueError, "z2 must have 4 rows", lambda: ck.nt_xent(q, k[:2])),
     ("nt_xent mixing", ValueError, "exceeds the 6 in-batch negatives", lambda: ck.nt_xent(q, k, mixing=ck.Mixing(7, 2))),
     ("clip scale", ValueError, "logit_scale must be a finite number > 0", lambda: ck.clip_loss(q, k, 0.0)),
-    ("clip scale tensor", ValueError, "logit_scale must be finite and > 0", lambda: ck.clip_loss(q, k, torch.tensor(-1.0))),
+    ("clip scale tensor", ValueError, "logit_scale must be a finite number > 0", lambda: ck.clip_loss(q, k, torch.tensor(-1.0))),
     ("clip rows", ValueError, "text_features must have 4 rows", lambda: ck.clip_loss(q, k[:1], 10.0)),
     ("supcon float labels", TypeError, "labels must hold integer class ids", lambda: ck.sup_con(q, torch.ones(4))),
     ("supcon label rows", ValueError, "labels must have 4 rows", lambda: ck.sup_con(q, torch.zeros(5, dtype=torch.long))),
@@ -224,3 +228,27 @@ def test_gpu_side_checks_poison_instead_of_syncing():
     bad = torch.tensor(True)
     assert torch.isnan(functional._poison(torch.tensor(1.0), bad))
     assert functional._poison(torch.tensor(1.0), torch.tensor(False)) == 1.0
+
+
+@pytest.mark.parametrize("value,valid", [(-1.0, False), (0.0, False), (1e-44, False), (math.inf, False),
+                                         (math.nan, False), (0.5, True), (1.2e-38, True)])
+def test_device_side_temperature_check_poisons_what_the_host_check_refuses(monkeypatch, value, valid):
+    """The check a GPU (or a compiled graph) runs instead of the host's: the same values pass."""
+    from contrastive_kernels import functional
+
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # forces the tensor path
+    t = functional._positive_scalar("temperature", torch.tensor(value), "cpu", functional.MIN_TEMPERATURE)
+    assert torch.equal(t, torch.tensor(value)) if valid else math.isnan(t.item())
+
+
+def test_compiled_loss_follows_a_changing_float_temperature():
+    """A float temperature that changes between calls (a schedule) is a SymFloat when dynamo
+    recompiles; its validation must trace (math.isfinite on it broke the fullgraph trace)."""
+    qq = torch.randn(6, 8, requires_grad=True)
+    compiled = torch.compile(lambda a, t: ck.info_nce(a, k[:1].expand(6, 8), queue, temperature=t,
+                                                      backend="reference"),
+                             backend="aot_eager", fullgraph=True)
+    for t in (0.1, 0.2, 0.3):
+        got = compiled(qq, t)
+        want = ck.info_nce(qq, k[:1].expand(6, 8), queue, temperature=t, backend="reference")
+        torch.testing.assert_close(got, want)
