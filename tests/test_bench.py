@@ -267,3 +267,47 @@ def test_bench_help_names_every_candidate(capsys, monkeypatch):
     for name in ("reference", "compile", "chunked", "triton", "cpu", "cuda", "infcl", "torch-topk",
                  "gemm-only", "faiss_cpu", "faiss-gpu", "eager-mochi"):
         assert name in text, name
+
+
+def test_list_into_a_closed_pipe_says_nothing(tmp_path):
+    """`python -m contrastive_kernels.bench --list | head -1`: the reader leaves early; no
+    BrokenPipeError traceback."""
+    import subprocess
+    import sys
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    proc = subprocess.run([sys.executable, "-m", "contrastive_kernels.bench", "--list"],
+                          stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=300)
+    os.close(write_end)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_a_new_run_replaces_the_plots_of_an_earlier_one(tmp_path, monkeypatch):
+    """Plots of cases the new run did not measure go; a PNG of the user's own stays."""
+    from contrastive_kernels.bench import __main__ as cli
+    from contrastive_kernels.bench import cases
+
+    monkeypatch.setattr(cli, "measure_in_process", lambda c, backend, device, repeats: {
+        "median_ms": 1.0, "min_ms": 1.0, "max_ms": 1.0, "peak_extra_bytes": 0, "memory_exact": True})
+    (tmp_path / "mine.png").write_bytes(b"not ours")
+    monkeypatch.setitem(cases.PRESETS, "sweep-a", [case("info_nce_bank", B=16, K=k, D=8, label="a") for k in (64, 256)])
+    monkeypatch.setitem(cases.PRESETS, "sweep-b", [case("info_nce_bank", B=32, K=k, D=8, label="b") for k in (64, 256)])
+    argv = ["--backends", "reference", "--no-isolate", "--out", str(tmp_path)]
+    main(["--preset", "sweep-a", *argv])
+    first = {p for p in os.listdir(tmp_path) if p.endswith(".png")} - {"mine.png"}
+    main(["--preset", "sweep-b", *argv])
+    second = {p for p in os.listdir(tmp_path) if p.endswith(".png")} - {"mine.png"}
+    assert len(first) == len(second) == 1 and first != second
+    assert (tmp_path / "mine.png").read_bytes() == b"not ours"
+
+
+def test_a_peak_that_could_not_be_reset_is_shown_as_a_bound():
+    from contrastive_kernels.bench.report import markdown
+
+    row = dict(label="x", op="info_nce_bank", shape="B=1", dtype="fp32", backend="chunked", note="",
+               median_ms=1.0, min_ms=1.0, max_ms=1.0, eff_tflops=1.0, peak_extra_mib=12.0)
+    exact = markdown([dict(row, memory_exact=True)], {"torch": "x"}, cpu=True)
+    bound = markdown([dict(row, memory_exact=False)], {"torch": "x"}, cpu=True)
+    assert "| 12 |" in exact and "upper bound" not in exact
+    assert "| <= 12 |" in bound and "upper bound" in bound

@@ -216,6 +216,7 @@ def run(args) -> list:
 
 
 PARTIAL = "results.partial.json"
+PLOTS = "plots.json"  # the PNGs this run wrote: the next run into the folder replaces them
 
 
 def _write_atomic(path: str, text: str) -> None:
@@ -233,6 +234,17 @@ def _save_partial(out, rows, config=None) -> None:
         os.makedirs(out, exist_ok=True)
         _write_atomic(os.path.join(out, PARTIAL),
                       json.dumps({"config": config, "rows": rows}, indent=1, default=str))
+
+
+def _earlier_plots(out) -> set:
+    """The PNGs an earlier run wrote into ``out`` (as it listed them: files of the user's own are
+    never touched)."""
+    try:
+        names = json.load(open(os.path.join(out, PLOTS)))
+    except (OSError, ValueError):
+        return set()
+    return {n for n in names if isinstance(n, str) and n.endswith(".png") and os.path.basename(n) == n
+            and os.path.isfile(os.path.join(out, n))}
 
 
 def main(argv=None) -> int:
@@ -254,11 +266,20 @@ def main(argv=None) -> int:
                       json.dumps({"environment": env, "rows": rows}, indent=1, default=str))
         if os.path.exists(os.path.join(args.out, PARTIAL)):
             os.remove(os.path.join(args.out, PARTIAL))
-        for path in plot(rows, args.out, cpu):
+        earlier = _earlier_plots(args.out)
+        plots = plot(rows, args.out, cpu)
+        for path in plots:
             print(f"wrote {path}")
+        for name in earlier - {os.path.basename(p) for p in plots}:
+            os.remove(os.path.join(args.out, name))  # an earlier run's plot of cases not run now
+        _write_atomic(os.path.join(args.out, PLOTS), json.dumps(sorted(os.path.basename(p) for p in plots)))
         print(f"wrote {args.out}/results.csv, results.md, results.json")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except BrokenPipeError:  # `--list | head`: the reader left; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
