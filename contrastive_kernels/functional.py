@@ -85,6 +85,14 @@ def resolve_backend(backend: str, family: str, device: torch.device):
     """The backend module (or the string "reference") that runs ``family`` on ``device``."""
     if backend == "reference":
         return "reference"
+    if torch._C._are_functorch_transforms_active():
+        # the fused kernels have no functorch rules (no batching rule for vmap, autograd.Functions
+        # in the old style for grad): the reference's plain torch ops have them all
+        if backend == "auto":
+            return "reference"
+        raise BackendUnavailableError(
+            f"backend={backend!r} does not run under torch.func transforms (grad, vmap, jacrev, "
+            "...); use backend='reference' (or 'auto', which takes it there)")
     if backend != "auto":
         reason = backend_unavailable_reason(backend, device)
         if reason is not None:

@@ -155,10 +155,13 @@ def nt_xent(z1, z2, *, temperature=0.5, similarity="cosine", tau_plus=0.0, beta=
     partner = torch.cat([torch.arange(b, 2 * b), torch.arange(0, b)]).to(z.device)
     rows = torch.arange(2 * b, device=z.device)
     l_pos = logits[rows, partner]
-    negative = torch.ones_like(logits, dtype=torch.bool)
+    negative = torch.ones((2 * b, 2 * b), dtype=torch.bool, device=z.device)
     negative[rows, rows] = False
     negative[rows, partner] = False
-    l_neg = logits[negative].view(2 * b, 2 * b - 2)
+    # the negatives' columns by index (built from shapes alone): a boolean mask on the logits
+    # would not batch under torch.func.vmap
+    negative_cols = torch.arange(2 * b, device=z.device).expand(2 * b, 2 * b)[negative].view(2 * b, 2 * b - 2)
+    l_neg = logits.gather(1, negative_cols)
     if mixing is not None and mixing.n_total > 0:
         unit = F.normalize(z.detach(), dim=-1, eps=NORM_EPS)
         scores = (to_acc(unit) @ to_acc(unit).T).float().masked_fill(~negative, -math.inf)

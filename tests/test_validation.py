@@ -252,3 +252,33 @@ def test_compiled_loss_follows_a_changing_float_temperature():
         got = compiled(qq, t)
         want = ck.info_nce(qq, k[:1].expand(6, 8), queue, temperature=t, backend="reference")
         torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("loss", ["info_nce", "nt_xent", "clip_loss", "sup_con", "multi_positive"])
+def test_torch_func_grad_and_vmap_take_auto_to_the_reference(loss):
+    """The fused kernels have no functorch rules: under torch.func transforms backend='auto'
+    runs the reference (its gradient equals the one autograd gives), an explicit fused backend
+    is refused with the way out."""
+    labels = torch.tensor([0, 1, 0, 2])
+    calls = {"info_nce": lambda x, be: ck.info_nce(x, k, queue, temperature=0.2, backend=be),
+             "nt_xent": lambda x, be: ck.nt_xent(x, k, temperature=0.5, backend=be),
+             "clip_loss": lambda x, be: ck.clip_loss(x, k, 10.0, backend=be),
+             "sup_con": lambda x, be: ck.sup_con(x, labels, temperature=0.1, backend=be),
+             "multi_positive": lambda x, be: ck.multi_positive_info_nce(
+                 x, k, torch.tensor([[0, 1], [1, -1], [2, 3], [3, -1]]), queue, temperature=0.1, backend=be)}
+    fn = calls[loss]
+    x = q.clone().requires_grad_()
+    fn(x, "reference").backward()
+    torch.testing.assert_close(torch.func.grad(lambda x: fn(x, "auto"))(q), x.grad)
+    # per-example losses of a batch of query sets, as vmap gives them
+    stacked = torch.stack([q, q.flip(0), 2 * q])
+    torch.testing.assert_close(torch.func.vmap(lambda x: fn(x, "auto"))(stacked),
+                               torch.stack([fn(s, "reference") for s in stacked]))
+    with pytest.raises(ck.BackendUnavailableError, match="torch.func transforms.*backend='reference'"):
+        torch.func.grad(lambda x: fn(x, "chunked"))(q)
+
+
+def test_topk_under_vmap_takes_auto_to_the_reference():
+    stacked = torch.stack([q, 2 * q])
+    got = torch.func.vmap(lambda x: ck.topk_similarity(x, queue, 3).values)(stacked)
+    torch.testing.assert_close(got, torch.stack([ck.topk_similarity(s, queue, 3).values for s in stacked]))
