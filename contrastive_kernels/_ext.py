@@ -148,17 +148,25 @@ def _try_jit():
 
 
 def jit_build_cached() -> bool:
-    """Whether torch's extension cache holds an earlier JIT build of the extension: loading it then
-    takes a fraction of a second (or rebuilds it, if the sources or flags changed since)."""
-    if os.environ.get("CK_JIT", "1") == "0" or not os.path.isdir(os.path.join(_SOURCE_ROOT, "csrc")):
+    """Whether torch's extension cache holds an up-to-date JIT build of the extension (newer than
+    every file under csrc/, no build under way): loading it then takes a fraction of a second. A
+    stale one (a pull that changed csrc/) would rebuild for minutes: that waits for the first use,
+    not the import."""
+    csrc = os.path.join(_SOURCE_ROOT, "csrc")
+    if os.environ.get("CK_JIT", "1") == "0" or not os.path.isdir(csrc):
         return False
     try:
         from torch.utils import cpp_extension
 
         folder = cpp_extension._get_build_directory(JIT_NAME, verbose=False)
-    except Exception:  # noqa: BLE001 - no cache folder: nothing cached
+        built = os.path.getmtime(os.path.join(folder, JIT_NAME + ".so"))
+        if os.path.exists(os.path.join(folder, "lock")):
+            return False
+        newest = max((os.path.getmtime(os.path.join(d, f)) for d, _, files in os.walk(csrc) for f in files),
+                     default=0.0)
+    except Exception:  # noqa: BLE001 - no cache folder or no build in it: nothing cached
         return False
-    return os.path.exists(os.path.join(folder, JIT_NAME + ".so"))
+    return built >= newest
 
 
 def load():

@@ -205,13 +205,15 @@ def _positive_scalar(name, value, device, smallest=0.0):
             raise ValueError(f"{name} must be a float or a 0-dim tensor, got shape {_shape(value)}")
         if not value.is_floating_point():
             raise TypeError(f"{name} must be a floating-point tensor, got dtype {value.dtype}")
-        if value.device.type == "cpu" and not torch.compiler.is_compiling():
+        if (value.device.type == "cpu" and not torch.compiler.is_compiling()
+                and not torch._C._are_functorch_transforms_active()):  # vmap over it: no .item()
             v = float(value.detach())
             if not ((v >= smallest if smallest else v > 0) and v < math.inf):
                 raise ValueError(f"{name} must be {need}, got {v}")
             return value
-        ok = (value >= smallest) if smallest else (value > 0)
-        return torch.where(ok & (value < math.inf), value, torch.full_like(value, math.nan))
+        wide = value if value.element_size() >= 4 else value.float()  # float32's tiny is 0 in fp16
+        ok = (wide >= smallest) if smallest else (wide > 0)
+        return torch.where(ok & (wide < math.inf), value, torch.full_like(value, math.nan))
     raise TypeError(f"{name} must be a float or a 0-dim tensor, got {type(value).__name__}")
 
 

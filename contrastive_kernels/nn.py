@@ -89,6 +89,8 @@ class _TemperatureLoss(nn.Module):
             with torch.no_grad():
                 self.log_temperature.fill_(math.log(start))
             return
+        if isinstance(value, bool) or not isinstance(value, (numbers.Real, torch.Tensor)):
+            raise TypeError(f"temperature must be a float or a 0-dim tensor, got {type(value).__name__}")
         if "_fixed_temperature" in self._parameters and not isinstance(value, nn.Parameter):
             del self._parameters["_fixed_temperature"]  # a float or tensor replaces a given parameter
         self._fixed_temperature = value
@@ -205,8 +207,9 @@ class ClipLoss(nn.Module):
         log_scale, cap = self.log_logit_scale, self.max_logit_scale
         if not isinstance(log_scale, nn.Parameter) or math.isinf(cap):
             return log_scale.exp().clamp(max=cap)
-        with torch.no_grad():  # CLIP's clamp of the parameter itself (the same on every DDP rank)
-            log_scale.clamp_(max=math.log(cap))
+        # CLIP's clamp of the parameter itself (the same on every DDP rank), on .data: no version
+        # bump, so a graph that saved the parameter before this use stays valid
+        log_scale.data.clamp_(max=math.log(cap))
         # exp's gradient (exp saves its output, not the parameter: several forwards before one
         # backward are fine), and the value min(exp, cap) exactly: exp(log(cap)) may round above
         scale = log_scale.exp()

@@ -300,6 +300,10 @@ def test_a_new_run_replaces_the_plots_of_an_earlier_one(tmp_path, monkeypatch):
     second = {p for p in os.listdir(tmp_path) if p.endswith(".png")} - {"mine.png"}
     assert len(first) == len(second) == 1 and first != second
     assert (tmp_path / "mine.png").read_bytes() == b"not ours"
+    for foreign in ("5", "null", '{"a": 1}', "not json"):  # a plots.json we did not write: ignored
+        (tmp_path / "plots.json").write_text(foreign)
+        assert main(["--preset", "sweep-a", *argv]) == 0
+    assert (tmp_path / "mine.png").exists()
 
 
 def test_a_peak_that_could_not_be_reset_is_shown_as_a_bound():

@@ -522,6 +522,35 @@ def test_jit_load_says_it_compiles_only_when_it_takes_a_while(monkeypatch, capsy
     assert ("compiling the C++ extension" in capsys.readouterr().err) is told
 
 
+def test_jit_build_counts_as_cached_only_when_up_to_date(monkeypatch, tmp_path):
+    """The import loads a cached JIT build only when it is newer than every csrc/ file and no
+    build is under way: a stale one (a pull that changed csrc/) rebuilds at first use, not at import."""
+    from torch.utils import cpp_extension
+
+    source_root, cache = tmp_path / "src", tmp_path / "cache"
+    (source_root / "csrc" / "cpu").mkdir(parents=True)
+    cache.mkdir()
+    header = source_root / "csrc" / "cpu" / "kernel.h"
+    header.write_text("// a header")
+    monkeypatch.setattr(_ext, "_SOURCE_ROOT", str(source_root))
+    monkeypatch.setattr(cpp_extension, "_get_build_directory", lambda name, verbose: str(cache))
+    monkeypatch.delenv("CK_JIT", raising=False)
+    assert not _ext.jit_build_cached()  # no build yet
+    so = cache / (_ext.JIT_NAME + ".so")
+    so.write_bytes(b"")
+    os.utime(header, (1000, 1000))
+    os.utime(so, (2000, 2000))
+    assert _ext.jit_build_cached()
+    os.utime(header, (3000, 3000))  # a header changed after the build
+    assert not _ext.jit_build_cached()
+    os.utime(so, (4000, 4000))
+    (cache / "lock").write_text("")  # a build under way (or a stale lock): not at import
+    assert not _ext.jit_build_cached()
+    (cache / "lock").unlink()
+    monkeypatch.setenv("CK_JIT", "0")
+    assert not _ext.jit_build_cached()
+
+
 @needs_ext
 @pytest.mark.slow
 def test_cpu_extra_memory_at_the_qk_shape():

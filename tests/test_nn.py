@@ -131,6 +131,24 @@ def test_temperature_can_be_assigned():
     assert float(learnable.temperature.detach()) == pytest.approx(0.25, rel=1e-6)
     with pytest.raises(ValueError):
         learnable.temperature = -1.0
+    for bad in (None, "0.1", True):  # None would pass for "learnable" and break the getter
+        with pytest.raises(TypeError, match="temperature must be a float"):
+            loss_fn.temperature = bad
+    assert loss_fn.temperature == 0.4
+
+
+def test_clip_loss_clamp_keeps_graphs_that_saved_the_scale():
+    """The in-place clamp does not bump the parameter's version: a regularizer on the log scale
+    computed before the forward still backpropagates (and reading logit_scale for a log is fine)."""
+    m = ck.nn.ClipLoss()
+    a, b = torch.randn(4, 8), torch.randn(4, 8)
+    reg = m.log_logit_scale ** 2
+    _ = m.logit_scale
+    (m(a, b) + reg).backward()
+    want = ck.nn.ClipLoss()
+    ck.clip_loss(a, b, want.log_logit_scale.exp()).backward()
+    torch.testing.assert_close(m.log_logit_scale.grad,
+                               want.log_logit_scale.grad + 2 * want.log_logit_scale.detach())
 
 
 def test_moco_queue_ring_buffer():

@@ -230,15 +230,27 @@ def test_gpu_side_checks_poison_instead_of_syncing():
     assert functional._poison(torch.tensor(1.0), torch.tensor(False)) == 1.0
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("value,valid", [(-1.0, False), (0.0, False), (1e-44, False), (math.inf, False),
                                          (math.nan, False), (0.5, True), (1.2e-38, True)])
-def test_device_side_temperature_check_poisons_what_the_host_check_refuses(monkeypatch, value, valid):
-    """The check a GPU (or a compiled graph) runs instead of the host's: the same values pass."""
+def test_device_side_temperature_check_poisons_what_the_host_check_refuses(monkeypatch, value, valid, dtype):
+    """The check a GPU (or a compiled graph) runs instead of the host's: the same values pass
+    (in fp16 too, where float32's smallest normal rounds to 0)."""
     from contrastive_kernels import functional
 
+    if valid and value < 1e-30 and dtype == torch.float16:
+        valid = False  # 1.2e-38 is 0 in fp16
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # forces the tensor path
-    t = functional._positive_scalar("temperature", torch.tensor(value), "cpu", functional.MIN_TEMPERATURE)
-    assert torch.equal(t, torch.tensor(value)) if valid else math.isnan(t.item())
+    given = torch.tensor(value, dtype=dtype)
+    t = functional._positive_scalar("temperature", given, "cpu", functional.MIN_TEMPERATURE)
+    assert torch.equal(t, given) if valid else math.isnan(t.item())
+
+
+def test_vmap_over_a_tensor_temperature():
+    temps = torch.tensor([0.1, 0.2, 0.5])
+    got = torch.func.vmap(lambda t: ck.info_nce(q, k, queue, temperature=t))(temps)
+    torch.testing.assert_close(got, torch.stack([ck.info_nce(q, k, queue, temperature=t, backend="reference")
+                                                 for t in temps]))
 
 
 def test_compiled_loss_follows_a_changing_float_temperature():

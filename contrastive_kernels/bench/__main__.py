@@ -243,6 +243,8 @@ def _earlier_plots(out) -> set:
         names = json.load(open(os.path.join(out, PLOTS)))
     except (OSError, ValueError):
         return set()
+    if not isinstance(names, list):  # not a list this CLI wrote
+        return set()
     return {n for n in names if isinstance(n, str) and n.endswith(".png") and os.path.basename(n) == n
             and os.path.isfile(os.path.join(out, n))}
 
