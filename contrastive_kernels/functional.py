@@ -194,10 +194,11 @@ def _positive_scalar(name, value, device, smallest=0.0):
     if isinstance(value, bool):
         raise TypeError(f"{name} must be a float or a 0-dim tensor, got a bool")
     need = f"a finite number >= {smallest:.3g}" if smallest else "a finite number > 0"
+    # comparisons, not math.isfinite: under torch.compile a float argument that changed between
+    # calls is a SymFloat, which dynamo guards on but cannot pass to math functions
+    above = (lambda v: v >= smallest) if smallest else (lambda v: v > 0)  # noqa: E731
     if isinstance(value, numbers.Real):
-        # comparisons, not math.isfinite: under torch.compile a float argument that changed
-        # between calls is a SymFloat, which dynamo guards on but cannot pass to math functions
-        if not ((value >= smallest if smallest else value > 0) and value < math.inf):
+        if not (above(value) and value < math.inf):
             raise ValueError(f"{name} must be {need}, got {value}")
         return value
     if torch.is_tensor(value):
@@ -208,12 +209,11 @@ def _positive_scalar(name, value, device, smallest=0.0):
         if (value.device.type == "cpu" and not torch.compiler.is_compiling()
                 and not torch._C._are_functorch_transforms_active()):  # vmap over it: no .item()
             v = float(value.detach())
-            if not ((v >= smallest if smallest else v > 0) and v < math.inf):
+            if not (above(v) and v < math.inf):
                 raise ValueError(f"{name} must be {need}, got {v}")
             return value
         wide = value if value.element_size() >= 4 else value.float()  # float32's tiny is 0 in fp16
-        ok = (wide >= smallest) if smallest else (wide > 0)
-        return torch.where(ok & (wide < math.inf), value, torch.full_like(value, math.nan))
+        return torch.where(above(wide) & (wide < math.inf), value, torch.full_like(value, math.nan))
     raise TypeError(f"{name} must be a float or a 0-dim tensor, got {type(value).__name__}")
 
 

@@ -17,7 +17,7 @@ import torch
 from .baselines_mochi import FUSED_TOPK_BACKENDS, MIXED_LSE_BACKENDS
 from .cases import BASELINES, DTYPES, GPU_PRESETS, PRESETS, Case, _load_baselines, applies
 from .measure import h2d_bandwidth, matmul_tflops, measure_in_process, measure_isolated, memory_limit
-from .report import environment, markdown, plot, write_csv
+from .report import environment, markdown, plot, write_atomic, write_csv
 
 
 def _default_backends(device: str):
@@ -44,11 +44,9 @@ def _cases(args):
     for preset in args.preset.split(","):
         for c in PRESETS[preset]:
             dtype = args.dtype or c.dtype
-            key = (c.op, c.shape, dtype)
-            if key not in merged:
-                merged[key] = []
-            if c.label not in merged[key]:
-                merged[key].append(c.label)
+            labels = merged.setdefault((c.op, c.shape, dtype), [])
+            if c.label not in labels:
+                labels.append(c.label)
     return [Case(op, shape, dtype, "+".join(x for x in labels if x))
             for (op, shape, dtype), labels in merged.items()]
 
@@ -73,7 +71,8 @@ def _check_out(out) -> str:
 
 
 def parse_args(argv=None):
-    names = ", ".join(_known_backends())
+    known = _known_backends()
+    names = ", ".join(known)
     p = argparse.ArgumentParser(prog="python -m contrastive_kernels.bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="cpu", help=f"one of {', '.join(PRESETS)} (default cpu); "
@@ -108,7 +107,7 @@ def parse_args(argv=None):
         if not chosen:
             p.error("--backends names no backend")
         for b in chosen:
-            if b not in _known_backends():
+            if b not in known:
                 p.error(f"unknown backend {b!r}; choose from {names}")
         args.backends = ",".join(chosen)
     if args.device is None:
@@ -219,20 +218,13 @@ PARTIAL = "results.partial.json"
 PLOTS = "plots.json"  # the PNGs this run wrote: the next run into the folder replaces them
 
 
-def _write_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def _save_partial(out, rows, config=None) -> None:
     """The rows measured so far, so that a run cut short (a time limit, a crash) keeps them; with
     the run's configuration, written (empty) before the first measurement too, so that a partial
     file of an earlier run never passes for this one's."""
     if out:
         os.makedirs(out, exist_ok=True)
-        _write_atomic(os.path.join(out, PARTIAL),
+        write_atomic(os.path.join(out, PARTIAL),
                       json.dumps({"config": config, "rows": rows}, indent=1, default=str))
 
 
@@ -263,8 +255,8 @@ def main(argv=None) -> int:
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         write_csv(rows, os.path.join(args.out, "results.csv"))
-        _write_atomic(os.path.join(args.out, "results.md"), table)
-        _write_atomic(os.path.join(args.out, "results.json"),
+        write_atomic(os.path.join(args.out, "results.md"), table)
+        write_atomic(os.path.join(args.out, "results.json"),
                       json.dumps({"environment": env, "rows": rows}, indent=1, default=str))
         if os.path.exists(os.path.join(args.out, PARTIAL)):
             os.remove(os.path.join(args.out, PARTIAL))
@@ -274,7 +266,7 @@ def main(argv=None) -> int:
             print(f"wrote {path}")
         for name in earlier - {os.path.basename(p) for p in plots}:
             os.remove(os.path.join(args.out, name))  # an earlier run's plot of cases not run now
-        _write_atomic(os.path.join(args.out, PLOTS), json.dumps(sorted(os.path.basename(p) for p in plots)))
+        write_atomic(os.path.join(args.out, PLOTS), json.dumps(sorted(os.path.basename(p) for p in plots)))
         print(f"wrote {args.out}/results.csv, results.md, results.json")
     return 0
 

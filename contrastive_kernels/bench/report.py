@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import datetime
+import io
 import os
 import platform
 from collections import defaultdict
@@ -56,19 +57,25 @@ def _fmt(value, digits=3):
     return str(value)
 
 
-def write_csv(rows: List[Dict], path: str) -> None:
+def write_atomic(path: str, text: str) -> None:
     """Written to a temporary file and renamed, so that an interrupted write keeps the old file."""
     tmp = f"{path}.tmp"
     try:
         with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
-            writer.writeheader()
-            for row in rows:
-                writer.writerow({k: row.get(k, "") for k in COLUMNS})
+            f.write(text)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def write_csv(rows: List[Dict], path: str) -> None:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: row.get(k, "") for k in COLUMNS})
+    write_atomic(path, buffer.getvalue())
 
 
 def markdown(rows: List[Dict], env: Dict[str, str], cpu: bool) -> str:
