@@ -226,6 +226,16 @@ def set_cpu_isa(name: str) -> bool:
     return bool(mod is not None and mod.set_cpu_isa(name))
 
 
+def cpu_fma_peak(seconds: float = 0.5) -> Optional[dict]:
+    """The fp32 fused-multiply-add throughput of the CPU kernels' instruction set, measured on all
+    of torch's threads at once for about ``seconds``: {'isa', 'threads', 'gflops',
+    'gflops_one_thread', 'check', 'check_one_thread'} ('check' is 12.0 when the loop ran), or None
+    without the extension. The arithmetic peak the `cpu` backend's figures are measured against:
+    torch.mm's rate is not one where torch's BLAS does not use the widest FMA units."""
+    mod = load()
+    return None if mod is None else dict(mod.cpu_fma_peak(float(seconds)))
+
+
 # --------------------------------------------------------------------------------------------
 # fake kernels and autograd (registered once, after the library is loaded)
 # --------------------------------------------------------------------------------------------

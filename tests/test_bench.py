@@ -26,6 +26,25 @@ def test_bench_cli_writes_every_output(tmp_path, capsys):
     assert data["environment"]["torch"] and len(data["rows"]) == len(rows)
     assert (out / "results.md").read_text().startswith("Measured on")
     assert not (out / "results.partial.json").exists()  # replaced by the final files
+    from contrastive_kernels import _ext
+
+    if _ext.load() is not None:  # a CPU table names the arithmetic peak it can be read against
+        assert data["environment"]["fp32 FMA peak"].endswith(" GFLOP/s")
+        assert float(data["environment"]["fp32 FMA peak"].split()[0]) > 0
+
+
+def test_environment_names_the_cpu_generation(tmp_path, monkeypatch):
+    """family/model tell CPUs of one marketing name apart (their figures can differ 2x)."""
+    from contrastive_kernels.bench import report
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\ncpu family\t: 26\nmodel\t\t: 2\nmodel name\t: AMD EPYC 9B45\n\n"
+                    "processor\t: 1\ncpu family\t: 25\n")
+    real_open = open
+    monkeypatch.setattr("builtins.open", lambda p, *a, **k: real_open(info if p == "/proc/cpuinfo" else p, *a, **k))
+    assert report._cpu_model() == "AMD EPYC 9B45 (family 26 model 2)"
+    assert report.environment("cpu")["device"].startswith("AMD EPYC 9B45 (family 26 model 2), ")
+    assert "fp32 FMA peak" not in report.environment("cpu")
 
 
 def test_bench_keeps_the_rows_of_a_run_cut_short(tmp_path, monkeypatch):

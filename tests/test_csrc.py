@@ -78,6 +78,19 @@ def isa(request):
     _ext.set_cpu_isa("auto")
 
 
+@needs_ext
+@pytest.mark.parametrize("isa", _isas(), indirect=True)
+def test_cpu_fma_peak(isa):
+    peak = _ext.cpu_fma_peak(0.02)
+    assert peak["isa"] == isa and peak["threads"] == torch.get_num_threads()
+    # each of the probe's 12 chains tends to 1: 12 says the loop ran to convergence on every thread
+    assert peak["check"] == pytest.approx(12, abs=0.01) and peak["check_one_thread"] == pytest.approx(12, abs=0.01)
+    # a rate, not a constant: positive and below what any core does (1 TFLOP/s fp32 per thread)
+    assert 0.05 < peak["gflops_one_thread"] < 1e3 and 0.05 < peak["gflops"] < 1e3 * peak["threads"]
+    with pytest.raises(RuntimeError, match="seconds must be in"):
+        _ext.cpu_fma_peak(0)
+
+
 def _cpu():
     return functional.resolve_backend("cpu", "loss", torch.device("cpu"))
 

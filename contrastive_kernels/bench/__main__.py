@@ -248,8 +248,8 @@ def main(argv=None) -> int:
             print(f"{name}: " + "; ".join(f"{c.op} {c.shape_str} {c.dtype}" for c in cases))
         return 0
     rows = run(args)
-    env = environment(args.device)
     cpu = not args.device.startswith("cuda")
+    env = environment(args.device, fma_peak=cpu)
     table = markdown(rows, env, cpu)
     print(table)
     if args.out:

@@ -17,7 +17,29 @@ COLUMNS = ["label", "op", "shape", "dtype", "device", "backend", "median_ms", "m
            "memory_vs_eager", "bank_gbps", "h2d_gbps", "pct_of_h2d", "vs_plain", "note"]
 
 
-def environment(device: str) -> Dict[str, str]:
+def _cpu_model() -> str:
+    """'model name (family F model M)' from /proc/cpuinfo: the name alone ('AMD EPYC') does not
+    tell apart CPU generations whose vector units differ (Zen 4 runs AVX-512 at half width)."""
+    fields = {}
+    try:
+        for line in open("/proc/cpuinfo"):
+            key, _, value = line.partition(":")
+            key = key.strip()
+            if key in ("model name", "cpu family", "model") and key not in fields:
+                fields[key] = value.strip()
+            if not line.strip() and fields:
+                break
+    except OSError:
+        pass
+    name = fields.get("model name") or platform.processor() or "cpu"
+    if "cpu family" in fields and "model" in fields:
+        name += f" (family {fields['cpu family']} model {fields['model']})"
+    return name
+
+
+def environment(device: str, fma_peak: bool = False) -> Dict[str, str]:
+    """Date, versions and device; with ``fma_peak`` on a CPU also the fp32 FMA throughput of the
+    cpu backend's instruction set, measured now (half a second)."""
     env = {"date": datetime.date.today().isoformat(), "torch": torch.__version__,
            "python": platform.python_version()}
     try:
@@ -30,20 +52,15 @@ def environment(device: str) -> Dict[str, str]:
         env["device"] = torch.cuda.get_device_name()
         env["cuda"] = torch.version.cuda or "?"
     else:
-        name = platform.processor() or "cpu"
-        try:
-            for line in open("/proc/cpuinfo"):
-                if line.startswith("model name"):
-                    name = line.split(":", 1)[1].strip()
-                    break
-        except OSError:
-            pass
-        env["device"] = f"{name}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}"
+        env["device"] = f"{_cpu_model()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}"
         # the cpu backend's kernels are compiled per instruction set: its figures depend on which
         from .. import _ext
 
         if _ext.load() is not None:
             env["cpu kernels"] = _ext.build_info().get("cpu_isa", "?")
+            if fma_peak:
+                peak = _ext.cpu_fma_peak(0.5)
+                env["fp32 FMA peak"] = f"{peak['gflops']:.0f} GFLOP/s"
     return env
 
 

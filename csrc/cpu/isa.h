@@ -137,6 +137,9 @@ struct KernelTable {
   void (*lse_bwd_f64)(const LseArgs<double>&, const LseWork<double>&, int64_t c0, int64_t c1);
   void (*topk)(const TopkArgs&, const TopkWork&, int64_t c0, int64_t c1);
   int64_t col_align;  // column parts start at multiples of this (the f32 column tile)
+  // the FMA peak probe (peak_kernel.h): `steps` steps of fma_flops_per_step fp32 FLOPs each
+  float (*fma_probe_f32)(int64_t steps);
+  int64_t fma_flops_per_step;
 };
 
 namespace generic { const KernelTable* kernel_table(); }

@@ -16,6 +16,7 @@ namespace avx2 {
 #include "gemm_kernel.h"
 #include "infonce_kernel.h"
 #include "topk_kernel.h"
+#include "peak_kernel.h"
 #undef CK_VEC_AVX2
 
 CK_DEFINE_TABLE("avx2", VecF, generic::kernel_table())

@@ -8,6 +8,7 @@
 // GCC 12 flags its own _mm512_cvtph_ps / reduce intrinsics (an undefined first operand by design)
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 #endif
 
 CK_TARGET_BEGIN("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma,f16c,bmi,bmi2,popcnt")
@@ -21,6 +22,7 @@ namespace avx512 {
 #include "gemm_kernel.h"
 #include "infonce_kernel.h"
 #include "topk_kernel.h"
+#include "peak_kernel.h"
 #undef CK_VEC_AVX512
 
 CK_DEFINE_TABLE("avx512", VecF, generic::kernel_table())

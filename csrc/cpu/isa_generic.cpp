@@ -13,6 +13,7 @@ using VecF = Scalar<float>;
 #include "gemm_kernel.h"
 #include "infonce_kernel.h"
 #include "topk_kernel.h"
+#include "peak_kernel.h"
 #undef CK_VEC_GENERIC
 
 CK_DEFINE_TABLE("generic", VecF, nullptr)

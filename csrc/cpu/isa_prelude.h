@@ -29,6 +29,8 @@
       t.lse_fwd_f32 = &lse_fwd_part<VF>;                                            \
       t.lse_bwd_f32 = &lse_bwd_part<VF>;                                            \
       t.topk = &topk_part<VF>;                                                      \
+      t.fma_probe_f32 = &fma_probe<VF>;                                             \
+      t.fma_flops_per_step = 2 * kFmaChains * VF::W;                                \
       t.col_align = Tiles<VF>::NC;                                                  \
       const KernelTable* f64 = F64_TABLE;                                           \
       if (f64 == nullptr) {                                                         \
