@@ -334,3 +334,29 @@ def test_a_peak_that_could_not_be_reset_is_shown_as_a_bound():
     bound = markdown([dict(row, memory_exact=False)], {"torch": "x"}, cpu=True)
     assert "| 12 |" in exact and "upper bound" not in exact
     assert "| <= 12 |" in bound and "upper bound" in bound
+
+
+def test_tables_mark_memory_bounds():
+    """Where the peak RSS cannot be reset the figure is an upper bound: both tables say so, per
+    figure, and a ratio to eager with a bound on either side is marked as an estimate."""
+    import argparse
+
+    from contrastive_kernels.bench import distributed, report
+
+    env = {"date": "d", "torch": "t", "python": "p", "device": "cpu"}
+    args = argparse.Namespace(threads=1, chunk_mb=8, backend="chunked", local_batch=None, repeats=3)
+    row = dict(loss="info_nce", strategy="gather", world=2, global_batch=64, local_batch=32, D=16,
+               dtype="fp32", median_ms_max_rank=3.0, peak_extra_mib_max_rank=1.5,
+               sent_mib_per_rank=0.1, formula_mib_per_rank=0.1)
+    exact = distributed.markdown([dict(row, memory_exact=True)], env, args)
+    bound = distributed.markdown([dict(row, memory_exact=False)], env, args)
+    assert "| 1.5 |" in exact and "upper bound" not in exact
+    assert "| <= 1.5 |" in bound and "upper bound" in bound
+
+    base = dict(label="moco", op="info_nce", shape="B=2", dtype="fp32", backend="chunked", median_ms=2.0,
+                min_ms=1.0, max_ms=3.0, eff_tflops=1e-3, peak_extra_mib=4.0, speedup_vs_eager=2.0,
+                memory_vs_eager=0.5)
+    exact = report.markdown([dict(base, memory_exact=True, memory_vs_eager_exact=True)], env, cpu=True)
+    bound = report.markdown([dict(base, memory_exact=False, memory_vs_eager_exact=False)], env, cpu=True)
+    assert "| 4 | 2 | 0.5 |" in exact and "upper bound" not in exact
+    assert "| <= 4 | 2 | ~ 0.5 |" in bound and "upper bound" in bound

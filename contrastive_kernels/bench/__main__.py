@@ -211,6 +211,7 @@ def run(args) -> list:
         if e is not None and not r.get("note"):
             r["speedup_vs_eager"] = e["median_ms"] / r["median_ms"]
             r["memory_vs_eager"] = r["peak_extra_mib"] / max(e["peak_extra_mib"], 1e-9)
+            r["memory_vs_eager_exact"] = r.get("memory_exact", True) and e.get("memory_exact", True)
     return rows
 
 

@@ -16,7 +16,6 @@ the whole batch in one process.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import statistics
@@ -28,7 +27,7 @@ import time
 import torch
 
 from .measure import proc_status, reset_peak_rss
-from .report import environment
+from .report import environment, write_atomic, write_csv
 
 LOSSES = ("info_nce", "clip_loss", "nt_xent", "sup_con")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
@@ -191,7 +190,7 @@ def run_config(spec, timeout):
 
 COLUMNS = ["loss", "strategy", "world", "global_batch", "local_batch", "D", "dtype", "backend",
            "median_ms_max_rank", "median_ms_ranks", "peak_extra_mib_max_rank", "sent_mib_per_rank",
-           "formula_mib_per_rank", "note"]
+           "formula_mib_per_rank", "memory_exact", "note"]
 
 
 def markdown(rows, env, args):
@@ -215,8 +214,12 @@ def markdown(rows, env, args):
             continue
         lines.append(f"| {r['loss']} | {r['strategy']} | {r['world']} | {r['global_batch']} | "
                      f"{r['local_batch']} | {r['D']} | {r['dtype']} | "
-                     f"{r['median_ms_max_rank']:.0f} | {r['peak_extra_mib_max_rank']:.1f} | "
+                     f"{r['median_ms_max_rank']:.0f} | {'' if r['memory_exact'] else '<= '}"
+                     f"{r['peak_extra_mib_max_rank']:.1f} | "
                      f"{r['sent_mib_per_rank']:.2f} | {r['formula_mib_per_rank']:.2f} |")
+    if any(not r.get("note") and not r["memory_exact"] for r in rows):
+        lines += ["", "<= : a rank's peak resident memory could not be reset before the step "
+                  "(/proc/self/clear_refs is not writable here), so that figure is an upper bound."]
     return "\n".join(lines) + "\n"
 
 
@@ -292,15 +295,10 @@ def main(argv=None):
     print(table)
     if args.out:
         os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "results.csv"), "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
-            writer.writeheader()
-            for r in rows:
-                writer.writerow({k: r.get(k, "") for k in COLUMNS})
-        with open(os.path.join(args.out, "results.md"), "w") as f:
-            f.write(table)
-        with open(os.path.join(args.out, "results.json"), "w") as f:
-            json.dump({"environment": env, "args": vars(args), "rows": rows}, f, indent=1)
+        write_csv(rows, os.path.join(args.out, "results.csv"), COLUMNS)
+        write_atomic(os.path.join(args.out, "results.md"), table)
+        write_atomic(os.path.join(args.out, "results.json"),
+                     json.dumps({"environment": env, "args": vars(args), "rows": rows}, indent=1))
         print(f"wrote {args.out}/results.csv, results.md, results.json", file=sys.stderr)
     return 0
 

@@ -14,7 +14,7 @@ import torch
 
 COLUMNS = ["label", "op", "shape", "dtype", "device", "backend", "median_ms", "min_ms", "max_ms",
            "eff_tflops", "mm_tflops", "pct_of_mm", "peak_extra_mib", "speedup_vs_eager",
-           "memory_vs_eager", "bank_gbps", "h2d_gbps", "pct_of_h2d", "vs_plain", "note"]
+           "memory_vs_eager", "memory_exact", "bank_gbps", "h2d_gbps", "pct_of_h2d", "vs_plain", "note"]
 
 
 def _cpu_model() -> str:
@@ -86,12 +86,12 @@ def write_atomic(path: str, text: str) -> None:
             os.remove(tmp)
 
 
-def write_csv(rows: List[Dict], path: str) -> None:
+def write_csv(rows: List[Dict], path: str, columns: List[str] = COLUMNS) -> None:
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=COLUMNS, extrasaction="ignore")
+    writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore")
     writer.writeheader()
     for row in rows:
-        writer.writerow({k: row.get(k, "") for k in COLUMNS})
+        writer.writerow({k: row.get(k, "") for k in columns})
     write_atomic(path, buffer.getvalue())
 
 
@@ -110,11 +110,12 @@ def markdown(rows: List[Dict], env: Dict[str, str], cpu: bool) -> str:
             continue
         eff = r["eff_tflops"] * scale
         bound = "" if r.get("memory_exact", True) else "<= "
+        ratio_bound = "" if r.get("memory_vs_eager_exact", True) else "~ "
         lines.append(
             f"| {r['label'] or r['op']} | {r['shape']} | {r['dtype']} | {r['backend']} | "
             f"{_fmt(r['median_ms'])} ({_fmt(r['min_ms'])}-{_fmt(r['max_ms'])}) | {_fmt(eff)} | "
             f"{_fmt(r.get('pct_of_mm'), 2)} | {bound}{_fmt(r['peak_extra_mib'])} | "
-            f"{_fmt(r.get('speedup_vs_eager'), 3)} | {_fmt(r.get('memory_vs_eager'), 3)} |")
+            f"{_fmt(r.get('speedup_vs_eager'), 3)} | {ratio_bound if r.get('memory_vs_eager') is not None else ''}{_fmt(r.get('memory_vs_eager'), 3)} |")
     mm = sorted({(r["dtype"], r.get("mm_tflops")) for r in rows if r.get("mm_tflops")})
     if mm:
         lines += ["", "Practical matmul peak measured in the same run (torch.mm, "
@@ -133,7 +134,8 @@ def markdown(rows: List[Dict], env: Dict[str, str], cpu: bool) -> str:
                                           for r in mixing) + "."]
     if any(not r.get("note") and not r.get("memory_exact", True) for r in rows):
         lines += ["", "<= : the process's peak resident memory could not be reset before the step "
-                  "(/proc/self/clear_refs is not writable here), so that figure is an upper bound."]
+                  "(/proc/self/clear_refs is not writable here), so that figure is an upper bound; ~ : a memory "
+                  "ratio with such a bound on either side (an estimate, not a bound)."]
     lines += ["", "Effective throughput uses DESIGN.md's FLOP models (bank mode 6BKD, in-batch 8BND, "
               "CLIP 8N^2D, top-k 2MND); speed-up and memory are relative to the eager reference "
               "(`backend=\"reference\"`) in the same run; peak extra memory excludes the inputs."]
