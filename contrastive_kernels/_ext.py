@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import json
 import os
 import shutil
 import sys
@@ -120,13 +121,11 @@ def _try_jit():
     try:
         from torch.utils import cpp_extension
 
-        from . import _build
-
-        with_cuda = (os.environ.get("CK_BUILD_CUDA", "1") != "0" and torch.version.cuda is not None
-                     and cpp_extension.CUDA_HOME is not None)
-        kw = _build.extension_kwargs(_SOURCE_ROOT, with_cuda)
+        config = _jit_config()
+        kw, with_cuda = config["kwargs"], config["with_cuda"]
         flags = kw["extra_compile_args"]
-        wait_for_build_lock(cpp_extension._get_build_directory(JIT_NAME, verbose=False))
+        folder = cpp_extension._get_build_directory(JIT_NAME, verbose=False)
+        wait_for_build_lock(folder)
         # said only when the load takes a while: a cached build loads in a second or two
         notice = threading.Timer(JIT_NOTICE_S, print, ("contrastive_kernels: compiling the C++ "
                                  "extension (JIT, on first use and after source changes; a few "
@@ -141,17 +140,44 @@ def _try_jit():
                 extra_ldflags=kw["extra_link_args"], with_cuda=with_cuda, verbose=False)
         finally:
             notice.cancel()
+        _write_jit_stamp(folder, config)
         return mod, None
     except Exception as exc:  # noqa: BLE001 - any build failure becomes the reason
         first = str(exc).strip().splitlines()
         return None, f"the JIT build failed ({type(exc).__name__}: {first[-1] if first else ''})"
 
 
+JIT_STAMP = "contrastive_kernels_config.json"  # next to the JIT build: what it was built from
+
+
+def _jit_config() -> dict:
+    """What a JIT build is made from: sources, flags and whether CUDA is in (CK_BUILD_CUDA,
+    torch's CUDA, CUDA_HOME). torch rebuilds when any of it changes."""
+    from torch.utils import cpp_extension
+
+    from . import _build
+
+    with_cuda = (os.environ.get("CK_BUILD_CUDA", "1") != "0" and torch.version.cuda is not None
+                 and cpp_extension.CUDA_HOME is not None)
+    return {"with_cuda": with_cuda, "kwargs": _build.extension_kwargs(_SOURCE_ROOT, with_cuda)}
+
+
+def _write_jit_stamp(folder: str, config: dict) -> None:
+    """Records the config of the build just loaded (atomically), for jit_build_cached."""
+    path = os.path.join(folder, JIT_STAMP)
+    try:
+        with open(path + ".tmp", "w") as f:
+            json.dump(config, f, sort_keys=True, default=str)
+        os.replace(path + ".tmp", path)
+    except OSError:  # a read-only cache: the import then leaves the load to the first use
+        pass
+
+
 def jit_build_cached() -> bool:
     """Whether torch's extension cache holds an up-to-date JIT build of the extension (newer than
-    every file under csrc/, no build under way): loading it then takes a fraction of a second. A
-    stale one (a pull that changed csrc/) would rebuild for minutes: that waits for the first use,
-    not the import."""
+    every file under csrc/, built from the same sources and flags, no build under way): loading it
+    then takes a fraction of a second. A stale one (a pull that changed csrc/, CK_BUILD_CUDA
+    changed) would rebuild for minutes: that waits for the first use, not the import."""
     csrc = os.path.join(_SOURCE_ROOT, "csrc")
     if os.environ.get("CK_JIT", "1") == "0" or not os.path.isdir(csrc):
         return False
@@ -164,9 +190,11 @@ def jit_build_cached() -> bool:
             return False
         newest = max((os.path.getmtime(os.path.join(d, f)) for d, _, files in os.walk(csrc) for f in files),
                      default=0.0)
-    except Exception:  # noqa: BLE001 - no cache folder or no build in it: nothing cached
+        with open(os.path.join(folder, JIT_STAMP)) as f:
+            same_config = json.load(f) == json.loads(json.dumps(_jit_config(), sort_keys=True, default=str))
+    except Exception:  # noqa: BLE001 - no cache folder, no build or no stamp in it: nothing cached
         return False
-    return built >= newest
+    return built >= newest and same_config
 
 
 def load():

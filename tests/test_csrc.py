@@ -4,6 +4,7 @@ same namespace), every instruction-set variant of the kernels against reference.
 precisions, threading, bad direct calls, and the messages when the extension is unavailable.
 
 The whole suite also runs with backend="cpu" through conftest.FUSED_BACKENDS."""
+import json
 import os
 import shutil
 import subprocess
@@ -522,22 +523,27 @@ def test_jit_build_keeps_the_lock_of_a_process_compiling_in_the_folder(tmp_path)
 
 @pytest.mark.skipif(shutil.which(os.environ.get("CXX", "c++")) is None, reason="no C++ compiler: no JIT")
 @pytest.mark.parametrize("load_s, told", [(0.0, False), (0.4, True)])
-def test_jit_load_says_it_compiles_only_when_it_takes_a_while(monkeypatch, capsys, load_s, told):
+def test_jit_load_says_it_compiles_only_when_it_takes_a_while(monkeypatch, capsys, tmp_path, load_s, told):
     """A cached build loads silently; a load still running after JIT_NOTICE_S is a compile, and
-    says so (it used to say "compiling" on every import of a source checkout)."""
+    says so (it used to say "compiling" on every import of a source checkout). A load records the
+    config it was built with next to the build."""
     from torch.utils import cpp_extension
 
     monkeypatch.setattr(_ext, "JIT_NOTICE_S", 0.1)
     monkeypatch.setattr(_ext, "wait_for_build_lock", lambda folder: False)
+    monkeypatch.setattr(cpp_extension, "_get_build_directory", lambda name, verbose: str(tmp_path))
     monkeypatch.setattr(cpp_extension, "load", lambda **kw: time.sleep(load_s) or "module")
     assert _ext._try_jit() == ("module", None)
     time.sleep(0.2)  # a notice left armed would fire now
     assert ("compiling the C++ extension" in capsys.readouterr().err) is told
+    stamp = json.loads((tmp_path / _ext.JIT_STAMP).read_text())
+    assert stamp["with_cuda"] == _ext._jit_config()["with_cuda"] and stamp["kwargs"]["sources"]
 
 
 def test_jit_build_counts_as_cached_only_when_up_to_date(monkeypatch, tmp_path):
-    """The import loads a cached JIT build only when it is newer than every csrc/ file and no
-    build is under way: a stale one (a pull that changed csrc/) rebuilds at first use, not at import."""
+    """The import loads a cached JIT build only when it is newer than every csrc/ file, was built
+    with the flags a build would use now, and no build is under way: a stale one (a pull that
+    changed csrc/, CK_BUILD_CUDA changed) rebuilds at first use, not at import."""
     from torch.utils import cpp_extension
 
     source_root, cache = tmp_path / "src", tmp_path / "cache"
@@ -548,11 +554,22 @@ def test_jit_build_counts_as_cached_only_when_up_to_date(monkeypatch, tmp_path):
     monkeypatch.setattr(_ext, "_SOURCE_ROOT", str(source_root))
     monkeypatch.setattr(cpp_extension, "_get_build_directory", lambda name, verbose: str(cache))
     monkeypatch.delenv("CK_JIT", raising=False)
+    monkeypatch.delenv("CK_BUILD_CUDA", raising=False)
     assert not _ext.jit_build_cached()  # no build yet
     so = cache / (_ext.JIT_NAME + ".so")
     so.write_bytes(b"")
     os.utime(header, (1000, 1000))
     os.utime(so, (2000, 2000))
+    assert not _ext.jit_build_cached()  # a build with no record of its flags (an older version's)
+    _ext._write_jit_stamp(str(cache), _ext._jit_config())
+    assert _ext.jit_build_cached()
+    flags = _ext._jit_config()
+    flags["kwargs"]["extra_compile_args"] = {"cxx": ["-O0"]}  # built with other flags
+    _ext._write_jit_stamp(str(cache), flags)
+    assert not _ext.jit_build_cached()
+    _ext._write_jit_stamp(str(cache), dict(_ext._jit_config(), with_cuda=not _ext._jit_config()["with_cuda"]))
+    assert not _ext.jit_build_cached()  # CK_BUILD_CUDA (or the CUDA toolkit) changed since
+    _ext._write_jit_stamp(str(cache), _ext._jit_config())
     assert _ext.jit_build_cached()
     os.utime(header, (3000, 3000))  # a header changed after the build
     assert not _ext.jit_build_cached()
