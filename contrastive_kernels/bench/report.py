@@ -22,13 +22,14 @@ def _cpu_model() -> str:
     tell apart CPU generations whose vector units differ (Zen 4 runs AVX-512 at half width)."""
     fields = {}
     try:
-        for line in open("/proc/cpuinfo"):
-            key, _, value = line.partition(":")
-            key = key.strip()
-            if key in ("model name", "cpu family", "model") and key not in fields:
-                fields[key] = value.strip()
-            if not line.strip() and fields:
-                break
+        with open("/proc/cpuinfo") as f:
+            for line in f:  # the first processor's block is enough
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key in ("model name", "cpu family", "model") and key not in fields:
+                    fields[key] = value.strip()
+                if not line.strip() and fields:
+                    break
     except OSError:
         pass
     name = fields.get("model name") or platform.processor() or "cpu"
