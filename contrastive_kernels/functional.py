@@ -599,21 +599,51 @@ def topk_similarity(query, bank, k, *, similarity="dot", exclude_index=None, que
     return TopK(values.to(query.dtype), indices)
 
 
-def mine_semantic_positives(embeddings, k, threshold, *, similarity="cosine", backend="auto"):
+# mine_semantic_positives: a rough score rate (FLOP/s) per device type, only to decide when a run
+# is long enough for a progress bar (about 10 s) and how many rows a block takes (at least 0.2 s
+# of work, so that the blocks cost nothing measurable)
+_MINING_RATE = {"cpu": 2e11, "cuda": 2e14}
+PROGRESS_AFTER_S = 10.0
+
+
+def mine_semantic_positives(embeddings, k, threshold, *, similarity="cosine", backend="auto",
+                            progress=None):
     """Semantic positive pairs: directed (i, j), i != j, j among the k most similar rows of i with
     score >= threshold (-inf: all of them). Returns pairs (P, 2) int64 sorted by i then descending
-    score, scores (P,)."""
+    score, scores (P,). ``progress``: a progress bar on stderr while the rows are mined in blocks
+    (None: when the run should take more than about PROGRESS_AFTER_S seconds; the result is the
+    same either way)."""
     _features("embeddings", embeddings)
-    n = embeddings.shape[0]
+    n, d = embeddings.shape
     k = _count("k", k, low=1)
     if k > n - 1:
         raise ValueError(f"k={k} exceeds the {n - 1} other rows of embeddings")
     threshold = _number("threshold", threshold, -math.inf, math.inf)
     _choice("similarity", similarity, SIMILARITIES)
     _choice("backend", backend, BACKENDS)
+    if progress is not None and not isinstance(progress, bool):
+        raise TypeError(f"progress must be a bool or None, got {type(progress).__name__}")
     rows = torch.arange(n, device=embeddings.device)
-    values, indices = topk_similarity(embeddings, embeddings, k, similarity=similarity,
-                                      exclude_index=rows, backend=backend)
+    rate = _MINING_RATE.get(embeddings.device.type, 2e11)
+    if progress is None:
+        progress = 2.0 * n * n * d > PROGRESS_AFTER_S * rate
+    if progress:
+        # about 100 updates, each block at least 0.2 s of work
+        block = max(-(-n // 100), math.ceil(0.2 * rate / (2.0 * n * d)), 1)
+        from tqdm import tqdm
+
+        parts = []
+        with tqdm(total=n, desc="mine_semantic_positives", unit="row", dynamic_ncols=True) as bar:
+            for start in range(0, n, block):
+                end = min(n, start + block)
+                parts.append(topk_similarity(embeddings[start:end], embeddings, k, similarity=similarity,
+                                             exclude_index=rows[start:end], backend=backend))
+                bar.update(end - start)
+        values = torch.cat([p.values for p in parts])
+        indices = torch.cat([p.indices for p in parts])
+    else:
+        values, indices = topk_similarity(embeddings, embeddings, k, similarity=similarity,
+                                          exclude_index=rows, backend=backend)
     keep = values.float() >= threshold
     pairs = torch.stack([rows[:, None].expand(n, k)[keep], indices[keep]], 1)
     return pairs, values[keep]

@@ -100,6 +100,31 @@ def test_mine_semantic_positives(backend):
     assert torch.equal(pairs, want_pairs) and torch.allclose(scores, want_scores, atol=1e-6)
 
 
+@pytest.mark.parametrize("backend", ALL)
+def test_mine_semantic_positives_shows_progress_on_long_runs(backend, capsys, monkeypatch):
+    """A long run goes in query blocks under a progress bar (stderr) and returns exactly what one
+    call returns; a short one stays quiet. Here "long" is made to hold at 64 rows: 20-row blocks."""
+    torch.manual_seed(2)
+    emb = torch.randn(64, 8)
+    want_pairs, want_scores = ck.mine_semantic_positives(emb, 4, 0.2, backend=backend)
+    assert "mine_semantic_positives" not in capsys.readouterr().err
+    monkeypatch.setattr(functional, "_MINING_RATE", {"cpu": 20 * 2 * 64 * 8 / 0.2})
+    monkeypatch.setattr(functional, "PROGRESS_AFTER_S", 0.01)
+    calls = []
+    real = functional.topk_similarity
+    monkeypatch.setattr(functional, "topk_similarity", lambda q, *a, **kw: calls.append(len(q)) or real(q, *a, **kw))
+    for progress in (None, True):
+        pairs, scores = ck.mine_semantic_positives(emb, 4, 0.2, backend=backend, progress=progress)
+        assert torch.equal(pairs, want_pairs) and torch.equal(scores, want_scores)
+        assert "mine_semantic_positives: 100%" in capsys.readouterr().err
+    assert calls == [20, 20, 20, 4] * 2
+    calls.clear()
+    ck.mine_semantic_positives(emb, 4, 0.2, backend=backend, progress=False)
+    assert calls == [64] and "mine_semantic_positives" not in capsys.readouterr().err
+    with pytest.raises(TypeError, match="progress must be a bool"):
+        ck.mine_semantic_positives(emb, 4, 0.2, progress="yes")
+
+
 def test_mine_large_set_in_blocks():
     """Query blocks and bank chunks both smaller than the set."""
     torch.manual_seed(1)
