@@ -24,6 +24,7 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 import threading
 import time
 from typing import Optional
@@ -121,11 +122,16 @@ def _try_jit():
     try:
         from torch.utils import cpp_extension
 
-        config = _jit_config()
-        kw, with_cuda = config["kwargs"], config["with_cuda"]
+        from . import _build
+
+        with_cuda = _jit_with_cuda()
+        kw = _build.extension_kwargs(_SOURCE_ROOT, with_cuda)
         flags = kw["extra_compile_args"]
+        stamp = _jit_stamp()
         folder = cpp_extension._get_build_directory(JIT_NAME, verbose=False)
         wait_for_build_lock(folder)
+        # a load that rebuilds and dies before its end must not leave the old stamp next to the new build
+        _remove_jit_stamp_unless(folder, stamp)
         # said only when the load takes a while: a cached build loads in a second or two
         notice = threading.Timer(JIT_NOTICE_S, print, ("contrastive_kernels: compiling the C++ "
                                  "extension (JIT, on first use and after source changes; a few "
@@ -140,7 +146,7 @@ def _try_jit():
                 extra_ldflags=kw["extra_link_args"], with_cuda=with_cuda, verbose=False)
         finally:
             notice.cancel()
-        _write_jit_stamp(folder, config)
+        _write_jit_stamp(folder, stamp)
         return mod, None
     except Exception as exc:  # noqa: BLE001 - any build failure becomes the reason
         first = str(exc).strip().splitlines()
@@ -150,27 +156,61 @@ def _try_jit():
 JIT_STAMP = "contrastive_kernels_config.json"  # next to the JIT build: what it was built from
 
 
-def _jit_config() -> dict:
-    """What a JIT build is made from: sources, flags and whether CUDA is in (CK_BUILD_CUDA,
-    torch's CUDA, CUDA_HOME). torch rebuilds when any of it changes."""
+def _jit_with_cuda() -> bool:
+    from torch.utils import cpp_extension
+
+    return (os.environ.get("CK_BUILD_CUDA", "1") != "0" and torch.version.cuda is not None
+            and cpp_extension.CUDA_HOME is not None)
+
+
+def _jit_stamp() -> dict:
+    """What a JIT build is made from, as far as it can be read without starting CUDA (the
+    import reads it; a process that started CUDA cannot fork workers that use it): sources,
+    flags, the CUDA choice and toolkit, TORCH_CUDA_ARCH_LIST. torch itself rebuilds on any change
+    of these, or of the GPU's architecture."""
     from torch.utils import cpp_extension
 
     from . import _build
 
-    with_cuda = (os.environ.get("CK_BUILD_CUDA", "1") != "0" and torch.version.cuda is not None
-                 and cpp_extension.CUDA_HOME is not None)
-    return {"with_cuda": with_cuda, "kwargs": _build.extension_kwargs(_SOURCE_ROOT, with_cuda)}
+    with_cuda = _jit_with_cuda()
+    return {"with_cuda": with_cuda, "sources": _build.sources(_SOURCE_ROOT, with_cuda),
+            "cxx": _build.cxx_flags(), "nvcc": _build.nvcc_flags() if with_cuda else [],
+            "cuda_home": cpp_extension.CUDA_HOME, "torch_cuda": torch.version.cuda,
+            "cuda_arch_list": os.environ.get("TORCH_CUDA_ARCH_LIST", "")}
 
 
-def _write_jit_stamp(folder: str, config: dict) -> None:
-    """Records the config of the build just loaded (atomically), for jit_build_cached."""
-    path = os.path.join(folder, JIT_STAMP)
+def _read_jit_stamp(folder: str):
     try:
-        with open(path + ".tmp", "w") as f:
-            json.dump(config, f, sort_keys=True, default=str)
-        os.replace(path + ".tmp", path)
+        with open(os.path.join(folder, JIT_STAMP)) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def _remove_jit_stamp_unless(folder: str, stamp: dict) -> None:
+    if _read_jit_stamp(folder) not in (None, stamp):
+        try:
+            os.unlink(os.path.join(folder, JIT_STAMP))
+        except OSError:
+            pass
+
+
+def _write_jit_stamp(folder: str, stamp: dict) -> None:
+    """Records what the build just loaded was made from (a temporary file of its own, renamed:
+    processes loading at once do not mix their writes), for jit_build_cached."""
+    try:
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=JIT_STAMP, suffix=".tmp")
     except OSError:  # a read-only cache: the import then leaves the load to the first use
+        return
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(stamp, f, sort_keys=True)
+        os.replace(tmp, os.path.join(folder, JIT_STAMP))
+    except OSError:
         pass
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def jit_build_cached() -> bool:
@@ -190,11 +230,11 @@ def jit_build_cached() -> bool:
             return False
         newest = max((os.path.getmtime(os.path.join(d, f)) for d, _, files in os.walk(csrc) for f in files),
                      default=0.0)
-        with open(os.path.join(folder, JIT_STAMP)) as f:
-            same_config = json.load(f) == json.loads(json.dumps(_jit_config(), sort_keys=True, default=str))
-    except Exception:  # noqa: BLE001 - no cache folder, no build or no stamp in it: nothing cached
+        if built < newest:
+            return False
+        return _read_jit_stamp(folder) == _jit_stamp()
+    except Exception:  # noqa: BLE001 - no cache folder or no build in it: nothing cached
         return False
-    return built >= newest and same_config
 
 
 def load():
@@ -257,7 +297,8 @@ def set_cpu_isa(name: str) -> bool:
 def cpu_fma_peak(seconds: float = 0.5) -> Optional[dict]:
     """The fp32 fused-multiply-add throughput of the CPU kernels' instruction set, measured on all
     of torch's threads at once for about ``seconds``: {'isa', 'threads', 'gflops',
-    'gflops_one_thread', 'check', 'check_one_thread'} ('check' is 12.0 when the loop ran), or None
+    'gflops_one_thread', 'check', 'check_one_thread'} ('check' is 12.0 once the FMA chains have
+    converged, after a few thousand steps: a sign that every thread ran the whole loop), or None
     without the extension. The arithmetic peak the `cpu` backend's figures are measured against:
     torch.mm's rate is not one where torch's BLAS does not use the widest FMA units."""
     mod = load()

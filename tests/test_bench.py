@@ -356,7 +356,25 @@ def test_tables_mark_memory_bounds():
     base = dict(label="moco", op="info_nce", shape="B=2", dtype="fp32", backend="chunked", median_ms=2.0,
                 min_ms=1.0, max_ms=3.0, eff_tflops=1e-3, peak_extra_mib=4.0, speedup_vs_eager=2.0,
                 memory_vs_eager=0.5)
-    exact = report.markdown([dict(base, memory_exact=True, memory_vs_eager_exact=True)], env, cpu=True)
-    bound = report.markdown([dict(base, memory_exact=False, memory_vs_eager_exact=False)], env, cpu=True)
+    exact = report.markdown([dict(base, memory_exact=True, memory_vs_eager_mark="")], env, cpu=True)
+    bound = report.markdown([dict(base, memory_exact=False, memory_vs_eager_mark="<= ")], env, cpu=True)
+    estimate = report.markdown([dict(base, memory_exact=False, memory_vs_eager_mark="~ ")], env, cpu=True)
     assert "| 4 | 2 | 0.5 |" in exact and "upper bound" not in exact
-    assert "| <= 4 | 2 | ~ 0.5 |" in bound and "upper bound" in bound
+    assert "| <= 4 | 2 | <= 0.5 |" in bound and "upper bound" in bound
+    assert "| <= 4 | 2 | ~ 0.5 |" in estimate
+
+
+def test_memory_ratio_marks(monkeypatch):
+    """Which ratio to eager is a bound: the backend's bound over eager's exact figure is one; over
+    eager's bound only an estimate; eager's ratio to itself is exactly 1."""
+    from contrastive_kernels.bench.__main__ import ratios_to_eager
+
+    def row(backend, exact, shape="B=2"):
+        return dict(op="info_nce", shape=shape, dtype="fp32", backend=backend, median_ms=2.0,
+                    peak_extra_mib=4.0 if backend == "reference" else 1.0, memory_exact=exact)
+
+    rows = [row("reference", True), row("chunked", False), row("cpu", True),
+            row("reference", False, "B=4"), row("chunked", False, "B=4"), row("cpu", True, "B=4")]
+    ratios_to_eager(rows)
+    assert [r["memory_vs_eager_mark"] for r in rows] == ["", "<= ", "", "", "~ ", "~ "]
+    assert [r["memory_vs_eager"] for r in rows] == [1.0, 0.25, 0.25] * 2

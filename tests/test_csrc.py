@@ -537,7 +537,7 @@ def test_jit_load_says_it_compiles_only_when_it_takes_a_while(monkeypatch, capsy
     time.sleep(0.2)  # a notice left armed would fire now
     assert ("compiling the C++ extension" in capsys.readouterr().err) is told
     stamp = json.loads((tmp_path / _ext.JIT_STAMP).read_text())
-    assert stamp["with_cuda"] == _ext._jit_config()["with_cuda"] and stamp["kwargs"]["sources"]
+    assert stamp == _ext._jit_stamp() and stamp["sources"] and stamp["cxx"]
 
 
 def test_jit_build_counts_as_cached_only_when_up_to_date(monkeypatch, tmp_path):
@@ -555,21 +555,28 @@ def test_jit_build_counts_as_cached_only_when_up_to_date(monkeypatch, tmp_path):
     monkeypatch.setattr(cpp_extension, "_get_build_directory", lambda name, verbose: str(cache))
     monkeypatch.delenv("CK_JIT", raising=False)
     monkeypatch.delenv("CK_BUILD_CUDA", raising=False)
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
     assert not _ext.jit_build_cached()  # no build yet
     so = cache / (_ext.JIT_NAME + ".so")
     so.write_bytes(b"")
     os.utime(header, (1000, 1000))
     os.utime(so, (2000, 2000))
     assert not _ext.jit_build_cached()  # a build with no record of its flags (an older version's)
-    _ext._write_jit_stamp(str(cache), _ext._jit_config())
+    _ext._write_jit_stamp(str(cache), _ext._jit_stamp())
     assert _ext.jit_build_cached()
-    flags = _ext._jit_config()
-    flags["kwargs"]["extra_compile_args"] = {"cxx": ["-O0"]}  # built with other flags
-    _ext._write_jit_stamp(str(cache), flags)
+    assert [p.name for p in cache.iterdir() if p.name.endswith(".tmp")] == []
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.0")  # asked for other GPU architectures since
     assert not _ext.jit_build_cached()
-    _ext._write_jit_stamp(str(cache), dict(_ext._jit_config(), with_cuda=not _ext._jit_config()["with_cuda"]))
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST")
+    _ext._write_jit_stamp(str(cache), dict(_ext._jit_stamp(), cxx=["-O0"]))  # built with other flags
+    assert not _ext.jit_build_cached()
+    _ext._write_jit_stamp(str(cache), dict(_ext._jit_stamp(), with_cuda=not _ext._jit_stamp()["with_cuda"]))
     assert not _ext.jit_build_cached()  # CK_BUILD_CUDA (or the CUDA toolkit) changed since
-    _ext._write_jit_stamp(str(cache), _ext._jit_config())
+    # a load with another config removes the stamp before it rebuilds (it may die before its end)
+    _ext._remove_jit_stamp_unless(str(cache), _ext._jit_stamp())
+    assert not (cache / _ext.JIT_STAMP).exists()
+    _ext._write_jit_stamp(str(cache), _ext._jit_stamp())
+    _ext._remove_jit_stamp_unless(str(cache), _ext._jit_stamp())  # the same config keeps it
     assert _ext.jit_build_cached()
     os.utime(header, (3000, 3000))  # a header changed after the build
     assert not _ext.jit_build_cached()

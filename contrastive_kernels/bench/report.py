@@ -111,12 +111,12 @@ def markdown(rows: List[Dict], env: Dict[str, str], cpu: bool) -> str:
             continue
         eff = r["eff_tflops"] * scale
         bound = "" if r.get("memory_exact", True) else "<= "
-        ratio_bound = "" if r.get("memory_vs_eager_exact", True) else "~ "
         lines.append(
             f"| {r['label'] or r['op']} | {r['shape']} | {r['dtype']} | {r['backend']} | "
             f"{_fmt(r['median_ms'])} ({_fmt(r['min_ms'])}-{_fmt(r['max_ms'])}) | {_fmt(eff)} | "
             f"{_fmt(r.get('pct_of_mm'), 2)} | {bound}{_fmt(r['peak_extra_mib'])} | "
-            f"{_fmt(r.get('speedup_vs_eager'), 3)} | {ratio_bound if r.get('memory_vs_eager') is not None else ''}{_fmt(r.get('memory_vs_eager'), 3)} |")
+            f"{_fmt(r.get('speedup_vs_eager'), 3)} | {r.get('memory_vs_eager_mark', '') if r.get('memory_vs_eager') is not None else ''}"
+            f"{_fmt(r.get('memory_vs_eager'), 3)} |")
     mm = sorted({(r["dtype"], r.get("mm_tflops")) for r in rows if r.get("mm_tflops")})
     if mm:
         lines += ["", "Practical matmul peak measured in the same run (torch.mm, "
@@ -135,8 +135,8 @@ def markdown(rows: List[Dict], env: Dict[str, str], cpu: bool) -> str:
                                           for r in mixing) + "."]
     if any(not r.get("note") and not r.get("memory_exact", True) for r in rows):
         lines += ["", "<= : the process's peak resident memory could not be reset before the step "
-                  "(/proc/self/clear_refs is not writable here), so that figure is an upper bound; ~ : a memory "
-                  "ratio with such a bound on either side (an estimate, not a bound)."]
+                  "(/proc/self/clear_refs is not writable here), so that figure is an upper bound, and so is a "
+                  "memory ratio to an exact eager figure; ~ : a ratio to eager's bound (an estimate)."]
     lines += ["", "Effective throughput uses DESIGN.md's FLOP models (bank mode 6BKD, in-batch 8BND, "
               "CLIP 8N^2D, top-k 2MND); speed-up and memory are relative to the eager reference "
               "(`backend=\"reference\"`) in the same run; peak extra memory excludes the inputs."]
