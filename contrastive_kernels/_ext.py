@@ -24,7 +24,6 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 import threading
 import time
 from typing import Optional
@@ -32,6 +31,7 @@ from typing import Optional
 import torch
 
 from ._common import first_order, mixed_lse_backward, mixed_lse_outputs, mixed_lse_setup_context, times_gammas
+from ._files import atomic_write_text
 
 _lock = threading.Lock()
 _module = None
@@ -196,21 +196,11 @@ def _remove_jit_stamp_unless(folder: str, stamp: dict) -> None:
 
 
 def _write_jit_stamp(folder: str, stamp: dict) -> None:
-    """Records what the build just loaded was made from (a temporary file of its own, renamed:
-    processes loading at once do not mix their writes), for jit_build_cached."""
+    """Records what the build just loaded was made from, for jit_build_cached."""
     try:
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=JIT_STAMP, suffix=".tmp")
+        atomic_write_text(os.path.join(folder, JIT_STAMP), json.dumps(stamp, sort_keys=True))
     except OSError:  # a read-only cache: the import then leaves the load to the first use
-        return
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(stamp, f, sort_keys=True)
-        os.replace(tmp, os.path.join(folder, JIT_STAMP))
-    except OSError:
         pass
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def jit_build_cached() -> bool:

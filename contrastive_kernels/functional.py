@@ -627,23 +627,20 @@ def mine_semantic_positives(embeddings, k, threshold, *, similarity="cosine", ba
     rate = _MINING_RATE.get(embeddings.device.type, 2e11)
     if progress is None:
         progress = 2.0 * n * n * d > PROGRESS_AFTER_S * rate
-    if progress:
-        # about 100 updates, each block at least 0.2 s of work
-        block = max(-(-n // 100), math.ceil(0.2 * rate / (2.0 * n * d)), 1)
-        from tqdm import tqdm
+    # with a progress bar: about 100 updates, each block at least 0.2 s of work; else one call
+    block = max(-(-n // 100), math.ceil(0.2 * rate / (2.0 * n * d)), 1) if progress else n
+    from tqdm import tqdm
 
-        parts = []
-        with tqdm(total=n, desc="mine_semantic_positives", unit="row", dynamic_ncols=True) as bar:
-            for start in range(0, n, block):
-                end = min(n, start + block)
-                parts.append(topk_similarity(embeddings[start:end], embeddings, k, similarity=similarity,
-                                             exclude_index=rows[start:end], backend=backend))
-                bar.update(end - start)
-        values = torch.cat([p.values for p in parts])
-        indices = torch.cat([p.indices for p in parts])
-    else:
-        values, indices = topk_similarity(embeddings, embeddings, k, similarity=similarity,
-                                          exclude_index=rows, backend=backend)
+    parts = []
+    with tqdm(total=n, desc="mine_semantic_positives", unit="row", dynamic_ncols=True,
+              disable=not progress) as bar:
+        for start in range(0, n, block):
+            end = min(n, start + block)
+            parts.append(topk_similarity(embeddings[start:end], embeddings, k, similarity=similarity,
+                                         exclude_index=rows[start:end], backend=backend))
+            bar.update(end - start)
+    values = torch.cat([p.values for p in parts])
+    indices = torch.cat([p.indices for p in parts])
     keep = values.float() >= threshold
     pairs = torch.stack([rows[:, None].expand(n, k)[keep], indices[keep]], 1)
     return pairs, values[keep]

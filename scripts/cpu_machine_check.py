@@ -12,6 +12,7 @@ import torch
 
 import contrastive_kernels as ck
 from contrastive_kernels import _ext
+from contrastive_kernels.bench.measure import matmul_tflops
 from contrastive_kernels.bench.report import _cpu_model
 
 print("cpu:", _cpu_model())
@@ -22,15 +23,7 @@ for isa in ("avx512", "avx2", "generic"):
         print(f"fma probe {isa}: {p['gflops']:.0f} GFLOP/s on {p['threads']} threads, "
               f"{p['gflops_one_thread']:.0f} on one (check {p['check']:.3f})")
 _ext.set_cpu_isa("auto")
-a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
-for _ in range(3):
-    a @ b
-rates = []
-for _ in range(3):
-    t = time.perf_counter()
-    for _ in range(10):
-        a @ b
-    rates.append(2 * 2048**3 / ((time.perf_counter() - t) / 10) / 1e9)
+rates = [1e3 * matmul_tflops("cpu", "fp32", 2048, 2048, 2048, repeats=10) for _ in range(3)]
 print("torch.mm 2048^3 fp32 GFLOP/s:", " ".join(f"{r:.0f}" for r in rates))
 torch.manual_seed(0)
 B, K, D = 256, 65536, 128

@@ -17,7 +17,8 @@ import torch
 from .baselines_mochi import FUSED_TOPK_BACKENDS, MIXED_LSE_BACKENDS
 from .cases import BASELINES, DTYPES, GPU_PRESETS, PRESETS, Case, _load_baselines, applies
 from .measure import h2d_bandwidth, matmul_tflops, measure_in_process, measure_isolated, memory_limit
-from .report import environment, markdown, plot, write_atomic, write_csv
+from .._files import atomic_write_text
+from .report import environment, markdown, plot, write_csv
 
 
 def _default_backends(device: str):
@@ -233,8 +234,8 @@ def _save_partial(out, rows, config=None) -> None:
     file of an earlier run never passes for this one's."""
     if out:
         os.makedirs(out, exist_ok=True)
-        write_atomic(os.path.join(out, PARTIAL),
-                      json.dumps({"config": config, "rows": rows}, indent=1, default=str))
+        atomic_write_text(os.path.join(out, PARTIAL),
+                          json.dumps({"config": config, "rows": rows}, indent=1, default=str))
 
 
 def _earlier_plots(out) -> set:
@@ -264,9 +265,9 @@ def main(argv=None) -> int:
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         write_csv(rows, os.path.join(args.out, "results.csv"))
-        write_atomic(os.path.join(args.out, "results.md"), table)
-        write_atomic(os.path.join(args.out, "results.json"),
-                      json.dumps({"environment": env, "rows": rows}, indent=1, default=str))
+        atomic_write_text(os.path.join(args.out, "results.md"), table)
+        atomic_write_text(os.path.join(args.out, "results.json"),
+                          json.dumps({"environment": env, "rows": rows}, indent=1, default=str))
         if os.path.exists(os.path.join(args.out, PARTIAL)):
             os.remove(os.path.join(args.out, PARTIAL))
         earlier = _earlier_plots(args.out)
@@ -275,7 +276,7 @@ def main(argv=None) -> int:
             print(f"wrote {path}")
         for name in earlier - {os.path.basename(p) for p in plots}:
             os.remove(os.path.join(args.out, name))  # an earlier run's plot of cases not run now
-        write_atomic(os.path.join(args.out, PLOTS), json.dumps(sorted(os.path.basename(p) for p in plots)))
+        atomic_write_text(os.path.join(args.out, PLOTS), json.dumps(sorted(os.path.basename(p) for p in plots)))
         print(f"wrote {args.out}/results.csv, results.md, results.json")
     return 0
 

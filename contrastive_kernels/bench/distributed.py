@@ -27,7 +27,8 @@ import time
 import torch
 
 from .measure import proc_status, reset_peak_rss
-from .report import environment, write_atomic, write_csv
+from .._files import atomic_write_text
+from .report import environment, write_csv
 
 LOSSES = ("info_nce", "clip_loss", "nt_xent", "sup_con")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
@@ -296,9 +297,9 @@ def main(argv=None):
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         write_csv(rows, os.path.join(args.out, "results.csv"), COLUMNS)
-        write_atomic(os.path.join(args.out, "results.md"), table)
-        write_atomic(os.path.join(args.out, "results.json"),
-                     json.dumps({"environment": env, "args": vars(args), "rows": rows}, indent=1))
+        atomic_write_text(os.path.join(args.out, "results.md"), table)
+        atomic_write_text(os.path.join(args.out, "results.json"),
+                          json.dumps({"environment": env, "args": vars(args), "rows": rows}, indent=1))
         print(f"wrote {args.out}/results.csv, results.md, results.json", file=sys.stderr)
     return 0
 

@@ -12,6 +12,8 @@ from typing import Dict, List
 
 import torch
 
+from .._files import atomic_write_text
+
 COLUMNS = ["label", "op", "shape", "dtype", "device", "backend", "median_ms", "min_ms", "max_ms",
            "eff_tflops", "mm_tflops", "pct_of_mm", "peak_extra_mib", "speedup_vs_eager",
            "memory_vs_eager", "memory_exact", "bank_gbps", "h2d_gbps", "pct_of_h2d", "vs_plain", "note"]
@@ -75,25 +77,13 @@ def _fmt(value, digits=3):
     return str(value)
 
 
-def write_atomic(path: str, text: str) -> None:
-    """Written to a temporary file and renamed, so that an interrupted write keeps the old file."""
-    tmp = f"{path}.tmp"
-    try:
-        with open(tmp, "w", newline="") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def write_csv(rows: List[Dict], path: str, columns: List[str] = COLUMNS) -> None:
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore")
     writer.writeheader()
     for row in rows:
         writer.writerow({k: row.get(k, "") for k in columns})
-    write_atomic(path, buffer.getvalue())
+    atomic_write_text(path, buffer.getvalue())
 
 
 def markdown(rows: List[Dict], env: Dict[str, str], cpu: bool) -> str:

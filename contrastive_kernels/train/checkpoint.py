@@ -1,4 +1,4 @@
-"""Atomic files and the random state of a run.
+"""Checkpoints (atomic: see contrastive_kernels._files) and the random state of a run.
 
 A checkpoint is written to a temporary file in the destination's directory, flushed and
 fsync'ed, then ``os.replace``d over the destination (and the directory fsync'ed): a run killed at
@@ -12,11 +12,12 @@ import io
 import json
 import os
 import random
-import tempfile
 from typing import Dict
 
 import numpy as np
 import torch
+
+from .._files import _TMP_PREFIX, WriteError, _temporary_prefix, atomic_write_bytes  # noqa: F401 (re-exported)
 
 CHECKPOINT_NAME = "checkpoint.pt"
 CHECKPOINT_FORMAT = 1
@@ -25,68 +26,10 @@ CHECKPOINT_KEYS = ("format", "config", "step", "losses", "init_metrics", "module
                    "method", "lockstep", "data_order", "per_rank", "world")
 # the files a run writes into its --out folder (the temporaries of other files are left alone)
 RUN_OUTPUTS = (CHECKPOINT_NAME, "metrics.json", "loss.png")
-_TMP_PREFIX = ".tmp-"
-
-
-class WriteError(OSError):
-    """An output file could not be written (disk full, read-only...): one line naming the file;
-    the previous version of the file, if any, is left as it was."""
 
 
 class CheckpointError(Exception):
     """A --resume file that is not a checkpoint of this training loop: one line naming it."""
-
-
-def _temporary_prefix(name: str) -> str:
-    return _TMP_PREFIX + name + "."
-
-
-def _file_mode() -> int:
-    # mkstemp creates 0600 files; outputs get the mode open() would give them. os.umask can only
-    # be read by setting it, so set it back at once.
-    umask = os.umask(0o022)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: str, data: bytes) -> None:
-    """Raises WriteError (naming ``path`` and the OS error) when the file cannot be written."""
-    directory = os.path.dirname(os.path.abspath(path))
-    try:
-        os.makedirs(directory, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=_temporary_prefix(os.path.basename(path)), dir=directory)
-    except OSError as exc:
-        raise WriteError(f"cannot write {path}: {exc.strerror or exc}") from exc
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), _file_mode())
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as exc:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        if isinstance(exc, OSError):
-            raise WriteError(f"cannot write {path}: {exc.strerror or exc} (any earlier version "
-                             "of it is left as it was)") from exc
-        raise
-    _fsync_dir(directory)
 
 
 def atomic_torch_save(obj, path: str) -> None:
