@@ -555,12 +555,14 @@ def _available_counts(n, exclude_index, query_labels, bank_labels, exclude_same_
 
 
 def topk_similarity(query, bank, k, *, similarity="dot", exclude_index=None, query_labels=None,
-                    bank_labels=None, exclude_same_label=False, backend="auto"):
+                    bank_labels=None, exclude_same_label=False, backend="auto", progress=None):
     """Exact top-k bank rows per query by similarity (largest first; ties: lower index first)
     without forming the (M, N) score matrix. Returns (values in the query's dtype, int64 indices),
     each (M, k), as a named tuple (``.values``, ``.indices``). The values carry no gradient on any
     backend (mining picks rows: score the picked rows again where a gradient is wanted). ``bank``
-    may stay on the host while ``query`` is on a GPU (streamed in chunks)."""
+    may stay on the host while ``query`` is on a GPU (streamed in chunks). ``progress``: a progress
+    bar on stderr while the query rows are searched in blocks (None: when the search should take
+    more than about PROGRESS_AFTER_S seconds; the result is the same either way)."""
     _features("query", query)
     _features("bank", bank)
     _like("bank", bank, "query", query, allow_host=True)
@@ -588,59 +590,95 @@ def topk_similarity(query, bank, k, *, similarity="dot", exclude_index=None, que
         if int(avail[worst]) < k:
             raise ValueError(f"k={k} exceeds the bank rows left after exclusions: query row {worst} "
                              f"has only {int(avail[worst])}")
+    _progress_flag(progress)
     ops = resolve_backend(backend, "topk", query.device)
+    return _topk_in_blocks(ops, query, bank, k, similarity, exclude_index, query_labels, bank_labels,
+                           progress, "topk_similarity")
+
+
+# Progress of a search: a rough score rate (FLOP/s) per device type and host-to-device bandwidth
+# (bytes/s), only to decide when a search is long enough for a progress bar (about
+# PROGRESS_AFTER_S) and how many query rows a block takes
+_SCORE_RATE = {"cpu": 2e11, "cuda": 2e14}
+_HOST_BANK_BANDWIDTH = 2.5e10
+PROGRESS_AFTER_S = 10.0
+
+
+def _progress_flag(progress):
+    if progress is not None and not isinstance(progress, bool):
+        raise TypeError(f"progress must be a bool or None, got {type(progress).__name__}")
+
+
+def _search_plan(m, n, d, device_type, host_bank_bytes, progress):
+    """(query rows per block, whether a bar is shown) for a search of m query rows over n bank
+    rows of width d; ``host_bank_bytes``: the size of a bank streamed from the host (0: none)."""
+    row_s = 2.0 * n * d / _SCORE_RATE.get(device_type, 2e11)   # scoring one query row
+    bank_pass_s = host_bank_bytes / _HOST_BANK_BANDWIDTH        # streaming the bank once
+    if progress is None:
+        progress = m * row_s + bank_pass_s > PROGRESS_AFTER_S
+    if not progress:
+        return m, False
+    # about 100 updates, each block at least 0.2 s of scoring (so the blocks cost nothing
+    # measurable) and, as each block streams a host bank once more, at least one pass of it
+    # (so its copies stay hidden behind the block's kernels)
+    rows = max(-(-m // 100), math.ceil(max(0.2, bank_pass_s) / row_s), 1)
+    return min(rows, m), True
+
+
+def _topk_in_blocks(ops, query, bank, k, similarity, exclude_index, query_labels, bank_labels,
+                    progress, desc):
+    """The search of topk_similarity on validated arguments, in query blocks under a bar when
+    ``progress`` (or the estimate) asks for one."""
+    m, n, d = query.shape[0], bank.shape[0], query.shape[1]
+    host_bytes = bank.numel() * bank.element_size() if bank.device != query.device else 0
+    block, show = _search_plan(m, n, d, query.device.type, host_bytes, progress)
+    from tqdm import tqdm
+
+    parts = []
+    with tqdm(total=m, desc=desc, unit="row", dynamic_ncols=True, disable=not show) as bar:
+        for i0 in range(0, m, block):
+            i1 = min(m, i0 + block)
+            parts.append(_topk_once(ops, query[i0:i1], bank, k, similarity,
+                                    None if exclude_index is None else exclude_index[i0:i1],
+                                    None if query_labels is None else query_labels[i0:i1],
+                                    bank_labels))
+            if show and query.device.type == "cuda":
+                torch.cuda.synchronize(query.device)  # the bar follows the kernels, not the launches
+            bar.update(i1 - i0)
+    if len(parts) == 1:
+        return parts[0]
+    return TopK(torch.cat([p.values for p in parts]), torch.cat([p.indices for p in parts]))
+
+
+def _topk_once(ops, query, bank, k, similarity, exclude_index, query_labels, bank_labels):
     if _is_reference(ops):
         return reference.topk_similarity(query, bank, k, similarity=similarity,
                                          exclude_index=exclude_index, query_labels=query_labels,
                                          bank_labels=bank_labels,
-                                         exclude_same_label=exclude_same_label)
+                                         exclude_same_label=query_labels is not None)
     values, indices = ops.topk(query, bank, k, similarity=similarity, exclude_index=exclude_index,
                                query_labels=query_labels, bank_labels=bank_labels)
     return TopK(values.to(query.dtype), indices)
-
-
-# mine_semantic_positives: a rough score rate (FLOP/s) per device type, only to decide when a run
-# is long enough for a progress bar (about 10 s) and how many rows a block takes (at least 0.2 s
-# of work, so that the blocks cost nothing measurable)
-_MINING_RATE = {"cpu": 2e11, "cuda": 2e14}
-PROGRESS_AFTER_S = 10.0
 
 
 def mine_semantic_positives(embeddings, k, threshold, *, similarity="cosine", backend="auto",
                             progress=None):
     """Semantic positive pairs: directed (i, j), i != j, j among the k most similar rows of i with
     score >= threshold (-inf: all of them). Returns pairs (P, 2) int64 sorted by i then descending
-    score, scores (P,). ``progress``: a progress bar on stderr while the rows are mined in blocks
-    (None: when the run should take more than about PROGRESS_AFTER_S seconds; the result is the
-    same either way)."""
+    score, scores (P,). ``progress``: as topk_similarity's (the rows are mined in blocks)."""
     _features("embeddings", embeddings)
-    n, d = embeddings.shape
+    n = embeddings.shape[0]
     k = _count("k", k, low=1)
     if k > n - 1:
         raise ValueError(f"k={k} exceeds the {n - 1} other rows of embeddings")
     threshold = _number("threshold", threshold, -math.inf, math.inf)
     _choice("similarity", similarity, SIMILARITIES)
     _choice("backend", backend, BACKENDS)
-    if progress is not None and not isinstance(progress, bool):
-        raise TypeError(f"progress must be a bool or None, got {type(progress).__name__}")
+    _progress_flag(progress)
     rows = torch.arange(n, device=embeddings.device)
-    rate = _MINING_RATE.get(embeddings.device.type, 2e11)
-    if progress is None:
-        progress = 2.0 * n * n * d > PROGRESS_AFTER_S * rate
-    # with a progress bar: about 100 updates, each block at least 0.2 s of work; else one call
-    block = max(-(-n // 100), math.ceil(0.2 * rate / (2.0 * n * d)), 1) if progress else n
-    from tqdm import tqdm
-
-    parts = []
-    with tqdm(total=n, desc="mine_semantic_positives", unit="row", dynamic_ncols=True,
-              disable=not progress) as bar:
-        for start in range(0, n, block):
-            end = min(n, start + block)
-            parts.append(topk_similarity(embeddings[start:end], embeddings, k, similarity=similarity,
-                                         exclude_index=rows[start:end], backend=backend))
-            bar.update(end - start)
-    values = torch.cat([p.values for p in parts])
-    indices = torch.cat([p.indices for p in parts])
+    ops = resolve_backend(backend, "topk", embeddings.device)
+    values, indices = _topk_in_blocks(ops, embeddings, embeddings, k, similarity, rows, None, None,
+                                      progress, "mine_semantic_positives")
     keep = values.float() >= threshold
     pairs = torch.stack([rows[:, None].expand(n, k)[keep], indices[keep]], 1)
     return pairs, values[keep]

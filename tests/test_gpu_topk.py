@@ -99,6 +99,23 @@ def test_host_bank_equals_device_bank(k):
         assert torch.equal(i, want[1])
 
 
+def test_host_bank_in_query_blocks_under_a_bar(capsys, monkeypatch):
+    """A long search over a host bank goes in query blocks (each streams the bank once more)
+    under a progress bar, with the result of one call."""
+    from contrastive_kernels import functional
+    gen = torch.Generator().manual_seed(4)
+    q = torch.randn(700, 128, generator=gen).half().cuda()
+    bank = torch.randn(300_000, 128, generator=gen).half()
+    ex = torch.randint(-1, 300_000, (700,), generator=gen).cuda()
+    want = ck.topk_similarity(q, bank, 64, exclude_index=ex, backend="triton", progress=False)
+    # blocks of 300 rows: a block's 0.2 s of scoring made 300 rows long, the bank pass short
+    monkeypatch.setattr(functional, "_SCORE_RATE", {"cuda": 300 * 2 * 300_000 * 128 / 0.2})
+    monkeypatch.setattr(functional, "_HOST_BANK_BANDWIDTH", 1e15)
+    got = ck.topk_similarity(q, bank, 64, exclude_index=ex, backend="triton", progress=True)
+    assert torch.equal(got.indices, want.indices) and torch.equal(got.values, want.values)
+    assert "topk_similarity: 100%" in capsys.readouterr().err
+
+
 def test_limits_after_exclusions_and_labels():
     gen = torch.Generator().manual_seed(3)
     n = 40_000

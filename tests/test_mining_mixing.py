@@ -100,6 +100,20 @@ def test_mine_semantic_positives(backend):
     assert torch.equal(pairs, want_pairs) and torch.allclose(scores, want_scores, atol=1e-6)
 
 
+def _count_searches(monkeypatch):
+    """Query rows of each backend call the public functions make (functional._topk_once)."""
+    calls = []
+    real = functional._topk_once
+    monkeypatch.setattr(functional, "_topk_once", lambda ops, q, *a: calls.append(len(q)) or real(ops, q, *a))
+    return calls
+
+
+def _make_runs_long(monkeypatch, rows_per_0_2_s, n, d):
+    """A search counts as long from here on and a block takes ``rows_per_0_2_s`` query rows."""
+    monkeypatch.setattr(functional, "_SCORE_RATE", {"cpu": rows_per_0_2_s * 2 * n * d / 0.2})
+    monkeypatch.setattr(functional, "PROGRESS_AFTER_S", 0.01)
+
+
 @pytest.mark.parametrize("backend", ALL)
 def test_mine_semantic_positives_shows_progress_on_long_runs(backend, capsys, monkeypatch):
     """A long run goes in query blocks under a progress bar (stderr) and returns exactly what one
@@ -108,11 +122,8 @@ def test_mine_semantic_positives_shows_progress_on_long_runs(backend, capsys, mo
     emb = torch.randn(64, 8)
     want_pairs, want_scores = ck.mine_semantic_positives(emb, 4, 0.2, backend=backend)
     assert "mine_semantic_positives" not in capsys.readouterr().err
-    monkeypatch.setattr(functional, "_MINING_RATE", {"cpu": 20 * 2 * 64 * 8 / 0.2})
-    monkeypatch.setattr(functional, "PROGRESS_AFTER_S", 0.01)
-    calls = []
-    real = functional.topk_similarity
-    monkeypatch.setattr(functional, "topk_similarity", lambda q, *a, **kw: calls.append(len(q)) or real(q, *a, **kw))
+    _make_runs_long(monkeypatch, 20, 64, 8)
+    calls = _count_searches(monkeypatch)
     for progress in (None, True):
         pairs, scores = ck.mine_semantic_positives(emb, 4, 0.2, backend=backend, progress=progress)
         assert torch.equal(pairs, want_pairs) and torch.equal(scores, want_scores)
@@ -123,6 +134,58 @@ def test_mine_semantic_positives_shows_progress_on_long_runs(backend, capsys, mo
     assert calls == [64] and "mine_semantic_positives" not in capsys.readouterr().err
     with pytest.raises(TypeError, match="progress must be a bool"):
         ck.mine_semantic_positives(emb, 4, 0.2, progress="yes")
+
+
+@pytest.mark.parametrize("backend", ALL)
+def test_topk_similarity_shows_progress_on_long_runs(backend, capsys, monkeypatch):
+    """topk_similarity's blocks slice the exclusions and labels with the query rows: the same
+    indices and values (up to rounding) as one call, a bar on stderr only for a long run (or progress=True)."""
+    torch.manual_seed(3)
+    q, bank = torch.randn(50, 8), torch.randn(300, 8)
+    ex = torch.randint(-1, 300, (50,))
+    ql, bl = torch.randint(0, 4, (50,)), torch.randint(0, 4, (300,))
+    kw = dict(similarity="cosine", exclude_index=ex, query_labels=ql, bank_labels=bl,
+              exclude_same_label=True, backend=backend)
+    want = ck.topk_similarity(q, bank, 7, **kw)
+    assert "topk_similarity" not in capsys.readouterr().err
+    _make_runs_long(monkeypatch, 16, 300, 8)
+    calls = _count_searches(monkeypatch)
+    for progress in (None, True):
+        got = ck.topk_similarity(q, bank, 7, progress=progress, **kw)
+        # the same up to rounding: a matmul of fewer rows may add in another order
+        assert torch.equal(got.indices, want.indices)
+        assert torch.allclose(got.values, want.values, rtol=1e-6, atol=1e-6)
+        assert "topk_similarity: 100%" in capsys.readouterr().err
+    assert calls == [16, 16, 16, 2] * 2
+    calls.clear()
+    ck.topk_similarity(q, bank, 7, progress=False, **kw)
+    assert calls == [50] and "topk_similarity" not in capsys.readouterr().err
+    with pytest.raises(TypeError, match="progress must be a bool"):
+        ck.topk_similarity(q, bank, 7, progress=1)
+
+
+def test_search_plan_blocks():
+    """When a bar is due and how many query rows a block takes: about 100 blocks, each at least
+    0.2 s of scoring and, for a bank streamed from the host, at least one pass of its copies."""
+    plan = functional._search_plan
+    # 8192 x 2^20 x 128 on a CPU: 2 x 1.1e12 multiply-adds at 2e11 FLOP/s, 11 s: a bar, blocks
+    # of 0.2 s (150 rows of 1.34 ms)
+    assert plan(8192, 2**20, 128, "cpu", 0, None) == (150, True)
+    assert plan(4096, 2**20, 128, "cpu", 0, None) == (4096, False)   # 5.5 s: none
+    assert plan(4096, 2**20, 128, "cpu", 0, True) == (150, True)
+    assert plan(10**6, 2**20, 128, "cpu", 0, False) == (10**6, False)
+    # many rows: blocks of 1 % of them
+    assert plan(10**6, 2**20, 128, "cpu", 0, None) == (10**4, True)
+    # a 50M x 128 fp16 host bank on a GPU: one pass of its copies is 0.51 s, and a block of query
+    # rows is at least as long in scoring (8,000 rows), whatever 1 % of the rows would be
+    host = 50_000_000 * 128 * 2
+    row_s = 2.0 * 50_000_000 * 128 / functional._SCORE_RATE["cuda"]
+    rows, show = plan(200_000, 50_000_000, 128, "cuda", host, None)
+    bank_pass_s = host / functional._HOST_BANK_BANDWIDTH
+    assert show and rows * row_s >= bank_pass_s and rows in (8000, 8001)  # 0.512 s / 64 us
+    assert plan(8192, 50_000_000, 128, "cuda", host, None) == (8192, False)
+    # a bank pass alone can make a search long; its one block is then all the rows
+    assert plan(10, 10**9, 128, "cuda", 10**9 * 128 * 2, None) == (10, True)
 
 
 def test_mine_large_set_in_blocks():
