@@ -629,24 +629,26 @@ def _topk_in_blocks(ops, query, bank, k, similarity, exclude_index, query_labels
                     progress, desc):
     """The search of topk_similarity on validated arguments, in query blocks under a bar when
     ``progress`` (or the estimate) asks for one."""
+    if progress is not False and torch.compiler.is_compiling():
+        progress = False  # no bar inside a compiled graph (tqdm cannot be traced)
     m, n, d = query.shape[0], bank.shape[0], query.shape[1]
     host_bytes = bank.numel() * bank.element_size() if bank.device != query.device else 0
     block, show = _search_plan(m, n, d, query.device.type, host_bytes, progress)
+    if not show:
+        return _topk_once(ops, query, bank, k, similarity, exclude_index, query_labels, bank_labels)
     from tqdm import tqdm
 
     parts = []
-    with tqdm(total=m, desc=desc, unit="row", dynamic_ncols=True, disable=not show) as bar:
+    with tqdm(total=m, desc=desc, unit="row", dynamic_ncols=True) as bar:
         for i0 in range(0, m, block):
             i1 = min(m, i0 + block)
             parts.append(_topk_once(ops, query[i0:i1], bank, k, similarity,
                                     None if exclude_index is None else exclude_index[i0:i1],
                                     None if query_labels is None else query_labels[i0:i1],
                                     bank_labels))
-            if show and query.device.type == "cuda":
+            if query.device.type == "cuda":
                 torch.cuda.synchronize(query.device)  # the bar follows the kernels, not the launches
             bar.update(i1 - i0)
-    if len(parts) == 1:
-        return parts[0]
     return TopK(torch.cat([p.values for p in parts]), torch.cat([p.indices for p in parts]))
 
 

@@ -330,14 +330,16 @@ def test_lse_topk_fwd_lists_the_columns_over_the_threshold(dtype, capacity):
 
 @needs_ext
 def test_torch_compile_traces_the_ops():
-    """The fake kernels let torch.compile trace losses on backend="cpu" in one graph."""
+    """The fake kernels let torch.compile trace losses on backend="cpu" in one graph (and the
+    top-k's progress bar stays out of it, even when asked for)."""
     q = torch.randn(16, 8, requires_grad=True)
     p, queue = torch.randn(16, 8), torch.randn(100, 8)
 
     def f(q, p, queue):
         return (ck.info_nce(q, p, queue, backend="cpu")
                 + ck.clip_loss(q, p, 10.0, similarity="cosine", backend="cpu")
-                + ck.topk_similarity(q.detach(), queue, 3, backend="cpu").values.sum() * 0)
+                + ck.topk_similarity(q.detach(), queue, 3, backend="cpu").values.sum() * 0
+                + ck.topk_similarity(q.detach(), queue, 2, backend="cpu", progress=True).values.sum() * 0)
 
     compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
     got = compiled(q, p, queue)
