@@ -92,6 +92,41 @@ def test_cpu_fma_peak(isa):
         _ext.cpu_fma_peak(0)
 
 
+@needs_ext
+@pytest.mark.parametrize("isa", _isas(), indirect=True)
+@pytest.mark.parametrize("b,n_hard,s,sq,d,gammas", [(7, 9, 13, 7, 45, [1.0]), (3, 40, 40, 0, 128, [1.3, 0.2, 1.0, 2.5]),
+                                                   (4, 5, 0, 3, 16, [1.0]), (2, 3, 0, 0, 8, [1.0])])
+def test_mixed_lse_fp32_kernel_of_every_isa(isa, b, n_hard, s, sq, d, gammas):
+    """fp32 mixed_lse runs the kernel of the chosen instruction set (mixing_kernel.h): its three
+    outputs (lse, and E and U, which its backward uses) equal the materialized formula in fp64 (the
+    points of reference.mix_points, their logits' softmax) over blocks of 16 points with tails,
+    feature dims with vector tails, one kind of point or none (lse = -inf), up to four gammas; a
+    NaN in a query row makes that row NaN and no other."""
+    g = torch.Generator().manual_seed(b + s + sq)
+    q, mq = torch.randn(b, d, generator=g), torch.randn(b, d, generator=g)
+    neg = torch.randn(60, d, generator=g)
+    hard = torch.randint(0, 60, (b, n_hard), generator=g)
+    draws = draw_mixing(b, n_hard, s, sq, torch.Generator().manual_seed(1), torch.device("cpu"))
+    a, c = torch.rand(b, generator=g) * 4 + 1.0, torch.randn(b, generator=g)
+    q[-1, d // 2] = float("nan")
+    lse, e_sum, u_sum = torch.ops.contrastive_kernels.mixed_lse(
+        q, mq, neg, hard, draws.pair_index, draws.alpha, draws.query_index, draws.query_weight, a, c, gammas)
+    h = reference.mix_points(mq.double(), neg.double(), hard, draws)  # (b, s+sq, d)
+    u = torch.einsum("bd,btd->bt", q.double(), h)
+    for gi, gamma in enumerate(gammas):
+        z = gamma * (a.double()[:, None] * u + c.double()[:, None])
+        want_lse = torch.logsumexp(z, 1)
+        p = torch.softmax(z, 1) if s + sq else z
+        want_e, want_u = torch.einsum("bt,btd->bd", p, h), (p * u).sum(1)
+        for got, want in ((lse[gi], want_lse), (e_sum[gi], want_e), (u_sum[gi], want_u)):
+            assert got.dtype == torch.float32
+            if s + sq:
+                assert got[-1].isnan().all()  # the NaN row
+            assert torch.allclose(got[:-1].double(), want[:-1], rtol=1e-5, atol=1e-5), (isa, gi, got, want)
+    if s + sq == 0:
+        assert torch.all(lse == float("-inf"))
+
+
 def _cpu():
     return functional.resolve_backend("cpu", "loss", torch.device("cpu"))
 

@@ -122,6 +122,30 @@ struct TopkWork {
   float* scratch = nullptr;  // topk_scratch(D) elements
 };
 
+// mixed_lse, fp32 (mixing_kernel.h): MoCHi's synthetic logits reduced per query row, the points
+// never stored. Points t < S mix two hard rows, t >= S the row of mq with one (see mixing.cpp).
+struct MixLseArgs {
+  int64_t B = 0, D = 0, H = 0, S = 0, SQ = 0;
+  int G = 1;
+  float gamma[kMaxGammas] = {};
+  const float* q = nullptr;        // B x D: the rows the points are dotted with
+  const float* mq = nullptr;       // B x D: mix_query, the rows query-mix points take
+  const float* neg = nullptr;      // rows x D: the negatives (queue)
+  const int64_t* hard = nullptr;   // B x H: the row's hard negatives (rows of neg)
+  const int64_t* pair = nullptr;   // B x S x 2: positions into the row's hard list
+  const float* alpha = nullptr;    // B x S
+  const int64_t* qidx = nullptr;   // B x SQ: positions into the row's hard list
+  const float* qw = nullptr;       // B x SQ
+  const float* a = nullptr;        // B: row_scale
+  const float* c = nullptr;        // B: row_bias
+  float* lse = nullptr;            // G x B
+  float* e_sum = nullptr;          // G x B x D, zero on entry
+  float* u_sum = nullptr;          // G x B
+};
+
+// points per block of mixed_lse; its scratch is kMixBlock x D floats per thread
+constexpr int kMixBlock = 16;
+
 struct KernelTable {
   const char* name;
   int row_group_f32;  // rows per microkernel panel (the padding unit of Bp / Mp)
@@ -137,6 +161,7 @@ struct KernelTable {
   void (*lse_bwd_f64)(const LseArgs<double>&, const LseWork<double>&, int64_t c0, int64_t c1);
   void (*topk)(const TopkArgs&, const TopkWork&, int64_t c0, int64_t c1);
   int64_t col_align;  // column parts start at multiples of this (the f32 column tile)
+  void (*mixed_lse_f32)(const MixLseArgs&, float* scratch, int64_t i0, int64_t i1);
   // the FMA peak probe (peak_kernel.h): `steps` steps of fma_flops_per_step fp32 FLOPs each
   float (*fma_probe_f32)(int64_t steps);
   int64_t fma_flops_per_step;

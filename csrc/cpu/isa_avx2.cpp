@@ -17,6 +17,7 @@ namespace avx2 {
 #include "infonce_kernel.h"
 #include "topk_kernel.h"
 #include "peak_kernel.h"
+#include "mixing_kernel.h"
 #undef CK_VEC_AVX2
 
 CK_DEFINE_TABLE("avx2", VecF, generic::kernel_table())

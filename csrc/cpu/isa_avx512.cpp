@@ -23,6 +23,7 @@ namespace avx512 {
 #include "infonce_kernel.h"
 #include "topk_kernel.h"
 #include "peak_kernel.h"
+#include "mixing_kernel.h"
 #undef CK_VEC_AVX512
 
 CK_DEFINE_TABLE("avx512", VecF, generic::kernel_table())

@@ -14,6 +14,7 @@ using VecF = Scalar<float>;
 #include "infonce_kernel.h"
 #include "topk_kernel.h"
 #include "peak_kernel.h"
+#include "mixing_kernel.h"
 #undef CK_VEC_GENERIC
 
 CK_DEFINE_TABLE("generic", VecF, nullptr)

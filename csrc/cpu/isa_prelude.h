@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <type_traits>
 
 #include "isa.h"
@@ -29,6 +30,7 @@
       t.lse_fwd_f32 = &lse_fwd_part<VF>;                                            \
       t.lse_bwd_f32 = &lse_bwd_part<VF>;                                            \
       t.topk = &topk_part<VF>;                                                      \
+      t.mixed_lse_f32 = &mixed_lse_rows<VF>;                                        \
       t.fma_probe_f32 = &fma_probe<VF>;                                             \
       t.fma_flops_per_step = 2 * kFmaChains * VF::W;                                \
       t.col_align = Tiles<VF>::NC;                                                  \

@@ -8,7 +8,9 @@
 // mixed_dots fuses the points
 // into their dot products with the query rows (u_it = <q_i, h_it>) without storing them, and its
 // backward recomputes them (dq_i = sum_t g_it h_it). Memory-bound gathers: plain loops over
-// rows, threaded with at::parallel_for; the inner loops auto-vectorize.
+// rows, threaded with at::parallel_for; the inner loops auto-vectorize for the baseline ISA.
+// mixed_lse on fp32 runs the kernel of the CPU's instruction set (mixing_kernel.h); the loops
+// here serve fp16/bf16 (whose points are rounded to that dtype, as the reference's) and fp64.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -22,6 +24,7 @@
 #include <vector>
 
 #include "../common.h"
+#include "isa.h"
 
 namespace ck {
 namespace {
@@ -287,6 +290,23 @@ std::tuple<Tensor, Tensor, Tensor> mixed_lse_cpu(const Tensor& q_in, const Tenso
   Tensor e_sum = at::zeros({G, B, D}, q.options());
   Tensor u_sum = at::zeros({G, B}, q.options());
   if (B == 0) return {lse, e_sum, u_sum};
+  if (mq.scalar_type() == at::kFloat) {  // the vectorized kernel of this CPU's instruction set
+    cpu::MixLseArgs args;
+    args.B = B, args.D = D, args.H = p.hard.size(1), args.S = p.pair.size(1), args.SQ = p.qidx.size(1);
+    args.G = static_cast<int>(G);
+    for (int64_t g = 0; g < G; ++g) args.gamma[g] = static_cast<float>(gammas[g]);
+    args.q = q.data_ptr<float>(), args.mq = mq.data_ptr<float>(), args.neg = neg.data_ptr<float>();
+    args.hard = p.hard.data_ptr<int64_t>(), args.pair = p.pair.data_ptr<int64_t>();
+    args.alpha = p.alpha.data_ptr<float>(), args.qidx = p.qidx.data_ptr<int64_t>(), args.qw = p.qw.data_ptr<float>();
+    args.a = a.data_ptr<float>(), args.c = c.data_ptr<float>();
+    args.lse = lse.data_ptr<float>(), args.e_sum = e_sum.data_ptr<float>(), args.u_sum = u_sum.data_ptr<float>();
+    const cpu::KernelTable* tab = cpu::kernel_table();
+    at::parallel_for(0, B, 16, [&](int64_t b0, int64_t b1) {
+      std::vector<float> scratch(cpu::kMixBlock * D);
+      tab->mixed_lse_f32(args, scratch.data(), b0, b1);
+    });
+    return {lse, e_sum, u_sum};
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, mq.scalar_type(), "mixed_lse_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const Draws dr = draws_of(p.hard, p.pair, p.alpha, p.qidx, p.qw);
