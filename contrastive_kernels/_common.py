@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import numbers
 from typing import NamedTuple, Optional
 
 import torch
@@ -88,8 +89,9 @@ class Mixing:
     def __post_init__(self):
         for name in ("n_hard", "n_synthetic", "n_query_synthetic"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
                 raise TypeError(f"Mixing.{name} must be an int, got {type(value).__name__}")
+            object.__setattr__(self, name, int(value))  # a numpy int too (frozen dataclass)
         if self.n_hard < 1:
             raise ValueError(f"Mixing.n_hard must be >= 1, got {self.n_hard}")
         if self.n_synthetic < 0 or self.n_query_synthetic < 0:

@@ -151,9 +151,16 @@ def _shape(x):
     return tuple(x.shape)
 
 
-def _features(name, x, ndim=2, allow_empty=False):
+def _dense(name, x):
     if not torch.is_tensor(x):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.layout != torch.strided or x.is_nested:
+        raise TypeError(f"{name} must be a dense tensor, got a "
+                        f"{'nested' if x.is_nested else x.layout} one; convert it (.to_dense())")
+
+
+def _features(name, x, ndim=2, allow_empty=False):
+    _dense(name, x)
     if x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must be a floating-point tensor (float16, bfloat16, float32 or "
                         f"float64), got dtype {x.dtype}")
@@ -200,7 +207,8 @@ def _positive_scalar(name, value, device, smallest=0.0):
     if isinstance(value, numbers.Real):
         if not (above(value) and value < math.inf):
             raise ValueError(f"{name} must be {need}, got {value}")
-        return value
+        # a Fraction or a numpy scalar becomes a float for the arithmetic (a SymFloat stays)
+        return value if isinstance(value, (float, int, torch.SymFloat, torch.SymInt)) else float(value)
     if torch.is_tensor(value):
         if value.dim() != 0:
             raise ValueError(f"{name} must be a float or a 0-dim tensor, got shape {_shape(value)}")
@@ -241,8 +249,7 @@ def _count(name, value, low=0):
 
 
 def _index_tensor(name, x, ndim, rows=None):
-    if not torch.is_tensor(x):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    _dense(name, x)
     if x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool:
         raise TypeError(f"{name} must be an integer tensor, got dtype {x.dtype}")
     if x.dim() != ndim:
@@ -279,8 +286,7 @@ def _common_options(similarity, reduction, backend):
 
 
 def _labels(name, labels, rows, device):
-    if not torch.is_tensor(labels):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(labels).__name__}")
+    _dense(name, labels)
     if labels.dim() == 1:
         if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
             raise TypeError(f"{name} must hold integer class ids when 1-D, got dtype {labels.dtype}")

@@ -32,6 +32,20 @@ def test_topk_against_faiss(backend, similarity):
 
 
 @pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("similarity", ["dot", "cosine", "l2"])
+def test_topk_half_dtypes(backend, dtype, similarity):
+    """fp16/bf16 inputs are scored in fp32 (the Triton interpreter's bf16 tl.dot takes bit patterns
+    for values: bf16 goes through fp32 there): the scores of fp32 copies of the same values."""
+    g = torch.Generator().manual_seed(5)
+    q, bank = torch.randn(9, 16, generator=g).to(dtype), torch.randn(300, 16, generator=g).to(dtype)
+    got = ck.topk_similarity(q, bank, 7, similarity=similarity, backend=backend)
+    want = ck.topk_similarity(q.float(), bank.float(), 7, similarity=similarity, backend="reference")
+    assert got.values.dtype == dtype and torch.equal(got.indices, want.indices)
+    assert torch.allclose(got.values.float(), want.values.to(dtype).float(), rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("backend", ALL)
 def test_topk_limits_and_exclusions(backend):
     q, bank = torch.randn(6, 5), torch.randn(30, 5)
     rows = torch.arange(6)

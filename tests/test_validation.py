@@ -99,12 +99,33 @@ BAD = [
     ("queue size", ValueError, "size must be a positive int", lambda: ck.nn.MoCoQueue(0, 8)),
     ("queue dtype", TypeError, "dtype must be a floating torch.dtype", lambda: ck.nn.MoCoQueue(4, 8, dtype=torch.int64)),
     ("enqueue shape", ValueError, r"keys must be \(n, 8\)", lambda: ck.nn.MoCoQueue(4, 8).enqueue(torch.randn(2, 3))),
+    ("sparse features", TypeError, "query must be a dense tensor, got a torch.sparse_coo one", lambda: ck.info_nce(q.to_sparse(), k)),
+    ("sparse bank", TypeError, "bank must be a dense tensor, got a torch.sparse_coo one", lambda: ck.topk_similarity(q, queue.to_sparse(), 2)),
+    ("csr features", TypeError, "z1 must be a dense tensor, got a torch.sparse_csr one", lambda: ck.nt_xent(q.to_sparse_csr(), k)),
+    ("nested features", TypeError, "query must be a dense tensor, got a nested one", lambda: ck.info_nce(torch.nested.nested_tensor([q[0], q[1]]), k)),
+    ("sparse labels", TypeError, "labels must be a dense tensor", lambda: ck.sup_con(q, torch.tensor([0, 1, 0, 1]).to_sparse())),
 ]
 
 
 @pytest.mark.parametrize("exc,match,call", [c[1:] for c in BAD], ids=[c[0] for c in BAD])
 def test_bad_input(exc, match, call):
     _raises(exc, match, call)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_other_number_types(backend):
+    """A Fraction temperature and numpy ints in Mixing are numbers like any other: the result of
+    the plain float / int."""
+    np = pytest.importorskip("numpy")
+    from fractions import Fraction
+
+    want = ck.info_nce(q, k, queue, temperature=0.1, backend=backend)
+    got = ck.info_nce(q, k, queue, temperature=Fraction(1, 10), backend=backend)
+    assert torch.allclose(got, want, rtol=1e-6)
+    mix = ck.Mixing(np.int64(3), np.int32(2), np.int16(1))
+    assert (mix.n_hard, mix.n_synthetic, mix.n_query_synthetic) == (3, 2, 1)
+    assert all(type(n) is int for n in (mix.n_hard, mix.n_synthetic, mix.n_query_synthetic))
+    _raises(TypeError, "Mixing.n_hard must be an int, got float", ck.Mixing, 3.0, 2)
 
 
 NONFINITE = [math.nan, math.inf, -math.inf]
