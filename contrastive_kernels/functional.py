@@ -568,7 +568,8 @@ def topk_similarity(query, bank, k, *, similarity="dot", exclude_index=None, que
     backend (mining picks rows: score the picked rows again where a gradient is wanted). ``bank``
     may stay on the host while ``query`` is on a GPU (streamed in chunks). ``progress``: a progress
     bar on stderr while the query rows are searched in blocks (None: when the search should take
-    more than about PROGRESS_AFTER_S seconds; the result is the same either way)."""
+    more than about PROGRESS_AFTER_S seconds; the result is the same either way, up to the
+    rounding of a matmul over fewer rows)."""
     _features("query", query)
     _features("bank", bank)
     _like("bank", bank, "query", query, allow_host=True)
@@ -655,6 +656,8 @@ def _topk_in_blocks(ops, query, bank, k, similarity, exclude_index, query_labels
             if query.device.type == "cuda":
                 torch.cuda.synchronize(query.device)  # the bar follows the kernels, not the launches
             bar.update(i1 - i0)
+    if len(parts) == 1:
+        return parts[0]
     return TopK(torch.cat([p.values for p in parts]), torch.cat([p.indices for p in parts]))
 
 

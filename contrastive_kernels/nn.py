@@ -270,6 +270,7 @@ class MoCoQueue(nn.Module):
                 raise ValueError(f"keys must be (n, {self.keys.shape[1]}), got {shape}")
             if not keys.is_floating_point():
                 raise TypeError(f"keys must be floating point, got dtype {keys.dtype}")
+            functional._dense("keys", keys)
         except (TypeError, ValueError) as exc:
             if self.group is not None:  # the other ranks raise too instead of waiting forever
                 from . import distributed

@@ -109,8 +109,14 @@ def test_mixed_lse_fp32_kernel_of_every_isa(isa, b, n_hard, s, sq, d, gammas):
     draws = draw_mixing(b, n_hard, s, sq, torch.Generator().manual_seed(1), torch.device("cpu"))
     a, c = torch.rand(b, generator=g) * 4 + 1.0, torch.randn(b, generator=g)
     q[-1, d // 2] = float("nan")
-    lse, e_sum, u_sum = torch.ops.contrastive_kernels.mixed_lse(
-        q, mq, neg, hard, draws.pair_index, draws.alpha, draws.query_index, draws.query_weight, a, c, gammas)
+    args = (hard, draws.pair_index, draws.alpha, draws.query_index, draws.query_weight)
+    lse, e_sum, u_sum = torch.ops.contrastive_kernels.mixed_lse(q, mq, neg, *args, a, c, gammas)
+    # -inf logits weigh 0 (as on Triton): a row of them has lse = -inf and E = U = 0, not NaN
+    c_inf = c.clone()
+    c_inf[0] = -float("inf")
+    lse_inf, e_inf, u_inf = torch.ops.contrastive_kernels.mixed_lse(q, mq, neg, *args, a, c_inf, gammas)
+    assert torch.all(lse_inf[:, 0] == -float("inf")) and not e_inf[:, 0].any() and not u_inf[:, 0].any()
+    assert torch.equal(lse_inf[:, 1:].nan_to_num(), lse[:, 1:].nan_to_num())
     h = reference.mix_points(mq.double(), neg.double(), hard, draws)  # (b, s+sq, d)
     u = torch.einsum("bd,btd->bt", q.double(), h)
     for gi, gamma in enumerate(gammas):

@@ -455,6 +455,13 @@ def test_mixed_lse(target, dtype, s, sq, gammas, bias):
     for x, y in zip(*outs):
         rtol, atol = tols[x.dtype]
         assert x.dtype == y.dtype and torch.allclose(x, y, rtol=rtol, atol=atol)
+    if bias:  # -inf logits weigh 0 (as on Triton and the CPU): a row of them gives lse = -inf
+        c = c0.clone()
+        c[3] = -float("inf")
+        lse = target.ops.mixed_lse(q, q, neg, hard, dd, a0, c, gammas=gammas).cpu()
+        live = [gi for gi, gm in enumerate(gammas) if gm > 0]  # gamma 0: 0 * -inf is NaN
+        assert torch.all(lse[live, 3] == -float("inf"))
+        assert torch.allclose(lse[:, 4:], outs[0][0][:, 4:].cpu(), rtol=1e-5, atol=1e-5)
 
 
 def test_mix_equals_reference_bitwise_fp32(target):

@@ -451,6 +451,11 @@ def test_mixed_lse_edges(backend):
     bad[2, 3] = float("nan")
     got = ops.mixed_lse(bad, q, neg, hard, draws, a, None, gammas=(1.0,))[0]
     assert torch.isnan(got[2]) and torch.allclose(got[[0, 1, 3]], want[[0, 1, 3]], rtol=1e-12)
+    # -inf logits weigh 0: a row of them gives lse = -inf, not NaN
+    c = torch.zeros(4, dtype=torch.float64)
+    c[1] = -float("inf")
+    got = ops.mixed_lse(q, q, neg, hard, draws, a, c, gammas=(1.0,))[0]
+    assert got[1] == -float("inf") and torch.allclose(got[[0, 2, 3]], want[[0, 2, 3]], rtol=1e-12)
 
 
 @pytest.mark.parametrize("backend", MIXED_LSE)

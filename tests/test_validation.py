@@ -103,6 +103,7 @@ BAD = [
     ("sparse bank", TypeError, "bank must be a dense tensor, got a torch.sparse_coo one", lambda: ck.topk_similarity(q, queue.to_sparse(), 2)),
     ("csr features", TypeError, "z1 must be a dense tensor, got a torch.sparse_csr one", lambda: ck.nt_xent(q.to_sparse_csr(), k)),
     ("nested features", TypeError, "query must be a dense tensor, got a nested one", lambda: ck.info_nce(torch.nested.nested_tensor([q[0], q[1]]), k)),
+    ("sparse enqueue", TypeError, "keys must be a dense tensor", lambda: ck.nn.MoCoQueue(4, 8).enqueue(torch.randn(2, 8).to_sparse())),
     ("sparse labels", TypeError, "labels must be a dense tensor", lambda: ck.sup_con(q, torch.tensor([0, 1, 0, 1]).to_sparse())),
 ]
 

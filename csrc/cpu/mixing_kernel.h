@@ -10,8 +10,9 @@
 // gamma the block's maximum moves the running one (rescaling s, U and E by e^{m_old - m_new}, once
 // per block), the block's weights come from one vector exp, and E takes the block's points in one
 // read-modify-write: E += sum_t (p_t / |v_t|) v_t. The scalar path (mixing.cpp, fp16/bf16/fp64)
-// forms, normalizes, rounds and dots each point in separate passes; here v may round differently
-// by its FMAs (u and E agree to fp32 rounding). NaN logits make the row NaN, as there.
+// forms, normalizes, rounds and dots each point in separate passes; v is formed alike (mul, mul,
+// add), the sums |v|^2 and <q, v> in another order (u and E agree to fp32 rounding). NaN logits
+// make the row NaN, -inf logits weigh 0 (a row of them: lse = -inf), as there and in Triton.
 // Included inside the per-ISA namespace (see vec.h), after vec.h.
 
 template <typename V>
@@ -106,7 +107,7 @@ void mixed_lse_rows(const MixLseArgs& A, float* scratch, int64_t i0, int64_t i1)
           m[g] = bm;
         }
         for (int j = nt; j < kMixBlock; ++j) z[j] = 0.0f;  // lanes past the block: defined, unused
-        const R vm = V::set1(m[g]);
+        const R vm = V::set1(m[g] == -inf ? 0.0f : m[g]);  // no finite point yet: a -inf logit weighs e^{-inf} = 0
         for (int j = 0; j < kMixBlock; j += W) V::store(p + j, V::exp(V::sub(V::load(z + j), vm)));
         for (int j = 0; j < nt; ++j) {
           s[g] += p[j];
