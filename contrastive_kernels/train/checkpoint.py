@@ -1,10 +1,6 @@
-"""Checkpoints (atomic: see contrastive_kernels._files) and the random state of a run.
-
-A checkpoint is written to a temporary file in the destination's directory, flushed and
-fsync'ed, then ``os.replace``d over the destination (and the directory fsync'ed): a run killed at
-any moment leaves either the previous checkpoint or the new one, never a torn file. metrics.json
-and the PNGs are written the same way.
-"""
+"""Checkpoints and the random state of a run. The checkpoint, metrics.json and the PNGs are
+written atomically (contrastive_kernels._files): a run killed at any moment leaves the previous
+file or the new one, never a torn file."""
 from __future__ import annotations
 
 import glob

@@ -16,6 +16,14 @@ import triton  # noqa: F401  (ImportError here marks the backend unavailable)
 INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def dot_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the kernels' tl.dot takes for features of ``dtype``: bf16 goes through fp32 under
+    the interpreter, whose bf16 tl.dot multiplies bit patterns, not values (an exact upcast; the
+    compiled kernels use bf16 tensor cores). One rule for the loss and top-k kernels, so that the
+    scores of the loss pass and of the top-k stay the same."""
+    return torch.float32 if INTERPRETER and dtype == torch.bfloat16 else dtype
+
+
 # Host-side integer helpers. triton.cdiv and triton.next_power_of_2 are constexpr_functions since
 # Triton 3.5, about 4 us per call from Python: a loss op's launch plan takes a dozen of them.
 def cdiv(a: int, b: int) -> int:

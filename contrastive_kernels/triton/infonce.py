@@ -74,10 +74,8 @@ import triton
 import triton.language as tl
 
 from .._common import query_side_only
-from . import cdiv, launcher, next_power_of_2
+from . import INTERPRETER, cdiv, dot_dtype, launcher, next_power_of_2
 from .topk import _pack, _unpack_index  # the top-k key; plain globals for inductor
-
-INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 # Widest feature dim whose q / k tiles and accumulators stay resident (bytes per row of a tile:
 # 256 features of fp16/bf16, 128 of fp32, 64 of fp64); wider D loops over CHUNK_D-wide chunks.
@@ -1075,10 +1073,8 @@ def _prep(q, k, row_scale, col_scale, row_bias, col_bias, gammas, exclude, q_lab
     acc = _acc_dtype(q.dtype)
     q = q.contiguous()
     k = k.contiguous()
-    if INTERPRETER and q.dtype == torch.bfloat16:
-        # the interpreter's tl.dot multiplies bf16 bit patterns, not values: on CPU tensors bf16
-        # tiles go through fp32 (exact upcast; the compiled kernels use bf16 tensor cores)
-        q, k = q.float(), k.float()
+    if dot_dtype(q.dtype) != q.dtype:
+        q, k = q.to(dot_dtype(q.dtype)), k.to(dot_dtype(q.dtype))
     vec = lambda t: t.to(acc).contiguous() if t is not None else None  # noqa: E731
     a, b, c, d = vec(row_scale), vec(col_scale), vec(row_bias), vec(col_bias)
     gam = gamma_pairs(gammas)

@@ -113,7 +113,7 @@ import triton
 import triton.language as tl
 
 from .. import _bank_chunks, chunked
-from . import INTERPRETER, cdiv
+from . import INTERPRETER, cdiv, dot_dtype
 
 NAME = "triton"
 MAX_K = 2048             # larger k: the chunked backend (see the module docstring)
@@ -622,12 +622,7 @@ class _Queries(NamedTuple):
 
 
 def _compute_dtype(dtype):
-    # fp64 is scored in fp32; under the interpreter so is bf16, whose tl.dot there multiplies bf16
-    # bit patterns, not values (exact upcast; as the loss kernels' _prep, so the scores of the
-    # loss pass and of this top-k stay the same)
-    if dtype == torch.float64 or (INTERPRETER and dtype == torch.bfloat16):
-        return torch.float32
-    return dtype
+    return torch.float32 if dtype == torch.float64 else dot_dtype(dtype)  # fp64 is scored in fp32
 
 
 def _rows_unit_stride(x: torch.Tensor) -> torch.Tensor:

@@ -341,8 +341,10 @@ std::tuple<Tensor, Tensor, Tensor> mixed_lse_cpu(const Tensor& q_in, const Tenso
               for (int64_t d = 0; d < D; ++d) e[d] *= r;
               m[g] = z;
             }
-            // no finite point yet (m = -inf): e^{z - 0}, so a -inf logit weighs 0, not e^{NaN}
-            const acc_t w = std::exp(z - (m[g] == -std::numeric_limits<acc_t>::infinity() ? acc_t(0) : m[g]));  // NaN logits make the row NaN
+            // no finite point yet (m = -inf): e^{z - 0}, so a -inf logit weighs 0, not e^{NaN};
+            // NaN logits make the row NaN
+            const acc_t m_ref = m[g] == -std::numeric_limits<acc_t>::infinity() ? acc_t(0) : m[g];
+            const acc_t w = std::exp(z - m_ref);
             s[g] += w;
             up[g * B + i] += w * u;
             for (int64_t d = 0; d < D; ++d) e[d] += w * h[d];

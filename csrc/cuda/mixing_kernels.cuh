@@ -192,8 +192,10 @@ __global__ void __launch_bounds__(kThreads) mixed_lse_kernel(MixParams p) {
         for (int64_t d = threadIdx.x; d < p.D; d += kThreads) e[d] *= r;
         m[g] = z;
       }
-      // no finite point yet (m = -inf): e^{z - 0}, so a -inf logit weighs 0, not e^{NaN}
-      const TA w = ck_exp(z - (m[g] == neg_inf<TA>() ? TA(0) : m[g]));  // NaN logits make the row NaN
+      // no finite point yet (m = -inf): e^{z - 0}, so a -inf logit weighs 0, not e^{NaN};
+      // NaN logits make the row NaN
+      const TA m_ref = m[g] == neg_inf<TA>() ? TA(0) : m[g];
+      const TA w = ck_exp(z - m_ref);
       s[g] += w;
       us[g] += w * u;
       for (int64_t d = threadIdx.x; d < p.D; d += kThreads) e[d] += w * h[d];
