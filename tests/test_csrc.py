@@ -5,6 +5,7 @@ precisions, threading, bad direct calls, and the messages when the extension is 
 
 The whole suite also runs with backend="cpu" through conftest.FUSED_BACKENDS."""
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -12,6 +13,8 @@ import sys
 import textwrap
 import threading
 import time
+
+import math
 
 import pytest
 import torch
@@ -261,6 +264,38 @@ def test_topk_selection_worst_cases(isa, k, m):
     want = torch.sort(scores, dim=1, descending=True, stable=True)
     assert torch.equal(got[0], want.values[:, :k])
     assert torch.equal(got[1], want.indices[:, :k])
+
+
+@needs_ext
+@pytest.mark.parametrize("threads", [2, 4])
+@pytest.mark.parametrize("k", [64, 250, 400])
+def test_topk_radix_sort_of_the_merged_keys(k, threads):
+    """The merge sorts each row's keys by a radix sort (64 keys or more; glue.h): its order is the
+    reference's over scores of every sign and size, NaN (first, whatever its sign), +-inf, -0.0
+    and long ties (lower index first), the lists of 2 or 4 threads merged (4: more than 2k keys, a
+    selection first)."""
+    g = torch.Generator().manual_seed(k)
+    n = 900
+    col = torch.randn(n, generator=g) * torch.logspace(-30, 30, n)[torch.randperm(n, generator=g)]
+    col[::7] = 0.5  # ties
+    col[3::50] = math.inf
+    col[5::60] = -math.inf
+    col[11::40] = math.nan
+    col[13::40] = -math.nan
+    col[17::30] = -0.0
+    bank = torch.stack([col, torch.zeros(n)], 1)
+    q = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [2.0, 1.0]])
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        got = _cpu().topk(q, bank, k, similarity="dot", exclude_index=None, query_labels=None, bank_labels=None)
+    finally:
+        torch.set_num_threads(old)
+    want = reference.topk_similarity(q, bank, k)
+    assert torch.equal(got[1], want.indices)
+    assert torch.equal(got[0].isnan(), want.values.isnan())
+    ok = ~want.values.isnan()
+    assert torch.equal(got[0][ok], want.values[ok])
 
 
 @needs_ext

@@ -42,10 +42,12 @@ struct Draws {
   int64_t H, S, SQ;
 };
 
+// Called on the contiguous copies (prepare): a reduction over a strided view copies it first.
 void check_ranges(const Tensor& hard_index, int64_t n_neg, const Tensor& pair_index, const Tensor& query_index) {
   auto range = [](const Tensor& x, int64_t hi, const char* name) {
     if (x.numel() == 0) return;
-    const int64_t lo_v = x.min().item<int64_t>(), hi_v = x.max().item<int64_t>();
+    const auto [lo, up] = at::aminmax(x);
+    const int64_t lo_v = lo.item<int64_t>(), hi_v = up.item<int64_t>();
     TORCH_CHECK(lo_v >= 0 && hi_v < hi, "mix: ", name, " must hold indices in [0, ", hi, "), found ",
                 lo_v < 0 ? lo_v : hi_v);
   };
@@ -147,9 +149,10 @@ struct Prepared {
 
 Prepared prepare(const Tensor& negatives, const Tensor& hard_index, const Tensor& pair_index, const Tensor& alpha,
                  const Tensor& query_index, const Tensor& query_weight) {
-  check_ranges(hard_index, negatives.size(0), pair_index, query_index);
-  return Prepared{hard_index.contiguous(), pair_index.contiguous(), alpha.to(at::kFloat).contiguous(),
-                  query_index.contiguous(), query_weight.to(at::kFloat).contiguous()};
+  Prepared p{hard_index.contiguous(), pair_index.contiguous(), alpha.to(at::kFloat).contiguous(),
+             query_index.contiguous(), query_weight.to(at::kFloat).contiguous()};
+  check_ranges(p.hard, negatives.size(0), p.pair, p.qidx);
+  return p;
 }
 
 // The inputs of an op that dots the points with q (mixed_dots, mixed_lse), checked and laid out.
