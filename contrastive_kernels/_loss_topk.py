@@ -39,15 +39,22 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-# Threshold sample: about SAMPLE_ROWS_PER_HARD * n_hard queue rows. A smaller sample costs less
-# and lists more candidates (f * k_s: 1.39 n_hard at 8 rows per hard negative, 1.84 at 2); on the
-# CPU, B=256, n_hard=1024, the MoCHi step (2026-11-25): K=65536 70 ms at 8, 66 at 4, 63 at 2 and
-# at 1; K=8192 29 (separate top-k: f would be 1), 23, 19, 17 ms.
-SAMPLE_ROWS_PER_HARD = 2
+# Threshold sample: every f-th queue row, about SAMPLE_ROWS_PER_HARD * n_hard rows; where that
+# sample would expect more than SAMPLE_HITS rows of the true top n_hard, a sparser one (down to
+# MIN_SAMPLE_ROWS_PER_HARD * n_hard rows) that still expects SAMPLE_HITS: it costs less and lists
+# a few more candidates (n_hard + 4 sqrt(n_hard f) + 4f; at n_hard=1024, K=65536, f = 32: 1.84
+# n_hard, against 1.39 at f = 8). On the CPU, B=256, n_hard=1024, the MoCHi step (2026-11-25):
+# K=65536 70 ms at f = 8, 63 at f = 32; K=8192 19 ms at f = 4 (28.9 by the separate top-k, where
+# f = 1 sent it). A sample with fewer expected hits spreads the candidate count more (relatively,
+# about 1/sqrt(k_s)) and overflows the lists more often: never below SAMPLE_HITS where the
+# default sample was above it, so large queues keep the default.
+SAMPLE_ROWS_PER_HARD = 8
+MIN_SAMPLE_ROWS_PER_HARD = 2
+SAMPLE_HITS = 32
 # The fused path only where the sample takes at most every MIN_SAMPLE_STRIDE-th queue row: on a
-# shorter queue (K < 2 * 2 * n_hard) the sample is the whole queue, so the threshold alone is a
-# full top-k (CPU, B=256, n_hard=1024, MoCHi step: K=2048, f=1, fused 15.5 ms vs separate 16.8,
-# close; K=4096, f=2, 16.7 vs 21.2).
+# shorter queue the sample is the whole queue, so the threshold alone is a full top-k (CPU,
+# B=256, n_hard=1024, MoCHi step: K=2048, f = 1, fused 15.5 ms vs separate 16.8, close; K=4096,
+# f = 2, 16.7 vs 21.2).
 MIN_SAMPLE_STRIDE = 2
 FUSED_TOPK = os.environ.get("CK_MIXING_FUSED_TOPK", "1") != "0"
 
@@ -62,7 +69,9 @@ def candidate_plan(n_rows: int, n_hard: int):
     """(f, k_s, capacity): the threshold sample takes every f-th queue row and its k_s-th largest
     score; about f * k_s rows pass it, and each row keeps at most ``capacity`` candidates.
     Depends on shapes only (fake kernels need the capacity)."""
-    f = max(1, n_rows // max(1, SAMPLE_ROWS_PER_HARD * n_hard))
+    f_default = n_rows // max(1, SAMPLE_ROWS_PER_HARD * n_hard)
+    f_sparse = min(n_rows // max(1, MIN_SAMPLE_ROWS_PER_HARD * n_hard), n_hard // SAMPLE_HITS)
+    f = max(1, f_default, f_sparse)
     n_sample = -(-n_rows // f)
     mean = n_hard * n_sample / n_rows  # sample rows among the true top n_hard
     k_s = int(min(n_sample, math.ceil(mean + 4.0 * math.sqrt(mean) + 4.0)))
@@ -110,8 +119,8 @@ def common_reason(q: torch.Tensor, k: torch.Tensor, n_hard: int) -> Optional[str
     if n_hard > k.shape[0]:
         return "n_hard exceeds the queue"
     if candidate_plan(int(k.shape[0]), n_hard)[0] < MIN_SAMPLE_STRIDE:
-        return ("queue shorter than 2 x SAMPLE_ROWS_PER_HARD x n_hard: the threshold sample would be "
-                "the whole queue, and the separate top-k is cheaper")
+        return ("queue too short for a threshold sample of every 2nd row (candidate_plan): the sample "
+                "would be the whole queue, and the separate top-k is cheaper")
     if k.device != q.device:
         return "queue on another device"
     return None

@@ -14,8 +14,6 @@ import textwrap
 import threading
 import time
 
-import math
-
 import pytest
 import torch
 
@@ -268,12 +266,12 @@ def test_topk_selection_worst_cases(isa, k, m):
 
 @needs_ext
 @pytest.mark.parametrize("threads", [2, 4])
-@pytest.mark.parametrize("k", [64, 250, 400])
+@pytest.mark.parametrize("k", [64, 250, 600])
 def test_topk_radix_sort_of_the_merged_keys(k, threads):
     """The merge sorts each row's keys by a radix sort (64 keys or more; glue.h): its order is the
     reference's over scores of every sign and size, NaN (first, whatever its sign), +-inf, -0.0
-    and long ties (lower index first), the lists of 2 or 4 threads merged (4: more than 2k keys, a
-    selection first)."""
+    and long ties (lower index first), the lists of 2 or 4 threads (column parts) merged: k = 64
+    and 250 find more than 2k keys (a selection first), k = 600 all 900 sorted."""
     g = torch.Generator().manual_seed(k)
     n = 900
     col = torch.randn(n, generator=g) * torch.logspace(-30, 30, n)[torch.randperm(n, generator=g)]

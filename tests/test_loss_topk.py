@@ -59,9 +59,9 @@ def _separate(be, q, k, a, col, rb, cb, gammas, n_hard):
 @pytest.mark.parametrize("affine,gammas", [("dot", (1.0,)), ("cosine", (1.0,)), ("l2", (1.5, 0.5))])
 @pytest.mark.parametrize("n,n_hard", [(50, 12), (700, 12), (700, 45), (40, 40)])
 def test_fused_topk_equals_separate_topk(be, stats, dtype, affine, gammas, n, n_hard):
-    """The hard set AND its order equal topk's; the LSE equals lse_stats'. A queue of 40 rows
-    takes the whole queue as the threshold sample (f = 1), 50 rows a 1/2 sample, 700 rows a 1/29
-    or 1/7 sample; n_hard = K keeps every row."""
+    """The hard set AND its order equal topk's; the LSE equals lse_stats'. Queues of 50 and 40
+    rows, and 700 rows for n_hard = 45, take the whole queue as the threshold sample (f = 1), 700
+    rows for n_hard = 12 a 1/7 sample; n_hard = K keeps every row."""
     if dtype not in be.dtypes:
         pytest.skip(f"{be.name}: {be.reason(*_case(2, 8, 4, dtype)[:2], 1, 1)}")
     case = _case(19, n, 24, dtype, affine, gammas, seed=n + n_hard)
@@ -221,20 +221,31 @@ def test_info_nce_takes_the_fused_path(be, stats):
 
 
 def test_short_queues_take_the_separate_topk(be, monkeypatch):
-    """By default a queue shorter than 2 x SAMPLE_ROWS_PER_HARD x n_hard (threshold sample = the
-    whole queue) takes the separate top-k, with the same result."""
+    """By default a queue too short for a sample of every 2nd row (here, n_hard < SAMPLE_HITS:
+    shorter than 2 x SAMPLE_ROWS_PER_HARD x n_hard) takes the separate top-k, with the same result."""
     s = {"fused_calls": 0, "separate_calls": 0, "fallback_rows": 0}
     monkeypatch.setattr(LT, "STATS", s)
     monkeypatch.setattr(LT, "_checked_keys", {})
-    q, k, a, col, rb, cb, gammas = _case(9, 79, 16, torch.float32, seed=7)
-    assert LT.candidate_plan(79, 20)[0] == 1 and LT.candidate_plan(80, 20)[0] == 2
-    assert "queue shorter" in be.reason(q, k, 20, 1)
+    q, k, a, col, rb, cb, gammas = _case(9, 300, 16, torch.float32, seed=7)
+    assert LT.candidate_plan(319, 20)[0] == 1 and LT.candidate_plan(320, 20)[0] == 2
+    assert "queue too short" in be.reason(q, k, 20, 1)
     row, hard = be.run(q, k, a, col, rb, cb, gammas=gammas, n_hard=20)
     want_row, want_hard = _separate(be, q, k, a, col, rb, cb, gammas, 20)
     assert torch.equal(hard, want_hard) and torch.allclose(row, want_row, rtol=1e-6, atol=1e-6)
     assert s == {"fused_calls": 0, "separate_calls": 1, "fallback_rows": 0}
-    q2, k2 = _case(9, 80, 16, torch.float32, seed=7)[:2]
+    q2, k2 = _case(9, 320, 16, torch.float32, seed=7)[:2]
     assert be.reason(q2, k2, 20, 1) is None
+
+
+@pytest.mark.skipif("triton" not in NAMES, reason="Triton backend unavailable")
+def test_triton_candidate_lists_too_wide_take_the_separate_topk():
+    """A small n_hard over a long queue plans lists wider than the Triton merge sorts (2^20 rows,
+    n_hard = 32: capacity 31616): the separate top-k instead of a ValueError from the merge."""
+    mixing = importlib.import_module("contrastive_kernels.triton.mixing")
+    q, queue = torch.randn(4, 16), torch.empty(2**20, 16)
+    assert LT.candidate_plan(2**20, 32)[2] > 16384
+    assert "wider than the merge" in mixing.fused_topk_reason(q, queue, 32, 1)
+    assert mixing.fused_topk_reason(q, queue, 1024, 1) is None
 
 
 def test_candidate_plan():
@@ -243,4 +254,7 @@ def test_candidate_plan():
         n_sample = -(-n // f)
         assert 1 <= f and 1 <= k_s <= n_sample and k <= cap <= n
         assert k_s >= k * n_sample / n  # the sample's share of the top n_hard, plus margin
-    assert LT.candidate_plan(2**20, 1024)[0] == 512  # a 2048-row sample at the MoCHi shape
+    assert LT.candidate_plan(2**20, 1024)[0] == 128  # an 8192-row sample at K=2^20 (8 hits expected)
+    # a sparser sample where the default expects more than SAMPLE_HITS of the top n_hard: still 32
+    assert LT.candidate_plan(65536, 1024)[0] == 32 and LT.candidate_plan(8192, 1024)[0] == 4
+    assert LT.candidate_plan(4096, 256)[0] == 8 and LT.candidate_plan(65536, 256)[0] == 32

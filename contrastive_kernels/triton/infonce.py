@@ -609,6 +609,10 @@ def _col_merge_kernel(COL_M, COL_S, OUT, R, N, BLOCK: tl.constexpr):
     tl.store(OUT + cols, _log_total(mx, tot), mask=ok)
 
 
+# The widest candidate list the merge sorts in one program (registers: 16 warps of 16384 int64)
+CAND_MERGE_MAX_WIDTH = 16384
+
+
 @triton.jit
 def _cand_merge_kernel(CAND_K, CAND_CNT, LSE, HARD, INEXACT, B, cand_cap, n_hard,
                        N_GAMMA: tl.constexpr, WIDTH: tl.constexpr):
@@ -1124,7 +1128,7 @@ def lse_forward_topk(q, k, row_scale, col_scale, row_bias, col_bias, gammas, row
     hard = q.new_empty((q.shape[0], n_hard), dtype=torch.int64)
     inexact = torch.empty_like(count)
     width = next_power_of_2(max(cap, n_hard))
-    if width > 16384:  # registers: candidate_plan keeps cap near 2 n_hard <= 2 MAX_K
+    if width > CAND_MERGE_MAX_WIDTH:  # mixing.fused_topk_reason sends such plans to the separate top-k
         raise ValueError(f"candidate capacity {cap} too large for the candidate merge")
     launcher(_cand_merge_kernel)[(int(q.shape[0]),)](
         cand_k, count, out[0], hard, inexact, int(q.shape[0]), cap, n_hard,
