@@ -613,6 +613,11 @@ def _col_merge_kernel(COL_M, COL_S, OUT, R, N, BLOCK: tl.constexpr):
 CAND_MERGE_MAX_WIDTH = 16384
 
 
+def cand_merge_width(capacity: int, n_hard: int) -> int:
+    """The merge's WIDTH for a plan (mixing.fused_topk_reason refuses those over the maximum)."""
+    return next_power_of_2(max(int(capacity), int(n_hard)))
+
+
 @triton.jit
 def _cand_merge_kernel(CAND_K, CAND_CNT, LSE, HARD, INEXACT, B, cand_cap, n_hard,
                        N_GAMMA: tl.constexpr, WIDTH: tl.constexpr):
@@ -1127,7 +1132,7 @@ def lse_forward_topk(q, k, row_scale, col_scale, row_bias, col_bias, gammas, row
     (cand_k, count), cap, n_hard = out[5:], int(capacity), int(n_hard)
     hard = q.new_empty((q.shape[0], n_hard), dtype=torch.int64)
     inexact = torch.empty_like(count)
-    width = next_power_of_2(max(cap, n_hard))
+    width = cand_merge_width(cap, n_hard)
     if width > CAND_MERGE_MAX_WIDTH:  # mixing.fused_topk_reason sends such plans to the separate top-k
         raise ValueError(f"candidate capacity {cap} too large for the candidate merge")
     launcher(_cand_merge_kernel)[(int(q.shape[0]),)](

@@ -697,7 +697,7 @@ def fused_topk_reason(q: torch.Tensor, k: torch.Tensor, n_hard: int, n_gammas: i
     if n_gammas not in (1, 2) or n_hard > _topk.MAX_K:
         return "unsupported estimator or n_hard"
     cap = _loss_topk.candidate_plan(int(k.shape[0]), n_hard)[2]
-    if next_power_of_2(max(cap, n_hard)) > _infonce.CAND_MERGE_MAX_WIDTH:
+    if _infonce.cand_merge_width(cap, n_hard) > _infonce.CAND_MERGE_MAX_WIDTH:
         # a queue far longer than n_hard with a small n_hard (2^20 rows, n_hard <= 32)
         return "candidate lists wider than the merge kernel takes"
     return None

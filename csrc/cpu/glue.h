@@ -101,7 +101,7 @@ inline std::tuple<at::Tensor, at::Tensor> best_keys(const at::Tensor& keys, cons
   at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
     std::vector<int64_t> row;
     row.reserve(H * width + n);
-    std::vector<uint64_t> scratch(2 * (H * width + n));
+    std::vector<uint64_t> scratch(4 * n);  // sort_keys_descending's 2m, m <= 2n (below)
     for (int64_t r = r0; r < r1; ++r) {
       row.clear();
       for (int64_t h = 0; h < H; ++h) {
